@@ -1,0 +1,204 @@
+//! Types shared by the kernel programs (`guard-ebpf`) and the agent (`guard`).
+//!
+//! Every struct is `#[repr(C)]` with explicit padding fields so that the layout
+//! is identical on both sides and no uninitialised bytes travel through maps.
+#![no_std]
+
+/// Ring buffer carrying [`BindEvent`]s from the kernel to the agent.
+pub const MAP_BIND_EVENTS: &str = "BIND_EVENTS";
+/// Hash map [`PortKey`] → [`PortRule`]: the protected ports.
+pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+/// Hash map [`OwnerCgroupKey`] → `u8`: cgroups (and their subtrees) allowed to bind a port.
+pub const MAP_OWNER_CGROUPS: &str = "OWNER_CGROUPS";
+/// Array of one [`GuardConfig`].
+pub const MAP_GUARD_CONFIG: &str = "GUARD_CONFIG";
+/// Per-CPU array of [`Counters`]: what the programs could not report.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Program names, as the kernel side exports them.
+pub const PROG_BIND4: &str = "portguard_bind4";
+pub const PROG_BIND6: &str = "portguard_bind6";
+
+/// Size of the bind event ring buffer in bytes (a power of two, page aligned).
+pub const BIND_EVENTS_BYTES: u32 = 1 << 20;
+/// How many cgroup ancestors the programs check against the owner map.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Maximum entries in the protected port map.
+pub const MAX_PROTECTED_PORTS: u32 = 65_536;
+/// Maximum entries in the owner cgroup map.
+pub const MAX_OWNER_CGROUPS: u32 = 16_384;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// What the program decided about a bind.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The binder owns the port.
+    Owner = 0,
+    /// A stranger, and the port is enforced: the bind failed with EPERM.
+    Denied = 1,
+    /// A stranger, but the port is observed only: the bind went through.
+    Observed = 2,
+    /// A bind in another network namespace: it cannot take a host port.
+    OtherNetns = 3,
+}
+
+impl Verdict {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Owner),
+            1 => Some(Self::Denied),
+            2 => Some(Self::Observed),
+            3 => Some(Self::OtherNetns),
+            _ => None,
+        }
+    }
+}
+
+/// Key of [`MAP_PROTECTED_PORTS`]: host-order port and IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl PortKey {
+    pub const fn new(port: u16, proto: u8) -> Self {
+        Self {
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// `PortRule::flags`: deny strangers (enforce) rather than only report them.
+pub const PORT_ENFORCE: u32 = 1;
+
+/// Value of [`MAP_PROTECTED_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRule {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`MAP_OWNER_CGROUPS`]: a cgroup v2 id allowed to bind `port`/`proto`.
+/// A process is an owner when its cgroup or any ancestor is in the map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerCgroupKey {
+    pub cgroup_id: u64,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+impl OwnerCgroupKey {
+    pub const fn new(cgroup_id: u64, port: u16, proto: u8) -> Self {
+        Self {
+            cgroup_id,
+            port,
+            proto,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// The single entry of [`MAP_GUARD_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// Network namespace cookie of the host namespace; binds elsewhere cannot take a host port.
+    pub host_netns_cookie: u64,
+    /// Non-zero once the agent has filled the maps; before that every bind passes.
+    pub armed: u32,
+    pub _pad: u32,
+}
+
+/// Counters the programs keep per CPU; the agent sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Events that did not fit into the ring buffer.
+    pub ringbuf_dropped: u64,
+    /// Binds to protected ports seen in other network namespaces.
+    pub other_netns_binds: u64,
+    /// Binds to protected ports seen in the host namespace.
+    pub host_binds: u64,
+    /// Binds denied.
+    pub denied: u64,
+}
+
+/// One bind to a protected port, as the kernel saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindEvent {
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// Thread id (the kernel's pid).
+    pub pid: u32,
+    /// Process id (the kernel's tgid).
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// IPv4 addresses use the first four bytes; all in network order.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+    pub proto: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 2],
+    pub comm: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all are `#[repr(C)]` plain old data with explicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for OwnerCgroupKey {}
+    unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for BindEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    // The kernel side sees the same bytes; implicit padding would break that silently.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PortKey>(), 4);
+        assert_eq!(size_of::<PortRule>(), 8);
+        assert_eq!(size_of::<OwnerCgroupKey>(), 16);
+        assert_eq!(size_of::<GuardConfig>(), 16);
+        assert_eq!(size_of::<Counters>(), 32);
+        assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16);
+    }
+
+    #[test]
+    fn verdict_round_trips() {
+        for v in [
+            Verdict::Owner,
+            Verdict::Denied,
+            Verdict::Observed,
+            Verdict::OtherNetns,
+        ] {
+            assert_eq!(Verdict::from_u8(v as u8), Some(v));
+        }
+        assert_eq!(Verdict::from_u8(9), None);
+    }
+}

@@ -1,0 +1,184 @@
+//! portguard's kernel side: cgroup `bind4`/`bind6` programs that see every bind()
+//! below the cgroup they are attached to, report binds to protected ports, and in
+//! enforce mode deny them to anyone but the port's owner.
+//!
+//! The entry points are thin; the work is in `try_*` functions so that every
+//! early return is a decision, not an error path that could leak a deny.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        },
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use guard_common::{
+    AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, Counters, GuardConfig, MAX_CGROUP_DEPTH,
+    MAX_OWNER_CGROUPS, MAX_PROTECTED_PORTS, OwnerCgroupKey, PORT_ENFORCE, PortKey, PortRule,
+    Verdict,
+};
+
+/// cgroup sock_addr programs return 1 to let the bind proceed, 0 to fail it with EPERM.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[map(name = "BIND_EVENTS")]
+static BIND_EVENTS: RingBuf = RingBuf::with_byte_size(BIND_EVENTS_BYTES, 0);
+
+#[map(name = "PROTECTED_PORTS")]
+static PROTECTED_PORTS: HashMap<PortKey, PortRule> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, 0);
+
+#[map(name = "OWNER_CGROUPS")]
+static OWNER_CGROUPS: HashMap<OwnerCgroupKey, u8> =
+    HashMap::with_max_entries(MAX_OWNER_CGROUPS, 0);
+
+#[map(name = "GUARD_CONFIG")]
+static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+#[cgroup_sock_addr(bind4)]
+pub fn portguard_bind4(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx, AF_INET6)
+}
+
+#[inline(always)]
+fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    // user_port holds the port in network order in its low 16 bits.
+    let port = u16::from_be(sa.user_port as u16);
+    if port == 0 {
+        // An ephemeral bind: the kernel picks the port, which is never a protected one
+        // unless the operator protects the ephemeral range, which we do not support.
+        return ALLOW;
+    }
+    let proto = sa.protocol as u8;
+    let Some(rule) = (unsafe { PROTECTED_PORTS.get(PortKey::new(port, proto)) }) else {
+        return ALLOW;
+    };
+    let Some(config) = GUARD_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if config.armed == 0 {
+        return ALLOW;
+    }
+
+    // SAFETY: the helper only reads the context's socket.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let verdict = if netns_cookie != config.host_netns_cookie {
+        count(|c| c.other_netns_binds += 1);
+        Verdict::OtherNetns
+    } else {
+        count(|c| c.host_binds += 1);
+        if is_owner(port, proto) {
+            Verdict::Owner
+        } else if rule.flags & PORT_ENFORCE != 0 {
+            count(|c| c.denied += 1);
+            Verdict::Denied
+        } else {
+            Verdict::Observed
+        }
+    };
+
+    report(sa, family, port, proto, netns_cookie, verdict);
+
+    if verdict == Verdict::Denied {
+        debug!(ctx, "portguard: denied bind to port {}", port);
+        DENY
+    } else {
+        ALLOW
+    }
+}
+
+/// The binder owns the port when its cgroup, or any ancestor, is an owner cgroup of it.
+#[inline(always)]
+fn is_owner(port: u16, proto: u8) -> bool {
+    // SAFETY: the helpers take no pointers.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { OWNER_CGROUPS.get(OwnerCgroupKey::new(own, port, proto)) }.is_some() {
+        return true;
+    }
+    for level in 0..MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            // Deeper than the process's own cgroup.
+            break;
+        }
+        if unsafe { OWNER_CGROUPS.get(OwnerCgroupKey::new(id, port, proto)) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn report(sa: &bpf_sock_addr, family: u16, port: u16, proto: u8, netns_cookie: u64, verdict: Verdict) {
+    let Some(mut entry) = BIND_EVENTS.reserve::<BindEvent>(0) else {
+        count(|c| c.ringbuf_dropped += 1);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    } else {
+        let words = sa.user_ip6;
+        let mut i = 0;
+        while i < 4 {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&words[i].to_ne_bytes());
+            i += 1;
+        }
+    }
+    entry.write(BindEvent {
+        // SAFETY: no pointers.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        addr,
+        port,
+        family,
+        proto,
+        verdict: verdict as u8,
+        _pad: [0; 2],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+}
+
+fn count(f: impl FnOnce(&mut Counters)) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot: no other program touches it while this one runs.
+        f(unsafe { &mut *counters });
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

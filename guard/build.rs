@@ -1,0 +1,32 @@
+//! Builds the kernel programs in `guard-ebpf` for the BPF target and leaves the
+//! object in `OUT_DIR`, where `src/ebpf` embeds it.
+//!
+//! Needs the nightly toolchain with `rust-src` and `bpf-linker` (`cargo xtask setup`).
+//! `AYA_BUILD_SKIP=1` writes an empty object instead, for `cargo check`/`clippy` on a
+//! machine without that toolchain; the agent then refuses to load programs.
+
+use anyhow::{Context as _, anyhow};
+use aya_build::Toolchain;
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "guard-ebpf")
+        .ok_or_else(|| anyhow!("guard-ebpf is not in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

@@ -1,0 +1,244 @@
+//! The bind guard's user side: loads the kernel programs, attaches them to a
+//! cgroup, keeps their maps in step with the policy, and reads their events.
+
+mod event;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupSockAddr, ProgramError, links::CgroupAttachMode},
+};
+pub use event::{BindRecord, read_bind_event};
+use guard_common::{
+    Counters, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG, MAP_OWNER_CGROUPS,
+    MAP_PROTECTED_PORTS, OwnerCgroupKey, PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
+};
+
+/// The compiled kernel programs, built by `build.rs` from `guard-ebpf`.
+static GUARD_EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(
+        "this portguard binary was built without its kernel programs (AYA_BUILD_SKIP); rebuild with `cargo xtask setup` done"
+    )]
+    NotBuilt,
+    #[error("loading the kernel programs failed (needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} is missing from the kernel object")]
+    MissingMap(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A protected port as the kernel programs see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortEntry {
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    pub enforce: bool,
+}
+
+/// The loaded and attached bind guard. Dropping it detaches the programs: no
+/// enforcement outlives the agent.
+pub struct BindGuard {
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+    ports: BTreeMap<(u16, u8), bool>,
+    owners: BTreeSet<OwnerCgroupKey>,
+}
+
+impl BindGuard {
+    /// Loads the programs and attaches `bind4`/`bind6` to the cgroup v2 directory
+    /// `cgroup`, alongside any other programs there. They let every bind through
+    /// until [`BindGuard::arm`] is called.
+    pub fn load_and_attach(cgroup: &Path) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), GuardError> {
+        if GUARD_EBPF_OBJECT.is_empty() {
+            return Err(GuardError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new().load(GUARD_EBPF_OBJECT)?;
+        // The logger owns the log ring buffer; it must stay alive (and be read) for as
+        // long as the programs run, or the map closes under them.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::debug!("kernel-side logging unavailable: {e}");
+                None
+            }
+        };
+        let dir = File::open(cgroup).map_err(|source| GuardError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+        for name in [PROG_BIND4, PROG_BIND6] {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(GuardError::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| GuardError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| GuardError::Program { name, source })?;
+            // On kernels with bpf_link (5.7+, which BTF already implies) the link coexists with
+            // every other program on the cgroup; link flags must be 0, which is `Single` here.
+            program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| GuardError::Program { name, source })?;
+        }
+        Ok((
+            Self {
+                ebpf,
+                cgroup: cgroup.into(),
+                ports: BTreeMap::new(),
+                owners: BTreeSet::new(),
+            },
+            logger,
+        ))
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Tells the programs which network namespace is the host's and starts deciding.
+    pub fn arm(&mut self, host_netns_cookie: u64) -> Result<(), GuardError> {
+        let mut config: Array<_, GuardConfig> = map_mut(&mut self.ebpf, MAP_GUARD_CONFIG)?;
+        config
+            .set(
+                0,
+                GuardConfig {
+                    host_netns_cookie,
+                    armed: 1,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(|source| GuardError::Map {
+                name: MAP_GUARD_CONFIG,
+                source,
+            })
+    }
+
+    /// Replaces the protected ports with `entries`, touching only what changed.
+    pub fn set_ports(&mut self, entries: impl IntoIterator<Item = PortEntry>) -> Result<(), GuardError> {
+        let wanted: BTreeMap<(u16, u8), bool> = entries
+            .into_iter()
+            .map(|e| ((e.port, e.proto), e.enforce))
+            .collect();
+        let mut map: HashMap<_, PortKey, PortRule> = map_mut(&mut self.ebpf, MAP_PROTECTED_PORTS)?;
+        let err = |source| GuardError::Map {
+            name: MAP_PROTECTED_PORTS,
+            source,
+        };
+        for (&(port, proto), &enforce) in &wanted {
+            if self.ports.get(&(port, proto)) != Some(&enforce) {
+                let rule = PortRule {
+                    flags: if enforce { PORT_ENFORCE } else { 0 },
+                    _pad: 0,
+                };
+                map.insert(PortKey::new(port, proto), rule, 0).map_err(err)?;
+            }
+        }
+        for &(port, proto) in self.ports.keys() {
+            if !wanted.contains_key(&(port, proto)) {
+                map.remove(&PortKey::new(port, proto)).map_err(err)?;
+            }
+        }
+        self.ports = wanted;
+        Ok(())
+    }
+
+    /// Replaces the owner cgroups: a process may bind `port` when its cgroup or
+    /// an ancestor is listed for it.
+    pub fn set_owner_cgroups(
+        &mut self,
+        entries: impl IntoIterator<Item = OwnerCgroupKey>,
+    ) -> Result<(), GuardError> {
+        let wanted: BTreeSet<OwnerCgroupKey> = entries.into_iter().collect();
+        let mut map: HashMap<_, OwnerCgroupKey, u8> = map_mut(&mut self.ebpf, MAP_OWNER_CGROUPS)?;
+        let err = |source| GuardError::Map {
+            name: MAP_OWNER_CGROUPS,
+            source,
+        };
+        for key in wanted.difference(&self.owners) {
+            map.insert(*key, 1, 0).map_err(err)?;
+        }
+        for key in self.owners.difference(&wanted) {
+            map.remove(key).map_err(err)?;
+        }
+        self.owners = wanted;
+        Ok(())
+    }
+
+    /// Takes the event ring buffer; call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, GuardError> {
+        let map = self
+            .ebpf
+            .take_map(MAP_BIND_EVENTS)
+            .ok_or(GuardError::MissingMap(MAP_BIND_EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| GuardError::Map {
+            name: MAP_BIND_EVENTS,
+            source,
+        })
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, GuardError> {
+        let map = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or(GuardError::MissingMap(MAP_COUNTERS))?;
+        let err = |source| GuardError::Map {
+            name: MAP_COUNTERS,
+            source,
+        };
+        let array: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).map_err(err)?;
+        let per_cpu = array.get(&0, 0).map_err(err)?;
+        Ok(per_cpu.iter().fold(Counters::default(), |mut sum, c| {
+            sum.ringbuf_dropped += c.ringbuf_dropped;
+            sum.other_netns_binds += c.other_netns_binds;
+            sum.host_binds += c.host_binds;
+            sum.denied += c.denied;
+            sum
+        }))
+    }
+
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, GuardError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(GuardError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| GuardError::Map { name, source })
+}
+
+impl std::fmt::Debug for BindGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindGuard")
+            .field("cgroup", &self.cgroup)
+            .field("ports", &self.ports)
+            .field("owners", &self.owners.len())
+            .finish()
+    }
+}

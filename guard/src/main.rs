@@ -1,0 +1,23 @@
+//! `portguard`: clap wiring only; each subcommand lives in `cli/`.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use portguard::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    portguard::logging::init(cli.log_format, cli.verbose);
+    let result = match cli.command {
+        Command::Run(args) => portguard::cli::run::main(args),
+        Command::Config(args) => portguard::cli::config::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // anyhow's alternate form prints the whole cause chain on one line.
+            eprintln!("portguard: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
