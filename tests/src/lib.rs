@@ -1,1 +1,85 @@
+//! Support for portguard's privileged integration tests: RAII guards for the
+//! real things the tests create (network namespaces, cgroups, agent processes),
+//! each removed on drop, also when a test panics.
+//!
+//! Tests run as root. A test that cannot get what it needs panics with the reason:
+//! nothing skips itself into green.
 
+pub mod agent;
+pub mod cgroup;
+pub mod netns;
+
+use std::{path::PathBuf, process::Command};
+
+/// A short name unique to this process and call, for namespaces, cgroups and tables.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion; panics with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `portguard` binary under test: `$PORTGUARD_BIN` (set by `cargo xtask test`),
+/// else the debug build next to this test binary.
+pub fn portguard_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTGUARD_BIN") {
+        return p.into();
+    }
+    // target/debug/deps/this-test → target/debug/portguard
+    let exe = std::env::current_exe().expect("current_exe");
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("portguard"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        candidate.exists(),
+        "{} does not exist: build it first (`cargo build -p portguard`) or run `cargo xtask test`",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A helper binary of this crate (see `src/bin/`), built alongside the tests.
+pub fn helper_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        path.exists(),
+        "{} does not exist: `cargo test -p portguard-tests` builds it",
+        path.display()
+    );
+    path
+}
+
+/// Panics unless running as root: these tests create namespaces and cgroups.
+pub fn require_root() {
+    // SAFETY: no arguments, no side effects.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "integration tests need root (they create cgroups, network namespaces and load eBPF): run `cargo xtask test`"
+    );
+}

@@ -1,0 +1,106 @@
+//! Network namespaces made for one test and deleted on drop.
+
+use std::process::Command;
+
+use crate::{run, unique_name};
+
+/// A named network namespace (`ip netns add`), loopback up; deleted on drop,
+/// which also removes its nftables tables, veths and conntrack entries.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.exec(["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command<I, S>(&self, argv: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(argv);
+        cmd
+    }
+
+    /// Runs a command inside the namespace; panics when it fails.
+    pub fn exec<I, S>(&self, argv: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run(&mut self.command(argv))
+    }
+
+    /// Loads an nftables ruleset (`nft -f -`) inside the namespace.
+    pub fn nft_load(&self, ruleset: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft -f failed: {}\n--- ruleset ---\n{ruleset}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Connects `other` to this namespace with a veth pair and addresses them
+    /// (`local_cidr` here, `peer_cidr` there), e.g. "198.51.100.1/24".
+    pub fn link(&self, other: &NetNs, local_cidr: &str, peer_cidr: &str) {
+        let a = format!("v{}", &short_hash(&self.name, &other.name));
+        let b = format!("{a}p");
+        run(Command::new("ip").args([
+            "link", "add", &a, "netns", &self.name, "type", "veth", "peer", "name", &b, "netns",
+            &other.name,
+        ]));
+        self.exec(["ip", "addr", "add", local_cidr, "dev", &a]);
+        self.exec(["ip", "link", "set", &a, "up"]);
+        other.exec(["ip", "addr", "add", peer_cidr, "dev", &b]);
+        other.exec(["ip", "link", "set", &b, "up"]);
+    }
+}
+
+fn short_hash(a: &str, b: &str) -> String {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let mut h = DefaultHasher::new();
+    (a, b).hash(&mut h);
+    format!("{:010x}", h.finish() & 0xff_ffff_ffff)
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Processes still inside keep it alive only as long as they run; the name goes now.
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|out| {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

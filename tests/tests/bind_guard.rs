@@ -1,0 +1,217 @@
+//! The bind guard end to end: a real agent process attached to a cgroup made for
+//! the test, real child processes binding real sockets inside it.
+
+use std::{
+    net::TcpListener,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use portguard_tests::{
+    agent::Agent,
+    cgroup::{Cgroup, spawn_in},
+    helper_bin,
+    netns::NetNs,
+    require_root,
+};
+use serde_json::Value;
+
+const EPERM: i64 = 1;
+
+/// A port nobody holds right now (the kernel's pick, released at once).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Setup {
+    cgroup: Cgroup,
+    owner: Cgroup,
+    port: u16,
+    _policy: tempfile_lite::TempFile,
+    agent: Agent,
+}
+
+fn setup(mode: &str) -> Setup {
+    require_root();
+    let cgroup = Cgroup::new("pg-bind");
+    let owner = cgroup.child("owner");
+    let port = free_port();
+    let policy = tempfile_lite::TempFile::new(&format!(
+        "mode = \"{mode}\"\n[[ports]]\nport = {port}\nowner = \"cgroup:{}\"\n",
+        owner.relative()
+    ));
+    let agent = Agent::start([
+        "run".as_ref(),
+        "--config".as_ref(),
+        policy.path().as_os_str(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+    ]);
+    Setup {
+        cgroup,
+        owner,
+        port,
+        _policy: policy,
+        agent,
+    }
+}
+
+fn probe(cg: &Cgroup, args: &[&str]) -> (u32, Value) {
+    let child = spawn_in(
+        cg,
+        Command::new(helper_bin("bindprobe"))
+            .args(args)
+            .stdout(std::process::Stdio::piped()),
+    );
+    let pid = child.id();
+    let Output { stdout, .. } = child.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("bindprobe said {:?}: {e}", String::from_utf8_lossy(&stdout)));
+    assert_eq!(v["pid"].as_u64(), Some(pid.into()));
+    (pid, v)
+}
+
+fn bind_event(agent: &mut Agent, pid: u32, port: u16) -> Value {
+    agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"] == "bind to protected port" && v["tgid"] == pid && v["port"] == port
+    })
+}
+
+#[test]
+fn observed_bind_is_reported_with_pid_port_and_family() {
+    let mut s = setup("observe");
+    let port = s.port.to_string();
+
+    let (pid, out) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port]);
+    assert_eq!(out["ok"], true, "observe mode lets the bind through");
+    let ev = bind_event(&mut s.agent, pid, s.port);
+    assert_eq!(ev["pid"], pid);
+    assert_eq!(ev["family"], "ipv4");
+    assert_eq!(ev["addr"], "127.0.0.1");
+    assert_eq!(ev["proto"], "tcp");
+    assert_eq!(ev["verdict"], "observed");
+    assert_eq!(ev["comm"], "bindprobe");
+    assert_eq!(ev["host_netns"], true);
+    assert_eq!(ev["cgroup_id"], s.cgroup.id());
+
+    let (pid6, out6) = probe(&s.cgroup, &["--addr", "::1", "--port", &port]);
+    assert_eq!(out6["ok"], true);
+    let ev6 = bind_event(&mut s.agent, pid6, s.port);
+    assert_eq!(ev6["family"], "ipv6");
+    assert_eq!(ev6["addr"], "::1");
+}
+
+#[test]
+fn enforce_denies_strangers_and_lets_owners_bind() {
+    let mut s = setup("enforce");
+    let port = s.port.to_string();
+
+    let (pid, out) = probe(&s.cgroup, &["--addr", "0.0.0.0", "--port", &port]);
+    assert_eq!(out["ok"], false);
+    assert_eq!(out["errno"], EPERM);
+    let ev = bind_event(&mut s.agent, pid, s.port);
+    assert_eq!(ev["verdict"], "denied");
+    assert_eq!(ev["addr"], "0.0.0.0");
+
+    // Dual-stack wildcard, and a v4-mapped address on an IPv6 socket.
+    for addr in ["::", "::ffff:127.0.0.1"] {
+        let (pid, out) = probe(&s.cgroup, &["--addr", addr, "--port", &port, "--v6only", "0"]);
+        assert_eq!(out["errno"], EPERM, "{addr}");
+        let ev = bind_event(&mut s.agent, pid, s.port);
+        assert_eq!(ev["family"], "ipv6");
+        assert_eq!(ev["verdict"], "denied");
+    }
+
+    let (opid, own) = probe(&s.owner, &["--addr", "0.0.0.0", "--port", &port]);
+    assert_eq!(own["ok"], true, "the owner's cgroup may bind");
+    let ev = bind_event(&mut s.agent, opid, s.port);
+    assert_eq!(ev["verdict"], "owner");
+    assert_eq!(ev["cgroup_id"], s.owner.id());
+}
+
+#[test]
+fn udp_on_a_tcp_port_is_not_guarded_and_other_ports_pass() {
+    let s = setup("enforce");
+    let port = s.port.to_string();
+    let (_, udp) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port, "--proto", "udp"]);
+    assert_eq!(udp["ok"], true, "the policy protects tcp only");
+    let other = free_port().to_string();
+    let (_, out) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &other]);
+    assert_eq!(out["ok"], true);
+    let (status, lines) = s.agent.stop();
+    assert!(status.success(), "{status}");
+    let stopped: Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "agent stopped: programs detached")
+        .expect("stop line");
+    assert_eq!(stopped["host_binds"], 0, "no protected bind happened");
+}
+
+#[test]
+fn renamed_stranger_is_still_a_stranger() {
+    let mut s = setup("enforce");
+    let port = s.port.to_string();
+    // Owner identity is the cgroup, never comm: calling itself like the owner changes nothing.
+    let (pid, out) = probe(
+        &s.cgroup,
+        &["--addr", "127.0.0.1", "--port", &port, "--comm", "docker-proxy"],
+    );
+    assert_eq!(out["errno"], EPERM);
+    let ev = bind_event(&mut s.agent, pid, s.port);
+    assert_eq!(ev["comm"], "docker-proxy");
+    assert_eq!(ev["verdict"], "denied");
+}
+
+#[test]
+fn bind_in_another_network_namespace_is_not_a_host_bind() {
+    let mut s = setup("enforce");
+    let ns = NetNs::new("pg-bindns");
+    let port = s.port.to_string();
+    let path = format!("/run/netns/{}", ns.name());
+    let (pid, out) = probe(
+        &s.cgroup,
+        &["--addr", "127.0.0.1", "--port", &port, "--netns", &path],
+    );
+    assert_eq!(out["ok"], true, "a container's own port cannot take the host's");
+    let ev = bind_event(&mut s.agent, pid, s.port);
+    assert_eq!(ev["verdict"], "other-netns");
+    assert_eq!(ev["host_netns"], false);
+}
+
+#[test]
+fn stopping_the_agent_detaches_enforcement() {
+    let s = setup("enforce");
+    let port = s.port.to_string();
+    let (_, before) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port]);
+    assert_eq!(before["errno"], EPERM);
+    let (status, _) = s.agent.stop();
+    assert!(status.success());
+    let (_, after) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port]);
+    assert_eq!(after["ok"], true, "no enforcement outlives the agent");
+    drop(s.owner);
+}
+
+/// A file removed on drop, without another dependency.
+mod tempfile_lite {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempFile(PathBuf);
+
+    impl TempFile {
+        pub fn new(contents: &str) -> Self {
+            let path = std::env::temp_dir().join(portguard_tests::unique_name("pg-policy") + ".toml");
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
