@@ -27,6 +27,22 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        Toolchain::default(),
+        ebpf_toolchain(),
     )
+}
+
+/// Nightly when it is installed; otherwise stable, with RUSTC_BOOTSTRAP=1 so that
+/// `-Z build-std=core` works for the BPF target (verified on this kind of machine).
+fn ebpf_toolchain() -> Toolchain<'static> {
+    let nightly = std::process::Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if nightly {
+        return Toolchain::Nightly;
+    }
+    println!("cargo:warning=no nightly toolchain: building the kernel programs with stable and RUSTC_BOOTSTRAP=1");
+    // SAFETY: build scripts are single-threaded; aya-build's cargo child inherits it.
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    Toolchain::Custom("stable")
 }

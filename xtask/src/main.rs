@@ -1,1 +1,76 @@
-fn main(){}
+//! Developer automation: `cargo xtask setup|run|test|bench`.
+//!
+//! Everything a fresh machine needs is installed here, never by hand.
+
+mod bench;
+mod dockerd;
+mod setup;
+mod sh;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and benchmark portguard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what is missing: apt packages, rust-src, bpf-linker (idempotent).
+    Setup,
+    /// Set up if needed, build release and run `portguard ARGS` as root
+    /// (no ARGS: the agent in the foreground with the built-in policy).
+    Run {
+        /// Arguments for portguard, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up if needed, start the services the tests need, run every test.
+    Test {
+        /// Only tests whose name contains this (passed to the test harness).
+        filter: Option<String>,
+    },
+    /// Benchmarks, one line per figure: `name value unit`.
+    Bench {
+        #[arg(value_enum)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Run { args } => run(args),
+        Command::Test { filter } => test::test(filter.as_deref()),
+        Command::Bench { which } => bench::bench(which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> anyhow::Result<()> {
+    setup::setup()?;
+    sh::cargo(&["build", "--release", "--package", "portguard"])?;
+    let bin = sh::workspace_root().join("target/release/portguard");
+    let args = if args.is_empty() {
+        vec!["run".to_owned()]
+    } else {
+        args
+    };
+    sh::require_root("cargo xtask run")?;
+    eprintln!("xtask: running {} {}", bin.display(), args.join(" "));
+    let status = std::process::Command::new(&bin).args(&args).status()?;
+    anyhow::ensure!(status.success(), "portguard exited with {status}");
+    Ok(())
+}

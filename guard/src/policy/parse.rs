@@ -369,7 +369,7 @@ mode = "enforce"
 
     #[test]
     fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncdé f", 7), (2, 5));
+        assert_eq!(line_col("ab\ncdé f", 7), (2, 4));
         assert_eq!(line_col("", 5), (1, 1));
     }
 }
