@@ -41,7 +41,9 @@ fn ebpf_toolchain() -> Toolchain<'static> {
     if nightly {
         return Toolchain::Nightly;
     }
-    println!("cargo:warning=no nightly toolchain: building the kernel programs with stable and RUSTC_BOOTSTRAP=1");
+    println!(
+        "cargo:warning=no nightly toolchain: building the kernel programs with stable and RUSTC_BOOTSTRAP=1"
+    );
     // SAFETY: build scripts are single-threaded; aya-build's cargo child inherits it.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     Toolchain::Custom("stable")

@@ -39,8 +39,7 @@ static PROTECTED_PORTS: HashMap<PortKey, PortRule> =
     HashMap::with_max_entries(MAX_PROTECTED_PORTS, 0);
 
 #[map(name = "OWNER_CGROUPS")]
-static OWNER_CGROUPS: HashMap<OwnerCgroupKey, u8> =
-    HashMap::with_max_entries(MAX_OWNER_CGROUPS, 0);
+static OWNER_CGROUPS: HashMap<OwnerCgroupKey, u8> = HashMap::with_max_entries(MAX_OWNER_CGROUPS, 0);
 
 #[map(name = "GUARD_CONFIG")]
 static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
@@ -129,7 +128,14 @@ fn is_owner(port: u16, proto: u8) -> bool {
 }
 
 #[inline(always)]
-fn report(sa: &bpf_sock_addr, family: u16, port: u16, proto: u8, netns_cookie: u64, verdict: Verdict) {
+fn report(
+    sa: &bpf_sock_addr,
+    family: u16,
+    port: u16,
+    proto: u8,
+    netns_cookie: u64,
+    verdict: Verdict,
+) {
     let Some(mut entry) = BIND_EVENTS.reserve::<BindEvent>(0) else {
         count(|c| c.ringbuf_dropped += 1);
         return;

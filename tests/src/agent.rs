@@ -35,9 +35,7 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -54,7 +52,9 @@ impl Agent {
             seen: Vec::new(),
         };
         agent.wait_for(Duration::from_secs(20), |v| {
-            v["message"].as_str().is_some_and(|m| m.starts_with("agent ready"))
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("agent ready"))
         });
         agent
     }

@@ -73,7 +73,17 @@ impl NetNs {
         let a = format!("v{}", &short_hash(&self.name, &other.name));
         let b = format!("{a}p");
         run(Command::new("ip").args([
-            "link", "add", &a, "netns", &self.name, "type", "veth", "peer", "name", &b, "netns",
+            "link",
+            "add",
+            &a,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
             &other.name,
         ]));
         self.exec(["ip", "addr", "add", local_cidr, "dev", &a]);
@@ -101,6 +111,8 @@ impl Drop for NetNs {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

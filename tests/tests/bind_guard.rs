@@ -20,7 +20,11 @@ const EPERM: i64 = 1;
 
 /// A port nobody holds right now (the kernel's pick, released at once).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Setup {
@@ -115,7 +119,10 @@ fn enforce_denies_strangers_and_lets_owners_bind() {
 
     // Dual-stack wildcard, and a v4-mapped address on an IPv6 socket.
     for addr in ["::", "::ffff:127.0.0.1"] {
-        let (pid, out) = probe(&s.cgroup, &["--addr", addr, "--port", &port, "--v6only", "0"]);
+        let (pid, out) = probe(
+            &s.cgroup,
+            &["--addr", addr, "--port", &port, "--v6only", "0"],
+        );
         assert_eq!(out["errno"], EPERM, "{addr}");
         let ev = bind_event(&mut s.agent, pid, s.port);
         assert_eq!(ev["family"], "ipv6");
@@ -133,7 +140,10 @@ fn enforce_denies_strangers_and_lets_owners_bind() {
 fn udp_on_a_tcp_port_is_not_guarded_and_other_ports_pass() {
     let s = setup("enforce");
     let port = s.port.to_string();
-    let (_, udp) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port, "--proto", "udp"]);
+    let (_, udp) = probe(
+        &s.cgroup,
+        &["--addr", "127.0.0.1", "--port", &port, "--proto", "udp"],
+    );
     assert_eq!(udp["ok"], true, "the policy protects tcp only");
     let other = free_port().to_string();
     let (_, out) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &other]);
@@ -155,7 +165,14 @@ fn renamed_stranger_is_still_a_stranger() {
     // Owner identity is the cgroup, never comm: calling itself like the owner changes nothing.
     let (pid, out) = probe(
         &s.cgroup,
-        &["--addr", "127.0.0.1", "--port", &port, "--comm", "docker-proxy"],
+        &[
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--comm",
+            "docker-proxy",
+        ],
     );
     assert_eq!(out["errno"], EPERM);
     let ev = bind_event(&mut s.agent, pid, s.port);
@@ -173,7 +190,10 @@ fn bind_in_another_network_namespace_is_not_a_host_bind() {
         &s.cgroup,
         &["--addr", "127.0.0.1", "--port", &port, "--netns", &path],
     );
-    assert_eq!(out["ok"], true, "a container's own port cannot take the host's");
+    assert_eq!(
+        out["ok"], true,
+        "a container's own port cannot take the host's"
+    );
     let ev = bind_event(&mut s.agent, pid, s.port);
     assert_eq!(ev["verdict"], "other-netns");
     assert_eq!(ev["host_netns"], false);
@@ -200,7 +220,8 @@ mod tempfile_lite {
 
     impl TempFile {
         pub fn new(contents: &str) -> Self {
-            let path = std::env::temp_dir().join(portguard_tests::unique_name("pg-policy") + ".toml");
+            let path =
+                std::env::temp_dir().join(portguard_tests::unique_name("pg-policy") + ".toml");
             std::fs::write(&path, contents).unwrap();
             Self(path)
         }

@@ -20,7 +20,8 @@ pub struct Dockerd {
 }
 
 fn answers() -> bool {
-    sh::output(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"])).is_some()
+    sh::output(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
+        .is_some()
 }
 
 pub fn ensure_running() -> anyhow::Result<Dockerd> {
@@ -43,7 +44,10 @@ pub fn ensure_running() -> anyhow::Result<Dockerd> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !answers() {
         if Instant::now() > deadline {
-            bail!("dockerd did not answer within 60 s; see {}", log_path.display());
+            bail!(
+                "dockerd did not answer within 60 s; see {}",
+                log_path.display()
+            );
         }
         thread::sleep(Duration::from_millis(200));
     }
@@ -53,7 +57,9 @@ pub fn ensure_running() -> anyhow::Result<Dockerd> {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
-        let Some(child) = self.child.as_mut() else { return };
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
         eprintln!("xtask: dockerd: stopping the instance this run started");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

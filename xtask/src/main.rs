@@ -13,7 +13,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Build, run, test and benchmark portguard")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark portguard"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

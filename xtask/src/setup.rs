@@ -9,16 +9,31 @@ use crate::sh;
 
 /// Debian packages: the eBPF linker's LLVM, and what the tests drive for real.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "bpf-linker is built against LLVM 22 (rustc's own LLVM)"),
+    (
+        "llvm-22-dev",
+        "bpf-linker is built against LLVM 22 (rustc's own LLVM)",
+    ),
     ("libpolly-22-dev", "bpf-linker links LLVM statically"),
     ("libzstd-dev", "bpf-linker links LLVM statically"),
     ("zlib1g-dev", "bpf-linker links LLVM statically"),
-    ("nftables", "the nftables inspector's tests load real rulesets"),
+    (
+        "nftables",
+        "the nftables inspector's tests load real rulesets",
+    ),
     ("iproute2", "tests create network namespaces and veths"),
-    ("iptables", "tests reproduce kube-proxy and Docker rules with iptables-nft"),
+    (
+        "iptables",
+        "tests reproduce kube-proxy and Docker rules with iptables-nft",
+    ),
     ("docker.io", "tests run a real dockerd"),
-    ("containernetworking-plugins", "tests run the CNI bridge and portmap plugins"),
-    ("busybox-static", "the tests' tiny container image is built from it"),
+    (
+        "containernetworking-plugins",
+        "tests run the CNI bridge and portmap plugins",
+    ),
+    (
+        "busybox-static",
+        "the tests' tiny container image is built from it",
+    ),
     ("curl", "tests talk HTTP to containers and probes"),
     ("conntrack", "tests ask the kernel where a connection went"),
 ];
@@ -40,10 +55,7 @@ fn installed(package: &str) -> bool {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<_> = APT_PACKAGES
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .collect();
+    let missing: Vec<_> = APT_PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
     if missing.is_empty() {
         eprintln!("xtask: apt packages: all {} present", APT_PACKAGES.len());
         return Ok(());
@@ -100,12 +112,17 @@ fn bpf_linker() -> anyhow::Result<()> {
             eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
             return Ok(());
         }
-        eprintln!("xtask: bpf-linker is {}, want {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "xtask: bpf-linker is {}, want {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     } else {
         eprintln!("xtask: bpf-linker is missing: it links the kernel programs");
     }
     if !std::path::Path::new(LLVM_BIN).join("llvm-config").exists() {
-        bail!("{LLVM_BIN}/llvm-config is missing: install llvm-22-dev (cargo xtask setup does, as root)");
+        bail!(
+            "{LLVM_BIN}/llvm-config is missing: install llvm-22-dev (cargo xtask setup does, as root)"
+        );
     }
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     sh::run(

@@ -156,7 +156,10 @@ impl FromStr for OwnerSpec {
             },
             "unit" => {
                 const SUFFIXES: [&str; 4] = [".service", ".scope", ".socket", ".slice"];
-                if SUFFIXES.iter().any(|x| rest.ends_with(x) && rest.len() > x.len()) {
+                if SUFFIXES
+                    .iter()
+                    .any(|x| rest.ends_with(x) && rest.len() > x.len())
+                {
                     Ok(Self::Unit(rest.to_owned()))
                 } else {
                     Err(OwnerSpecError::BadUnit(s.to_owned()))
@@ -281,7 +284,10 @@ mod tests {
 
     #[test]
     fn ranges_overlap_inclusively() {
-        let a = PortRange { start: 8000, end: 8099 };
+        let a = PortRange {
+            start: 8000,
+            end: 8099,
+        };
         assert!(a.overlaps(&PortRange::single(8099)));
         assert!(!a.overlaps(&PortRange::single(8100)));
         assert!(a.contains(8000));

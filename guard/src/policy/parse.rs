@@ -150,11 +150,16 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
             RawOwner::Many(v) => v,
         };
         if names.is_empty() {
-            return Err((owner_span, "owner list is empty: name at least one owner".into()));
+            return Err((
+                owner_span,
+                "owner list is empty: name at least one owner".into(),
+            ));
         }
         let mut owner = Vec::with_capacity(names.len());
         for name in names {
-            let spec: OwnerSpec = name.parse().map_err(|e| (owner_span.clone(), format!("{e}")))?;
+            let spec: OwnerSpec = name
+                .parse()
+                .map_err(|e| (owner_span.clone(), format!("{e}")))?;
             if !owner.contains(&spec) {
                 owner.push(spec);
             }
@@ -264,9 +269,12 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Policy::parse(text, PolicySource::File("/etc/portguard/config.toml".into()))
-            .unwrap_err()
-            .to_string()
+        Policy::parse(
+            text,
+            PolicySource::File("/etc/portguard/config.toml".into()),
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -277,7 +285,11 @@ mod tests {
         );
         assert_eq!(source.to_string(), "<built-in default policy>");
         assert_eq!(policy.mode, Mode::Enforce);
-        let ports: Vec<_> = policy.ports.iter().map(|p| (p.port.start, p.proto)).collect();
+        let ports: Vec<_> = policy
+            .ports
+            .iter()
+            .map(|p| (p.port.start, p.proto))
+            .collect();
         assert_eq!(ports, [(80, Proto::Tcp), (443, Proto::Tcp)]);
         assert!(policy.ports.iter().all(|p| p.owner == [OwnerSpec::Docker]));
     }
@@ -302,7 +314,13 @@ mode = "enforce"
         .unwrap();
         assert_eq!(p.mode, Mode::Observe);
         assert!(p.ports[0].pin);
-        assert_eq!(p.ports[1].port, PortRange { start: 8000, end: 8099 });
+        assert_eq!(
+            p.ports[1].port,
+            PortRange {
+                start: 8000,
+                end: 8099
+            }
+        );
         assert_eq!(p.mode_of(&p.ports[1]), Mode::Enforce);
         assert_eq!(p.find(8050, Proto::Udp).unwrap().owner.len(), 2);
         assert!(p.find(8050, Proto::Tcp).is_none());
@@ -331,7 +349,9 @@ mode = "enforce"
     #[test]
     fn overlapping_ranges_with_different_owners() {
         assert_eq!(
-            err("[[ports]]\nport = \"8000-8099\"\nowner = \"docker\"\n[[ports]]\nport = 8050\nowner = \"unit:x.service\"\n"),
+            err(
+                "[[ports]]\nport = \"8000-8099\"\nowner = \"docker\"\n[[ports]]\nport = 8050\nowner = \"unit:x.service\"\n"
+            ),
             "/etc/portguard/config.toml:5:8: tcp/8050 overlaps tcp/8000-8099 with different owners (unit:x.service vs docker)"
         );
     }
@@ -346,7 +366,10 @@ mode = "enforce"
 
     #[test]
     fn bad_mode_proto_and_range() {
-        assert!(err("mode = \"block\"\n").starts_with("/etc/portguard/config.toml:1:8: unknown mode \"block\""));
+        assert!(
+            err("mode = \"block\"\n")
+                .starts_with("/etc/portguard/config.toml:1:8: unknown mode \"block\"")
+        );
         assert!(
             err("[[ports]]\nport = 80\nproto = \"sctp\"\nowner = \"docker\"\n")
                 .contains(":3:9: unknown proto \"sctp\"")
@@ -354,7 +377,9 @@ mode = "enforce"
         assert!(
             err("[[ports]]\nport = \"90-80\"\nowner = \"docker\"\n").contains("runs backwards")
         );
-        assert!(err("[[ports]]\nport = \"http\"\nowner = \"docker\"\n").contains("neither a number"));
+        assert!(
+            err("[[ports]]\nport = \"http\"\nowner = \"docker\"\n").contains("neither a number")
+        );
     }
 
     #[test]

@@ -25,7 +25,10 @@ fn main() {
     let mut hold = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| die(&format!("{a} needs a value")));
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| die(&format!("{a} needs a value")))
+        };
         match a.as_str() {
             "--addr" => addr = val().parse().unwrap_or_else(|_| die("bad --addr")),
             "--port" => port = val().parse().unwrap_or_else(|_| die("bad --port")),
@@ -51,10 +54,12 @@ fn main() {
     }
     let sa = SocketAddr::new(addr, port);
     let ty = if udp { Type::DGRAM } else { Type::STREAM };
-    let sock = Socket::new(Domain::for_address(sa), ty, None).unwrap_or_else(|e| die(&format!("socket: {e}")));
+    let sock = Socket::new(Domain::for_address(sa), ty, None)
+        .unwrap_or_else(|e| die(&format!("socket: {e}")));
     let _ = sock.set_reuse_address(true);
     if let Some(only) = v6only {
-        sock.set_only_v6(only).unwrap_or_else(|e| die(&format!("IPV6_V6ONLY: {e}")));
+        sock.set_only_v6(only)
+            .unwrap_or_else(|e| die(&format!("IPV6_V6ONLY: {e}")));
     }
     let pid = std::process::id();
     if let Err(e) = sock.bind(&sa.into()) {
