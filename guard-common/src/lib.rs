@@ -10,6 +10,8 @@ pub const MAP_BIND_EVENTS: &str = "BIND_EVENTS";
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
 /// Hash map [`OwnerCgroupKey`] → `u8`: cgroups (and their subtrees) allowed to bind a port.
 pub const MAP_OWNER_CGROUPS: &str = "OWNER_CGROUPS";
+/// Hash map [`OwnerExeKey`] → `u8`: executables (by device and inode) allowed to bind a port.
+pub const MAP_OWNER_EXES: &str = "OWNER_EXES";
 /// Array of one [`GuardConfig`].
 pub const MAP_GUARD_CONFIG: &str = "GUARD_CONFIG";
 /// Per-CPU array of [`Counters`]: what the programs could not report.
@@ -27,6 +29,8 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const MAX_PROTECTED_PORTS: u32 = 65_536;
 /// Maximum entries in the owner cgroup map.
 pub const MAX_OWNER_CGROUPS: u32 = 16_384;
+/// Maximum entries in the owner executable map.
+pub const MAX_OWNER_EXES: u32 = 16_384;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -111,6 +115,52 @@ impl OwnerCgroupKey {
     }
 }
 
+/// Key of [`MAP_OWNER_EXES`]: an executable file, by inode and device, allowed
+/// to bind `port`/`proto`. `dev` is the kernel's encoding (major << 20 | minor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerExeKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl OwnerExeKey {
+    pub const fn new(ino: u64, dev: u32, port: u16, proto: u8) -> Self {
+        Self {
+            ino,
+            dev,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Byte offsets of the kernel struct fields that lead from the current task to
+/// its executable's inode: task_struct.mm → mm_struct.exe_file → file.f_inode →
+/// inode.{i_ino, i_sb} → super_block.s_dev. Read from the running kernel's BTF
+/// by the agent, since they differ between kernel builds. All zero: unknown,
+/// and executable owners cannot be recognised.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeOffsets {
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+}
+
+impl ExeOffsets {
+    pub const fn known(&self) -> bool {
+        self.task_mm != 0 && self.mm_exe_file != 0 && self.file_inode != 0 && self.inode_sb != 0
+    }
+}
+
 /// The single entry of [`MAP_GUARD_CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,7 +169,9 @@ pub struct GuardConfig {
     pub host_netns_cookie: u64,
     /// Non-zero once the agent has filled the maps; before that every bind passes.
     pub armed: u32,
-    pub _pad: u32,
+    /// Non-zero when some owner is an executable: only then is the task walked.
+    pub check_exe: u32,
+    pub exe: ExeOffsets,
 }
 
 /// Counters the programs keep per CPU; the agent sums them.
@@ -168,6 +220,7 @@ mod user {
     unsafe impl aya::Pod for PortRule {}
     unsafe impl aya::Pod for OwnerCgroupKey {}
     unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for OwnerExeKey {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BindEvent {}
 }
@@ -184,7 +237,8 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 4);
         assert_eq!(size_of::<PortRule>(), 8);
         assert_eq!(size_of::<OwnerCgroupKey>(), 16);
-        assert_eq!(size_of::<GuardConfig>(), 16);
+        assert_eq!(size_of::<GuardConfig>(), 16 + 24);
+        assert_eq!(size_of::<OwnerExeKey>(), 16);
         assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16);
     }

@@ -12,8 +12,10 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_get_netns_cookie,
         },
     },
     macros::{cgroup_sock_addr, map},
@@ -22,9 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use guard_common::{
-    AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, Counters, GuardConfig, MAX_CGROUP_DEPTH,
-    MAX_OWNER_CGROUPS, MAX_PROTECTED_PORTS, OwnerCgroupKey, PORT_ENFORCE, PortKey, PortRule,
-    Verdict,
+    AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, Counters, ExeOffsets, GuardConfig,
+    MAX_CGROUP_DEPTH, MAX_OWNER_CGROUPS, MAX_OWNER_EXES, MAX_PROTECTED_PORTS, OwnerCgroupKey,
+    OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, Verdict,
 };
 
 /// cgroup sock_addr programs return 1 to let the bind proceed, 0 to fail it with EPERM.
@@ -40,6 +42,9 @@ static PROTECTED_PORTS: HashMap<PortKey, PortRule> =
 
 #[map(name = "OWNER_CGROUPS")]
 static OWNER_CGROUPS: HashMap<OwnerCgroupKey, u8> = HashMap::with_max_entries(MAX_OWNER_CGROUPS, 0);
+
+#[map(name = "OWNER_EXES")]
+static OWNER_EXES: HashMap<OwnerExeKey, u8> = HashMap::with_max_entries(MAX_OWNER_EXES, 0);
 
 #[map(name = "GUARD_CONFIG")]
 static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
@@ -86,7 +91,9 @@ fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
         Verdict::OtherNetns
     } else {
         count(|c| c.host_binds += 1);
-        if is_owner(port, proto) {
+        if is_owner(port, proto)
+            || (config.check_exe != 0 && is_owner_exe(&config.exe, port, proto))
+        {
             Verdict::Owner
         } else if rule.flags & PORT_ENFORCE != 0 {
             count(|c| c.denied += 1);
@@ -125,6 +132,48 @@ fn is_owner(port: u16, proto: u8) -> bool {
         }
     }
     false
+}
+
+/// The binder owns the port when the executable it runs (by inode and device, which
+/// a rename of the process cannot fake) is an owner executable of it.
+#[inline(always)]
+fn is_owner_exe(off: &ExeOffsets, port: u16, proto: u8) -> bool {
+    if !off.known() {
+        return false;
+    }
+    match current_exe(off) {
+        Some((ino, dev)) => {
+            unsafe { OWNER_EXES.get(OwnerExeKey::new(ino, dev, port, proto)) }.is_some()
+        }
+        None => false,
+    }
+}
+
+/// (inode, device) of the current task's executable, following BTF-derived offsets.
+#[inline(always)]
+fn current_exe(off: &ExeOffsets) -> Option<(u64, u32)> {
+    // SAFETY: every pointer is only dereferenced through bpf_probe_read_kernel,
+    // which fails cleanly on a bad address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let mm: *const u8 = read_ptr(task, off.task_mm)?;
+        let file: *const u8 = read_ptr(mm, off.mm_exe_file)?;
+        let inode: *const u8 = read_ptr(file, off.file_inode)?;
+        let sb: *const u8 = read_ptr(inode, off.inode_sb)?;
+        let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_ino as usize).cast()).ok()?;
+        let dev: u32 = bpf_probe_read_kernel(sb.add(off.sb_dev as usize).cast()).ok()?;
+        Some((ino, dev))
+    }
+}
+
+#[inline(always)]
+unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: see current_exe.
+    let p: *const u8 = unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast()) }.ok()?;
+    (!p.is_null()).then_some(p)
 }
 
 #[inline(always)]

@@ -44,13 +44,7 @@ fn setup(mode: &str) -> Setup {
         "mode = \"{mode}\"\n[[ports]]\nport = {port}\nowner = \"cgroup:{}\"\n",
         owner.relative()
     ));
-    let agent = Agent::start([
-        "run".as_ref(),
-        "--config".as_ref(),
-        policy.path().as_os_str(),
-        "--cgroup".as_ref(),
-        cgroup.path().as_os_str(),
-    ]);
+    let agent = start_agent(&policy, &cgroup);
     Setup {
         cgroup,
         owner,
@@ -210,6 +204,113 @@ fn stopping_the_agent_detaches_enforcement() {
     let (_, after) = probe(&s.cgroup, &["--addr", "127.0.0.1", "--port", &port]);
     assert_eq!(after["ok"], true, "no enforcement outlives the agent");
     drop(s.owner);
+}
+
+fn start_agent(policy: &tempfile_lite::TempFile, cgroup: &Cgroup) -> Agent {
+    Agent::start([
+        "run".as_ref(),
+        "--config".as_ref(),
+        policy.path().as_os_str(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+    ])
+}
+
+#[test]
+fn executable_owner_is_recognised_by_inode_not_by_name() {
+    require_root();
+    let cgroup = Cgroup::new("pg-exe");
+    let port = free_port();
+    // The owner is a copy of bindprobe: same bytes, another file.
+    let dir = std::env::temp_dir().join(portguard_tests::unique_name("pg-exe"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let owner_exe = dir.join("webserver");
+    std::fs::copy(helper_bin("bindprobe"), &owner_exe).unwrap();
+    let policy = tempfile_lite::TempFile::new(&format!(
+        "[[ports]]\nport = {port}\nowner = \"exe:{}\"\n",
+        owner_exe.display()
+    ));
+    let mut agent = start_agent(&policy, &cgroup);
+    let p = port.to_string();
+
+    let child = spawn_in(
+        &cgroup,
+        Command::new(&owner_exe)
+            .args(["--addr", "127.0.0.1", "--port", &p])
+            .stdout(std::process::Stdio::piped()),
+    );
+    let pid = child.id();
+    let out: Value = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(out["ok"], true, "the owner executable may bind");
+    let ev = bind_event(&mut agent, pid, port);
+    assert_eq!(ev["verdict"], "owner");
+    assert_eq!(ev["exe"], owner_exe.display().to_string());
+
+    // The original binary, even calling itself "webserver", is a stranger.
+    let (spid, stranger) = probe(
+        &cgroup,
+        &["--addr", "127.0.0.1", "--port", &p, "--comm", "webserver"],
+    );
+    assert_eq!(stranger["errno"], EPERM);
+    let ev = bind_event(&mut agent, spid, port);
+    assert_eq!(ev["comm"], "webserver");
+    assert_eq!(ev["verdict"], "denied");
+    drop(agent);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn owners_changed_at_runtime_take_effect_without_restart() {
+    require_root();
+    let cgroup = Cgroup::new("pg-reload");
+    let newcomer = cgroup.child("newcomer");
+    let port = free_port();
+    let p = port.to_string();
+    let policy = tempfile_lite::TempFile::new(&format!(
+        "[[ports]]\nport = {port}\nowner = \"cgroup:/nonexistent-owner\"\n"
+    ));
+    let mut agent = start_agent(&policy, &cgroup);
+    let (_, before) = probe(&newcomer, &["--addr", "127.0.0.1", "--port", &p]);
+    assert_eq!(before["errno"], EPERM);
+
+    // A bad policy is rejected and the old one stays in force.
+    std::fs::write(
+        policy.path(),
+        "[[ports]]\nport = 99999\nowner = \"docker\"\n",
+    )
+    .unwrap();
+    // SAFETY: signalling the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    let rejected = agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("policy reload rejected"))
+    });
+    assert!(
+        rejected["message"]
+            .as_str()
+            .unwrap()
+            .contains("out of range"),
+        "{rejected}"
+    );
+    let (_, still) = probe(&newcomer, &["--addr", "127.0.0.1", "--port", &p]);
+    assert_eq!(still["errno"], EPERM);
+
+    std::fs::write(
+        policy.path(),
+        format!(
+            "[[ports]]\nport = {port}\nowner = \"cgroup:{}\"\n",
+            newcomer.relative()
+        ),
+    )
+    .unwrap();
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"] == "policy reloaded"
+    });
+    let (pid, after) = probe(&newcomer, &["--addr", "127.0.0.1", "--port", &p]);
+    assert_eq!(after["ok"], true, "the new owner may bind after the reload");
+    assert_eq!(bind_event(&mut agent, pid, port)["verdict"], "owner");
 }
 
 /// A file removed on drop, without another dependency.

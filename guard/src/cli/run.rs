@@ -1,20 +1,23 @@
 //! `portguard run`: the agent.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use guard_common::OwnerCgroupKey;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::SignalKind,
+    signal::unix::{SignalKind, signal},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::PolicyArgs;
 use crate::{
-    ebpf::{BindGuard, BindRecord, PortEntry, read_bind_event},
-    policy::{Mode, OwnerSpec, Policy},
+    ebpf::{BindGuard, BindPolicy, BindRecord, KernelLogger, btf, read_bind_event, resolve_local},
+    policy::{Mode, Policy, PolicySource},
     sys::{cgroup, netns},
 };
 
@@ -40,7 +43,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(run(args))
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// The policy file plus the command line's overrides.
+fn load_policy(args: &RunArgs) -> anyhow::Result<(Policy, PolicySource)> {
     let (mut policy, source) = Policy::load(args.policy.config.as_deref())?;
     if let Some(mode) = args.mode {
         policy.mode = mode;
@@ -48,17 +52,29 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             port.mode = None;
         }
     }
+    Ok((policy, source))
+}
+
+fn bind_policy(policy: &Policy, cgroup_root: &Path) -> BindPolicy {
+    BindPolicy::build(policy, |owner| resolve_local(owner, cgroup_root))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (mut policy, source) = load_policy(&args)?;
     let root = cgroup::unified_root()?;
     let target = args.cgroup.clone().unwrap_or_else(|| root.clone());
     cgroup::check_inside(&root, &target)?;
     let host_cookie =
         netns::current_netns_cookie().context("reading the host network namespace cookie")?;
+    let exe_offsets = btf::running_kernel_exe_offsets().unwrap_or_else(|e| {
+        warn!("executable owners cannot be recognised on this kernel: {e}");
+        Default::default()
+    });
 
     let (mut guard, logger) = BindGuard::load_and_attach(&target)?;
-    let ports = port_entries(&policy);
-    guard.set_ports(ports.iter().copied())?;
-    guard.set_owner_cgroups(owner_cgroups(&policy, &root))?;
-    guard.arm(host_cookie)?;
+    let mut maps = bind_policy(&policy, &root);
+    guard.apply(&maps)?;
+    guard.arm(host_cookie, exe_offsets)?;
     let events = guard.take_events()?;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -71,29 +87,50 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         policy = %source,
         mode = %policy.mode,
         cgroup = %target.display(),
-        ports = ports.len(),
+        ports = maps.ports.len(),
         "agent ready: guarding binds"
     );
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut drops_seen = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            Some(done) = tasks.join_next() => {
-                done.context("a reader task panicked")??;
-                anyhow::bail!("a reader task stopped unexpectedly");
+            _ = sighup.recv() => {
+                // A bad policy is rejected with its error; the old one stays in force.
+                match load_policy(&args) {
+                    Ok((new, source)) => {
+                        let new_maps = bind_policy(&new, &root);
+                        guard.apply(&new_maps)?;
+                        info!(policy = %source, mode = %new.mode, ports = new_maps.ports.len(), "policy reloaded");
+                        (policy, maps) = (new, new_maps);
+                    }
+                    Err(e) => error!("policy reload rejected, keeping the current policy: {e:#}"),
+                }
             }
             _ = tick.tick() => {
+                // Owners come and go (a unit restarts into a new cgroup, a binary is
+                // replaced); the kernel must follow without a restart.
+                let fresh = bind_policy(&policy, &root);
+                if fresh != maps {
+                    guard.apply(&fresh)?;
+                    info!("owners changed: bind guard updated");
+                    maps = fresh;
+                }
                 // A full ring buffer is never silent.
                 let dropped = guard.counters()?.ringbuf_dropped;
                 if dropped > drops_seen {
                     warn!(dropped = dropped - drops_seen, total = dropped, "bind events lost: ring buffer full");
                     drops_seen = dropped;
                 }
+            }
+            Some(done) = tasks.join_next() => {
+                done.context("a reader task panicked")??;
+                anyhow::bail!("a reader task stopped unexpectedly");
             }
         }
     }
@@ -110,62 +147,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What the kernel programs enforce. Owners are not resolved yet (the owners
-/// layer does that), so a port is enforced only when its owners are all kinds
-/// the kernel can check by cgroup; others are observed, and we say so.
-fn port_entries(policy: &Policy) -> Vec<PortEntry> {
-    let mut out = Vec::new();
-    for entry in &policy.ports {
-        let mut enforce = policy.mode_of(entry) == Mode::Enforce;
-        if enforce
-            && entry
-                .owner
-                .iter()
-                .any(|o| !matches!(o, OwnerSpec::Cgroup(_)))
-        {
-            warn!(
-                port = %entry.port,
-                proto = %entry.proto,
-                "owners of this port cannot be resolved yet: observing it instead of enforcing"
-            );
-            enforce = false;
-        }
-        for port in entry.port.iter() {
-            out.push(PortEntry {
-                port,
-                proto: entry.proto.ip_proto(),
-                enforce,
-            });
-        }
-    }
-    out
-}
-
-/// Owner cgroups named directly in the policy (`cgroup:/path`), by cgroup id.
-fn owner_cgroups(policy: &Policy, root: &std::path::Path) -> Vec<OwnerCgroupKey> {
-    let mut out = Vec::new();
-    for entry in &policy.ports {
-        for owner in &entry.owner {
-            let OwnerSpec::Cgroup(path) = owner else {
-                continue;
-            };
-            let dir = root.join(path.strip_prefix("/").unwrap_or(path));
-            match cgroup::cgroup_id(&dir) {
-                Ok(id) => out.extend(
-                    entry
-                        .port
-                        .iter()
-                        .map(|port| OwnerCgroupKey::new(id, port, entry.proto.ip_proto())),
-                ),
-                Err(e) => {
-                    warn!(owner = %owner, "owner cgroup not found, nobody there may bind: {e}")
-                }
-            }
-        }
-    }
-    out
-}
-
 async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and keeps it open until dropped with the AsyncFd.
     let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -180,31 +161,35 @@ async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Resul
                 continue;
             };
             drop(item);
-            let rec = BindRecord::new(&raw, host_cookie);
-            info!(
-                target: "portguard::bind",
-                pid = rec.pid,
-                tgid = rec.tgid,
-                uid = rec.uid,
-                comm = %rec.comm,
-                exe = rec.process.exe.as_ref().map(|p| p.display().to_string()),
-                cgroup = rec.process.cgroup,
-                cgroup_id = rec.cgroup_id,
-                netns_cookie = rec.netns_cookie,
-                host_netns = rec.host_netns,
-                family = rec.family,
-                addr = %rec.addr,
-                port = rec.port,
-                proto = rec.proto,
-                verdict = rec.verdict,
-                "bind to protected port"
-            );
+            log_bind(&BindRecord::new(&raw, host_cookie));
         }
         ready.clear_ready();
     }
 }
 
-async fn read_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
+fn log_bind(rec: &BindRecord) {
+    info!(
+        target: "portguard::bind",
+        pid = rec.pid,
+        tgid = rec.tgid,
+        uid = rec.uid,
+        comm = %rec.comm,
+        exe = rec.process.exe.as_ref().map(|p| p.display().to_string()),
+        cmdline = rec.process.cmdline,
+        cgroup = rec.process.cgroup,
+        cgroup_id = rec.cgroup_id,
+        netns_cookie = rec.netns_cookie,
+        host_netns = rec.host_netns,
+        family = rec.family,
+        addr = %rec.addr,
+        port = rec.port,
+        proto = rec.proto,
+        verdict = rec.verdict,
+        "bind to protected port"
+    );
+}
+
+async fn read_kernel_log(logger: KernelLogger) -> anyhow::Result<()> {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open until dropped.
     let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(std::io::Error::from)

@@ -1,6 +1,8 @@
 //! The bind guard's user side: loads the kernel programs, attaches them to a
 //! cgroup, keeps their maps in step with the policy, and reads their events.
 
+mod bind_policy;
+pub mod btf;
 mod event;
 
 use std::{
@@ -14,10 +16,12 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupSockAddr, ProgramError, links::CgroupAttachMode},
 };
+pub use bind_policy::{BindIdentity, BindPolicy, Resolution, kernel_dev, resolve_local};
 pub use event::{BindRecord, read_bind_event};
 use guard_common::{
-    Counters, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG, MAP_OWNER_CGROUPS,
-    MAP_PROTECTED_PORTS, OwnerCgroupKey, PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
+    Counters, ExeOffsets, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG,
+    MAP_OWNER_CGROUPS, MAP_OWNER_EXES, MAP_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey,
+    PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
 };
 
 /// The compiled kernel programs, built by `build.rs` from `guard-ebpf`.
@@ -67,9 +71,14 @@ pub struct PortEntry {
 pub struct BindGuard {
     ebpf: Ebpf,
     cgroup: PathBuf,
+    config: GuardConfig,
     ports: BTreeMap<(u16, u8), bool>,
     owners: BTreeSet<OwnerCgroupKey>,
+    owner_exes: BTreeSet<OwnerExeKey>,
 }
+
+/// The kernel-side log reader; it must be kept alive (and read) while the programs run.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl BindGuard {
     /// Loads the programs and attaches `bind4`/`bind6` to the cgroup v2 directory
@@ -117,8 +126,10 @@ impl BindGuard {
             Self {
                 ebpf,
                 cgroup: cgroup.into(),
+                config: GuardConfig::default(),
                 ports: BTreeMap::new(),
                 owners: BTreeSet::new(),
+                owner_exes: BTreeSet::new(),
             },
             logger,
         ))
@@ -128,19 +139,19 @@ impl BindGuard {
         &self.cgroup
     }
 
-    /// Tells the programs which network namespace is the host's and starts deciding.
-    pub fn arm(&mut self, host_netns_cookie: u64) -> Result<(), GuardError> {
+    /// Tells the programs which network namespace is the host's, how to find a
+    /// task's executable on this kernel, and starts deciding.
+    pub fn arm(&mut self, host_netns_cookie: u64, exe: ExeOffsets) -> Result<(), GuardError> {
+        self.config.host_netns_cookie = host_netns_cookie;
+        self.config.exe = exe;
+        self.config.armed = 1;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), GuardError> {
         let mut config: Array<_, GuardConfig> = map_mut(&mut self.ebpf, MAP_GUARD_CONFIG)?;
         config
-            .set(
-                0,
-                GuardConfig {
-                    host_netns_cookie,
-                    armed: 1,
-                    _pad: 0,
-                },
-                0,
-            )
+            .set(0, self.config, 0)
             .map_err(|source| GuardError::Map {
                 name: MAP_GUARD_CONFIG,
                 source,
@@ -200,6 +211,42 @@ impl BindGuard {
         }
         self.owners = wanted;
         Ok(())
+    }
+
+    /// Replaces the owner executables: a process may bind `port` when it runs
+    /// one of them (matched by inode and device in the kernel).
+    pub fn set_owner_exes(
+        &mut self,
+        entries: impl IntoIterator<Item = OwnerExeKey>,
+    ) -> Result<(), GuardError> {
+        let wanted: BTreeSet<OwnerExeKey> = entries.into_iter().collect();
+        let mut map: HashMap<_, OwnerExeKey, u8> = map_mut(&mut self.ebpf, MAP_OWNER_EXES)?;
+        let err = |source| GuardError::Map {
+            name: MAP_OWNER_EXES,
+            source,
+        };
+        for key in wanted.difference(&self.owner_exes) {
+            map.insert(*key, 1, 0).map_err(err)?;
+        }
+        for key in self.owner_exes.difference(&wanted) {
+            map.remove(key).map_err(err)?;
+        }
+        self.owner_exes = wanted;
+        // Walking the task costs a few probe reads per bind: only when needed.
+        let check_exe = u32::from(!self.owner_exes.is_empty());
+        if check_exe != self.config.check_exe {
+            self.config.check_exe = check_exe;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the maps say what `policy` says, touching only what changed.
+    pub fn apply(&mut self, policy: &BindPolicy) -> Result<(), GuardError> {
+        // Owners first, so that a newly protected port never sees a moment without them.
+        self.set_owner_cgroups(policy.owner_cgroups.iter().copied())?;
+        self.set_owner_exes(policy.owner_exes.iter().copied())?;
+        self.set_ports(policy.ports.iter().copied())
     }
 
     /// Takes the event ring buffer; call once.

@@ -1,0 +1,295 @@
+//! Just enough of the kernel's BTF to find struct field offsets.
+//!
+//! The kernel programs walk task → mm → exe_file → inode to recognise an owner
+//! executable. Those field offsets vary between kernel builds; the running
+//! kernel describes itself in `/sys/kernel/btf/vmlinux`, so the agent reads them
+//! there and hands them to the programs.
+
+use guard_common::ExeOffsets;
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BtfError {
+    #[error("not BTF data (bad magic or header)")]
+    BadHeader,
+    #[error("BTF data is truncated")]
+    Truncated,
+    #[error("unknown BTF kind {0}")]
+    UnknownKind(u32),
+    #[error("struct {0} not found in BTF")]
+    NoStruct(String),
+    #[error("field {0}.{1} not found in BTF")]
+    NoField(String, String),
+    #[error("field {0}.{1} is a bitfield")]
+    Bitfield(String, String),
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: u32,
+    type_id: u32,
+    /// Bit offset from the start of the containing struct.
+    bit_offset: u32,
+    bitfield: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Type {
+    name: u32,
+    kind: u32,
+    /// For modifiers and typedefs: the referenced type.
+    target: u32,
+    members: Vec<Member>,
+}
+
+/// Parsed type section with its string table.
+pub struct Btf<'a> {
+    strings: &'a [u8],
+    /// Index = type id - 1.
+    types: Vec<Type>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+        .ok_or(BtfError::Truncated)
+}
+
+impl<'a> Btf<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
+            return Err(BtfError::BadHeader);
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let section = |off: usize, len: usize| {
+            data.get(hdr_len + off..hdr_len + off + len)
+                .ok_or(BtfError::Truncated)
+        };
+        let (types_raw, strings) = (section(type_off, type_len)?, section(str_off, str_len)?);
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at < types_raw.len() {
+            let name = u32_at(types_raw, at)?;
+            let info = u32_at(types_raw, at + 4)?;
+            let size_or_type = u32_at(types_raw, at + 8)?;
+            at += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            let mut members = Vec::new();
+            match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(types_raw, m + 8)?;
+                        let (bit_offset, bitfield) = if kind_flag {
+                            (offset & 0xff_ffff, offset >> 24 != 0)
+                        } else {
+                            (offset, false)
+                        };
+                        members.push(Member {
+                            name: u32_at(types_raw, m)?,
+                            type_id: u32_at(types_raw, m + 4)?,
+                            bit_offset,
+                            bitfield,
+                        });
+                    }
+                    at += vlen * 12;
+                }
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_ARRAY => at += 12,
+                KIND_ENUM | KIND_FUNC_PROTO => at += vlen * 8,
+                KIND_DATASEC | KIND_ENUM64 => at += vlen * 12,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+                | KIND_TYPE_TAG => {}
+                other => return Err(BtfError::UnknownKind(other)),
+            }
+            types.push(Type {
+                name,
+                kind,
+                target: size_or_type,
+                members,
+            });
+        }
+        Ok(Self { strings, types })
+    }
+
+    fn name(&self, off: u32) -> &[u8] {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|b| *b == 0).unwrap_or(rest.len())]
+    }
+
+    fn get(&self, id: u32) -> Option<&Type> {
+        id.checked_sub(1).and_then(|i| self.types.get(i as usize))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        for _ in 0..32 {
+            let t = self.get(id)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.target
+                }
+                _ => return Some(t),
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `field` in `struct name`, looking through anonymous
+    /// structs and unions (the kernel nests fields in them, e.g. mm_struct).
+    pub fn field_offset(&self, name: &str, field: &str) -> Result<u32, BtfError> {
+        let st = self
+            .types
+            .iter()
+            .find(|t| {
+                t.kind == KIND_STRUCT
+                    && self.name(t.name) == name.as_bytes()
+                    && !t.members.is_empty()
+            })
+            .ok_or_else(|| BtfError::NoStruct(name.into()))?;
+        match self.find_member(st, field.as_bytes(), 0) {
+            Some((_, true)) => Err(BtfError::Bitfield(name.into(), field.into())),
+            Some((bits, false)) => Ok(bits / 8),
+            None => Err(BtfError::NoField(name.into(), field.into())),
+        }
+    }
+
+    fn find_member(&self, st: &Type, field: &[u8], base: u32) -> Option<(u32, bool)> {
+        for m in &st.members {
+            let name = self.name(m.name);
+            if name == field {
+                return Some((base + m.bit_offset, m.bitfield));
+            }
+            if name.is_empty()
+                && let Some(inner) = self.resolve(m.type_id)
+                && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
+                && let Some(found) = self.find_member(inner, field, base + m.bit_offset)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// The offsets the kernel programs need to find the current executable.
+    pub fn exe_offsets(&self) -> Result<ExeOffsets, BtfError> {
+        Ok(ExeOffsets {
+            task_mm: self.field_offset("task_struct", "mm")?,
+            mm_exe_file: self.field_offset("mm_struct", "exe_file")?,
+            file_inode: self.field_offset("file", "f_inode")?,
+            inode_ino: self.field_offset("inode", "i_ino")?,
+            inode_sb: self.field_offset("inode", "i_sb")?,
+            sb_dev: self.field_offset("super_block", "s_dev")?,
+        })
+    }
+}
+
+/// Reads the running kernel's offsets from `/sys/kernel/btf/vmlinux`.
+pub fn running_kernel_exe_offsets() -> Result<ExeOffsets, String> {
+    let data = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
+    Btf::parse(&data)
+        .and_then(|btf| btf.exe_offsets())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-built BTF blob: struct outer { int a; union { int b; long c; }; }.
+    fn tiny() -> Vec<u8> {
+        let strings = b"\0int\0outer\0a\0c\0b\0long\0";
+        let name = |s: &str| {
+            let needle = format!("\0{s}\0");
+            strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap() as u32
+                + 1
+        };
+        let mut t = Vec::new();
+        let mut ty = |name_off: u32, kind: u32, vlen: u32, size: u32, extra: &[u32]| {
+            for v in [name_off, (kind << 24) | vlen, size].iter().chain(extra) {
+                t.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        ty(name("int"), KIND_INT, 0, 4, &[32]); // id 1
+        ty(name("long"), KIND_INT, 0, 8, &[64]); // id 2
+        ty(0, KIND_UNION, 2, 8, &[name("b"), 1, 0, name("c"), 2, 0]); // id 3
+        ty(
+            name("outer"),
+            KIND_STRUCT,
+            2,
+            16,
+            &[name("a"), 1, 0, 0, 3, 64],
+        ); // id 4
+        let mut out = Vec::new();
+        out.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for v in [
+            24u32,
+            0,
+            t.len() as u32,
+            t.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&t);
+        out.extend_from_slice(strings);
+        out
+    }
+
+    #[test]
+    fn finds_fields_through_anonymous_unions() {
+        let data = tiny();
+        let btf = Btf::parse(&data).unwrap();
+        assert_eq!(btf.field_offset("outer", "a"), Ok(0));
+        assert_eq!(btf.field_offset("outer", "c"), Ok(8));
+        assert_eq!(
+            btf.field_offset("outer", "zz"),
+            Err(BtfError::NoField("outer".into(), "zz".into()))
+        );
+        assert_eq!(
+            btf.field_offset("inner", "a"),
+            Err(BtfError::NoStruct("inner".into()))
+        );
+    }
+
+    #[test]
+    fn bad_data_is_an_error_not_a_panic() {
+        assert_eq!(Btf::parse(b"nope").err(), Some(BtfError::BadHeader));
+        let data = tiny();
+        for cut in [10, 30, data.len() - 5] {
+            let _ = Btf::parse(&data[..cut]);
+        }
+    }
+
+    #[test]
+    fn running_kernel_has_the_offsets() {
+        let off = running_kernel_exe_offsets().expect("this kernel has BTF");
+        assert!(off.known(), "{off:?}");
+        assert_ne!(off.task_mm, off.mm_exe_file);
+    }
+}
