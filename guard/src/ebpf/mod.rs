@@ -84,9 +84,7 @@ impl BindGuard {
     /// Loads the programs and attaches `bind4`/`bind6` to the cgroup v2 directory
     /// `cgroup`, alongside any other programs there. They let every bind through
     /// until [`BindGuard::arm`] is called.
-    pub fn load_and_attach(
-        cgroup: &Path,
-    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), GuardError> {
+    pub fn load_and_attach(cgroup: &Path) -> Result<(Self, Option<KernelLogger>), GuardError> {
         if GUARD_EBPF_OBJECT.is_empty() {
             return Err(GuardError::NotBuilt);
         }
