@@ -29,6 +29,13 @@ use guard_common::{
     OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, Verdict,
 };
 
+/// Ring buffer flags (linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the reader once this much is pending even for routine events.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
 /// cgroup sock_addr programs return 1 to let the bind proceed, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -218,7 +225,16 @@ fn report(
         _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    entry.submit(0);
+    // A wakeup per event costs the binder a context switch: denials wake the
+    // reader at once, routine events are batched (the agent also drains on a
+    // short timer) until enough is pending.
+    let flags =
+        if verdict == Verdict::Denied || BIND_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+    entry.submit(flags);
 }
 
 fn count(f: impl FnOnce(&mut Counters)) {

@@ -1,5 +1,7 @@
 //! `cargo xtask bench …`: one line per figure, `name value unit`.
 
+use crate::{setup, sh};
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Which {
     /// bind()+close() with the guard attached versus not, and a bind storm.
@@ -7,7 +9,17 @@ pub enum Which {
 }
 
 pub fn bench(which: Which) -> anyhow::Result<()> {
+    setup::setup()?;
+    sh::require_root("the benchmarks")?;
     match which {
-        Which::Bind => anyhow::bail!("bench bind: not built yet"),
+        Which::Bind => sh::cargo(&[
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "portguard-tests",
+            "--bin",
+            "bench_bind",
+        ]),
     }
 }

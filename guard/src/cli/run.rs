@@ -152,18 +152,32 @@ async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Resul
     let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(std::io::Error::from)
         .context("polling the bind ring buffer")?;
+    // Routine events are submitted without a wakeup (denials and a filling
+    // buffer wake us): drain on readiness and on a short timer.
+    let mut drain = tokio::time::interval(BIND_DRAIN_INTERVAL);
     loop {
-        let mut ready = fd.readable_mut().await?;
-        let ring = ready.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(raw) = read_bind_event(&item) else {
-                warn!(len = item.len(), "short bind event ignored");
-                continue;
-            };
-            drop(item);
-            log_bind(&BindRecord::new(&raw, host_cookie));
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut ready = ready?;
+                drain_binds(ready.get_inner_mut(), host_cookie);
+                ready.clear_ready();
+            }
+            _ = drain.tick() => drain_binds(fd.get_mut(), host_cookie),
         }
-        ready.clear_ready();
+    }
+}
+
+/// Longest an observed (not denied) bind waits in the ring buffer.
+const BIND_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+fn drain_binds(ring: &mut RingBuf<MapData>, host_cookie: u64) {
+    while let Some(item) = ring.next() {
+        let Some(raw) = read_bind_event(&item) else {
+            warn!(len = item.len(), "short bind event ignored");
+            continue;
+        };
+        drop(item);
+        log_bind(&BindRecord::new(&raw, host_cookie));
     }
 }
 

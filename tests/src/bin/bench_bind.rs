@@ -1,0 +1,178 @@
+//! `cargo xtask bench bind`: what the bind guard costs on bind(), and how many
+//! events it carries without loss. One line per figure: `name value unit`.
+//!
+//! The process alternates between two cgroups made for the run, one with the
+//! guard attached and one without, so both are measured in the same run under
+//! the same machine noise; the ratio is the figure that matters.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd as _,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use guard_common::IPPROTO_TCP;
+use portguard::ebpf::{BindGuard, BindPolicy, PortEntry};
+use portguard_tests::cgroup::Cgroup;
+use socket2::{Domain, Socket, Type};
+
+const ROUNDS: usize = 15;
+const BINDS_PER_ROUND: u32 = 20_000;
+const STORM: Duration = Duration::from_secs(2);
+const STORM_THREADS: usize = 2;
+
+fn main() {
+    portguard_tests::require_root();
+    let guarded = Cgroup::new("pg-bench-guarded");
+    let plain = Cgroup::new("pg-bench-plain");
+    let protected = free_port();
+    let unprotected = free_port();
+
+    let (mut guard, _logger) = BindGuard::load_and_attach(guarded.path()).expect("load guard");
+    guard
+        .apply(&BindPolicy {
+            ports: vec![PortEntry {
+                port: protected,
+                proto: IPPROTO_TCP,
+                enforce: false,
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+    let cookie = portguard::sys::netns::current_netns_cookie().unwrap();
+    guard.arm(cookie, Default::default()).unwrap();
+    let mut events = guard.take_events().unwrap();
+
+    // Drain events in the background, as the agent does.
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (received, stop) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let fd = events.as_raw_fd();
+            while !stop.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 50) };
+                // Routine events come without a wakeup: the agent drains every 50 ms too.
+                while let Some(item) = events.next() {
+                    if portguard::ebpf::read_bind_event(&item).is_some() {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+
+    // Cost on bind: the common case (an unprotected port) and a protected port
+    // (observed, so every bind also emits an event).
+    for (name, port) in [("unprotected", unprotected), ("protected", protected)] {
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            enter(&plain);
+            without.push(bind_loop(port, BINDS_PER_ROUND));
+            enter(&guarded);
+            with.push(bind_loop(port, BINDS_PER_ROUND));
+        }
+        let (w, wo) = (median(&mut with), median(&mut without));
+        println!(
+            "bind_{name}_ns_per_op_without_guard {:.0} ns",
+            wo * 1e9 / f64::from(BINDS_PER_ROUND)
+        );
+        println!(
+            "bind_{name}_ns_per_op_with_guard {:.0} ns",
+            w * 1e9 / f64::from(BINDS_PER_ROUND)
+        );
+        // Throughput with the guard relative to without: 1.0 = free, goal >= 0.97.
+        println!("bind_{name}_throughput_ratio {:.3} ratio", wo / w);
+    }
+
+    // Bind storm: every CPU binding the protected port as fast as it can.
+    enter(&guarded);
+    // Let the reader drain what the ratio rounds left behind before counting.
+    thread::sleep(Duration::from_millis(300));
+    let before = guard.counters().unwrap();
+    let received_before = received.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..STORM_THREADS)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut n = 0u64;
+                let deadline = Instant::now() + STORM;
+                while Instant::now() < deadline {
+                    bind_loop(protected, 1000);
+                    n += 1000;
+                }
+                n
+            })
+        })
+        .collect();
+    let attempted: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let elapsed = start.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(300));
+    let after = guard.counters().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let got = received.load(Ordering::Relaxed) - received_before;
+    let dropped = after.ringbuf_dropped - before.ringbuf_dropped;
+    let seen = after.host_binds - before.host_binds;
+    enter_path(&portguard_tests::cgroup::unified_root());
+    println!("storm_binds_attempted {attempted} binds");
+    println!("storm_binds_seen_by_kernel {seen} binds");
+    println!("storm_events_received {got} events");
+    println!("storm_events_dropped {dropped} events");
+    println!(
+        "storm_events_per_second {:.0} events/s",
+        got as f64 / elapsed
+    );
+    println!(
+        "storm_loss_ratio {:.6} ratio",
+        dropped as f64 / seen.max(1) as f64
+    );
+    drop(guard);
+}
+
+fn bind_loop(port: u16, n: u32) -> f64 {
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
+    let start = Instant::now();
+    for _ in 0..n {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        // Every thread binds the same port; with SO_REUSEADDR and no listen() they may.
+        let _ = s.bind(&addr);
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn enter(cg: &Cgroup) {
+    enter_path(cg.path());
+}
+
+/// Moves the whole process (every thread) into the cgroup.
+fn enter_path(dir: &Path) {
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
