@@ -209,6 +209,11 @@ pub struct BindEvent {
     pub verdict: u8,
     pub _pad: [u8; 2],
     pub comm: [u8; 16],
+    /// The executable's inode and kernel device number (0 when unknown): what
+    /// the process runs, even when it is gone before the agent reads the event.
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub _pad2: u32,
 }
 
 #[cfg(feature = "user")]
@@ -240,7 +245,7 @@ mod tests {
         assert_eq!(size_of::<GuardConfig>(), 16 + 24);
         assert_eq!(size_of::<OwnerExeKey>(), 16);
         assert_eq!(size_of::<Counters>(), 32);
-        assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16);
+        assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16 + 16);
     }
 
     #[test]

@@ -93,14 +93,13 @@ fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
 
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let exe = current_exe(&config.exe);
     let verdict = if netns_cookie != config.host_netns_cookie {
         count(|c| c.other_netns_binds += 1);
         Verdict::OtherNetns
     } else {
         count(|c| c.host_binds += 1);
-        if is_owner(port, proto)
-            || (config.check_exe != 0 && is_owner_exe(&config.exe, port, proto))
-        {
+        if is_owner(port, proto) || (config.check_exe != 0 && is_owner_exe(exe, port, proto)) {
             Verdict::Owner
         } else if rule.flags & PORT_ENFORCE != 0 {
             count(|c| c.denied += 1);
@@ -110,7 +109,7 @@ fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
         }
     };
 
-    report(sa, family, port, proto, netns_cookie, verdict);
+    report(sa, family, port, proto, netns_cookie, verdict, exe);
 
     if verdict == Verdict::Denied {
         debug!(ctx, "portguard: denied bind to port {}", port);
@@ -144,11 +143,8 @@ fn is_owner(port: u16, proto: u8) -> bool {
 /// The binder owns the port when the executable it runs (by inode and device, which
 /// a rename of the process cannot fake) is an owner executable of it.
 #[inline(always)]
-fn is_owner_exe(off: &ExeOffsets, port: u16, proto: u8) -> bool {
-    if !off.known() {
-        return false;
-    }
-    match current_exe(off) {
+fn is_owner_exe(exe: Option<(u64, u32)>, port: u16, proto: u8) -> bool {
+    match exe {
         Some((ino, dev)) => {
             unsafe { OWNER_EXES.get(OwnerExeKey::new(ino, dev, port, proto)) }.is_some()
         }
@@ -159,6 +155,9 @@ fn is_owner_exe(off: &ExeOffsets, port: u16, proto: u8) -> bool {
 /// (inode, device) of the current task's executable, following BTF-derived offsets.
 #[inline(always)]
 fn current_exe(off: &ExeOffsets) -> Option<(u64, u32)> {
+    if !off.known() {
+        return None;
+    }
     // SAFETY: every pointer is only dereferenced through bpf_probe_read_kernel,
     // which fails cleanly on a bad address.
     unsafe {
@@ -191,6 +190,7 @@ fn report(
     proto: u8,
     netns_cookie: u64,
     verdict: Verdict,
+    exe: Option<(u64, u32)>,
 ) {
     let Some(mut entry) = BIND_EVENTS.reserve::<BindEvent>(0) else {
         count(|c| c.ringbuf_dropped += 1);
@@ -224,6 +224,9 @@ fn report(
         verdict: verdict as u8,
         _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        exe_ino: exe.map_or(0, |(ino, _)| ino),
+        exe_dev: exe.map_or(0, |(_, dev)| dev),
+        _pad2: 0,
     });
     // A wakeup per event costs the binder a context switch: denials wake the
     // reader at once, routine events are batched (the agent also drains on a

@@ -189,6 +189,8 @@ fn log_bind(rec: &BindRecord) {
         uid = rec.uid,
         comm = %rec.comm,
         exe = rec.process.exe.as_ref().map(|p| p.display().to_string()),
+        exe_ino = rec.exe_ino,
+        exe_dev = rec.exe_dev,
         cmdline = rec.process.cmdline,
         cgroup = rec.process.cgroup,
         cgroup_id = rec.cgroup_id,

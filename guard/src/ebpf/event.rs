@@ -32,6 +32,9 @@ pub struct BindRecord {
     pub port: u16,
     pub proto: &'static str,
     pub verdict: &'static str,
+    /// Inode and kernel device number of the executable, from the kernel (0: unknown).
+    pub exe_ino: u64,
+    pub exe_dev: u32,
     #[serde(flatten)]
     pub process: ProcessInfo,
 }
@@ -74,6 +77,8 @@ impl BindRecord {
                 Some(Verdict::OtherNetns) => "other-netns",
                 None => "unknown",
             },
+            exe_ino: ev.exe_ino,
+            exe_dev: ev.exe_dev,
             process: ProcessInfo::read(ev.tgid),
         }
     }
@@ -102,6 +107,9 @@ mod tests {
             verdict: Verdict::Denied as u8,
             _pad: [0; 2],
             comm,
+            exe_ino: 42,
+            exe_dev: 8 << 20 | 1,
+            _pad2: 0,
         }
     }
 
@@ -120,6 +128,7 @@ mod tests {
         assert_eq!(rec.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(rec.comm, "nginx");
         assert_eq!(rec.verdict, "denied");
+        assert_eq!((rec.exe_ino, rec.exe_dev), (42, 8 << 20 | 1));
         assert!(rec.host_netns);
         assert!(read_bind_event(&bytes[..10]).is_none());
     }
