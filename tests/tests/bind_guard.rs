@@ -339,3 +339,80 @@ mod tempfile_lite {
         }
     }
 }
+
+/// `portguard listeners` against real sockets held by real processes.
+mod listeners {
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::Stdio,
+    };
+
+    use super::*;
+
+    /// Starts bindprobe holding a listening socket; returns it once bound.
+    fn hold(cg: &Cgroup, port: u16) -> std::process::Child {
+        let mut child = spawn_in(
+            cg,
+            Command::new(helper_bin("bindprobe"))
+                .args(["--addr", "127.0.0.1", "--port", &port.to_string(), "--hold"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        );
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+        child
+    }
+
+    fn listeners(policy: &tempfile_lite::TempFile) -> (i32, Value) {
+        let out = Command::new(portguard_tests::portguard_bin())
+            .args(["listeners", "--json", "--config"])
+            .arg(policy.path())
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code().unwrap(), v)
+    }
+
+    #[test]
+    fn names_the_holder_and_whether_it_owns_the_port() {
+        require_root();
+        let cg = Cgroup::new("pg-listen");
+        let owner = cg.child("owner");
+        let (p_owned, p_taken) = (free_port(), free_port());
+        let policy = tempfile_lite::TempFile::new(&format!(
+            "[[ports]]\nport = {p_owned}\nowner = \"cgroup:{o}\"\n[[ports]]\nport = {p_taken}\nowner = \"cgroup:{o}\"\n",
+            o = owner.relative()
+        ));
+        let mut by_owner = hold(&owner, p_owned);
+        let (code, v) = listeners(&policy);
+        assert_eq!(code, 0, "{v}");
+        let l = &v["listeners"][0];
+        assert_eq!(l["port"], p_owned);
+        assert_eq!(l["pid"], by_owner.id());
+        assert_eq!(l["ownership"], "owner");
+
+        let mut by_stranger = hold(&cg, p_taken);
+        let (code, v) = listeners(&policy);
+        assert_eq!(code, 1, "a stranger holds a protected port: {v}");
+        let l = v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["port"] == p_taken)
+            .unwrap()
+            .clone();
+        assert_eq!(l["pid"], by_stranger.id());
+        assert_eq!(l["ownership"], "stranger");
+        assert_eq!(l["comm"], "bindprobe");
+        assert_eq!(l["addr"], "127.0.0.1");
+        assert_eq!(l["cgroup"], cg.relative());
+        for c in [&mut by_owner, &mut by_stranger] {
+            drop(c.stdin.take());
+            c.wait().unwrap();
+        }
+    }
+}

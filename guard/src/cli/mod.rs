@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 pub mod config;
+pub mod listeners;
 pub mod run;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: guard binds to protected ports until stopped (SIGINT/SIGTERM).
     Run(run::RunArgs),
+    /// Who holds each protected port right now, and whether it is the owner
+    /// (exit 0 all owners, 1 a non-owner holds one, 2 error).
+    Listeners(listeners::ListenersArgs),
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),

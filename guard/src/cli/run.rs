@@ -59,6 +59,17 @@ fn bind_policy(policy: &Policy, cgroup_root: &Path) -> BindPolicy {
     BindPolicy::build(policy, |owner| resolve_local(owner, cgroup_root))
 }
 
+/// Applies new map contents, saying once why a port is observed instead of enforced.
+fn apply(guard: &mut BindGuard, old: Option<&BindPolicy>, new: &BindPolicy) -> anyhow::Result<()> {
+    guard.apply(new)?;
+    for w in &new.warnings {
+        if old.is_none_or(|o| !o.warnings.contains(w)) {
+            warn!("{w}");
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (mut policy, source) = load_policy(&args)?;
     let root = cgroup::unified_root()?;
@@ -73,7 +84,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let (mut guard, logger) = BindGuard::load_and_attach(&target)?;
     let mut maps = bind_policy(&policy, &root);
-    guard.apply(&maps)?;
+    apply(&mut guard, None, &maps)?;
     guard.arm(host_cookie, exe_offsets)?;
     let events = guard.take_events()?;
 
@@ -105,7 +116,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 match load_policy(&args) {
                     Ok((new, source)) => {
                         let new_maps = bind_policy(&new, &root);
-                        guard.apply(&new_maps)?;
+                        apply(&mut guard, Some(&maps), &new_maps)?;
                         info!(policy = %source, mode = %new.mode, ports = new_maps.ports.len(), "policy reloaded");
                         (policy, maps) = (new, new_maps);
                     }
@@ -117,7 +128,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 // replaced); the kernel must follow without a restart.
                 let fresh = bind_policy(&policy, &root);
                 if fresh != maps {
-                    guard.apply(&fresh)?;
+                    apply(&mut guard, Some(&maps), &fresh)?;
                     info!("owners changed: bind guard updated");
                     maps = fresh;
                 }

@@ -38,6 +38,20 @@ pub struct BindPolicy {
     pub ports: Vec<PortEntry>,
     pub owner_cgroups: Vec<OwnerCgroupKey>,
     pub owner_exes: Vec<OwnerExeKey>,
+    /// Ports with an owner that could not be resolved: who owns them is unknown.
+    pub unresolved: Vec<(u16, u8)>,
+    /// Why, one line per entry and owner, for the agent to log.
+    pub warnings: Vec<String>,
+}
+
+/// Whether a process may hold a port, as far as the policy knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ownership {
+    Owner,
+    Stranger,
+    /// Some owner of the port could not be resolved (e.g. Docker unreachable).
+    Unknown,
 }
 
 impl BindPolicy {
@@ -65,14 +79,14 @@ impl BindPolicy {
                     }
                     Resolution::Unresolvable(why) => {
                         if enforce {
-                            tracing::warn!(
-                                port = %entry.port,
-                                proto = %entry.proto,
-                                owner = %owner,
-                                "observing instead of enforcing: {why}"
-                            );
+                            out.warnings.push(format!(
+                                "{}/{}: observing instead of enforcing, owner {owner} unresolved: {why}",
+                                entry.proto, entry.port
+                            ));
                         }
                         enforce = false;
+                        out.unresolved
+                            .extend(entry.port.iter().map(|port| (port, proto)));
                     }
                 }
             }
@@ -83,6 +97,54 @@ impl BindPolicy {
             }));
         }
         out
+    }
+}
+
+impl BindPolicy {
+    /// The same decision the kernel programs make, for a process already
+    /// holding `port`: its cgroup or an ancestor, or its executable, is an owner.
+    pub fn ownership(&self, port: u16, proto: u8, who: &ProcessIdentity) -> Ownership {
+        let by_cgroup = who.cgroup_ids.iter().any(|id| {
+            self.owner_cgroups
+                .contains(&OwnerCgroupKey::new(*id, port, proto))
+        });
+        let by_exe = who.exe.is_some_and(|(ino, dev)| {
+            self.owner_exes
+                .contains(&OwnerExeKey::new(ino, dev, port, proto))
+        });
+        if by_cgroup || by_exe {
+            Ownership::Owner
+        } else if self.unresolved.contains(&(port, proto)) {
+            Ownership::Unknown
+        } else {
+            Ownership::Stranger
+        }
+    }
+}
+
+/// What the kernel would see of a process: its cgroup and every ancestor's id,
+/// and its executable's inode and device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub cgroup_ids: Vec<u64>,
+    pub exe: Option<(u64, u32)>,
+}
+
+impl ProcessIdentity {
+    pub fn of(pid: u32, cgroup_root: &Path) -> Self {
+        let mut cgroup_ids = Vec::new();
+        if let Some(path) = cgroup::process_cgroup(pid) {
+            let mut dir = cgroup_root.to_path_buf();
+            cgroup_ids.extend(cgroup::cgroup_id(&dir).ok());
+            for part in path.split('/').filter(|p| !p.is_empty()) {
+                dir.push(part);
+                cgroup_ids.extend(cgroup::cgroup_id(&dir).ok());
+            }
+        }
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| (m.ino(), kernel_dev(m.dev())));
+        Self { cgroup_ids, exe }
     }
 }
 
@@ -186,6 +248,46 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn ownership_matches_ancestors_exes_and_unknowns() {
+        let p = policy(
+            "[[ports]]\nport = 80\nowner = [\"cgroup:/a\", \"exe:/x\"]\n[[ports]]\nport = 443\nowner = \"docker\"\n",
+        );
+        let bp = BindPolicy::build(&p, |o| match o {
+            OwnerSpec::Cgroup(_) => Resolution::Resolved(vec![BindIdentity::Cgroup(5)]),
+            OwnerSpec::Exe(_) => Resolution::Resolved(vec![BindIdentity::Exe { ino: 9, dev: 1 }]),
+            _ => Resolution::Unresolvable("no docker".into()),
+        });
+        let child_of_owner = ProcessIdentity {
+            cgroup_ids: vec![1, 5, 77],
+            exe: None,
+        };
+        let runs_owner_exe = ProcessIdentity {
+            cgroup_ids: vec![1],
+            exe: Some((9, 1)),
+        };
+        let stranger = ProcessIdentity {
+            cgroup_ids: vec![1, 2],
+            exe: Some((9, 2)),
+        };
+        assert_eq!(bp.ownership(80, 6, &child_of_owner), Ownership::Owner);
+        assert_eq!(bp.ownership(80, 6, &runs_owner_exe), Ownership::Owner);
+        assert_eq!(bp.ownership(80, 6, &stranger), Ownership::Stranger);
+        assert_eq!(bp.ownership(80, 17, &child_of_owner), Ownership::Stranger);
+        assert_eq!(bp.ownership(443, 6, &stranger), Ownership::Unknown);
+    }
+
+    #[test]
+    fn own_process_identity_has_ancestors_and_exe() {
+        let root = cgroup::unified_root().unwrap();
+        let me = ProcessIdentity::of(std::process::id(), &root);
+        assert_eq!(
+            me.cgroup_ids.first(),
+            cgroup::cgroup_id(&root).ok().as_ref()
+        );
+        assert!(me.exe.is_some());
     }
 
     #[test]

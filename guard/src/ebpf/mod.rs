@@ -16,7 +16,9 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupSockAddr, ProgramError, links::CgroupAttachMode},
 };
-pub use bind_policy::{BindIdentity, BindPolicy, Resolution, kernel_dev, resolve_local};
+pub use bind_policy::{
+    BindIdentity, BindPolicy, Ownership, ProcessIdentity, Resolution, kernel_dev, resolve_local,
+};
 pub use event::{BindRecord, read_bind_event};
 use guard_common::{
     Counters, ExeOffsets, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG,

@@ -4,3 +4,5 @@
 pub mod cgroup;
 pub mod netns;
 pub mod process;
+pub mod sockets;
+pub mod workload;
