@@ -29,9 +29,11 @@ impl Workload {
                 w.container_id = Some(id.to_owned());
             } else if in_kubepods && let Some(uid) = pod_uid(part) {
                 w.pod_uid = Some(uid);
-            } else if i > 0 && parts[i - 1] == "docker" && is_hex_id(part) {
-                w.container_id = Some((*part).to_owned());
-            } else if in_kubepods && i > 0 && pod_uid(parts[i - 1]).is_some() && is_hex_id(part) {
+            } else if i > 0
+                && is_hex_id(part)
+                && (parts[i - 1] == "docker" || (in_kubepods && pod_uid(parts[i - 1]).is_some()))
+            {
+                // cgroupfs driver: the bare id below `docker/` or below the pod.
                 w.container_id = Some((*part).to_owned());
             } else if part.ends_with(".service")
                 || (part.ends_with(".scope") && w.container_id.is_none())
