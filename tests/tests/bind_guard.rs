@@ -91,6 +91,7 @@ fn observed_bind_is_reported_with_pid_port_and_family() {
     assert_eq!(ev["comm"], "bindprobe");
     assert_eq!(ev["host_netns"], true);
     assert_eq!(ev["cgroup_id"], s.cgroup.id());
+    assert_eq!(ev["cgroup"], s.cgroup.relative());
 
     let (pid6, out6) = probe(&s.cgroup, &["--addr", "::1", "--port", &port]);
     assert_eq!(out6["ok"], true);

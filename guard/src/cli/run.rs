@@ -18,7 +18,10 @@ use super::PolicyArgs;
 use crate::{
     ebpf::{BindGuard, BindPolicy, BindRecord, KernelLogger, btf, read_bind_event, resolve_local},
     policy::{Mode, Policy, PolicySource},
-    sys::{cgroup, netns},
+    sys::{
+        cgroup::{self, CgroupPaths},
+        netns,
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -89,7 +92,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let events = guard.take_events()?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(read_binds(events, host_cookie));
+    tasks.spawn(read_binds(
+        events,
+        host_cookie,
+        CgroupPaths::new(root.clone()),
+    ));
     if let Some(logger) = logger {
         tasks.spawn(read_kernel_log(logger));
     }
@@ -158,7 +165,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Result<()> {
+async fn read_binds(
+    events: RingBuf<MapData>,
+    host_cookie: u64,
+    mut cgroups: CgroupPaths,
+) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and keeps it open until dropped with the AsyncFd.
     let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(std::io::Error::from)
@@ -170,10 +181,10 @@ async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Resul
         tokio::select! {
             ready = fd.readable_mut() => {
                 let mut ready = ready?;
-                drain_binds(ready.get_inner_mut(), host_cookie);
+                drain_binds(ready.get_inner_mut(), host_cookie, &mut cgroups);
                 ready.clear_ready();
             }
-            _ = drain.tick() => drain_binds(fd.get_mut(), host_cookie),
+            _ = drain.tick() => drain_binds(fd.get_mut(), host_cookie, &mut cgroups),
         }
     }
 }
@@ -181,14 +192,14 @@ async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Resul
 /// Longest an observed (not denied) bind waits in the ring buffer.
 const BIND_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-fn drain_binds(ring: &mut RingBuf<MapData>, host_cookie: u64) {
+fn drain_binds(ring: &mut RingBuf<MapData>, host_cookie: u64, cgroups: &mut CgroupPaths) {
     while let Some(item) = ring.next() {
         let Some(raw) = read_bind_event(&item) else {
             warn!(len = item.len(), "short bind event ignored");
             continue;
         };
         drop(item);
-        log_bind(&BindRecord::new(&raw, host_cookie));
+        log_bind(&BindRecord::new(&raw, host_cookie, cgroups));
     }
 }
 
@@ -199,11 +210,14 @@ fn log_bind(rec: &BindRecord) {
         tgid = rec.tgid,
         uid = rec.uid,
         comm = %rec.comm,
-        exe = rec.process.exe.as_ref().map(|p| p.display().to_string()),
+        exe = rec.exe.as_ref().map(|p| p.display().to_string()),
         exe_ino = rec.exe_ino,
         exe_dev = rec.exe_dev,
-        cmdline = rec.process.cmdline,
-        cgroup = rec.process.cgroup,
+        cmdline = rec.cmdline,
+        cgroup = rec.cgroup,
+        unit = rec.workload.unit,
+        container_id = rec.workload.container_id,
+        pod_uid = rec.workload.pod_uid,
         cgroup_id = rec.cgroup_id,
         netns_cookie = rec.netns_cookie,
         host_netns = rec.host_netns,

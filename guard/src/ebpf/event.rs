@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use guard_common::{AF_INET, BindEvent, IPPROTO_TCP, IPPROTO_UDP, Verdict};
 use serde::Serialize;
 
-use crate::sys::process::ProcessInfo;
+use crate::sys::{cgroup::CgroupPaths, process::ProcessInfo, workload::Workload};
 
 /// Decodes one ring buffer item; `None` when it is not a whole event.
 pub fn read_bind_event(bytes: &[u8]) -> Option<BindEvent> {
@@ -35,12 +35,24 @@ pub struct BindRecord {
     /// Inode and kernel device number of the executable, from the kernel (0: unknown).
     pub exe_ino: u64,
     pub exe_dev: u32,
+    /// The binder's cgroup, from the kernel's cgroup id (valid after the process is gone).
+    pub cgroup: Option<String>,
     #[serde(flatten)]
-    pub process: ProcessInfo,
+    pub workload: Workload,
+    /// From `/proc`, while the process still exists.
+    pub exe: Option<std::path::PathBuf>,
+    pub cmdline: Option<String>,
 }
 
 impl BindRecord {
-    pub fn new(ev: &BindEvent, host_netns_cookie: u64) -> Self {
+    /// `cgroups` names the cgroup id; `/proc` adds what it still knows of the process.
+    pub fn new(ev: &BindEvent, host_netns_cookie: u64, cgroups: &mut CgroupPaths) -> Self {
+        let cgroup = cgroups.path_of(ev.cgroup_id);
+        let process = ProcessInfo::read(ev.tgid);
+        let workload = cgroup
+            .as_deref()
+            .map(Workload::from_cgroup_path)
+            .unwrap_or_default();
         let addr = if ev.family == AF_INET {
             IpAddr::V4(Ipv4Addr::new(
                 ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3],
@@ -79,7 +91,10 @@ impl BindRecord {
             },
             exe_ino: ev.exe_ino,
             exe_dev: ev.exe_dev,
-            process: ProcessInfo::read(ev.tgid),
+            cgroup,
+            workload,
+            exe: process.exe,
+            cmdline: process.cmdline,
         }
     }
 }
@@ -89,6 +104,10 @@ mod tests {
     use guard_common::AF_INET6;
 
     use super::*;
+
+    fn paths() -> CgroupPaths {
+        CgroupPaths::new("/nonexistent".into())
+    }
 
     fn raw(family: u16, addr: [u8; 16]) -> BindEvent {
         let mut comm = [0u8; 16];
@@ -124,7 +143,7 @@ mod tests {
         };
         let back = read_bind_event(bytes).unwrap();
         assert_eq!(back, ev);
-        let rec = BindRecord::new(&back, 1);
+        let rec = BindRecord::new(&back, 1, &mut paths());
         assert_eq!(rec.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(rec.comm, "nginx");
         assert_eq!(rec.verdict, "denied");
@@ -135,7 +154,11 @@ mod tests {
 
     #[test]
     fn decodes_ipv6_event() {
-        let rec = BindRecord::new(&raw(AF_INET6, Ipv6Addr::LOCALHOST.octets()), 2);
+        let rec = BindRecord::new(
+            &raw(AF_INET6, Ipv6Addr::LOCALHOST.octets()),
+            2,
+            &mut paths(),
+        );
         assert_eq!(rec.addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(rec.family, "ipv6");
         assert!(!rec.host_netns);

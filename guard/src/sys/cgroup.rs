@@ -157,3 +157,77 @@ mod tests {
         assert!(path.starts_with('/'), "{path}");
     }
 }
+
+/// cgroup id → path (relative to the hierarchy root), so that an event names
+/// the cgroup even after its process (or the cgroup itself) is gone.
+#[derive(Debug)]
+pub struct CgroupPaths {
+    root: PathBuf,
+    by_id: std::collections::HashMap<u64, String>,
+    last_scan: Option<std::time::Instant>,
+}
+
+impl CgroupPaths {
+    /// Rescans at most this often when asked for an unknown id.
+    const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            by_id: Default::default(),
+            last_scan: None,
+        }
+    }
+
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.by_id.get(&id) {
+            return Some(p.clone());
+        }
+        if self
+            .last_scan
+            .is_none_or(|t| t.elapsed() >= Self::RESCAN_EVERY)
+        {
+            self.scan();
+        }
+        self.by_id.get(&id).cloned()
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(std::time::Instant::now());
+        let mut stack = vec![(self.root.clone(), String::from("/"))];
+        while let Some((dir, rel)) = stack.pop() {
+            if let Ok(meta) = fs::metadata(&dir) {
+                self.by_id.insert(meta.ino(), rel.clone());
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let child = if rel == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{rel}/{name}")
+                    };
+                    stack.push((e.path(), child));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod paths_tests {
+    use super::*;
+
+    #[test]
+    fn own_cgroup_id_maps_to_own_path() {
+        let root = unified_root().unwrap();
+        let own = process_cgroup(std::process::id()).unwrap();
+        let id = cgroup_id(&root.join(own.trim_start_matches('/'))).unwrap();
+        let mut paths = CgroupPaths::new(root);
+        assert_eq!(paths.path_of(id), Some(own));
+        assert_eq!(paths.path_of(u64::MAX), None);
+    }
+}
