@@ -591,7 +591,7 @@ mod tests {
     }
 
     #[test]
-    fn unreachable_docker_allows_only_nothing_docker() {
+    fn unreachable_docker_leaves_only_non_docker_owners() {
         let p = policy("[[ports]]\nport = 80\nowner = [\"docker\", \"exe:/bin/sh\"]\n");
         let facts = DockerFacts::new(DockerStatus::Unreachable {
             reason: "gone".into(),
@@ -625,5 +625,46 @@ mod tests {
             model.ports[0].owners[1].found,
             Found::Missing { .. }
         ));
+    }
+
+    /// A unit restart makes its cgroup again with a new id: the model follows
+    /// through inotify, with no Docker event and no polling.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recreated_cgroup_is_followed_without_polling() {
+        let root = sys::cgroup::unified_root().unwrap();
+        let name = format!("pg-owners-watch-{}", std::process::id());
+        let dir = root.join(&name);
+        let p = policy(&format!(
+            "[[ports]]\nport = 80\nowner = \"cgroup:/{name}\"\n"
+        ));
+        let (mut rx, task) = Owners::new(p)
+            .docker_socket("/nonexistent/portguard/docker.sock")
+            .spawn()
+            .await;
+        let id_of = |m: &ResolvedOwners| m.bind_owners().next().unwrap().cgroups.first().copied();
+        assert_eq!(id_of(&rx.borrow_and_update()), None, "absent at first");
+        let wait = |rx: &mut watch::Receiver<Arc<ResolvedOwners>>, want: u64| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rx.wait_for(|m| id_of(m) == Some(want)),
+                )
+                .await
+                .map(|_| ())
+            }
+        };
+        std::fs::create_dir(&dir).unwrap();
+        let first = sys::cgroup::cgroup_id(&dir).unwrap();
+        let seen_first = wait(&mut rx, first).await;
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let second = sys::cgroup::cgroup_id(&dir).unwrap();
+        let seen_second = wait(&mut rx, second).await;
+        std::fs::remove_dir(&dir).unwrap();
+        task.abort();
+        assert!(seen_first.is_ok(), "mkdir not seen");
+        assert_ne!(first, second, "a new directory is a new cgroup id");
+        assert!(seen_second.is_ok(), "re-creation not seen");
     }
 }
