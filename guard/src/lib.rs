@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod ebpf;
 pub mod logging;
+pub mod owners;
 pub mod policy;
 pub mod sys;

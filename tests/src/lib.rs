@@ -1,5 +1,6 @@
 //! Support for portguard's privileged integration tests: RAII guards for the
-//! real things the tests create (network namespaces, cgroups, agent processes),
+//! real things the tests create (network namespaces, cgroups, agent processes,
+//! Docker images, containers and networks),
 //! each removed on drop, also when a test panics.
 //!
 //! Tests run as root. A test that cannot get what it needs panics with the reason:
@@ -7,6 +8,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod docker;
 pub mod netns;
 
 use std::{path::PathBuf, process::Command};

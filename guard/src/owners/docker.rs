@@ -1,0 +1,536 @@
+//! Docker owners, through the Engine API (bollard): running containers, their
+//! published ports, their IPs per network and their cgroups.
+//!
+//! Docker's event stream keeps the facts current; nothing polls. One session
+//! is: connect, negotiate the API version, list, then follow events from the
+//! moment before the list (so nothing falls between them). A session ends when
+//! dockerd goes away; that is a state ([`DockerStatus::Unreachable`]), logged
+//! once, and the next session starts after a backoff.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bollard::{
+    API_DEFAULT_VERSION, Docker,
+    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
+    query_parameters::{EventsOptions, ListContainersOptions},
+};
+use futures_util::StreamExt as _;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::{cgroup::CgroupRef, docker_proxy, docker_proxy::DockerProxy, exe::ExeId};
+use crate::policy::Proto;
+
+/// dockerd's socket unless `DOCKER_HOST=unix://…` names another.
+pub fn default_socket() -> PathBuf {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"))
+}
+
+/// Seconds a single API request may take (not the event stream, which is endless).
+const REQUEST_TIMEOUT_SECS: u64 = 10;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Short enough that owners come back soon after dockerd does.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("{socket}: {source}")]
+    Api {
+        socket: PathBuf,
+        source: bollard::errors::Error,
+    },
+    #[error("{0}: the event stream ended")]
+    EventsEnded(PathBuf),
+}
+
+/// Can portguard talk to dockerd?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DockerStatus {
+    /// The first attempt has not finished yet.
+    Connecting,
+    Reachable {
+        version: String,
+        api_version: String,
+    },
+    Unreachable {
+        reason: String,
+    },
+}
+
+/// A published port: `host_ip:host_port` → `container_port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Published {
+    pub proto: Proto,
+    /// `None`: every host address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// A container's address on one network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct NetworkIp {
+    pub network: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// A running container, as far as port ownership goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Container {
+    pub id: String,
+    /// Without Docker's leading `/`.
+    pub name: String,
+    /// The init process, as seen from the host.
+    pub pid: Option<u32>,
+    pub cgroup: Option<CgroupRef>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub networks: Vec<NetworkIp>,
+    pub published: Vec<Published>,
+}
+
+impl Container {
+    /// A container from `docker inspect`; `None` unless it is running.
+    pub fn from_inspect(c: &ContainerInspectResponse, cgroup_root: Option<&Path>) -> Option<Self> {
+        let state = c.state.as_ref()?;
+        if state.running != Some(true) {
+            return None;
+        }
+        let pid = state
+            .pid
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p != 0);
+        let cgroup = pid
+            .zip(cgroup_root)
+            .and_then(|(pid, root)| CgroupRef::of_process(root, pid));
+        let labels = c
+            .config
+            .as_ref()
+            .and_then(|cfg| cfg.labels.clone())
+            .map(|l| l.into_iter().collect())
+            .unwrap_or_default();
+        let settings = c.network_settings.as_ref();
+        let mut networks: Vec<NetworkIp> = settings
+            .and_then(|s| s.networks.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|(name, ep)| NetworkIp {
+                network: name.clone(),
+                ipv4: ep.ip_address.as_deref().and_then(|s| s.parse().ok()),
+                ipv6: ep
+                    .global_ipv6_address
+                    .as_deref()
+                    .and_then(|s| s.parse().ok()),
+            })
+            .collect();
+        networks.sort();
+        let mut published: Vec<Published> = settings
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .flat_map(|(key, bindings)| {
+                let parsed = parse_port_key(key);
+                bindings.iter().flatten().filter_map(move |b| {
+                    let (container_port, proto) = parsed?;
+                    Some(Published {
+                        proto,
+                        host_ip: b
+                            .host_ip
+                            .as_deref()
+                            .and_then(|s| s.parse::<IpAddr>().ok())
+                            .filter(|ip| !ip.is_unspecified()),
+                        host_port: b.host_port.as_deref()?.parse().ok()?,
+                        container_port,
+                    })
+                })
+            })
+            .collect();
+        published.sort();
+        published.dedup();
+        Some(Self {
+            id: c.id.clone()?,
+            name: c.name.as_deref()?.trim_start_matches('/').to_owned(),
+            pid,
+            cgroup,
+            labels,
+            networks,
+            published,
+        })
+    }
+
+    pub fn publishes(&self, proto: Proto, port: u16) -> bool {
+        self.published
+            .iter()
+            .any(|p| p.proto == proto && p.host_port == port)
+    }
+}
+
+/// `"8080/tcp"` → (8080, tcp); other protocols (sctp) are not ours.
+fn parse_port_key(key: &str) -> Option<(u16, Proto)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None,
+    };
+    Some((port.parse().ok()?, proto))
+}
+
+/// What Docker contributes to the owners model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DockerFacts {
+    pub status: DockerStatus,
+    /// Running containers, by name.
+    pub containers: Vec<Container>,
+    /// docker-proxy processes running now.
+    pub proxies: Vec<DockerProxy>,
+    /// The docker-proxy executable, known even before a proxy runs.
+    pub proxy_exe: Option<ExeId>,
+}
+
+impl DockerFacts {
+    pub fn new(status: DockerStatus) -> Self {
+        Self {
+            status,
+            containers: Vec::new(),
+            proxies: Vec::new(),
+            proxy_exe: None,
+        }
+    }
+
+    /// Reads the facts `/proc` holds (docker-proxy processes); they need no API.
+    fn refresh_proxies(&mut self, cgroup_root: Option<&Path>) {
+        self.proxies = docker_proxy::scan(cgroup_root);
+        self.proxy_exe = docker_proxy::proxy_exe(&self.proxies);
+    }
+}
+
+fn connect(socket: &Path, timeout_secs: u64) -> Result<Docker, DockerError> {
+    Docker::connect_with_unix(&socket.to_string_lossy(), timeout_secs, API_DEFAULT_VERSION).map_err(
+        |source| DockerError::Api {
+            socket: socket.into(),
+            source,
+        },
+    )
+}
+
+/// One connection to dockerd with its version negotiated.
+struct Session {
+    docker: Docker,
+    socket: PathBuf,
+    status: DockerStatus,
+}
+
+impl Session {
+    async fn open(socket: &Path, timeout_secs: u64) -> Result<Self, DockerError> {
+        let api = |source| DockerError::Api {
+            socket: socket.into(),
+            source,
+        };
+        // negotiate_version lowers the client's API version to the daemon's (1.41 for 20.10).
+        let docker = connect(socket, timeout_secs)?
+            .negotiate_version()
+            .await
+            .map_err(api)?;
+        let version = docker.version().await.map_err(api)?;
+        Ok(Self {
+            status: DockerStatus::Reachable {
+                version: version.version.unwrap_or_default(),
+                api_version: docker.client_version().to_string(),
+            },
+            docker,
+            socket: socket.into(),
+        })
+    }
+
+    fn err(&self, source: bollard::errors::Error) -> DockerError {
+        DockerError::Api {
+            socket: self.socket.clone(),
+            source,
+        }
+    }
+
+    /// Every running container.
+    async fn containers(&self, cgroup_root: Option<&Path>) -> Result<Vec<Container>, DockerError> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::default()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(list.len());
+        for summary in list {
+            let Some(id) = summary.id else { continue };
+            if let Some(c) = self.container(&id, cgroup_root).await? {
+                out.push(c);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// One container; `None` when it is gone or not running.
+    async fn container(
+        &self,
+        id: &str,
+        cgroup_root: Option<&Path>,
+    ) -> Result<Option<Container>, DockerError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(c) => Ok(Container::from_inspect(&c, cgroup_root)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+/// Takes one look: for `portguard config show` and other one-shot commands.
+pub async fn snapshot(socket: &Path, cgroup_root: Option<&Path>) -> DockerFacts {
+    let mut facts = match Session::open(socket, 3).await {
+        Ok(session) => match session.containers(cgroup_root).await {
+            Ok(containers) => DockerFacts {
+                containers,
+                ..DockerFacts::new(session.status.clone())
+            },
+            Err(e) => DockerFacts::new(DockerStatus::Unreachable {
+                reason: e.to_string(),
+            }),
+        },
+        Err(e) => DockerFacts::new(DockerStatus::Unreachable {
+            reason: e.to_string(),
+        }),
+    };
+    facts.refresh_proxies(cgroup_root);
+    facts
+}
+
+/// The container a Docker event is about, when it can change port ownership.
+fn relevant(event: &EventMessage) -> Option<String> {
+    let actor = event.actor.as_ref()?;
+    match (event.typ?, event.action.as_deref()?) {
+        (
+            EventMessageTypeEnum::CONTAINER,
+            "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "rename" | "unpause"
+            | "update",
+        ) => actor.id.clone(),
+        // The container is an attribute; the actor is the network.
+        (EventMessageTypeEnum::NETWORK, "connect" | "disconnect") => {
+            actor.attributes.as_ref()?.get("container").cloned()
+        }
+        _ => None,
+    }
+}
+
+/// Follows dockerd forever, publishing [`DockerFacts`] whenever they change.
+pub async fn follow(socket: PathBuf, cgroup_root: Option<PathBuf>, tx: watch::Sender<DockerFacts>) {
+    let root = cgroup_root.as_deref();
+    let mut backoff = BACKOFF_MIN;
+    let mut down_logged = false;
+    loop {
+        let result = follow_session(&socket, root, &tx, &mut || {
+            if down_logged {
+                info!(socket = %socket.display(), "docker: reachable again");
+            }
+            down_logged = false;
+            backoff = BACKOFF_MIN;
+        })
+        .await;
+        let Err(e) = result else { return };
+        if !down_logged {
+            warn!(socket = %socket.display(), "docker: not reachable ({e}); Docker owners resolve to nothing until it is back, retrying");
+            down_logged = true;
+        } else {
+            debug!("docker: still not reachable: {e}");
+        }
+        let mut facts = DockerFacts::new(DockerStatus::Unreachable {
+            reason: e.to_string(),
+        });
+        facts.refresh_proxies(root);
+        tx.send_if_modified(|old| replace_if_changed(old, facts));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Ok(()) only when every receiver is gone.
+async fn follow_session(
+    socket: &Path,
+    root: Option<&Path>,
+    tx: &watch::Sender<DockerFacts>,
+    connected: &mut impl FnMut(),
+) -> Result<(), DockerError> {
+    let session = Session::open(socket, REQUEST_TIMEOUT_SECS).await?;
+    // Events from one second before the list on: none can fall between the two.
+    // Replayed ones are harmless, each just re-reads its container.
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().saturating_sub(1));
+    let mut containers: HashMap<String, Container> = session
+        .containers(root)
+        .await?
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    connected();
+    let publish = |containers: &HashMap<String, Container>| {
+        let mut list: Vec<Container> = containers.values().cloned().collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut facts = DockerFacts {
+            containers: list,
+            ..DockerFacts::new(session.status.clone())
+        };
+        facts.refresh_proxies(root);
+        tx.send_if_modified(|old| replace_if_changed(old, facts));
+    };
+    publish(&containers);
+    let filters = HashMap::from([(
+        "type".to_owned(),
+        vec!["container".to_owned(), "network".to_owned()],
+    )]);
+    let mut events = session.docker.events(Some(EventsOptions {
+        since: Some(since.to_string()),
+        until: None,
+        filters: Some(filters),
+    }));
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| session.err(e))?;
+        let Some(id) = relevant(&event) else { continue };
+        debug!(action = event.action.as_deref(), container = %id, "docker event");
+        match session.container(&id, root).await? {
+            Some(c) => containers.insert(id, c),
+            None => containers.remove(&id),
+        };
+        publish(&containers);
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+    Err(DockerError::EventsEnded(socket.into()))
+}
+
+fn replace_if_changed<T: PartialEq>(old: &mut T, new: T) -> bool {
+    if *old == new {
+        return false;
+    }
+    *old = new;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use bollard::models::{ContainerState, EndpointSettings, NetworkSettings, PortBinding};
+
+    use super::*;
+
+    fn inspect(running: bool) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            id: Some("abc".into()),
+            name: Some("/web".into()),
+            state: Some(ContainerState {
+                running: Some(running),
+                pid: Some(0),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                ports: Some(HashMap::from([
+                    (
+                        "8080/tcp".to_owned(),
+                        Some(vec![
+                            PortBinding {
+                                host_ip: Some("127.0.0.1".into()),
+                                host_port: Some("18080".into()),
+                            },
+                            PortBinding {
+                                host_ip: Some("::".into()),
+                                host_port: Some("18080".into()),
+                            },
+                        ]),
+                    ),
+                    ("9090/tcp".to_owned(), None),
+                    ("53/sctp".to_owned(), Some(vec![PortBinding::default()])),
+                ])),
+                networks: Some(HashMap::from([(
+                    "bridge".to_owned(),
+                    EndpointSettings {
+                        ip_address: Some("172.17.0.2".into()),
+                        global_ipv6_address: Some(String::new()),
+                        ..Default::default()
+                    },
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_running_container_is_read_from_inspect() {
+        let c = Container::from_inspect(&inspect(true), None).unwrap();
+        assert_eq!(c.name, "web");
+        assert_eq!(c.pid, None, "pid 0 is no process");
+        assert_eq!(
+            c.networks,
+            [NetworkIp {
+                network: "bridge".into(),
+                ipv4: Some(Ipv4Addr::new(172, 17, 0, 2)),
+                ipv6: None
+            }]
+        );
+        // "::" means every address, like 0.0.0.0; exposed-only and sctp ports are not published.
+        assert_eq!(
+            c.published,
+            [
+                Published {
+                    proto: Proto::Tcp,
+                    host_ip: None,
+                    host_port: 18080,
+                    container_port: 8080
+                },
+                Published {
+                    proto: Proto::Tcp,
+                    host_ip: Some("127.0.0.1".parse().unwrap()),
+                    host_port: 18080,
+                    container_port: 8080
+                },
+            ]
+        );
+        assert!(c.publishes(Proto::Tcp, 18080));
+        assert!(!c.publishes(Proto::Udp, 18080));
+    }
+
+    #[test]
+    fn a_stopped_container_owns_nothing() {
+        assert_eq!(Container::from_inspect(&inspect(false), None), None);
+    }
+
+    #[test]
+    fn port_keys() {
+        assert_eq!(parse_port_key("80/tcp"), Some((80, Proto::Tcp)));
+        assert_eq!(parse_port_key("53/udp"), Some((53, Proto::Udp)));
+        assert_eq!(parse_port_key("53/sctp"), None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_state() {
+        let facts = snapshot(Path::new("/nonexistent/portguard/docker.sock"), None).await;
+        let DockerStatus::Unreachable { reason } = &facts.status else {
+            panic!("{:?}", facts.status)
+        };
+        assert!(
+            reason.contains("/nonexistent/portguard/docker.sock"),
+            "{reason}"
+        );
+        assert!(facts.containers.is_empty());
+    }
+}

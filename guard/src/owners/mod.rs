@@ -1,0 +1,670 @@
+//! Owners: who owns each protected port, resolved live.
+//!
+//! The policy names owners ([`OwnerSpec`]); this module turns each into things
+//! the kernel and the ruleset can check, and keeps them current:
+//!
+//! | owner | source | identity |
+//! |---|---|---|
+//! | `docker`, `docker:NAME`, `docker-label:K=V` | [`docker`] (Engine API + events), [`docker_proxy`] (`/proc`) | container cgroup ids, the docker-proxy executable, NAT targets |
+//! | `unit:NAME.service` | [`unit`] | the unit's cgroup id |
+//! | `exe:/path` | [`exe`] | (device, inode) of the file |
+//! | `cgroup:/path` | [`cgroup`] | cgroup id |
+//!
+//! Nothing here trusts `comm` or a process name: a renamed process is the
+//! same file in the same cgroup.
+//!
+//! # How the agent consumes it
+//!
+//! ```no_run
+//! # async fn agent(policy: portguard::policy::Policy) {
+//! use portguard::owners::Owners;
+//! let (mut owners, _task) = Owners::new(policy).spawn().await;
+//! loop {
+//!     let model = owners.borrow_and_update().clone(); // Arc<ResolvedOwners>: cheap
+//!     for allowed in model.bind_owners() {
+//!         // allowed.proto, allowed.port: one protected port.
+//!         // allowed.cgroups: cgroup ids that may bind it (OwnerCgroupKey per id).
+//!         // allowed.exes: executables (ExeId: dev/ino, kernel_dev()) that may bind it.
+//!         // allowed.proxy_cgroups: docker-proxy's cgroup (dockerd's), only for a
+//!         //   kernel side that cannot match executables; never the root cgroup.
+//!     }
+//!     for nat in model.nat_targets() {
+//!         // nat.host_ip/host_port → nat.container_ip:container_port is the owner's
+//!         // own DNAT: legitimate, never a hijack; what `pin` installs.
+//!     }
+//!     if owners.changed().await.is_err() { break } // the owners task ended
+//! }
+//! # }
+//! ```
+//!
+//! Replace map contents as a whole set per port (add the new ids, then remove
+//! the old): a model only changes when something an owner depends on did.
+//! `resolve_once` gives the same model once, for one-shot commands.
+//!
+//! Known limits: docker-proxy binds before Docker reports a container started,
+//! so it is allowed by its executable, for every port a Docker owner holds (it
+//! cannot be told apart per container at bind time). With the userland proxy
+//! off, Docker needs no bind at all: only NAT targets matter.
+
+pub mod cgroup;
+pub mod docker;
+pub mod docker_proxy;
+pub mod exe;
+pub mod unit;
+mod watch_fs;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, warn};
+
+pub use self::{
+    cgroup::CgroupRef,
+    docker::{Container, DockerFacts, DockerStatus, NetworkIp, Published},
+    docker_proxy::DockerProxy,
+    exe::ExeId,
+};
+use crate::{
+    policy::{OwnerSpec, Policy, PortRange, ProtectedPort, Proto},
+    sys,
+};
+
+/// The resolved model: every policy entry with what its owners are right now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolvedOwners {
+    pub docker: DockerStatus,
+    /// The cgroup v2 mount, when there is one.
+    pub cgroup_root: Option<PathBuf>,
+    /// One per policy entry, in policy order.
+    pub ports: Vec<ResolvedPort>,
+}
+
+/// One policy entry and its owners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolvedPort {
+    pub proto: Proto,
+    pub port: PortRange,
+    pub owners: Vec<ResolvedOwner>,
+}
+
+/// One owner of an entry, as named and as found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolvedOwner {
+    pub spec: OwnerSpec,
+    pub found: Found,
+}
+
+/// What an owner resolved to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Found {
+    /// Docker owners: the matching running containers, and docker-proxy.
+    Docker {
+        containers: Vec<Container>,
+        /// The proxies forwarding this entry's ports.
+        proxies: Vec<DockerProxy>,
+        proxy_exe: Option<ExeId>,
+    },
+    /// Docker owners while dockerd cannot be asked.
+    DockerUnreachable { reason: String },
+    /// `unit:` and `cgroup:` owners.
+    Cgroup(CgroupRef),
+    /// `exe:` owners.
+    Exe { path: PathBuf, id: ExeId },
+    /// Nothing on this host is that owner now.
+    Missing { reason: String },
+}
+
+/// Who may bind one protected port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BindOwners {
+    pub proto: Proto,
+    pub port: u16,
+    pub cgroups: BTreeSet<u64>,
+    pub exes: BTreeSet<ExeId>,
+    /// docker-proxy's cgroup (it inherits dockerd's): far broader than the
+    /// proxy, so use it only when executables cannot be matched. Never `/`.
+    pub proxy_cgroups: BTreeSet<u64>,
+}
+
+/// An owner's own NAT mapping: connections to `host_ip:host_port` go to
+/// `container_ip:container_port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct NatTarget {
+    pub proto: Proto,
+    /// `None`: every host address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_ip: IpAddr,
+    pub container_port: u16,
+    pub container: String,
+}
+
+impl ResolvedOwners {
+    /// The entry protecting `port`/`proto`.
+    pub fn entry(&self, proto: Proto, port: u16) -> Option<&ResolvedPort> {
+        self.ports
+            .iter()
+            .find(|p| p.proto == proto && p.port.contains(port))
+    }
+
+    /// Who may bind each protected port, port by port.
+    pub fn bind_owners(&self) -> impl Iterator<Item = BindOwners> + '_ {
+        self.ports
+            .iter()
+            .flat_map(|e| e.port.iter().map(move |port| e.bind_owners(port)))
+    }
+
+    /// Every owner's legitimate NAT mappings.
+    pub fn nat_targets(&self) -> impl Iterator<Item = NatTarget> + '_ {
+        self.ports.iter().flat_map(ResolvedPort::nat_targets)
+    }
+}
+
+impl ResolvedPort {
+    /// Who may bind `port` (one port of this entry).
+    pub fn bind_owners(&self, port: u16) -> BindOwners {
+        let mut out = BindOwners {
+            proto: self.proto,
+            port,
+            ..BindOwners::default()
+        };
+        for owner in &self.owners {
+            match &owner.found {
+                Found::Docker {
+                    containers,
+                    proxies,
+                    proxy_exe,
+                } => {
+                    // Bare `docker` owns a port through publishing it; a named or
+                    // labelled container owns the whole entry (host networking binds directly).
+                    let by_publishing = owner.spec == OwnerSpec::Docker;
+                    let mine: Vec<&Container> = containers
+                        .iter()
+                        .filter(|c| !by_publishing || c.publishes(self.proto, port))
+                        .collect();
+                    out.cgroups
+                        .extend(mine.iter().filter_map(|c| c.cgroup.as_ref()).map(|c| c.id));
+                    out.exes.extend(*proxy_exe);
+                    out.proxy_cgroups.extend(
+                        proxies
+                            .iter()
+                            .filter(|p| p.host_port == port && p.proto == self.proto)
+                            .filter_map(|p| p.cgroup.as_ref())
+                            .filter(|c| !c.is_root())
+                            .map(|c| c.id),
+                    );
+                }
+                Found::Cgroup(c) => {
+                    out.cgroups.insert(c.id);
+                }
+                Found::Exe { id, .. } => {
+                    out.exes.insert(*id);
+                }
+                Found::DockerUnreachable { .. } | Found::Missing { .. } => {}
+            }
+        }
+        out
+    }
+
+    /// The owners' legitimate NAT mappings onto this entry's ports.
+    pub fn nat_targets(&self) -> Vec<NatTarget> {
+        let mut out = BTreeSet::new();
+        for owner in &self.owners {
+            let Found::Docker {
+                containers,
+                proxies,
+                ..
+            } = &owner.found
+            else {
+                continue;
+            };
+            for c in containers {
+                let published = c
+                    .published
+                    .iter()
+                    .filter(|p| p.proto == self.proto && self.port.contains(p.host_port));
+                for p in published {
+                    for container_ip in container_ips(c, p, proxies) {
+                        out.insert(NatTarget {
+                            proto: p.proto,
+                            host_ip: p.host_ip,
+                            host_port: p.host_port,
+                            container_ip,
+                            container_port: p.container_port,
+                            container: c.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// Where Docker forwards a published port: the proxy says so exactly when one
+/// runs; else any of the container's addresses (of the published family).
+fn container_ips(c: &Container, p: &Published, proxies: &[DockerProxy]) -> Vec<IpAddr> {
+    let from_proxy: BTreeSet<IpAddr> = proxies
+        .iter()
+        .filter(|x| x.proto == p.proto && x.host_port == p.host_port)
+        .filter(|x| x.container_port == Some(p.container_port))
+        .filter_map(|x| x.container_ip)
+        .filter(|ip| {
+            c.networks
+                .iter()
+                .any(|n| n.ipv4.map(IpAddr::V4) == Some(*ip) || n.ipv6.map(IpAddr::V6) == Some(*ip))
+        })
+        .collect();
+    if !from_proxy.is_empty() {
+        return from_proxy.into_iter().collect();
+    }
+    c.networks
+        .iter()
+        .flat_map(|n| {
+            let v6 = p.host_ip.is_none_or(|ip| ip.is_ipv6());
+            let v4 = p.host_ip.is_none_or(|ip| ip.is_ipv4());
+            [
+                n.ipv4.filter(|_| v4).map(IpAddr::V4),
+                n.ipv6.filter(|_| v6).map(IpAddr::V6),
+            ]
+        })
+        .flatten()
+        .collect()
+}
+
+/// Resolves `policy` against the facts at hand. Docker facts come in; the
+/// filesystem-backed owners (units, executables, cgroups) are read here.
+pub fn resolve(
+    policy: &Policy,
+    docker: &DockerFacts,
+    cgroup_root: Option<&Path>,
+) -> ResolvedOwners {
+    ResolvedOwners {
+        docker: docker.status.clone(),
+        cgroup_root: cgroup_root.map(Path::to_path_buf),
+        ports: policy
+            .ports
+            .iter()
+            .map(|entry| ResolvedPort {
+                proto: entry.proto,
+                port: entry.port,
+                owners: entry
+                    .owner
+                    .iter()
+                    .map(|spec| ResolvedOwner {
+                        spec: spec.clone(),
+                        found: resolve_owner(entry, spec, docker, cgroup_root),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn resolve_owner(
+    entry: &ProtectedPort,
+    spec: &OwnerSpec,
+    docker: &DockerFacts,
+    root: Option<&Path>,
+) -> Found {
+    let no_cgroup2 = || Found::Missing {
+        reason: "no cgroup v2 hierarchy is mounted".into(),
+    };
+    let docker_found = |matches: &dyn Fn(&Container) -> bool| match &docker.status {
+        DockerStatus::Reachable { .. } => Found::Docker {
+            containers: docker
+                .containers
+                .iter()
+                .filter(|c| matches(c))
+                .cloned()
+                .collect(),
+            proxies: docker
+                .proxies
+                .iter()
+                .filter(|p| p.proto == entry.proto && entry.port.contains(p.host_port))
+                .cloned()
+                .collect(),
+            proxy_exe: docker.proxy_exe,
+        },
+        DockerStatus::Connecting => Found::DockerUnreachable {
+            reason: "not connected yet".into(),
+        },
+        DockerStatus::Unreachable { reason } => Found::DockerUnreachable {
+            reason: reason.clone(),
+        },
+    };
+    match spec {
+        OwnerSpec::Docker => {
+            docker_found(&|c| entry.port.iter().any(|p| c.publishes(entry.proto, p)))
+        }
+        OwnerSpec::DockerName(name) => docker_found(&|c| c.name == *name || c.id == *name),
+        OwnerSpec::DockerLabel { key, value } => {
+            docker_found(&|c| c.labels.get(key) == Some(value))
+        }
+        OwnerSpec::Unit(name) => match root {
+            None => no_cgroup2(),
+            Some(root) => match unit::resolve(root, name) {
+                Ok(c) => Found::Cgroup(c),
+                Err(e) => Found::Missing {
+                    reason: e.to_string(),
+                },
+            },
+        },
+        OwnerSpec::Cgroup(path) => match root {
+            None => no_cgroup2(),
+            Some(root) => match CgroupRef::resolve(root, &path.to_string_lossy()) {
+                Some(c) => Found::Cgroup(c),
+                None => Found::Missing {
+                    reason: format!("no cgroup {}", path.display()),
+                },
+            },
+        },
+        OwnerSpec::Exe(path) => match ExeId::of_path(path) {
+            Ok(id) => Found::Exe {
+                path: path.clone(),
+                id,
+            },
+            Err(e) => Found::Missing {
+                reason: format!("{}: {e}", path.display()),
+            },
+        },
+    }
+}
+
+/// Resolves the owners of a policy, once or live.
+#[derive(Clone, Debug)]
+pub struct Owners {
+    policy: Arc<Policy>,
+    docker_socket: PathBuf,
+}
+
+impl Owners {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy: Arc::new(policy),
+            docker_socket: docker::default_socket(),
+        }
+    }
+
+    /// Talk to dockerd at another socket (default: `DOCKER_HOST` or `/var/run/docker.sock`).
+    pub fn docker_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.docker_socket = socket.into();
+        self
+    }
+
+    /// One look at every source, for one-shot commands (`config show`, `check`).
+    pub async fn resolve_once(&self) -> ResolvedOwners {
+        let root = cgroup_root();
+        let facts = docker::snapshot(&self.docker_socket, root.as_deref()).await;
+        resolve(&self.policy, &facts, root.as_deref())
+    }
+
+    /// Starts resolving live. Returns once the first model is complete (dockerd
+    /// answered or failed to); the receiver then sees every change, and only
+    /// changes. Dropping every receiver ends the task; so does aborting it.
+    pub async fn spawn(self) -> (watch::Receiver<Arc<ResolvedOwners>>, JoinHandle<()>) {
+        let root = cgroup_root();
+        let (docker_tx, mut docker_rx) = watch::channel(DockerFacts::new(DockerStatus::Connecting));
+        let docker_task = tokio::spawn(docker::follow(
+            self.docker_socket.clone(),
+            root.clone(),
+            docker_tx,
+        ));
+        // The first session's outcome, bounded: a hung dockerd must not hold the agent.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(15),
+            docker_rx.wait_for(|f| f.status != DockerStatus::Connecting),
+        )
+        .await;
+        let first = resolve(
+            &self.policy,
+            &docker_rx.borrow_and_update(),
+            root.as_deref(),
+        );
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let task = tokio::spawn(async move {
+            let _abort_docker = AbortOnDrop(docker_task);
+            let mut fs_changes = watch_fs::FsChanges::new(&self.policy, &tx.borrow());
+            loop {
+                tokio::select! {
+                    changed = docker_rx.changed() => if changed.is_err() { return },
+                    () = fs_changes.next() => debug!("owners: a watched path changed"),
+                    () = tx.closed() => return,
+                }
+                let model = resolve(
+                    &self.policy,
+                    &docker_rx.borrow_and_update(),
+                    root.as_deref(),
+                );
+                fs_changes.rearm(&self.policy, &model);
+                tx.send_if_modified(|old| {
+                    if **old == model {
+                        return false;
+                    }
+                    *old = Arc::new(model);
+                    true
+                });
+            }
+        });
+        (rx, task)
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn cgroup_root() -> Option<PathBuf> {
+    sys::cgroup::unified_root()
+        .inspect_err(|e| warn!("owners: {e}: cgroup owners resolve to nothing"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::policy::PolicySource;
+
+    fn container(name: &str, cgroup_id: u64, ip: [u8; 4], published: &[(u16, u16)]) -> Container {
+        Container {
+            id: format!("{name}-id"),
+            name: name.into(),
+            pid: Some(100),
+            cgroup: Some(CgroupRef {
+                path: format!("/docker/{name}"),
+                id: cgroup_id,
+            }),
+            labels: [("role".to_owned(), name.to_owned())].into(),
+            networks: vec![NetworkIp {
+                network: "bridge".into(),
+                ipv4: Some(Ipv4Addr::from(ip)),
+                ipv6: None,
+            }],
+            published: published
+                .iter()
+                .map(|&(host_port, container_port)| Published {
+                    proto: Proto::Tcp,
+                    host_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                    host_port,
+                    container_port,
+                })
+                .collect(),
+        }
+    }
+
+    const PROXY_EXE: ExeId = ExeId { dev: 42, ino: 7 };
+
+    fn facts() -> DockerFacts {
+        DockerFacts {
+            status: DockerStatus::Reachable {
+                version: "20.10".into(),
+                api_version: "1.41".into(),
+            },
+            containers: vec![
+                container("web", 11, [172, 17, 0, 2], &[(8000, 80)]),
+                container("api", 22, [172, 17, 0, 3], &[(8001, 5000)]),
+            ],
+            proxies: vec![DockerProxy {
+                pid: 9,
+                proto: Proto::Tcp,
+                host_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                host_port: 8000,
+                container_ip: Some(IpAddr::V4(Ipv4Addr::new(172, 17, 0, 2))),
+                container_port: Some(80),
+                cgroup: Some(CgroupRef {
+                    path: "/".into(),
+                    id: 1,
+                }),
+                exe: PROXY_EXE,
+            }],
+            proxy_exe: Some(PROXY_EXE),
+        }
+    }
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(text, PolicySource::Embedded).unwrap()
+    }
+
+    #[test]
+    fn bare_docker_owns_each_port_through_the_container_publishing_it() {
+        let p = policy("[[ports]]\nport = \"8000-8001\"\nowner = \"docker\"\n");
+        let model = resolve(&p, &facts(), None);
+        let by_port: Vec<(u16, Vec<u64>)> = model
+            .bind_owners()
+            .map(|b| (b.port, b.cgroups.into_iter().collect()))
+            .collect();
+        assert_eq!(by_port, [(8000, vec![11]), (8001, vec![22])]);
+        let b = model.entry(Proto::Tcp, 8000).unwrap().bind_owners(8000);
+        assert_eq!(b.exes, [PROXY_EXE].into());
+        assert!(
+            b.proxy_cgroups.is_empty(),
+            "the root cgroup is never allowed"
+        );
+        assert!(model.entry(Proto::Udp, 8000).is_none());
+    }
+
+    #[test]
+    fn a_named_container_owns_the_whole_entry_and_no_other() {
+        let p = policy(
+            "[[ports]]\nport = \"8000-8001\"\nowner = \"docker:web\"\n[[ports]]\nport = 9000\nowner = \"docker-label:role=api\"\n",
+        );
+        let model = resolve(&p, &facts(), None);
+        let cgroups: Vec<Vec<u64>> = model
+            .bind_owners()
+            .map(|b| b.cgroups.into_iter().collect())
+            .collect();
+        assert_eq!(cgroups, [vec![11], vec![11], vec![22]]);
+    }
+
+    #[test]
+    fn nat_targets_come_from_published_ports_in_the_entry() {
+        let p = policy(
+            "[[ports]]\nport = 8000\nowner = \"docker\"\n[[ports]]\nport = 8001\nowner = \"docker:web\"\n",
+        );
+        let nat: Vec<NatTarget> = resolve(&p, &facts(), None).nat_targets().collect();
+        assert_eq!(
+            nat,
+            [NatTarget {
+                proto: Proto::Tcp,
+                host_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                host_port: 8000,
+                container_ip: IpAddr::V4(Ipv4Addr::new(172, 17, 0, 2)),
+                container_port: 80,
+                container: "web".into(),
+            }],
+            "web does not publish 8001, and api is not docker:web"
+        );
+    }
+
+    #[test]
+    fn unreachable_docker_leaves_only_non_docker_owners() {
+        let p = policy("[[ports]]\nport = 80\nowner = [\"docker\", \"exe:/bin/sh\"]\n");
+        let facts = DockerFacts::new(DockerStatus::Unreachable {
+            reason: "gone".into(),
+        });
+        let model = resolve(&p, &facts, None);
+        assert_eq!(
+            model.ports[0].owners[0].found,
+            Found::DockerUnreachable {
+                reason: "gone".into()
+            }
+        );
+        let b = model.entry(Proto::Tcp, 80).unwrap().bind_owners(80);
+        assert!(b.cgroups.is_empty());
+        assert_eq!(
+            b.exes,
+            [ExeId::of_path(Path::new("/bin/sh")).unwrap()].into()
+        );
+    }
+
+    #[test]
+    fn cgroup_and_unit_owners_resolve_to_ids() {
+        let root = sys::cgroup::unified_root().unwrap();
+        let mine = sys::cgroup::process_cgroup(std::process::id()).unwrap();
+        let p = policy(&format!(
+            "[[ports]]\nport = 80\nowner = [\"cgroup:{mine}\", \"unit:pg-absent.service\"]\n"
+        ));
+        let model = resolve(&p, &DockerFacts::new(DockerStatus::Connecting), Some(&root));
+        let id = sys::cgroup::cgroup_id(&cgroup::absolute(&root, &mine)).unwrap();
+        assert_eq!(model.bind_owners().next().unwrap().cgroups, [id].into());
+        assert!(matches!(
+            model.ports[0].owners[1].found,
+            Found::Missing { .. }
+        ));
+    }
+
+    /// A unit restart makes its cgroup again with a new id: the model follows
+    /// through inotify, with no Docker event and no polling.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recreated_cgroup_is_followed_without_polling() {
+        let root = sys::cgroup::unified_root().unwrap();
+        let name = format!("pg-owners-watch-{}", std::process::id());
+        let dir = root.join(&name);
+        let p = policy(&format!(
+            "[[ports]]\nport = 80\nowner = \"cgroup:/{name}\"\n"
+        ));
+        let (mut rx, task) = Owners::new(p)
+            .docker_socket("/nonexistent/portguard/docker.sock")
+            .spawn()
+            .await;
+        let id_of = |m: &ResolvedOwners| m.bind_owners().next().unwrap().cgroups.first().copied();
+        assert_eq!(id_of(&rx.borrow_and_update()), None, "absent at first");
+        let wait = |rx: &mut watch::Receiver<Arc<ResolvedOwners>>, want: u64| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rx.wait_for(|m| id_of(m) == Some(want)),
+                )
+                .await
+                .map(|_| ())
+            }
+        };
+        std::fs::create_dir(&dir).unwrap();
+        let first = sys::cgroup::cgroup_id(&dir).unwrap();
+        let seen_first = wait(&mut rx, first).await;
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let second = sys::cgroup::cgroup_id(&dir).unwrap();
+        let seen_second = wait(&mut rx, second).await;
+        std::fs::remove_dir(&dir).unwrap();
+        task.abort();
+        assert!(seen_first.is_ok(), "mkdir not seen");
+        assert_ne!(first, second, "a new directory is a new cgroup id");
+        assert!(seen_second.is_ok(), "re-creation not seen");
+    }
+}

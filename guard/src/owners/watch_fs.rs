@@ -1,0 +1,182 @@
+//! Change notification for the owners that live in the filesystem: a unit's
+//! restart makes its cgroup again (a new id), a package upgrade replaces an
+//! executable (a new inode). inotify on the parent directories says when to
+//! look again; nothing polls.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use super::{Found, ResolvedOwners, cgroup::absolute};
+use crate::policy::{OwnerSpec, Policy};
+
+const MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF
+    | libc::IN_ONLYDIR;
+
+/// inotify watches on the directories the policy's filesystem owners live in.
+pub struct FsChanges {
+    fd: Option<AsyncFd<OwnedFd>>,
+    watches: BTreeMap<PathBuf, i32>,
+}
+
+impl FsChanges {
+    pub fn new(policy: &Policy, model: &ResolvedOwners) -> Self {
+        // SAFETY: plain syscall; the fd is owned right below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        let fd = if raw < 0 {
+            warn!(
+                "owners: inotify unavailable ({}): unit, exe and cgroup owners are read only when Docker changes",
+                io::Error::last_os_error()
+            );
+            None
+        } else {
+            // SAFETY: `raw` is a fresh fd nobody else owns; the OwnedFd keeps it open
+            // and the same for as long as the AsyncFd lives.
+            unsafe {
+                AsyncFd::register_with_interest(
+                    OwnedFd::from_raw_fd(raw),
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .inspect_err(|e| warn!("owners: cannot poll inotify: {e}"))
+            .ok()
+        };
+        let mut out = Self {
+            fd,
+            watches: BTreeMap::new(),
+        };
+        out.rearm(policy, model);
+        out
+    }
+
+    /// Watches exactly the directories `policy` and `model` need now.
+    pub fn rearm(&mut self, policy: &Policy, model: &ResolvedOwners) {
+        let Some(fd) = &self.fd else { return };
+        let wanted = directories(policy, model);
+        let raw = fd.get_ref().as_raw_fd();
+        self.watches.retain(|dir, wd| {
+            let keep = wanted.contains(dir);
+            if !keep {
+                // SAFETY: removing our own watch descriptor.
+                unsafe { libc::inotify_rm_watch(raw, *wd) };
+            }
+            keep
+        });
+        for dir in wanted {
+            if self.watches.contains_key(&dir) {
+                continue;
+            }
+            let Ok(c) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            // SAFETY: valid fd and NUL-terminated path.
+            let wd = unsafe { libc::inotify_add_watch(raw, c.as_ptr(), MASK) };
+            if wd < 0 {
+                debug!(dir = %dir.display(), "owners: cannot watch: {}", io::Error::last_os_error());
+            } else {
+                self.watches.insert(dir, wd);
+            }
+        }
+    }
+
+    /// Waits until something changed in a watched directory (forever without inotify).
+    pub async fn next(&mut self) {
+        let Some(fd) = &self.fd else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut buf = [0u8; 4096];
+            let mut got = false;
+            loop {
+                // SAFETY: reading into our own buffer from our own fd.
+                let n = unsafe {
+                    libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                };
+                if n <= 0 {
+                    break;
+                }
+                got = true;
+            }
+            ready.clear_ready();
+            if got {
+                return;
+            }
+        }
+    }
+}
+
+/// The directories whose entries decide what the filesystem owners resolve to.
+fn directories(policy: &Policy, model: &ResolvedOwners) -> std::collections::BTreeSet<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let root = model.cgroup_root.as_deref();
+    for entry in &policy.ports {
+        for spec in &entry.owner {
+            match spec {
+                OwnerSpec::Exe(path) => out.extend(parent_that_exists(path)),
+                OwnerSpec::Cgroup(path) => {
+                    if let Some(root) = root {
+                        out.extend(parent_that_exists(&absolute(root, &path.to_string_lossy())));
+                    }
+                }
+                OwnerSpec::Unit(name) => {
+                    if let Some(root) = root {
+                        out.extend(parent_that_exists(&absolute(
+                            root,
+                            &format!("/system.slice/{name}"),
+                        )));
+                    }
+                }
+                OwnerSpec::Docker | OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. } => {}
+            }
+        }
+    }
+    // Where a unit was found (slices nest), watch there too.
+    if let Some(root) = root {
+        for owner in model.ports.iter().flat_map(|p| &p.owners) {
+            if let (OwnerSpec::Unit(_), Found::Cgroup(c)) = (&owner.spec, &owner.found) {
+                out.extend(parent_that_exists(&absolute(root, &c.path)));
+            }
+        }
+    }
+    out
+}
+
+/// The nearest existing ancestor of `path` (exclusive): where it would appear.
+fn parent_that_exists(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .skip(1)
+        .find(|p| p.is_dir())
+        .map(Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_existing_parent() {
+        assert_eq!(
+            parent_that_exists(Path::new("/usr/bin/definitely-not-here/x")),
+            Some(PathBuf::from("/usr/bin"))
+        );
+        assert_eq!(
+            parent_that_exists(Path::new("/usr")),
+            Some(PathBuf::from("/"))
+        );
+    }
+}
