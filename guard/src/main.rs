@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => portguard::cli::run::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
+        Command::K3s(args) => portguard::cli::k3s::main(args),
     };
     match result {
         Ok(code) => code,
