@@ -97,13 +97,15 @@ impl K3sPaths {
 }
 
 #[derive(Debug, thiserror::Error)]
+// The io::Error is in the message and deliberately not a `source`: anyhow's
+// one-line chain at the CLI edge would print it twice.
 pub enum HardenError {
-    #[error("cannot create {path}: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot create {path}: {error}")]
+    CreateDir { path: PathBuf, error: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
+    #[error("cannot write {path}: {error}")]
+    Write { path: PathBuf, error: io::Error },
 }
 
 /// What one run did to one file.
@@ -323,26 +325,26 @@ fn read_optional(path: &Path) -> Result<Option<String>, HardenError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(HardenError::Read {
+        Err(error) => Err(HardenError::Read {
             path: path.to_owned(),
-            source,
+            error,
         }),
     }
 }
 
 fn create_dir(path: &Path) -> Result<(), HardenError> {
-    fs::create_dir_all(path).map_err(|source| HardenError::CreateDir {
+    fs::create_dir_all(path).map_err(|error| HardenError::CreateDir {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory: k3s
 /// (or a crash) sees either the old file or the new one, never half of one.
 fn write_atomically(path: &Path, content: &[u8]) -> Result<(), HardenError> {
-    let err = |source| HardenError::Write {
+    let err = |error| HardenError::Write {
         path: path.to_owned(),
-        source,
+        error,
     };
     let dir = path
         .parent()
