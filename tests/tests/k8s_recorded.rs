@@ -574,3 +574,28 @@ fn recorded_fixtures_parse_as_k8s_openapi_types() {
     let _: DaemonSet = serde_json::from_value(fixture_json(&format!("daemonset.{SVCLB}.json")))
         .expect("DaemonSet");
 }
+
+#[test]
+fn start_with_a_broken_kubeconfig_is_a_failing_state_not_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("k3s.yaml");
+    std::fs::write(&bad, "clusters: [").expect("write");
+    let policy = Policy::parse("", PolicySource::Embedded).expect("empty policy");
+    let view = runtime().block_on(async {
+        let watch = portguard::k8s::start(Some(&bad), &policy, node()).await;
+        watch.view.borrow().clone()
+    });
+    let ClusterState::Failing { error } = &view.state else {
+        panic!("expected Failing, got {:?}", view.state)
+    };
+    assert!(
+        matches!(error, ClusterError::Kubeconfig { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("kubeconfig {}: ", bad.display())),
+        "{error}"
+    );
+}

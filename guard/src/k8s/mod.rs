@@ -20,4 +20,4 @@ pub use cluster::{ClusterError, KubeconfigChoice};
 pub use harden::{HardeningStatus, hardening_status};
 pub use pod_index::{K8sSource, PodIndex};
 pub use remove::{RecordedObject, RemovalPlan, RemovalStep};
-pub use watch::{ClusterState, ClusterView, ClusterWatch, spawn_watches};
+pub use watch::{ClusterState, ClusterView, ClusterWatch, spawn_watches, start};

@@ -6,7 +6,7 @@
 //! (not only this node's) because a kube-proxy DNAT may target a pod elsewhere and
 //! the finding should still name it; claims only count pods on this node.
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
 
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -20,10 +20,10 @@ use tracing::{info, warn};
 
 use super::{
     claims::{NodeIdentity, PortClaim, claims},
-    cluster::ClusterError,
-    pod_index::PodIndex,
+    cluster::{self, ClusterError, K3S_KUBECONFIG},
+    pod_index::{K8sSource, PodIndex},
 };
-use crate::policy::ProtectedPort;
+use crate::policy::{Policy, ProtectedPort};
 
 /// Where the Kubernetes layer stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -69,17 +69,72 @@ impl ClusterView {
             pods: PodIndex::default(),
         }
     }
+
+    /// The pod (and Services) behind a DNAT target, for findings and audit records.
+    pub fn lookup_target(&self, ip: IpAddr) -> Option<&K8sSource> {
+        self.pods.lookup_target(ip)
+    }
 }
 
 /// The running watches; dropping it stops them.
 pub struct ClusterWatch {
     pub view: watch::Receiver<ClusterView>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+    /// Keeps a fixed view's channel open (layer off, or no client).
+    _fixed: Option<watch::Sender<ClusterView>>,
+}
+
+impl ClusterWatch {
+    /// A view that never changes: the layer is off or could not start.
+    pub fn fixed(view: ClusterView) -> Self {
+        let (tx, rx) = watch::channel(view);
+        Self {
+            view: rx,
+            task: None,
+            _fixed: Some(tx),
+        }
+    }
 }
 
 impl Drop for ClusterWatch {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The whole Kubernetes layer for the agent: picks the kubeconfig (`--kubeconfig`,
+/// else the policy's, else k3s's when it exists), connects and starts the watches.
+/// Never fails: without a kubeconfig the layer is off and says so once; a bad
+/// kubeconfig is a `Failing` state. Either way the other layers keep guarding.
+pub async fn start(
+    kubeconfig_flag: Option<&Path>,
+    policy: &Policy,
+    node: NodeIdentity,
+) -> ClusterWatch {
+    let Some(choice) = cluster::choose_kubeconfig(
+        kubeconfig_flag,
+        &policy.kubernetes,
+        Path::new(K3S_KUBECONFIG),
+    ) else {
+        let reason = ClusterError::NoKubeconfig.to_string();
+        info!("{reason}");
+        return ClusterWatch::fixed(ClusterView::off(reason));
+    };
+    match cluster::connect(choice.path()).await {
+        Ok(client) => {
+            info!(kubeconfig = %choice, "Kubernetes layer: watching Services and Pods");
+            spawn_watches(client, node, policy.ports.clone())
+        }
+        Err(error) => {
+            warn!(%error, "Kubernetes layer cannot start: other layers keep guarding");
+            ClusterWatch::fixed(ClusterView {
+                state: ClusterState::Failing { error },
+                claims: Vec::new(),
+                pods: PodIndex::default(),
+            })
+        }
     }
 }
 
@@ -95,7 +150,11 @@ pub fn spawn_watches(
         pods: PodIndex::default(),
     });
     let task = tokio::spawn(follow(client, node, ports, tx));
-    ClusterWatch { view, task }
+    ClusterWatch {
+        view,
+        task: Some(task),
+        _fixed: None,
+    }
 }
 
 // Boxed: a Pod event is kilobytes, a Service event a fraction of that.
