@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod ebpf;
+pub mod k8s;
 pub mod logging;
 pub mod owners;
 pub mod policy;

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Run(args) => portguard::cli::run::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
         Command::Listeners(args) => portguard::cli::listeners::main(args),
+        Command::K3s(args) => portguard::cli::k3s::main(args),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod docker;
+pub mod k8s_api;
 pub mod netns;
 
 use std::{path::PathBuf, process::Command};

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod listeners;
+pub mod k3s;
 pub mod run;
 
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ pub enum Command {
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// k3s prevention: keep its packaged Traefik/ServiceLB from coming back.
+    #[command(subcommand)]
+    K3s(k3s::K3sCommand),
 }
 
 /// `--config FILE`, shared by every subcommand that reads the policy.

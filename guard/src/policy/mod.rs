@@ -7,5 +7,8 @@
 mod model;
 mod parse;
 
-pub use model::{Mode, OwnerSpec, Policy, PortRange, ProtectedPort, Proto};
+pub use model::{
+    KubeKind, KubeObjectName, KubeObjectNameError, KubernetesPolicy, Mode, OnClaim, OwnerSpec,
+    Policy, PortRange, ProtectedPort, Proto,
+};
 pub use parse::{DEFAULT_POLICY_PATH, DEFAULT_POLICY_TOML, PolicyError, PolicySource};

@@ -213,11 +213,174 @@ pub struct ProtectedPort {
     pub mode: Option<Mode>,
 }
 
+/// What the agent does about a Kubernetes object that claims a protected port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnClaim {
+    /// Report the claim (finding + audit record); change nothing in the cluster.
+    #[default]
+    Report,
+    /// Remove k3s's packaged Traefik, and objects that `removable` names.
+    Remove,
+}
+
+/// A kind of Kubernetes object the policy may name as removable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KubeKind {
+    Service,
+    Pod,
+    DaemonSet,
+    Deployment,
+    StatefulSet,
+    /// k3s's helm.cattle.io/v1 HelmChart.
+    HelmChart,
+}
+
+impl KubeKind {
+    /// The lowercase name used in the policy (`namespace/KIND/name`).
+    pub fn policy_name(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Pod => "pod",
+            Self::DaemonSet => "daemonset",
+            Self::Deployment => "deployment",
+            Self::StatefulSet => "statefulset",
+            Self::HelmChart => "helmchart",
+        }
+    }
+
+    /// The API's `kind` field.
+    pub fn api_kind(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::Pod => "Pod",
+            Self::DaemonSet => "DaemonSet",
+            Self::Deployment => "Deployment",
+            Self::StatefulSet => "StatefulSet",
+            Self::HelmChart => "HelmChart",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "service" | "svc" => Self::Service,
+            "pod" => Self::Pod,
+            "daemonset" | "ds" => Self::DaemonSet,
+            "deployment" | "deploy" => Self::Deployment,
+            "statefulset" | "sts" => Self::StatefulSet,
+            "helmchart" => Self::HelmChart,
+            _ => return None,
+        })
+    }
+
+    /// Parses an API `kind` ("DaemonSet") back.
+    pub fn from_api_kind(kind: &str) -> Option<Self> {
+        Self::parse(kind)
+    }
+}
+
+/// One object by namespace, kind and name: `kube-system/service/traefik`. Always
+/// one exact object: the policy never allows a blanket delete.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KubeObjectName {
+    pub namespace: String,
+    pub kind: KubeKind,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeObjectNameError {
+    #[error("{0:?}: name one object as NAMESPACE/KIND/NAME, e.g. \"kube-system/service/traefik\"")]
+    Shape(String),
+    #[error(
+        "{0:?}: unknown kind {1:?}: expected service, pod, daemonset, deployment, statefulset or helmchart"
+    )]
+    Kind(String, String),
+    #[error(
+        "{0:?}: {1:?} is not an object name (lowercase letters, digits, '-' and '.'; no wildcards: name each object)"
+    )]
+    Name(String, String),
+}
+
+impl FromStr for KubeObjectName {
+    type Err = KubeObjectNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let [namespace, kind, name] = parts[..] else {
+            return Err(KubeObjectNameError::Shape(s.to_owned()));
+        };
+        let kind = KubeKind::parse(kind)
+            .ok_or_else(|| KubeObjectNameError::Kind(s.to_owned(), kind.to_owned()))?;
+        for part in [namespace, name] {
+            if !is_object_name(part) {
+                return Err(KubeObjectNameError::Name(s.to_owned(), part.to_owned()));
+            }
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            kind,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// RFC 1123 subdomain, as the API server validates names (without the length cap).
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+impl fmt::Display for KubeObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.namespace,
+            self.kind.policy_name(),
+            self.name
+        )
+    }
+}
+
+impl Serialize for KubeObjectName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The optional `[kubernetes]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KubernetesPolicy {
+    /// Overrides the default kubeconfig (/etc/rancher/k3s/k3s.yaml when it exists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    pub on_claim: OnClaim,
+    /// Objects other than k3s's packaged Traefik that `remove` may delete.
+    pub removable: Vec<KubeObjectName>,
+}
+
+impl KubernetesPolicy {
+    pub fn may_remove(&self, object: &KubeObjectName) -> bool {
+        self.removable.contains(object)
+    }
+}
+
 /// The whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub mode: Mode,
     pub ports: Vec<ProtectedPort>,
+    /// Absent table: defaults (report only, default kubeconfig).
+    #[serde(skip_serializing_if = "is_default")]
+    pub kubernetes: KubernetesPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Policy {
@@ -280,6 +443,33 @@ mod tests {
             "docker:".parse::<OwnerSpec>(),
             Err(OwnerSpecError::Empty("docker:".into()))
         );
+    }
+
+    #[test]
+    fn kube_object_names_parse_exactly_one_object() {
+        let n: KubeObjectName = "kube-system/svc/traefik".parse().unwrap();
+        assert_eq!(n.kind, KubeKind::Service);
+        assert_eq!(n.to_string(), "kube-system/service/traefik");
+        let ds: KubeObjectName = "kube-system/DaemonSet/svclb-traefik-1a2b3c4d"
+            .parse()
+            .unwrap();
+        assert_eq!(ds.kind, KubeKind::DaemonSet);
+        assert!(matches!(
+            "kube-system/service/*".parse::<KubeObjectName>(),
+            Err(KubeObjectNameError::Name(_, n)) if n == "*"
+        ));
+        assert!(matches!(
+            "kube-system/traefik".parse::<KubeObjectName>(),
+            Err(KubeObjectNameError::Shape(_))
+        ));
+        assert!(matches!(
+            "kube-system/ingress/traefik".parse::<KubeObjectName>(),
+            Err(KubeObjectNameError::Kind(_, k)) if k == "ingress"
+        ));
+        assert!(matches!(
+            "Kube-System/service/traefik".parse::<KubeObjectName>(),
+            Err(KubeObjectNameError::Name(..))
+        ));
     }
 
     #[test]

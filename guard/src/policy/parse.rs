@@ -10,7 +10,10 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{Mode, OwnerSpec, Policy, PortRange, ProtectedPort, Proto};
+use super::model::{
+    KubeObjectName, KubernetesPolicy, Mode, OnClaim, OwnerSpec, Policy, PortRange, ProtectedPort,
+    Proto,
+};
 
 pub const DEFAULT_POLICY_PATH: &str = "/etc/portguard/config.toml";
 /// Used when no policy file exists: tcp/80 and tcp/443 owned by Docker.
@@ -92,6 +95,16 @@ struct RawPolicy {
     mode: Option<Spanned<String>>,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    kubeconfig: Option<Spanned<String>>,
+    on_claim: Option<Spanned<String>>,
+    #[serde(default)]
+    removable: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -201,9 +214,55 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
         }
         ports.push((span, new));
     }
+    let kubernetes = match raw.kubernetes {
+        Some(k) => parse_kubernetes(k)?,
+        None => KubernetesPolicy::default(),
+    };
     Ok(Policy {
         mode,
         ports: ports.into_iter().map(|(_, p)| p).collect(),
+        kubernetes,
+    })
+}
+
+fn parse_kubernetes(raw: RawKubernetes) -> Result<KubernetesPolicy, Invalid> {
+    let kubeconfig = match raw.kubeconfig {
+        Some(k) if !k.get_ref().starts_with('/') => {
+            return Err((
+                k.span(),
+                format!("kubeconfig {:?} must be an absolute path", k.get_ref()),
+            ));
+        }
+        Some(k) => Some(PathBuf::from(k.into_inner())),
+        None => None,
+    };
+    let on_claim = match &raw.on_claim {
+        None => OnClaim::default(),
+        Some(v) => match v.get_ref().as_str() {
+            "report" => OnClaim::Report,
+            "remove" => OnClaim::Remove,
+            other => {
+                return Err((
+                    v.span(),
+                    format!("unknown on_claim {other:?}: expected \"report\" or \"remove\""),
+                ));
+            }
+        },
+    };
+    let mut removable = Vec::with_capacity(raw.removable.len());
+    for entry in raw.removable {
+        let name: KubeObjectName = entry
+            .get_ref()
+            .parse()
+            .map_err(|e| (entry.span(), format!("{e}")))?;
+        if !removable.contains(&name) {
+            removable.push(name);
+        }
+    }
+    Ok(KubernetesPolicy {
+        kubeconfig,
+        on_claim,
+        removable,
     })
 }
 
@@ -390,6 +449,55 @@ mode = "enforce"
     #[test]
     fn missing_owner_is_an_error() {
         assert!(err("[[ports]]\nport = 80\n").contains("missing field `owner`"));
+    }
+
+    #[test]
+    fn kubernetes_table_parses() {
+        let p = Policy::parse(
+            r#"
+[kubernetes]
+kubeconfig = "/etc/rancher/k3s/k3s.yaml"
+on_claim = "remove"
+removable = ["monitoring/daemonset/node-exporter", "default/svc/web"]
+"#,
+            PolicySource::Embedded,
+        )
+        .unwrap();
+        let k = &p.kubernetes;
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(Path::new("/etc/rancher/k3s/k3s.yaml"))
+        );
+        assert_eq!(k.on_claim, OnClaim::Remove);
+        assert_eq!(k.removable.len(), 2);
+        assert!(k.may_remove(&"default/service/web".parse().unwrap()));
+        assert!(!k.may_remove(&"default/service/api".parse().unwrap()));
+        let shown = p.to_toml();
+        assert!(shown.contains("on_claim = \"remove\""), "{shown}");
+        assert!(shown.contains("\"default/service/web\""), "{shown}");
+    }
+
+    #[test]
+    fn kubernetes_table_is_optional_and_defaults_to_report() {
+        let p = Policy::parse(DEFAULT_POLICY_TOML, PolicySource::Embedded).unwrap();
+        assert_eq!(p.kubernetes, KubernetesPolicy::default());
+        assert_eq!(p.kubernetes.on_claim, OnClaim::Report);
+        assert!(!p.to_toml().contains("kubernetes"));
+    }
+
+    #[test]
+    fn kubernetes_errors_are_placed() {
+        assert_eq!(
+            err("[kubernetes]\non_claim = \"delete\"\n"),
+            "/etc/portguard/config.toml:2:12: unknown on_claim \"delete\": expected \"report\" or \"remove\""
+        );
+        assert!(
+            err("[kubernetes]\nremovable = [\"kube-system/service/*\"]\n")
+                .starts_with("/etc/portguard/config.toml:2:14: \"kube-system/service/*\": \"*\" is not an object name")
+        );
+        assert!(err("[kubernetes]\nremovable = [\"traefik\"]\n").contains("NAMESPACE/KIND/NAME"));
+        assert!(err("[kubernetes]\nkubeconfig = \"k3s.yaml\"\n").contains("absolute path"));
+        assert!(err("[kubernetes]\nwatch = true\n").contains("unknown field `watch`"));
     }
 
     #[test]

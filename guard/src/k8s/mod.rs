@@ -1,0 +1,23 @@
+//! Kubernetes and k3s: neutralize Traefik and ServiceLB at the source.
+//!
+//! - [`harden`]: k3s prevention files (config drop-in + skip marker); no API needed.
+//! - [`cluster`]: which kubeconfig, the client, and failure states with clear messages.
+//! - [`claims`]: pure functions: Services/Pods + this node + protected ports → [`PortClaim`]s.
+//! - [`pod_index`]: pod IP → pod, controller and Services, to name a DNAT target.
+//! - [`watch`]: Service and Pod watches feeding a `watch` channel of [`ClusterView`].
+//! - [`remove`]: removal plans (k3s's packaged Traefik, or objects the policy names),
+//!   each object recorded whole before deletion; restore from a record.
+
+pub mod claims;
+pub mod cluster;
+pub mod harden;
+pub mod pod_index;
+pub mod remove;
+pub mod watch;
+
+pub use claims::{ClaimVia, NodeIdentity, PortClaim};
+pub use cluster::{ClusterError, KubeconfigChoice};
+pub use harden::{HardeningStatus, hardening_status};
+pub use pod_index::{K8sSource, PodIndex};
+pub use remove::{RecordedObject, RemovalPlan, RemovalStep};
+pub use watch::{ClusterState, ClusterView, ClusterWatch, spawn_watches, start};

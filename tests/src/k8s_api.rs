@@ -1,0 +1,277 @@
+//! A stand-in Kubernetes API server on 127.0.0.1 that answers with recorded
+//! k3s API responses (fixtures under `tests/fixtures/k3s/`) and records every
+//! request it gets, so tests can assert exactly what the client asked for.
+//!
+//! No Kubernetes API server can be installed on these machines; this serves the
+//! same bytes a k3s v1.30 API server answers, over plain HTTP/1.1. Watches are
+//! served as the API does: newline-delimited `{"type":…,"object":…}` events on a
+//! response that stays open (until the client goes away or the server stops).
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+/// One answer.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// Keep the response open after the body (a watch).
+    pub stream: bool,
+}
+
+impl Answer {
+    pub fn fixture(status: u16, name: &str) -> Self {
+        Self {
+            status,
+            body: fixture(name),
+            stream: false,
+        }
+    }
+
+    pub fn watch(name: &str) -> Self {
+        Self {
+            status: 200,
+            body: fixture(name),
+            stream: true,
+        }
+    }
+}
+
+/// The bytes of one fixture file.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = fixtures_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+/// A fixture parsed as JSON.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    serde_json::from_slice(&fixture(name))
+        .unwrap_or_else(|e| panic!("fixture {name} is not JSON: {e}"))
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/k3s")
+}
+
+/// A request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
+impl SeenRequest {
+    pub fn is_watch(&self) -> bool {
+        self.query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1")
+    }
+}
+
+type Routes = HashMap<(String, String), Answer>;
+
+/// The running server; stops (and closes open watches) on drop.
+pub struct RecordedApi {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl RecordedApi {
+    /// Routes are (method, path) → answer; method "WATCH" is a GET with watch=true.
+    /// Anything else gets the API's 404 Status.
+    pub fn start(routes: impl IntoIterator<Item = (&'static str, String, Answer)>) -> Self {
+        let routes: Routes = routes
+            .into_iter()
+            .map(|(m, p, a)| ((m.to_owned(), p), a))
+            .collect();
+        let routes = Arc::new(routes);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let (routes, seen, stop) = (routes.clone(), seen.clone(), stop.clone());
+                            std::thread::spawn(move || serve(conn, &routes, &seen, &stop));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            seen,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().expect("request log").clone()
+    }
+
+    /// Writes a kubeconfig for this server (bearer token `recorded-token`) into `dir`.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        write_kubeconfig(dir, &self.url())
+    }
+}
+
+impl Drop for RecordedApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A kubeconfig for `server` in the shape k3s writes (/etc/rancher/k3s/k3s.yaml),
+/// with a token instead of client certificates because the server is plain HTTP.
+pub fn write_kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("k3s.yaml");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    server: {server}\n  name: default\n\
+         contexts:\n- context:\n    cluster: default\n    user: default\n  name: default\n\
+         current-context: default\npreferences: {{}}\nusers:\n- name: default\n  user:\n    token: recorded-token\n"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        409 => "Conflict",
+        _ => "Status",
+    }
+}
+
+fn not_found(path: &str) -> Answer {
+    Answer {
+        status: 404,
+        body: format!(
+            r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"the server could not find the requested resource ({path})","reason":"NotFound","details":{{}},"code":404}}"#
+        )
+        .into_bytes(),
+        stream: false,
+    }
+}
+
+/// One connection: one request, one answer, then close (watches stay open).
+fn serve(conn: TcpStream, routes: &Routes, seen: &Mutex<Vec<SeenRequest>>, stop: &AtomicBool) {
+    conn.set_nonblocking(false).expect("blocking conn");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone conn"));
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let target = parts.next().unwrap_or_default().to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let (mut length, mut authorization) = (0usize, None);
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            break;
+        }
+        let (name, value) = header.split_once(':').unwrap_or((&header, ""));
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().unwrap_or(0),
+            "authorization" => authorization = Some(value.trim().to_owned()),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("request body");
+    let request = SeenRequest {
+        method: method.clone(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        authorization,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let key_method = if method == "GET" && request.is_watch() {
+        "WATCH".to_owned()
+    } else {
+        method
+    };
+    seen.lock().expect("request log").push(request);
+    let answer = routes
+        .get(&(key_method, path.to_owned()))
+        .cloned()
+        .unwrap_or_else(|| not_found(path));
+    let mut out = conn;
+    let head = if answer.stream {
+        // No length: the body runs until the connection closes, as a watch does.
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+            answer.status,
+            reason(answer.status)
+        )
+    } else {
+        format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            answer.status,
+            reason(answer.status),
+            answer.body.len()
+        )
+    };
+    if out.write_all(head.as_bytes()).is_err() || out.write_all(&answer.body).is_err() {
+        return;
+    }
+    let _ = out.flush();
+    if answer.stream {
+        // Hold the watch open until the client leaves or the server stops.
+        out.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            match out.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! The Kubernetes layer against recorded k3s API responses.
+//!
+//! No Kubernetes API server can be installed on these machines, so the client
+//! talks to `RecordedApi`: a local HTTP/1.1 server on 127.0.0.1 that answers with
+//! the fixtures in `tests/fixtures/k3s/` (k3s v1.30 answers: the traefik
+//! LoadBalancer Service, ServiceLB's svclb-traefik DaemonSet and pods, the
+//! HelmCharts traefik and traefik-crd, watch event streams, 401/403/404 Status).
+//! Everything below runs the real kube client, real watchers and real requests;
+//! only the server is a stand-in.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use portguard::{
+    k8s::{
+        ClaimVia, ClusterError, ClusterState, ClusterView, NodeIdentity, RemovalStep, cluster,
+        remove, spawn_watches,
+    },
+    policy::{KubeKind, KubeObjectName, Policy, PolicySource, ProtectedPort},
+};
+use portguard_tests::k8s_api::{Answer, RecordedApi, fixture_json, write_kubeconfig};
+
+const SVCLB: &str = "svclb-traefik-3f3ed2e1";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn protected_ports() -> Vec<ProtectedPort> {
+    Policy::parse(
+        "[[ports]]\nport = 80\nowner = \"docker\"\n[[ports]]\nport = 443\nowner = \"docker\"\n\
+         [[ports]]\nport = 8443\nowner = \"docker\"\n",
+        PolicySource::Embedded,
+    )
+    .expect("test policy")
+    .ports
+}
+
+fn node() -> NodeIdentity {
+    NodeIdentity {
+        name: "k3s-node-a".into(),
+        addresses: ["198.51.100.10".parse().expect("ip")].into(),
+    }
+}
+
+fn name(s: &str) -> KubeObjectName {
+    s.parse().expect("object name")
+}
+
+fn core(path: &str) -> String {
+    format!("/api/v1/namespaces/kube-system/{path}")
+}
+
+fn apps(path: &str) -> String {
+    format!("/apis/apps/v1/namespaces/kube-system/{path}")
+}
+
+fn helm(path: &str) -> String {
+    format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{path}")
+}
+
+/// The cluster as k3s leaves it after a default install, seen by a watcher.
+fn watched_cluster() -> RecordedApi {
+    RecordedApi::start([
+        (
+            "GET",
+            "/version".into(),
+            Answer::fixture(200, "version.json"),
+        ),
+        (
+            "GET",
+            "/api/v1/services".into(),
+            Answer::fixture(200, "services.list.json"),
+        ),
+        (
+            "WATCH",
+            "/api/v1/services".into(),
+            Answer::watch("services.watch.jsonl"),
+        ),
+        (
+            "GET",
+            "/api/v1/pods".into(),
+            Answer::fixture(200, "pods.list.json"),
+        ),
+        (
+            "WATCH",
+            "/api/v1/pods".into(),
+            Answer::watch("pods.watch.jsonl"),
+        ),
+    ])
+}
+
+/// Waits for the view to satisfy `done`; panics with the last view on timeout.
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<ClusterView>,
+    done: impl Fn(&ClusterView) -> bool,
+) -> ClusterView {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        {
+            let view = rx.borrow_and_update();
+            if done(&view) {
+                return view.clone();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, rx.changed()).await.is_err() {
+            panic!("timed out; last view: {:#?}", *rx.borrow());
+        }
+    }
+}
+
+#[test]
+fn probe_reads_the_k3s_version_with_the_kubeconfig_token() {
+    let api = watched_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let version = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        cluster::probe(&client).await.expect("probe")
+    });
+    assert_eq!(version, "v1.30.6+k3s1");
+    let seen = api.requests();
+    assert_eq!(seen[0].path, "/version");
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some("Bearer recorded-token")
+    );
+}
+
+#[test]
+fn watches_find_traefik_loadbalancer_svclb_hostports_and_a_watched_external_ip() {
+    let api = watched_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let rt = runtime();
+    let view = rt.block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        let mut watch = spawn_watches(client, node(), protected_ports());
+        // The edge Service only arrives as an ADDED event on the watch stream.
+        wait_for(&mut watch.view, |v| {
+            v.state == ClusterState::Watching && v.claims.iter().any(|c| c.object.name == "edge")
+        })
+        .await
+    });
+
+    let shown: BTreeSet<String> = view.claims.iter().map(ToString::to_string).collect();
+    let expected: BTreeSet<String> = [
+        "tcp/80 claimed by kube-system/service/traefik via LoadBalancer ingress 198.51.100.10",
+        "tcp/443 claimed by kube-system/service/traefik via LoadBalancer ingress 198.51.100.10",
+        "tcp/80 claimed by kube-system/pod/svclb-traefik-3f3ed2e1-x7k2p via hostPort of container lb-tcp-80 (→ 80), \
+         controller kube-system/daemonset/svclb-traefik-3f3ed2e1, for kube-system/service/traefik",
+        "tcp/443 claimed by kube-system/pod/svclb-traefik-3f3ed2e1-x7k2p via hostPort of container lb-tcp-443 (→ 443), \
+         controller kube-system/daemonset/svclb-traefik-3f3ed2e1, for kube-system/service/traefik",
+        "tcp/8443 claimed by web/service/edge via externalIP 198.51.100.10",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    // Not claims: the ingress IP 203.0.113.20 is another node's; the kubernetes
+    // Service is ClusterIP; Traefik's own pod has containerPort 8443 but no hostPort.
+    assert_eq!(shown, expected);
+    assert!(
+        view.claims
+            .iter()
+            .filter(|c| c.object.namespace == "kube-system")
+            .all(|c| c.packaged_traefik),
+        "{:#?}",
+        view.claims
+    );
+    assert!(
+        view.claims
+            .iter()
+            .any(|c| matches!(c.via, ClaimVia::HostPort { .. }))
+    );
+
+    // The DNAT targets link back to the objects.
+    let lookup = |ip: &str| {
+        view.pods
+            .lookup_target(ip.parse::<IpAddr>().expect("ip"))
+            .cloned()
+    };
+    let traefik = lookup("10.42.0.9").expect("traefik pod IP");
+    assert_eq!(
+        traefik.pod,
+        name("kube-system/pod/traefik-5d45fc8cc9-w2xj9")
+    );
+    assert_eq!(
+        traefik.controller,
+        Some(name("kube-system/deployment/traefik"))
+    );
+    assert_eq!(traefik.services, [name("kube-system/service/traefik")]);
+    assert_eq!(
+        traefik.to_string(),
+        "pod kube-system/traefik-5d45fc8cc9-w2xj9 (kube-system/deployment/traefik), Service kube-system/traefik"
+    );
+    let svclb = lookup("10.42.0.8").expect("svclb pod IP");
+    assert_eq!(
+        svclb.controller,
+        Some(name(&format!("kube-system/daemonset/{SVCLB}")))
+    );
+    assert_eq!(svclb.services, [name("kube-system/service/traefik")]);
+    assert!(
+        lookup("10.42.0.6").is_none(),
+        "a finished helm job pod holds nothing"
+    );
+
+    // Watched, not polled: one list and at least one watch per resource.
+    let seen = api.requests();
+    for path in ["/api/v1/services", "/api/v1/pods"] {
+        assert!(
+            seen.iter().any(|r| r.path == path && !r.is_watch()),
+            "no list of {path}"
+        );
+        assert!(
+            seen.iter().any(|r| r.path == path && r.is_watch()),
+            "no watch of {path}"
+        );
+    }
+    assert!(
+        seen.iter().all(|r| r.method == "GET"),
+        "watching changed something: {seen:#?}"
+    );
+}
+
+/// The k3s-default cluster for removal: every object of the packaged Traefik.
+fn removable_cluster(helmchart_crd_present: bool) -> RecordedApi {
+    let mut routes = vec![
+        (
+            "GET",
+            apps("daemonsets"),
+            Answer::fixture(200, "daemonsets.kube-system.list.json"),
+        ),
+        (
+            "GET",
+            core("services/traefik"),
+            Answer::fixture(200, "service.traefik.json"),
+        ),
+        (
+            "DELETE",
+            core("services/traefik"),
+            Answer::fixture(200, "service.traefik.deleted.json"),
+        ),
+        (
+            "GET",
+            apps(&format!("daemonsets/{SVCLB}")),
+            Answer::fixture(200, &format!("daemonset.{SVCLB}.json")),
+        ),
+        (
+            "DELETE",
+            apps(&format!("daemonsets/{SVCLB}")),
+            Answer::fixture(200, "status.success.daemonset.json"),
+        ),
+        (
+            "GET",
+            helm("traefik"),
+            Answer::fixture(200, "helmchart.traefik.json"),
+        ),
+        (
+            "DELETE",
+            helm("traefik"),
+            Answer::fixture(200, "helmchart.traefik.json"),
+        ),
+    ];
+    if helmchart_crd_present {
+        routes.push((
+            "GET",
+            helm("traefik-crd"),
+            Answer::fixture(200, "helmchart.traefik-crd.json"),
+        ));
+        routes.push((
+            "DELETE",
+            helm("traefik-crd"),
+            Answer::fixture(200, "helmchart.traefik-crd.json"),
+        ));
+    } else {
+        routes.push((
+            "GET",
+            helm("traefik-crd"),
+            Answer::fixture(404, "status.404.helmchart.json"),
+        ));
+    }
+    RecordedApi::start(routes)
+}
+
+#[test]
+fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_objects() {
+    let api = removable_cluster(true);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut records: Vec<(KubeObjectName, serde_json::Value, usize)> = Vec::new();
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &remove::k3s_traefik_plan(), |recorded| {
+            // Written before its DELETE: count the DELETEs the server has seen so far.
+            let deletes = api
+                .requests()
+                .iter()
+                .filter(|r| r.method == "DELETE")
+                .count();
+            records.push((recorded.object.clone(), recorded.manifest.clone(), deletes));
+            Ok::<(), String>(())
+        })
+        .await
+        .expect("plan resolves")
+    });
+
+    let deletes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            core("services/traefik"),
+            apps(&format!("daemonsets/{SVCLB}")),
+            helm("traefik"),
+            helm("traefik-crd"),
+        ]
+    );
+    assert_eq!(steps.len(), 4);
+    assert!(
+        steps
+            .iter()
+            .all(|s| matches!(s, RemovalStep::Removed { .. })),
+        "{steps:#?}"
+    );
+
+    let fixtures = [
+        "service.traefik.json".to_owned(),
+        format!("daemonset.{SVCLB}.json"),
+        "helmchart.traefik.json".to_owned(),
+        "helmchart.traefik-crd.json".to_owned(),
+    ];
+    assert_eq!(records.len(), 4);
+    for (i, ((object, manifest, deletes_before), fixture)) in
+        records.iter().zip(&fixtures).enumerate()
+    {
+        assert_eq!(
+            *deletes_before, i,
+            "{object} was recorded after a later DELETE"
+        );
+        // Whole: byte-for-byte the same JSON value the API returned.
+        assert_eq!(
+            manifest,
+            &fixture_json(fixture),
+            "{object} not recorded whole"
+        );
+    }
+    assert_eq!(records[0].0.kind, KubeKind::Service);
+    assert_eq!(records[1].0.kind, KubeKind::DaemonSet);
+
+    // Each DELETE carries the recorded uid as a precondition.
+    for request in api.requests().iter().filter(|r| r.method == "DELETE") {
+        let body: serde_json::Value =
+            serde_json::from_str(&request.body).expect("delete body is JSON");
+        let uid = body.pointer("/preconditions/uid").and_then(|u| u.as_str());
+        assert!(
+            uid.is_some_and(|u| !u.is_empty()),
+            "{}: {body}",
+            request.path
+        );
+    }
+    let service_delete = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE" && r.path == core("services/traefik"))
+        .expect("service delete");
+    assert!(
+        service_delete
+            .body
+            .contains("3f3ed2e1-7c4a-4b7e-9a55-2f1d0c8e6b21")
+    );
+}
+
+#[test]
+fn a_missing_helmchart_is_already_gone_and_not_deleted() {
+    let api = removable_cluster(false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &remove::k3s_traefik_plan(), |_| {
+            Ok::<(), String>(())
+        })
+        .await
+        .expect("plan resolves")
+    });
+    assert_eq!(steps.len(), 4);
+    assert_eq!(
+        steps[3],
+        RemovalStep::AlreadyGone {
+            object: name("kube-system/helmchart/traefik-crd")
+        }
+    );
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path == helm("traefik-crd"))
+    );
+}
+
+#[test]
+fn a_refused_record_deletes_nothing() {
+    let api = removable_cluster(true);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &remove::k3s_traefik_plan(), |_| {
+            Err("audit log is full")
+        })
+        .await
+        .expect("plan resolves")
+    });
+    assert!(
+        steps.iter().all(
+            |s| matches!(s, RemovalStep::NotRecorded { error, .. } if error == "audit log is full")
+        ),
+        "{steps:#?}"
+    );
+    assert!(!api.requests().iter().any(|r| r.method == "DELETE"));
+}
+
+#[test]
+fn restore_posts_the_manifest_without_server_owned_fields() {
+    let api = RecordedApi::start([(
+        "POST",
+        core("services"),
+        Answer::fixture(201, "service.traefik.json"),
+    )]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let recorded = fixture_json("service.traefik.json");
+    let restored = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::restore(&client, &recorded).await.expect("restore")
+    });
+    assert_eq!(restored, name("kube-system/service/traefik"));
+    let posts: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1);
+    let body: serde_json::Value = serde_json::from_str(&posts[0].body).expect("POST body is JSON");
+    let meta = body.get("metadata").expect("metadata");
+    for gone in [
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        assert!(meta.get(gone).is_none(), "{gone} was POSTed: {meta}");
+    }
+    assert!(body.get("status").is_none());
+    assert_eq!(meta.get("labels"), recorded.pointer("/metadata/labels"));
+    assert_eq!(
+        body.get("spec"),
+        recorded.get("spec"),
+        "the spec goes back unchanged"
+    );
+    assert_eq!(body.get("kind").and_then(|k| k.as_str()), Some("Service"));
+}
+
+#[test]
+fn forbidden_watch_is_a_failing_state_with_the_apis_message() {
+    let api = RecordedApi::start([
+        (
+            "GET",
+            "/api/v1/services".into(),
+            Answer::fixture(403, "status.403.services.json"),
+        ),
+        (
+            "GET",
+            "/api/v1/pods".into(),
+            Answer::fixture(200, "pods.list.json"),
+        ),
+        (
+            "WATCH",
+            "/api/v1/pods".into(),
+            Answer::watch("pods.watch.jsonl"),
+        ),
+    ]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let view = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        let mut watch = spawn_watches(client, node(), protected_ports());
+        wait_for(&mut watch.view, |v| {
+            matches!(v.state, ClusterState::Failing { .. })
+        })
+        .await
+    });
+    let ClusterState::Failing { error } = &view.state else {
+        unreachable!()
+    };
+    assert!(matches!(error, ClusterError::Forbidden { .. }), "{error:?}");
+    assert_eq!(
+        view.state.to_string(),
+        "failing: Kubernetes API forbids watching Services (403): services is forbidden: User \
+         \"system:serviceaccount:default:portguard\" cannot list resource \"services\" in API group \"\" at the cluster scope"
+    );
+}
+
+#[test]
+fn rejected_credentials_and_unreachable_api_are_clear_states() {
+    let api = RecordedApi::start([(
+        "GET",
+        "/version".into(),
+        Answer::fixture(401, "status.401.json"),
+    )]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    // A port nothing listens on: bind one, note it, let it go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let gone_dir = tempfile::tempdir().expect("temp dir");
+    let unreachable = write_kubeconfig(gone_dir.path(), &format!("http://{closed}"));
+    let (rejected, refused) = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        let rejected = cluster::probe(&client).await.expect_err("401 must fail");
+        let client = cluster::connect(&unreachable).await.expect("client");
+        let refused = cluster::probe(&client)
+            .await
+            .expect_err("closed port must fail");
+        (rejected, refused)
+    });
+    assert_eq!(
+        rejected.to_string(),
+        "Kubernetes API rejected the credentials (401) while asking the server version: Unauthorized"
+    );
+    assert!(
+        matches!(refused, ClusterError::Unreachable { .. }),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .to_string()
+            .starts_with("Kubernetes API unreachable: asking the server version"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn recorded_fixtures_parse_as_k8s_openapi_types() {
+    // The fixtures are only worth something if they are what the API sends:
+    // every one must deserialize into the real types.
+    use k8s_openapi::{
+        List,
+        api::{
+            apps::v1::DaemonSet,
+            core::v1::{Pod, Service},
+        },
+    };
+    let _: List<Service> =
+        serde_json::from_value(fixture_json("services.list.json")).expect("ServiceList");
+    let _: List<Pod> = serde_json::from_value(fixture_json("pods.list.json")).expect("PodList");
+    let _: List<DaemonSet> =
+        serde_json::from_value(fixture_json("daemonsets.kube-system.list.json"))
+            .expect("DaemonSetList");
+    let _: Service = serde_json::from_value(fixture_json("service.traefik.json")).expect("Service");
+    let _: DaemonSet = serde_json::from_value(fixture_json(&format!("daemonset.{SVCLB}.json")))
+        .expect("DaemonSet");
+}
+
+#[test]
+fn start_with_a_broken_kubeconfig_is_a_failing_state_not_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("k3s.yaml");
+    std::fs::write(&bad, "clusters: [").expect("write");
+    let policy = Policy::parse("", PolicySource::Embedded).expect("empty policy");
+    let view = runtime().block_on(async {
+        let watch = portguard::k8s::start(Some(&bad), &policy, node()).await;
+        watch.view.borrow().clone()
+    });
+    let ClusterState::Failing { error } = &view.state else {
+        panic!("expected Failing, got {:?}", view.state)
+    };
+    assert!(
+        matches!(error, ClusterError::Kubeconfig { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("kubeconfig {}: ", bad.display())),
+        "{error}"
+    );
+}
