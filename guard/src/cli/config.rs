@@ -251,7 +251,7 @@ mod tests {
                     ports.push(e);
                 }
             }
-            Policy { mode, ports }
+            Policy { mode, ports, kubernetes: Default::default() }
         }
     }
 
