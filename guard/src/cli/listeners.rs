@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::PolicyArgs;
 use crate::{
-    ebpf::{BindPolicy, Ownership, ProcessIdentity, resolve_local},
+    ebpf::{BindPolicy, Ownership, ProcessIdentity},
+    owners::Owners,
     policy::Policy,
     sys::{cgroup, process::ProcessInfo, sockets, workload::Workload},
 };
@@ -41,7 +42,11 @@ struct Holder {
 pub fn main(args: ListenersArgs) -> anyhow::Result<ExitCode> {
     let (policy, _) = Policy::load(args.policy.config.as_deref())?;
     let root = cgroup::unified_root()?;
-    let maps = BindPolicy::build(&policy, |o| resolve_local(o, &root));
+    let owners = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(Owners::new(policy.clone()).resolve_once());
+    let maps = BindPolicy::from_owners(&policy, &owners);
     let mut holders = Vec::new();
     for l in sockets::listeners() {
         if policy.find(l.port, l.proto).is_none() {

@@ -1,8 +1,8 @@
 //! The command line: one module per subcommand.
 
 pub mod config;
-pub mod listeners;
 pub mod k3s;
+pub mod listeners;
 pub mod run;
 
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! `portguard run`: the agent.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 
 use super::PolicyArgs;
 use crate::{
-    ebpf::{BindGuard, BindPolicy, BindRecord, KernelLogger, btf, read_bind_event, resolve_local},
+    ebpf::{BindGuard, BindPolicy, BindRecord, KernelLogger, btf, read_bind_event},
+    owners::Owners,
     policy::{Mode, Policy, PolicySource},
     sys::{
         cgroup::{self, CgroupPaths},
@@ -58,10 +59,6 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<(Policy, PolicySource)> {
     Ok((policy, source))
 }
 
-fn bind_policy(policy: &Policy, cgroup_root: &Path) -> BindPolicy {
-    BindPolicy::build(policy, |owner| resolve_local(owner, cgroup_root))
-}
-
 /// Applies new map contents, saying once why a port is observed instead of enforced.
 fn apply(guard: &mut BindGuard, old: Option<&BindPolicy>, new: &BindPolicy) -> anyhow::Result<()> {
     guard.apply(new)?;
@@ -85,8 +82,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Default::default()
     });
 
+    // Owners first: the guard must know them before it denies anyone.
+    let (mut owners, mut owners_task) = Owners::new(policy.clone()).spawn().await;
     let (mut guard, logger) = BindGuard::load_and_attach(&target)?;
-    let mut maps = bind_policy(&policy, &root);
+    let mut maps = BindPolicy::from_owners(&policy, &owners.borrow_and_update());
     apply(&mut guard, None, &maps)?;
     guard.arm(host_cookie, exe_offsets)?;
     let events = guard.take_events()?;
@@ -122,7 +121,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 // A bad policy is rejected with its error; the old one stays in force.
                 match load_policy(&args) {
                     Ok((new, source)) => {
-                        let new_maps = bind_policy(&new, &root);
+                        owners_task.abort();
+                        (owners, owners_task) = Owners::new(new.clone()).spawn().await;
+                        let new_maps = BindPolicy::from_owners(&new, &owners.borrow_and_update());
                         apply(&mut guard, Some(&maps), &new_maps)?;
                         info!(policy = %source, mode = %new.mode, ports = new_maps.ports.len(), "policy reloaded");
                         (policy, maps) = (new, new_maps);
@@ -130,15 +131,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     Err(e) => error!("policy reload rejected, keeping the current policy: {e:#}"),
                 }
             }
-            _ = tick.tick() => {
-                // Owners come and go (a unit restarts into a new cgroup, a binary is
-                // replaced); the kernel must follow without a restart.
-                let fresh = bind_policy(&policy, &root);
+            changed = owners.changed() => {
+                // Owners come and go (a container restarts, a unit gets a new cgroup, a
+                // binary is replaced); the kernel follows without a restart.
+                changed.context("the owners task stopped")?;
+                let fresh = BindPolicy::from_owners(&policy, &owners.borrow_and_update());
                 if fresh != maps {
                     apply(&mut guard, Some(&maps), &fresh)?;
-                    info!("owners changed: bind guard updated");
+                    info!(
+                        owner_cgroups = fresh.owner_cgroups.len(),
+                        owner_exes = fresh.owner_exes.len(),
+                        "owners changed: bind guard updated"
+                    );
                     maps = fresh;
                 }
+            }
+            _ = tick.tick() => {
                 // A full ring buffer is never silent.
                 let dropped = guard.counters()?.ringbuf_dropped;
                 if dropped > drops_seen {
@@ -153,6 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     tasks.abort_all();
+    owners_task.abort();
     let counters = guard.counters()?;
     drop(guard);
     info!(

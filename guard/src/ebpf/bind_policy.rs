@@ -9,28 +9,10 @@ use guard_common::{OwnerCgroupKey, OwnerExeKey};
 
 use super::PortEntry;
 use crate::{
-    policy::{Mode, OwnerSpec, Policy},
+    owners::{Found, ResolvedOwners},
+    policy::{Mode, Policy},
     sys::cgroup,
 };
-
-/// An identity the kernel can check for one owner.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BindIdentity {
-    /// Processes in this cgroup v2 (or below it), by cgroup id.
-    Cgroup(u64),
-    /// Processes running this file, by inode and kernel device number.
-    Exe { ino: u64, dev: u32 },
-}
-
-/// What one owner spec resolved to right now.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolution {
-    /// These identities may bind (possibly none: the owner is absent right now).
-    Resolved(Vec<BindIdentity>),
-    /// The owner cannot be resolved by the bind guard yet (e.g. its source is
-    /// unreachable): strangers are observed, not denied, so an owner is never locked out.
-    Unresolvable(String),
-}
 
 /// The maps' contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,46 +37,51 @@ pub enum Ownership {
 }
 
 impl BindPolicy {
-    /// `resolve` says what each owner spec of the policy is right now.
-    pub fn build(policy: &Policy, mut resolve: impl FnMut(&OwnerSpec) -> Resolution) -> Self {
+    /// What the kernel enforces for `policy`, given its owners as resolved now.
+    ///
+    /// docker-proxy is allowed by its executable (the model lists it among a
+    /// Docker port's executables), not by its cgroup, which is dockerd's and
+    /// far broader than the proxy.
+    pub fn from_owners(policy: &Policy, owners: &ResolvedOwners) -> Self {
         let mut out = Self::default();
-        for entry in &policy.ports {
+        for (entry, resolved) in policy.ports.iter().zip(&owners.ports) {
             let proto = entry.proto.ip_proto();
             let mut enforce = policy.mode_of(entry) == Mode::Enforce;
-            for owner in &entry.owner {
-                match resolve(owner) {
-                    Resolution::Resolved(ids) => {
-                        for id in ids {
-                            for port in entry.port.iter() {
-                                match id {
-                                    BindIdentity::Cgroup(cg) => {
-                                        out.owner_cgroups.push(OwnerCgroupKey::new(cg, port, proto))
-                                    }
-                                    BindIdentity::Exe { ino, dev } => {
-                                        out.owner_exes.push(OwnerExeKey::new(ino, dev, port, proto))
-                                    }
-                                }
-                            }
-                        }
+            for owner in &resolved.owners {
+                if let Found::DockerUnreachable { reason } = &owner.found {
+                    // Denying while the owner cannot be known would lock Docker out of
+                    // its own ports the moment dockerd comes back: observe instead.
+                    if enforce {
+                        out.warnings.push(format!(
+                            "{}/{}: observing instead of enforcing, owner {} unresolved: {reason}",
+                            entry.proto, entry.port, owner.spec
+                        ));
                     }
-                    Resolution::Unresolvable(why) => {
-                        if enforce {
-                            out.warnings.push(format!(
-                                "{}/{}: observing instead of enforcing, owner {owner} unresolved: {why}",
-                                entry.proto, entry.port
-                            ));
-                        }
-                        enforce = false;
-                        out.unresolved
-                            .extend(entry.port.iter().map(|port| (port, proto)));
-                    }
+                    enforce = false;
+                    out.unresolved
+                        .extend(entry.port.iter().map(|port| (port, proto)));
                 }
             }
-            out.ports.extend(entry.port.iter().map(|port| PortEntry {
-                port,
-                proto,
-                enforce,
-            }));
+            for port in entry.port.iter() {
+                let allowed = resolved.bind_owners(port);
+                out.owner_cgroups.extend(
+                    allowed
+                        .cgroups
+                        .iter()
+                        .map(|id| OwnerCgroupKey::new(*id, port, proto)),
+                );
+                out.owner_exes.extend(
+                    allowed
+                        .exes
+                        .iter()
+                        .map(|e| OwnerExeKey::new(e.ino, e.kernel_dev(), port, proto)),
+                );
+                out.ports.push(PortEntry {
+                    port,
+                    proto,
+                    enforce,
+                });
+            }
         }
         out
     }
@@ -148,45 +135,6 @@ impl ProcessIdentity {
     }
 }
 
-/// Resolves the owner kinds that need no outside service: `cgroup:` and `exe:`
-/// (by the file's inode, so a renamed or copied binary is a stranger) and
-/// `unit:` (the unit's cgroup under system.slice). Docker owners need the
-/// Docker owners source and are unresolvable here.
-pub fn resolve_local(owner: &OwnerSpec, cgroup_root: &Path) -> Resolution {
-    match owner {
-        OwnerSpec::Cgroup(path) => {
-            let dir = cgroup_root.join(path.strip_prefix("/").unwrap_or(path));
-            Resolution::Resolved(
-                cgroup::cgroup_id(&dir)
-                    .map(BindIdentity::Cgroup)
-                    .into_iter()
-                    .collect(),
-            )
-        }
-        OwnerSpec::Exe(path) => Resolution::Resolved(
-            std::fs::metadata(path)
-                .map(|m| BindIdentity::Exe {
-                    ino: m.ino(),
-                    dev: kernel_dev(m.dev()),
-                })
-                .into_iter()
-                .collect(),
-        ),
-        OwnerSpec::Unit(unit) => {
-            let dir = cgroup_root.join("system.slice").join(unit);
-            Resolution::Resolved(
-                cgroup::cgroup_id(&dir)
-                    .map(BindIdentity::Cgroup)
-                    .into_iter()
-                    .collect(),
-            )
-        }
-        OwnerSpec::Docker | OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. } => {
-            Resolution::Unresolvable("Docker owners are not resolved by this agent yet".into())
-        }
-    }
-}
-
 /// The kernel's internal dev_t (major << 20 | minor) for a userspace `st_dev`.
 pub fn kernel_dev(st_dev: u64) -> u32 {
     (libc::major(st_dev) << 20) | libc::minor(st_dev)
@@ -195,20 +143,69 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{PolicySource, Proto};
+    use crate::{
+        owners::{CgroupRef, DockerStatus, ExeId, ResolvedOwner, ResolvedPort},
+        policy::{OwnerSpec, PolicySource, Proto},
+    };
 
     fn policy(text: &str) -> Policy {
         Policy::parse(text, PolicySource::Embedded).unwrap()
+    }
+
+    /// A model where every owner of every entry resolved to `found(spec)`.
+    fn owners(policy: &Policy, found: impl Fn(&OwnerSpec) -> Found) -> ResolvedOwners {
+        ResolvedOwners {
+            docker: DockerStatus::Unreachable {
+                reason: "test".into(),
+            },
+            cgroup_root: None,
+            ports: policy
+                .ports
+                .iter()
+                .map(|e| ResolvedPort {
+                    proto: e.proto,
+                    port: e.port,
+                    owners: e
+                        .owner
+                        .iter()
+                        .map(|spec| ResolvedOwner {
+                            spec: spec.clone(),
+                            found: found(spec),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn cgroup(id: u64) -> Found {
+        Found::Cgroup(CgroupRef {
+            path: "/x".into(),
+            id,
+        })
+    }
+
+    fn exe(ino: u64) -> Found {
+        Found::Exe {
+            path: "/bin/x".into(),
+            id: ExeId {
+                dev: libc::makedev(8, 1),
+                ino,
+            },
+        }
     }
 
     #[test]
     fn ranges_expand_and_identities_attach_to_every_port() {
         let p =
             policy("[[ports]]\nport = \"8000-8002\"\nowner = [\"cgroup:/a\", \"exe:/bin/x\"]\n");
-        let bp = BindPolicy::build(&p, |o| match o {
-            OwnerSpec::Cgroup(_) => Resolution::Resolved(vec![BindIdentity::Cgroup(7)]),
-            _ => Resolution::Resolved(vec![BindIdentity::Exe { ino: 9, dev: 3 }]),
-        });
+        let bp = BindPolicy::from_owners(
+            &p,
+            &owners(&p, |o| match o {
+                OwnerSpec::Cgroup(_) => cgroup(7),
+                _ => exe(9),
+            }),
+        );
         assert_eq!(bp.ports.len(), 3);
         assert!(
             bp.ports
@@ -221,18 +218,26 @@ mod tests {
                 .map(|p| OwnerCgroupKey::new(7, p, 6))
                 .collect::<Vec<_>>()
         );
-        assert_eq!(bp.owner_exes[2], OwnerExeKey::new(9, 3, 8002, 6));
+        assert_eq!(bp.owner_exes[2], OwnerExeKey::new(9, 8 << 20 | 1, 8002, 6));
+        assert!(bp.warnings.is_empty());
     }
 
     #[test]
-    fn unresolvable_owner_turns_enforce_into_observe() {
+    fn unreachable_docker_turns_enforce_into_observe() {
         let p = policy(
             "[[ports]]\nport = 80\nowner = \"docker\"\n[[ports]]\nport = 81\nowner = \"cgroup:/x\"\n",
         );
-        let bp = BindPolicy::build(&p, |o| match o {
-            OwnerSpec::Docker => Resolution::Unresolvable("down".into()),
-            _ => Resolution::Resolved(vec![]),
-        });
+        let bp = BindPolicy::from_owners(
+            &p,
+            &owners(&p, |o| match o {
+                OwnerSpec::Docker => Found::DockerUnreachable {
+                    reason: "down".into(),
+                },
+                _ => Found::Missing {
+                    reason: "absent".into(),
+                },
+            }),
+        );
         assert_eq!(
             bp.ports,
             [
@@ -248,6 +253,9 @@ mod tests {
                 },
             ]
         );
+        assert_eq!(bp.unresolved, [(80, 6)]);
+        assert_eq!(bp.warnings.len(), 1);
+        assert!(bp.warnings[0].contains("tcp/80") && bp.warnings[0].contains("down"));
     }
 
     #[test]
@@ -255,22 +263,28 @@ mod tests {
         let p = policy(
             "[[ports]]\nport = 80\nowner = [\"cgroup:/a\", \"exe:/x\"]\n[[ports]]\nport = 443\nowner = \"docker\"\n",
         );
-        let bp = BindPolicy::build(&p, |o| match o {
-            OwnerSpec::Cgroup(_) => Resolution::Resolved(vec![BindIdentity::Cgroup(5)]),
-            OwnerSpec::Exe(_) => Resolution::Resolved(vec![BindIdentity::Exe { ino: 9, dev: 1 }]),
-            _ => Resolution::Unresolvable("no docker".into()),
-        });
+        let bp = BindPolicy::from_owners(
+            &p,
+            &owners(&p, |o| match o {
+                OwnerSpec::Cgroup(_) => cgroup(5),
+                OwnerSpec::Exe(_) => exe(9),
+                _ => Found::DockerUnreachable {
+                    reason: "no docker".into(),
+                },
+            }),
+        );
+        let dev = 8 << 20 | 1;
         let child_of_owner = ProcessIdentity {
             cgroup_ids: vec![1, 5, 77],
             exe: None,
         };
         let runs_owner_exe = ProcessIdentity {
             cgroup_ids: vec![1],
-            exe: Some((9, 1)),
+            exe: Some((9, dev)),
         };
         let stranger = ProcessIdentity {
             cgroup_ids: vec![1, 2],
-            exe: Some((9, 2)),
+            exe: Some((9, dev + 1)),
         };
         assert_eq!(bp.ownership(80, 6, &child_of_owner), Ownership::Owner);
         assert_eq!(bp.ownership(80, 6, &runs_owner_exe), Ownership::Owner);
@@ -293,30 +307,8 @@ mod tests {
     #[test]
     fn observe_mode_never_enforces() {
         let p = policy("mode = \"observe\"\n[[ports]]\nport = 80\nowner = \"cgroup:/x\"\n");
-        let bp = BindPolicy::build(&p, |_| Resolution::Resolved(vec![BindIdentity::Cgroup(1)]));
+        let bp = BindPolicy::from_owners(&p, &owners(&p, |_| cgroup(1)));
         assert!(!bp.ports[0].enforce);
         assert_eq!(bp.owner_cgroups.len(), 1);
-    }
-
-    #[test]
-    fn local_exe_identity_is_the_inode_not_the_name() {
-        let dir = std::env::temp_dir().join(format!("pg-exe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("nginx"), dir.join("copy"));
-        std::fs::write(&a, b"#!/bin/true\n").unwrap();
-        std::fs::copy(&a, &b).unwrap();
-        let root = Path::new("/nonexistent");
-        let ra = resolve_local(&OwnerSpec::Exe(a.clone()), root);
-        let rb = resolve_local(&OwnerSpec::Exe(b), root);
-        assert_ne!(ra, rb, "a copy is another file");
-        let Resolution::Resolved(ids) = ra else {
-            panic!()
-        };
-        assert_eq!(ids.len(), 1);
-        assert_eq!(
-            resolve_local(&OwnerSpec::Exe(dir.join("missing")), root),
-            Resolution::Resolved(vec![])
-        );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

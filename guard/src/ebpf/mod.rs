@@ -16,9 +16,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupSockAddr, ProgramError, links::CgroupAttachMode},
 };
-pub use bind_policy::{
-    BindIdentity, BindPolicy, Ownership, ProcessIdentity, Resolution, kernel_dev, resolve_local,
-};
+pub use bind_policy::{BindPolicy, Ownership, ProcessIdentity, kernel_dev};
 pub use event::{BindRecord, read_bind_event};
 use guard_common::{
     Counters, ExeOffsets, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG,
