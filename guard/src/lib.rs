@@ -3,8 +3,11 @@
 //! Data flows one way: sources (eBPF ring buffer, nftables and Docker events)
 //! feed typed events to one owner of state, which decides, acts and records.
 
+pub mod audit;
 pub mod cli;
 pub mod ebpf;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
+pub mod report;
 pub mod sys;

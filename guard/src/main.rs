@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => portguard::cli::run::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
+        Command::Report(args) => portguard::cli::report::main(args),
+        Command::AuditSelftest(args) => portguard::cli::audit_selftest::main(args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,8 @@
 //! The command line: one module per subcommand.
 
+pub mod audit_selftest;
 pub mod config;
+pub mod report;
 pub mod run;
 
 use std::path::PathBuf;
@@ -31,6 +33,11 @@ pub enum Command {
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Summarise the audit trail: hijacks blocked, binds denied, state of each port.
+    Report(report::ReportArgs),
+    /// Crash-test helper: append a burst of audit records (hidden).
+    #[command(hide = true)]
+    AuditSelftest(audit_selftest::AuditSelftestArgs),
 }
 
 /// `--config FILE`, shared by every subcommand that reads the policy.

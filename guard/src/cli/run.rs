@@ -3,8 +3,8 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use guard_common::OwnerCgroupKey;
 use aya::maps::{MapData, RingBuf};
+use guard_common::OwnerCgroupKey;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::SignalKind,
@@ -117,7 +117,12 @@ fn port_entries(policy: &Policy) -> Vec<PortEntry> {
     let mut out = Vec::new();
     for entry in &policy.ports {
         let mut enforce = policy.mode_of(entry) == Mode::Enforce;
-        if enforce && entry.owner.iter().any(|o| !matches!(o, OwnerSpec::Cgroup(_))) {
+        if enforce
+            && entry
+                .owner
+                .iter()
+                .any(|o| !matches!(o, OwnerSpec::Cgroup(_)))
+        {
             warn!(
                 port = %entry.port,
                 proto = %entry.proto,
@@ -141,7 +146,9 @@ fn owner_cgroups(policy: &Policy, root: &std::path::Path) -> Vec<OwnerCgroupKey>
     let mut out = Vec::new();
     for entry in &policy.ports {
         for owner in &entry.owner {
-            let OwnerSpec::Cgroup(path) = owner else { continue };
+            let OwnerSpec::Cgroup(path) = owner else {
+                continue;
+            };
             let dir = root.join(path.strip_prefix("/").unwrap_or(path));
             match cgroup::cgroup_id(&dir) {
                 Ok(id) => out.extend(
@@ -150,7 +157,9 @@ fn owner_cgroups(policy: &Policy, root: &std::path::Path) -> Vec<OwnerCgroupKey>
                         .iter()
                         .map(|port| OwnerCgroupKey::new(id, port, entry.proto.ip_proto())),
                 ),
-                Err(e) => warn!(owner = %owner, "owner cgroup not found, nobody there may bind: {e}"),
+                Err(e) => {
+                    warn!(owner = %owner, "owner cgroup not found, nobody there may bind: {e}")
+                }
             }
         }
     }
@@ -195,9 +204,7 @@ async fn read_binds(events: RingBuf<MapData>, host_cookie: u64) -> anyhow::Resul
     }
 }
 
-async fn read_kernel_log(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> anyhow::Result<()> {
+async fn read_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open until dropped.
     let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(std::io::Error::from)

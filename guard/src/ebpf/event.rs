@@ -39,11 +39,17 @@ pub struct BindRecord {
 impl BindRecord {
     pub fn new(ev: &BindEvent, host_netns_cookie: u64) -> Self {
         let addr = if ev.family == AF_INET {
-            IpAddr::V4(Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]))
+            IpAddr::V4(Ipv4Addr::new(
+                ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3],
+            ))
         } else {
             IpAddr::V6(Ipv6Addr::from(ev.addr))
         };
-        let comm_len = ev.comm.iter().position(|b| *b == 0).unwrap_or(ev.comm.len());
+        let comm_len = ev
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(ev.comm.len());
         Self {
             pid: ev.pid,
             tgid: ev.tgid,

@@ -21,7 +21,8 @@ use guard_common::{
 };
 
 /// The compiled kernel programs, built by `build.rs` from `guard-ebpf`.
-static GUARD_EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard-ebpf"));
+static GUARD_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -29,7 +30,9 @@ pub enum GuardError {
         "this portguard binary was built without its kernel programs (AYA_BUILD_SKIP); rebuild with `cargo xtask setup` done"
     )]
     NotBuilt,
-    #[error("loading the kernel programs failed (needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN): {0}")]
+    #[error(
+        "loading the kernel programs failed (needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program {
@@ -37,7 +40,10 @@ pub enum GuardError {
         source: ProgramError,
     },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} is missing from the kernel object")]
     MissingMap(&'static str),
     #[error("opening cgroup {path}: {source}")]
@@ -69,7 +75,9 @@ impl BindGuard {
     /// Loads the programs and attaches `bind4`/`bind6` to the cgroup v2 directory
     /// `cgroup`, alongside any other programs there. They let every bind through
     /// until [`BindGuard::arm`] is called.
-    pub fn load_and_attach(cgroup: &Path) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), GuardError> {
+    pub fn load_and_attach(
+        cgroup: &Path,
+    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), GuardError> {
         if GUARD_EBPF_OBJECT.is_empty() {
             return Err(GuardError::NotBuilt);
         }
@@ -140,7 +148,10 @@ impl BindGuard {
     }
 
     /// Replaces the protected ports with `entries`, touching only what changed.
-    pub fn set_ports(&mut self, entries: impl IntoIterator<Item = PortEntry>) -> Result<(), GuardError> {
+    pub fn set_ports(
+        &mut self,
+        entries: impl IntoIterator<Item = PortEntry>,
+    ) -> Result<(), GuardError> {
         let wanted: BTreeMap<(u16, u8), bool> = entries
             .into_iter()
             .map(|e| ((e.port, e.proto), e.enforce))
@@ -156,7 +167,8 @@ impl BindGuard {
                     flags: if enforce { PORT_ENFORCE } else { 0 },
                     _pad: 0,
                 };
-                map.insert(PortKey::new(port, proto), rule, 0).map_err(err)?;
+                map.insert(PortKey::new(port, proto), rule, 0)
+                    .map_err(err)?;
             }
         }
         for &(port, proto) in self.ports.keys() {
@@ -222,7 +234,6 @@ impl BindGuard {
             sum
         }))
     }
-
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, GuardError>

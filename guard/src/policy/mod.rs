@@ -7,5 +7,5 @@
 mod model;
 mod parse;
 
-pub use model::{Mode, OwnerSpec, Policy, PortRange, ProtectedPort, Proto};
+pub use model::{MetricsSpec, Mode, OwnerSpec, Policy, PortRange, ProbeSpec, ProtectedPort, Proto};
 pub use parse::{DEFAULT_POLICY_PATH, DEFAULT_POLICY_TOML, PolicyError, PolicySource};

@@ -1,8 +1,8 @@
 //! The validated policy, as the rest of the agent reads it.
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the agent does about a stranger.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -24,7 +24,9 @@ impl fmt::Display for Mode {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     #[default]
@@ -156,7 +158,10 @@ impl FromStr for OwnerSpec {
             },
             "unit" => {
                 const SUFFIXES: [&str; 4] = [".service", ".scope", ".socket", ".slice"];
-                if SUFFIXES.iter().any(|x| rest.ends_with(x) && rest.len() > x.len()) {
+                if SUFFIXES
+                    .iter()
+                    .any(|x| rest.ends_with(x) && rest.len() > x.len())
+                {
                     Ok(Self::Unit(rest.to_owned()))
                 } else {
                     Err(OwnerSpecError::BadUnit(s.to_owned()))
@@ -208,12 +213,66 @@ pub struct ProtectedPort {
     /// Overrides the global mode for this port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// An HTTP(S) health check of the service that owns the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeSpec>,
+}
+
+/// `[ports.probe]`: what a healthy owner answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeSpec {
+    pub url: String,
+    pub expect_status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_body: Option<String>,
+    /// Accept any certificate (self-signed, wrong name) for this probe only.
+    pub insecure_tls: bool,
+    #[serde(serialize_with = "serialize_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+}
+
+impl ProbeSpec {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+}
+
+/// `[metrics]`: where Prometheus scrapes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsSpec {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// A non-loopback `listen` needs this said out loud.
+    pub allow_remote: bool,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: crate::metrics::DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("the default metrics address parses"),
+            allow_remote: false,
+        }
+    }
+}
+
+/// Durations print the way the policy writes them: `10s`, `250ms`.
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if d.subsec_millis() == 0 {
+        s.collect_str(&format_args!("{}s", d.as_secs()))
+    } else {
+        s.collect_str(&format_args!("{}ms", d.as_millis()))
+    }
 }
 
 /// The whole validated policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub mode: Mode,
+    pub metrics: MetricsSpec,
     pub ports: Vec<ProtectedPort>,
 }
 
@@ -281,7 +340,10 @@ mod tests {
 
     #[test]
     fn ranges_overlap_inclusively() {
-        let a = PortRange { start: 8000, end: 8099 };
+        let a = PortRange {
+            start: 8000,
+            end: 8099,
+        };
         assert!(a.overlaps(&PortRange::single(8099)));
         assert!(!a.overlaps(&PortRange::single(8100)));
         assert!(a.contains(8000));

@@ -8,7 +8,9 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); portguard needs cgroup v2")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); portguard needs cgroup v2"
+    )]
     NoUnifiedHierarchy,
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -49,9 +51,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| {
-            bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c))
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
@@ -150,7 +152,8 @@ mod tests {
 
     #[test]
     fn own_cgroup_is_readable() {
-        let path = process_cgroup(std::process::id()).expect("own /proc/self/cgroup has a 0:: line");
+        let path =
+            process_cgroup(std::process::id()).expect("own /proc/self/cgroup has a 0:: line");
         assert!(path.starts_with('/'), "{path}");
     }
 }
