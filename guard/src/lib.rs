@@ -9,5 +9,6 @@ pub mod ebpf;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod probes;
 pub mod report;
 pub mod sys;
