@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod report;
+pub mod service;
 pub mod sys;

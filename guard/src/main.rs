@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Run(args) => portguard::cli::run::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
         Command::Report(args) => portguard::cli::report::main(args),
+        Command::Install(args) => portguard::cli::install::main(args),
         Command::AuditSelftest(args) => portguard::cli::audit_selftest::main(args),
     };
     match result {

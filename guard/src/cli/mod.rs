@@ -2,6 +2,7 @@
 
 pub mod audit_selftest;
 pub mod config;
+pub mod install;
 pub mod report;
 pub mod run;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Config(config::ConfigCommand),
     /// Summarise the audit trail: hijacks blocked, binds denied, state of each port.
     Report(report::ReportArgs),
+    /// Install the systemd unit and a default policy; enable the service when systemd runs.
+    Install(install::InstallArgs),
     /// Crash-test helper: append a burst of audit records (hidden).
     #[command(hide = true)]
     AuditSelftest(audit_selftest::AuditSelftestArgs),
