@@ -22,7 +22,7 @@ fn esc(s: &str) -> String {
     out
 }
 
-fn when(ts: OffsetDateTime) -> String {
+pub(super) fn when(ts: OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
         ts.year(),

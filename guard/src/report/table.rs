@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::Report;
+use super::{Report, html::when};
 
 /// Lays out rows under headers, columns as wide as their widest cell.
 fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
@@ -34,9 +34,10 @@ fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
 
 pub fn render_table(r: &Report) -> String {
     let mut out = String::new();
-    let window = r
-        .since
-        .map_or_else(|| "all records".to_owned(), |s| format!("since {s}"));
+    let window = r.since.map_or_else(
+        || "all records".to_owned(),
+        |s| format!("since {}", when(s)),
+    );
     let _ = writeln!(
         out,
         "portguard report: {} ({window}, {} records)",
@@ -84,7 +85,7 @@ pub fn render_table(r: &Report) -> String {
                     .collect::<Vec<_>>()
                     .join(","),
                 d.count.to_string(),
-                d.last.to_string(),
+                when(d.last),
             ]
         })
         .collect();
@@ -105,7 +106,7 @@ pub fn render_table(r: &Report) -> String {
                 p.pin.clone(),
                 p.last_attempt.as_ref().map_or_else(
                     || "-".into(),
-                    |a| format!("#{} {} by {} at {}", a.seq, a.what, a.by, a.ts),
+                    |a| format!("#{} {} by {} at {}", a.seq, a.what, a.by, when(a.ts)),
                 ),
                 p.probe.clone().unwrap_or_else(|| "-".into()),
             ]
