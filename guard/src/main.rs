@@ -13,6 +13,9 @@ fn main() -> ExitCode {
         Command::Config(args) => portguard::cli::config::main(args),
         Command::Listeners(args) => portguard::cli::listeners::main(args),
         Command::K3s(args) => portguard::cli::k3s::main(args),
+        Command::Report(args) => portguard::cli::report::main(args),
+        Command::Install(args) => portguard::cli::install::main(args),
+        Command::AuditSelftest(args) => portguard::cli::audit_selftest::main(args),
     };
     match result {
         Ok(code) => code,

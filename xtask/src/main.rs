@@ -38,6 +38,8 @@ enum Command {
         /// Only tests whose name contains this (passed to the test harness).
         filter: Option<String>,
     },
+    /// Set up if needed and build the Debian package (target/debian/portguard_*.deb).
+    Deb,
     /// Benchmarks, one line per figure: `name value unit`.
     Bench {
         #[arg(value_enum)]
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::setup(),
         Command::Run { args } => run(args),
         Command::Test { filter } => test::test(filter.as_deref()),
+        Command::Deb => deb().map(|_| ()),
         Command::Bench { which } => bench::bench(which),
     };
     match result {
@@ -76,4 +79,26 @@ fn run(args: Vec<String>) -> anyhow::Result<()> {
     let status = std::process::Command::new(&bin).args(&args).status()?;
     anyhow::ensure!(status.success(), "portguard exited with {status}");
     Ok(())
+}
+
+/// Builds the .deb (release binary, unit, default policy, README) and returns its path.
+pub fn deb() -> anyhow::Result<std::path::PathBuf> {
+    setup::setup()?;
+    let out = sh::workspace_root().join("target/debian");
+    sh::cargo(&[
+        "deb",
+        "--package",
+        "portguard",
+        "--output",
+        out.to_str().expect("UTF-8 path"),
+    ])?;
+    let newest = std::fs::read_dir(&out)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path());
+    let deb =
+        newest.ok_or_else(|| anyhow::anyhow!("cargo deb wrote no .deb to {}", out.display()))?;
+    eprintln!("xtask: built {}", deb.display());
+    Ok(deb)
 }

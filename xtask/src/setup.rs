@@ -36,7 +36,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("curl", "tests talk HTTP to containers and probes"),
     ("conntrack", "tests ask the kernel where a connection went"),
+    (
+        "chromium",
+        "the HTML report test screenshots the report in a real browser",
+    ),
+    (
+        "fonts-dejavu-core",
+        "the report screenshot needs a font to draw text",
+    ),
+    (
+        "systemd",
+        "the unit test runs systemd-analyze verify and security",
+    ),
 ];
+
+/// Builds the Debian package (`cargo xtask deb`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -45,6 +60,7 @@ pub fn setup() -> anyhow::Result<()> {
     apt_packages()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    cargo_deb()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -140,4 +156,20 @@ fn bpf_linker() -> anyhow::Result<()> {
             .env("PATH", path),
     )
     .context("building bpf-linker from crates.io")
+}
+
+fn cargo_deb() -> anyhow::Result<()> {
+    if let Some(v) = sh::output(Command::new("cargo").args(["deb", "--version"])) {
+        eprintln!("xtask: cargo-deb: present ({})", v.trim());
+        return Ok(());
+    }
+    eprintln!("xtask: cargo-deb is missing: `cargo xtask deb` builds the Debian package with it");
+    sh::run(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))
+    .context("building cargo-deb from crates.io")
 }

@@ -9,13 +9,16 @@ pub fn test(filter: Option<&str>) -> anyhow::Result<()> {
     sh::require_root("the integration tests")?;
     // The agent binary the integration tests start.
     sh::cargo(&["build", "--workspace", "--exclude", "guard-ebpf"])?;
+    // The packaging test unpacks the real .deb.
+    let deb = crate::deb()?;
     let _dockerd = dockerd::ensure_running()?;
     let bin = sh::workspace_root().join("target/debug/portguard");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(sh::workspace_root())
         .args(["test", "--workspace", "--exclude", "guard-ebpf"])
-        .env("PORTGUARD_BIN", &bin);
+        .env("PORTGUARD_BIN", &bin)
+        .env("PORTGUARD_DEB", &deb);
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }

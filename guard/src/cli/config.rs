@@ -238,6 +238,7 @@ mod tests {
                 owner,
                 pin,
                 mode,
+                probe: None,
             }
         }
     }
@@ -251,7 +252,7 @@ mod tests {
                     ports.push(e);
                 }
             }
-            Policy { mode, ports, kubernetes: Default::default() }
+            Policy { mode, ports, kubernetes: Default::default(), metrics: Default::default() }
         }
     }
 

@@ -1,8 +1,11 @@
 //! The command line: one module per subcommand.
 
+pub mod audit_selftest;
 pub mod config;
+pub mod install;
 pub mod k3s;
 pub mod listeners;
+pub mod report;
 pub mod run;
 
 use std::path::PathBuf;
@@ -39,6 +42,13 @@ pub enum Command {
     /// k3s prevention: keep its packaged Traefik/ServiceLB from coming back.
     #[command(subcommand)]
     K3s(k3s::K3sCommand),
+    /// Summarise the audit trail: hijacks blocked, binds denied, state of each port.
+    Report(report::ReportArgs),
+    /// Install the systemd unit and a default policy; enable the service when systemd runs.
+    Install(install::InstallArgs),
+    /// Crash-test helper: append a burst of audit records (hidden).
+    #[command(hide = true)]
+    AuditSelftest(audit_selftest::AuditSelftestArgs),
 }
 
 /// `--config FILE`, shared by every subcommand that reads the policy.

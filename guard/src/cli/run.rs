@@ -1,10 +1,6 @@
 //! `portguard run`: the agent.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};

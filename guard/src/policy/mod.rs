@@ -8,7 +8,7 @@ mod model;
 mod parse;
 
 pub use model::{
-    KubeKind, KubeObjectName, KubeObjectNameError, KubernetesPolicy, Mode, OnClaim, OwnerSpec,
-    Policy, PortRange, ProtectedPort, Proto,
+    KubeKind, KubeObjectName, KubeObjectNameError, KubernetesPolicy, MetricsSpec, Mode, OnClaim,
+    OwnerSpec, Policy, PortRange, ProbeSpec, ProtectedPort, Proto,
 };
 pub use parse::{DEFAULT_POLICY_PATH, DEFAULT_POLICY_TOML, PolicyError, PolicySource};

@@ -1,8 +1,8 @@
 //! The validated policy, as the rest of the agent reads it.
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the agent does about a stranger.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -24,7 +24,9 @@ impl fmt::Display for Mode {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     #[default]
@@ -211,6 +213,59 @@ pub struct ProtectedPort {
     /// Overrides the global mode for this port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// An HTTP(S) health check of the service that owns the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeSpec>,
+}
+
+/// `[ports.probe]`: what a healthy owner answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeSpec {
+    pub url: String,
+    pub expect_status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_body: Option<String>,
+    /// Accept any certificate (self-signed, wrong name) for this probe only.
+    pub insecure_tls: bool,
+    #[serde(serialize_with = "serialize_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+}
+
+impl ProbeSpec {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+}
+
+/// `[metrics]`: where Prometheus scrapes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsSpec {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// A non-loopback `listen` needs this said out loud.
+    pub allow_remote: bool,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: crate::metrics::DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("the default metrics address parses"),
+            allow_remote: false,
+        }
+    }
+}
+
+/// Durations print the way the policy writes them: `10s`, `250ms`.
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if d.subsec_millis() == 0 {
+        s.collect_str(&format_args!("{}s", d.as_secs()))
+    } else {
+        s.collect_str(&format_args!("{}ms", d.as_millis()))
+    }
 }
 
 /// What the agent does about a Kubernetes object that claims a protected port.
@@ -373,6 +428,7 @@ impl KubernetesPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub mode: Mode,
+    pub metrics: MetricsSpec,
     pub ports: Vec<ProtectedPort>,
     /// Absent table: defaults (report only, default kubeconfig).
     #[serde(skip_serializing_if = "is_default")]

@@ -3,16 +3,18 @@
 use std::{
     collections::BTreeSet,
     fmt, fs, io,
+    net::SocketAddr,
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{
-    KubeObjectName, KubernetesPolicy, Mode, OnClaim, OwnerSpec, Policy, PortRange, ProtectedPort,
-    Proto,
+    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OwnerSpec, Policy, PortRange,
+    ProbeSpec, ProtectedPort, Proto,
 };
 
 pub const DEFAULT_POLICY_PATH: &str = "/etc/portguard/config.toml";
@@ -93,6 +95,7 @@ impl Policy {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     mode: Option<Spanned<String>>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
     kubernetes: Option<RawKubernetes>,
@@ -109,6 +112,26 @@ struct RawKubernetes {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    url: Spanned<String>,
+    expect_status: Option<Spanned<i64>>,
+    expect_body: Option<String>,
+    insecure_tls: Option<Spanned<bool>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPort {
     port: Spanned<RawPortValue>,
     proto: Option<Spanned<String>>,
@@ -116,6 +139,7 @@ struct RawPort {
     #[serde(default)]
     pin: bool,
     mode: Option<Spanned<String>>,
+    probe: Option<Spanned<RawProbe>>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +163,11 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
         Some(m) => parse_mode(&m)?,
         None => Mode::default(),
     };
+    let metrics = raw
+        .metrics
+        .map(parse_metrics)
+        .transpose()?
+        .unwrap_or_default();
     let mut ports: Vec<(Range<usize>, ProtectedPort)> = Vec::new();
     for entry in raw.ports {
         let span = entry.span();
@@ -178,12 +207,14 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
             }
         }
         let port_mode = raw.mode.as_ref().map(parse_mode).transpose()?;
+        let probe = raw.probe.map(parse_probe).transpose()?;
         let new = ProtectedPort {
             port,
             proto,
             owner,
             pin: raw.pin,
             mode: port_mode,
+            probe,
         };
         for (_, old) in &ports {
             if old.proto == new.proto && old.port.overlaps(&new.port) {
@@ -220,6 +251,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
     };
     Ok(Policy {
         mode,
+        metrics,
         ports: ports.into_iter().map(|(_, p)| p).collect(),
         kubernetes,
     })
@@ -264,6 +296,123 @@ fn parse_kubernetes(raw: RawKubernetes) -> Result<KubernetesPolicy, Invalid> {
         on_claim,
         removable,
     })
+}
+
+fn parse_metrics(raw: RawMetrics) -> Result<MetricsSpec, Invalid> {
+    let mut spec = MetricsSpec {
+        allow_remote: raw.allow_remote,
+        ..MetricsSpec::default()
+    };
+    if let Some(enabled) = raw.enabled {
+        spec.enabled = enabled;
+    }
+    if let Some(listen) = raw.listen {
+        spec.listen = listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+            (
+                listen.span(),
+                format!(
+                    "metrics listen {:?} is not an address:port like \"127.0.0.1:9464\"",
+                    listen.get_ref()
+                ),
+            )
+        })?;
+        // Metrics name ports and owners: not for the network unless said so.
+        if !spec.listen.ip().is_loopback() && !spec.allow_remote {
+            return Err((
+                listen.span(),
+                format!(
+                    "metrics listen {} is not loopback: set allow_remote = true to serve it beyond this host",
+                    spec.listen
+                ),
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+fn parse_probe(raw: Spanned<RawProbe>) -> Result<ProbeSpec, Invalid> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let url = raw.url.get_ref().clone();
+    let https = url.starts_with("https://");
+    if !https && !url.starts_with("http://") {
+        return Err((
+            raw.url.span(),
+            format!("probe url {url:?} must start with http:// or https://"),
+        ));
+    }
+    let insecure_tls = raw.insecure_tls.as_ref().is_some_and(|b| *b.get_ref());
+    if let Some(flag) = raw.insecure_tls.as_ref().filter(|_| insecure_tls && !https) {
+        return Err((
+            flag.span(),
+            "insecure_tls applies to https:// probes only".into(),
+        ));
+    }
+    let expect_status = match raw.expect_status {
+        None => 200,
+        Some(s) => u16::try_from(*s.get_ref())
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or_else(|| {
+                (
+                    s.span(),
+                    format!(
+                        "expect_status {} is not an HTTP status (100-599)",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+    };
+    let interval = raw
+        .interval
+        .as_ref()
+        .map(parse_interval)
+        .transpose()?
+        .unwrap_or(ProbeSpec::DEFAULT_INTERVAL);
+    let timeout = raw
+        .timeout
+        .as_ref()
+        .map(parse_interval)
+        .transpose()?
+        .unwrap_or(ProbeSpec::DEFAULT_TIMEOUT.min(interval));
+    if timeout > interval {
+        let at = raw.timeout.map_or(span, |t| t.span());
+        return Err((
+            at,
+            format!("probe timeout {timeout:?} is longer than its interval {interval:?}"),
+        ));
+    }
+    Ok(ProbeSpec {
+        url,
+        expect_status,
+        expect_body: raw.expect_body,
+        insecure_tls,
+        interval,
+        timeout,
+    })
+}
+
+/// `250ms`, `10s`, `2m`; at least 100 ms.
+fn parse_interval(value: &Spanned<String>) -> Result<Duration, Invalid> {
+    let s = value.get_ref().trim();
+    let bad = || {
+        (
+            value.span(),
+            format!("duration {s:?}: expected a number and ms, s or m, like \"10s\""),
+        )
+    };
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let d = match &s[split..] {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    if d < Duration::from_millis(100) {
+        return Err((value.span(), format!("duration {s:?} is below 100ms")));
+    }
+    Ok(d)
 }
 
 fn join(owners: &[OwnerSpec]) -> String {
@@ -389,7 +538,7 @@ mode = "enforce"
     fn unknown_key_is_placed() {
         assert_eq!(
             err("[[ports]]\nport = 80\nowner = \"docker\"\npinn = true\n"),
-            "/etc/portguard/config.toml:4:1: unknown field `pinn`, expected one of `port`, `proto`, `owner`, `pin`, `mode`"
+            "/etc/portguard/config.toml:4:1: unknown field `pinn`, expected one of `port`, `proto`, `owner`, `pin`, `mode`, `probe`"
         );
     }
 
@@ -498,6 +647,111 @@ removable = ["monitoring/daemonset/node-exporter", "default/svc/web"]
         assert!(err("[kubernetes]\nremovable = [\"traefik\"]\n").contains("NAMESPACE/KIND/NAME"));
         assert!(err("[kubernetes]\nkubeconfig = \"k3s.yaml\"\n").contains("absolute path"));
         assert!(err("[kubernetes]\nwatch = true\n").contains("unknown field `watch`"));
+    }
+
+    #[test]
+    fn probe_and_metrics_parse() {
+        let p = Policy::parse(
+            r#"
+[metrics]
+listen = "127.0.0.1:19464"
+
+[[ports]]
+port = 443
+owner = "docker:frontend"
+[ports.probe]
+url = "https://127.0.0.1/"
+expect_body = "Example Shop"
+insecure_tls = true
+interval = "5s"
+timeout = "1500ms"
+
+[[ports]]
+port = 80
+owner = "docker"
+[ports.probe]
+url = "http://127.0.0.1/api/health"
+"#,
+            PolicySource::Embedded,
+        )
+        .unwrap();
+        assert_eq!(p.metrics.listen, "127.0.0.1:19464".parse().unwrap());
+        assert!(p.metrics.enabled);
+        let probe = p.ports[0].probe.as_ref().unwrap();
+        assert_eq!(probe.expect_status, 200);
+        assert_eq!(probe.expect_body.as_deref(), Some("Example Shop"));
+        assert!(probe.insecure_tls);
+        assert_eq!(probe.interval, Duration::from_secs(5));
+        assert_eq!(probe.timeout, Duration::from_millis(1500));
+        let plain = p.ports[1].probe.as_ref().unwrap();
+        assert_eq!(
+            (plain.interval, plain.timeout),
+            (ProbeSpec::DEFAULT_INTERVAL, ProbeSpec::DEFAULT_TIMEOUT)
+        );
+        assert!(!plain.insecure_tls);
+        // `config show` prints it back in the same words, and that parses again.
+        let shown = p.to_toml();
+        assert!(
+            shown.contains("interval = \"5s\"") && shown.contains("timeout = \"1500ms\""),
+            "{shown}"
+        );
+        assert_eq!(Policy::parse(&shown, PolicySource::Embedded).unwrap(), p);
+    }
+
+    #[test]
+    fn default_metrics_are_loopback() {
+        let p = Policy::parse(DEFAULT_POLICY_TOML, PolicySource::Embedded).unwrap();
+        assert_eq!(p.metrics.listen.to_string(), "127.0.0.1:9464");
+        assert!(p.ports.iter().all(|port| port.probe.is_none()));
+    }
+
+    #[test]
+    fn probe_and_metrics_errors_are_placed() {
+        let port = "[[ports]]\nport = 443\nowner = \"docker\"\n[ports.probe]\n";
+        assert_eq!(
+            err(&format!("{port}url = \"ftp://x/\"\n")),
+            "/etc/portguard/config.toml:5:7: probe url \"ftp://x/\" must start with http:// or https://"
+        );
+        assert!(
+            err(&format!(
+                "{port}url = \"http://127.0.0.1/\"\ninsecure_tls = true\n"
+            ))
+            .contains(":6:16: insecure_tls applies to https:// probes only")
+        );
+        assert!(
+            err(&format!(
+                "{port}url = \"http://127.0.0.1/\"\nexpect_status = 999\n"
+            ))
+            .contains(":6:17: expect_status 999 is not an HTTP status")
+        );
+        assert!(
+            err(&format!(
+                "{port}url = \"http://127.0.0.1/\"\ninterval = \"1s\"\ntimeout = \"2s\"\n"
+            ))
+            .contains(":7:11: probe timeout 2s is longer than its interval 1s")
+        );
+        assert!(
+            err(&format!(
+                "{port}url = \"http://127.0.0.1/\"\ninterval = \"10\"\n"
+            ))
+            .contains("expected a number and ms, s or m")
+        );
+        assert!(
+            err(&format!("{port}url = \"http://127.0.0.1/\"\nretries = 3\n"))
+                .contains("unknown field `retries`")
+        );
+        assert_eq!(
+            err("[metrics]\nlisten = \"0.0.0.0:9464\"\n"),
+            "/etc/portguard/config.toml:2:10: metrics listen 0.0.0.0:9464 is not loopback: set allow_remote = true to serve it beyond this host"
+        );
+        assert!(
+            Policy::parse(
+                "[metrics]\nlisten = \"192.0.2.10:9464\"\nallow_remote = true\n",
+                PolicySource::Embedded
+            )
+            .is_ok()
+        );
+        assert!(err("[metrics]\nlisten = \"localhost\"\n").contains("is not an address:port"));
     }
 
     #[test]

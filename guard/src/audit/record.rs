@@ -1,0 +1,339 @@
+//! What one line of the audit log says.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::policy::Proto;
+
+/// One line of the audit log: a sequence number, a time, and what happened.
+///
+/// Serialised flat: `{"seq":7,"ts":"2026-…Z","kind":"rule_removed",…}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Gapless from 1 across restarts and rotations; `portguard restore SEQ`
+    /// names a removal by it.
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: OffsetDateTime,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// Who tried to bind a protected port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindAttempt {
+    pub port: u16,
+    pub proto: Proto,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    pub pid: u32,
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Owner the policy names for the port, for the reader's convenience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A NAT rule that sends a protected port somewhere its owner is not.
+///
+/// `rule` is the whole rule as the nft inspector models it (JSON), so that
+/// a removal can be restored from the log alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForeignRuleRecord {
+    /// The reconciler's finding id; a probe failure links to it.
+    pub finding: String,
+    pub port: u16,
+    pub proto: Proto,
+    /// Who made the rule, as far as the classifier knows (`kube-proxy`, `cni-portmap`, ...).
+    pub source: String,
+    /// `table family/name chain name handle N`, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    pub rule: Value,
+}
+
+/// A Kubernetes object, whole, as the API server returned it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct K8sObjectRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding: Option<String>,
+    pub api_version: String,
+    /// `Service`, `HelmChart`, ... (`kind` is the record's own tag).
+    pub object_kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    pub manifest: Value,
+}
+
+/// Everything the agent records. Tagged `kind` in snake case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuditEvent {
+    AgentStarted {
+        version: String,
+        pid: u32,
+        mode: String,
+        policy: String,
+    },
+    AgentStopped {
+        reason: String,
+    },
+    PolicyReloaded {
+        policy: String,
+        ports: usize,
+    },
+    /// A reload that failed validation: the old policy stays in force.
+    PolicyRejected {
+        policy: String,
+        error: String,
+    },
+    BindObserved(BindAttempt),
+    BindDenied(BindAttempt),
+    RuleFound(ForeignRuleRecord),
+    /// Written before the rule is deleted.
+    RuleRemoved(ForeignRuleRecord),
+    RuleRestored {
+        /// The `rule_removed` record this undoes.
+        removal_seq: u64,
+        port: u16,
+        proto: Proto,
+        rule: Value,
+    },
+    PinInstalled {
+        port: u16,
+        proto: Proto,
+        target: String,
+        rule: Value,
+    },
+    PinUpdated {
+        port: u16,
+        proto: Proto,
+        target: String,
+        previous: Value,
+        rule: Value,
+    },
+    PinRemoved {
+        port: u16,
+        proto: Proto,
+        rule: Value,
+    },
+    K8sObjectRemoved(K8sObjectRecord),
+    K8sObjectRestored {
+        removal_seq: u64,
+        #[serde(flatten)]
+        object: K8sObjectRecord,
+    },
+    ProbeFailed {
+        port: u16,
+        proto: Proto,
+        url: String,
+        error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        /// The foreign rule on this port at the time, when there is one: the
+        /// likely cause of the failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finding: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finding_seq: Option<u64>,
+    },
+    ProbeRecovered {
+        port: u16,
+        proto: Proto,
+        url: String,
+        down_ms: u64,
+    },
+    /// The log found a partial last line on open and moved it aside.
+    AuditTornTail {
+        offset: u64,
+        bytes: u64,
+        saved_to: String,
+    },
+}
+
+impl AuditEvent {
+    /// The `kind` tag, for tables and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AgentStarted { .. } => "agent_started",
+            Self::AgentStopped { .. } => "agent_stopped",
+            Self::PolicyReloaded { .. } => "policy_reloaded",
+            Self::PolicyRejected { .. } => "policy_rejected",
+            Self::BindObserved(_) => "bind_observed",
+            Self::BindDenied(_) => "bind_denied",
+            Self::RuleFound(_) => "rule_found",
+            Self::RuleRemoved(_) => "rule_removed",
+            Self::RuleRestored { .. } => "rule_restored",
+            Self::PinInstalled { .. } => "pin_installed",
+            Self::PinUpdated { .. } => "pin_updated",
+            Self::PinRemoved { .. } => "pin_removed",
+            Self::K8sObjectRemoved(_) => "k8s_object_removed",
+            Self::K8sObjectRestored { .. } => "k8s_object_restored",
+            Self::ProbeFailed { .. } => "probe_failed",
+            Self::ProbeRecovered { .. } => "probe_recovered",
+            Self::AuditTornTail { .. } => "audit_torn_tail",
+        }
+    }
+
+    /// The protected port this event is about, if any.
+    pub fn port(&self) -> Option<(u16, Proto)> {
+        match self {
+            Self::BindObserved(b) | Self::BindDenied(b) => Some((b.port, b.proto)),
+            Self::RuleFound(r) | Self::RuleRemoved(r) => Some((r.port, r.proto)),
+            Self::RuleRestored { port, proto, .. }
+            | Self::PinInstalled { port, proto, .. }
+            | Self::PinUpdated { port, proto, .. }
+            | Self::PinRemoved { port, proto, .. }
+            | Self::ProbeFailed { port, proto, .. }
+            | Self::ProbeRecovered { port, proto, .. } => Some((*port, *proto)),
+            _ => None,
+        }
+    }
+
+    /// Whether `portguard restore` can undo this record.
+    pub fn is_removal(&self) -> bool {
+        matches!(self, Self::RuleRemoved(_) | Self::K8sObjectRemoved(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn record(event: AuditEvent) -> AuditRecord {
+        AuditRecord {
+            seq: 7,
+            ts: time::macros::datetime!(2026-03-01 12:00:00 UTC),
+            event,
+        }
+    }
+
+    #[test]
+    fn records_serialise_flat_with_a_kind_tag() {
+        let rule = json!({"table": "nat", "chain": "KUBE-SERVICES", "handle": 12, "expr": [{"dnat": "10.42.0.9:80"}]});
+        let r = record(AuditEvent::RuleRemoved(ForeignRuleRecord {
+            finding: "f-80-1".into(),
+            port: 80,
+            proto: Proto::Tcp,
+            source: "kube-proxy".into(),
+            location: Some("ip nat KUBE-SERVICES handle 12".into()),
+            rule: rule.clone(),
+        }));
+        let v: Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["ts"], "2026-03-01T12:00:00Z");
+        assert_eq!(v["kind"], "rule_removed");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["rule"], rule, "the removed rule is carried whole");
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let bind = BindAttempt {
+            port: 443,
+            proto: Proto::Tcp,
+            address: Some("192.0.2.1".parse().unwrap()),
+            pid: 4242,
+            comm: "traefik".into(),
+            exe: Some("/usr/bin/traefik".into()),
+            cgroup: None,
+            owner: Some("docker".into()),
+        };
+        let object = K8sObjectRecord {
+            finding: Some("f-443-2".into()),
+            api_version: "v1".into(),
+            object_kind: "Service".into(),
+            namespace: Some("kube-system".into()),
+            name: "traefik".into(),
+            manifest: json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "traefik"}}),
+        };
+        let events = vec![
+            AuditEvent::AgentStarted {
+                version: "0.1.0".into(),
+                pid: 1,
+                mode: "enforce".into(),
+                policy: "/etc/portguard/config.toml".into(),
+            },
+            AuditEvent::AgentStopped {
+                reason: "SIGTERM".into(),
+            },
+            AuditEvent::PolicyReloaded {
+                policy: "p".into(),
+                ports: 2,
+            },
+            AuditEvent::PolicyRejected {
+                policy: "p".into(),
+                error: "bad".into(),
+            },
+            AuditEvent::BindObserved(bind.clone()),
+            AuditEvent::BindDenied(bind),
+            AuditEvent::RuleRestored {
+                removal_seq: 3,
+                port: 80,
+                proto: Proto::Tcp,
+                rule: json!({}),
+            },
+            AuditEvent::PinInstalled {
+                port: 80,
+                proto: Proto::Tcp,
+                target: "172.17.0.2:80".into(),
+                rule: json!({"a": 1}),
+            },
+            AuditEvent::PinUpdated {
+                port: 80,
+                proto: Proto::Tcp,
+                target: "172.17.0.3:80".into(),
+                previous: json!({"a": 1}),
+                rule: json!({"a": 2}),
+            },
+            AuditEvent::PinRemoved {
+                port: 80,
+                proto: Proto::Tcp,
+                rule: json!({"a": 2}),
+            },
+            AuditEvent::K8sObjectRemoved(object.clone()),
+            AuditEvent::K8sObjectRestored {
+                removal_seq: 11,
+                object,
+            },
+            AuditEvent::ProbeFailed {
+                port: 443,
+                proto: Proto::Tcp,
+                url: "https://127.0.0.1/".into(),
+                error: "404".into(),
+                status: Some(404),
+                finding: Some("f-443-2".into()),
+                finding_seq: Some(9),
+            },
+            AuditEvent::ProbeRecovered {
+                port: 443,
+                proto: Proto::Tcp,
+                url: "u".into(),
+                down_ms: 1500,
+            },
+            AuditEvent::AuditTornTail {
+                offset: 10,
+                bytes: 5,
+                saved_to: "x.torn".into(),
+            },
+        ];
+        for event in events {
+            let r = record(event);
+            let line = serde_json::to_string(&r).unwrap();
+            let back: AuditRecord =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(back, r, "{line}");
+            let kind: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(kind["kind"], r.event.kind());
+        }
+    }
+}

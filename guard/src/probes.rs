@@ -1,0 +1,463 @@
+//! HTTP(S) health probes of the services that own protected ports: the
+//! incident's "frontend answers with the site's name" check, continuous.
+//!
+//! A [`Probe`] checks once; [`ProbeState`] turns checks into transitions
+//! (failed, recovered), which is what the audit log records: one record per
+//! outage, not one per failed check. [`spawn_probes`] runs every probe of a
+//! policy and sends each result to the agent.
+
+use std::time::{Duration, Instant};
+
+use tokio::{sync::mpsc, task::JoinSet};
+
+use crate::{
+    audit::AuditEvent,
+    policy::{Policy, ProbeSpec, Proto},
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("probe {url}: cannot build an HTTP client: {source}")]
+pub struct ProbeError {
+    url: String,
+    source: reqwest::Error,
+}
+
+/// Why a check failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("status {got}, expected {want}")]
+    Status { got: u16, want: u16 },
+    #[error("status {status} but the body lacks {want:?}")]
+    Body { status: u16, want: String },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Request(String),
+}
+
+impl ProbeFailure {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { got, .. } => Some(*got),
+            Self::Body { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One port's probe.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub port: u16,
+    pub proto: Proto,
+    pub spec: ProbeSpec,
+    client: reqwest::Client,
+}
+
+impl Probe {
+    pub fn new(port: u16, proto: Proto, spec: ProbeSpec) -> Result<Self, ProbeError> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            // Self-signed certificates are allowed per probe, never globally.
+            .danger_accept_invalid_certs(spec.insecure_tls)
+            .timeout(spec.timeout)
+            .connect_timeout(spec.timeout)
+            // The expected status is the first answer's, and probes go to the
+            // host's own services: no redirects, no proxies.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("portguard-probe/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| ProbeError {
+                url: spec.url.clone(),
+                source,
+            })?;
+        Ok(Self {
+            port,
+            proto,
+            spec,
+            client,
+        })
+    }
+
+    /// Every probe the policy configures.
+    pub fn from_policy(policy: &Policy) -> Result<Vec<Self>, ProbeError> {
+        policy
+            .ports
+            .iter()
+            .filter_map(|p| {
+                p.probe
+                    .clone()
+                    .map(|spec| Self::new(p.port.start, p.proto, spec))
+            })
+            .collect()
+    }
+
+    /// One check.
+    pub async fn check(&self) -> Result<u16, ProbeFailure> {
+        let response = self
+            .client
+            .get(&self.spec.url)
+            .send()
+            .await
+            .map_err(|e| self.failure(&e))?;
+        let status = response.status().as_u16();
+        if status != self.spec.expect_status {
+            return Err(ProbeFailure::Status {
+                got: status,
+                want: self.spec.expect_status,
+            });
+        }
+        if let Some(want) = &self.spec.expect_body {
+            let body = response.text().await.map_err(|e| self.failure(&e))?;
+            if !body.contains(want.as_str()) {
+                return Err(ProbeFailure::Body {
+                    status,
+                    want: want.clone(),
+                });
+            }
+        }
+        Ok(status)
+    }
+
+    fn failure(&self, e: &reqwest::Error) -> ProbeFailure {
+        if e.is_timeout() {
+            return ProbeFailure::Timeout(self.spec.timeout);
+        }
+        // reqwest's Display is terse ("error sending request"); the cause says why.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ProbeFailure::Request(text)
+    }
+}
+
+/// A change worth recording.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeChange {
+    Failed(ProbeFailure),
+    Recovered { down_for: Duration },
+}
+
+/// Up/down memory of one probe. A probe starts up as far as the log is
+/// concerned: a first failure is a change, a first success is not.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeState {
+    down_since: Option<Instant>,
+}
+
+impl ProbeState {
+    pub fn observe(
+        &mut self,
+        result: &Result<u16, ProbeFailure>,
+        now: Instant,
+    ) -> Option<ProbeChange> {
+        match (result, self.down_since) {
+            (Err(failure), None) => {
+                self.down_since = Some(now);
+                Some(ProbeChange::Failed(failure.clone()))
+            }
+            (Ok(_), Some(since)) => {
+                self.down_since = None;
+                Some(ProbeChange::Recovered {
+                    down_for: now - since,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down_since.is_some()
+    }
+}
+
+/// One check's result, as a probe task sends it to the agent.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    pub port: u16,
+    pub proto: Proto,
+    pub url: String,
+    pub result: Result<u16, ProbeFailure>,
+    pub change: Option<ProbeChange>,
+}
+
+impl ProbeReport {
+    /// The audit record for a change, linked to the foreign rule on the port
+    /// when the agent knows one: `(finding id, seq of its rule_found record)`.
+    pub fn audit_event(&self, foreign: Option<(String, u64)>) -> Option<AuditEvent> {
+        match self.change.as_ref()? {
+            ProbeChange::Failed(failure) => {
+                let (finding, finding_seq) =
+                    foreign.map_or((None, None), |(f, s)| (Some(f), Some(s)));
+                Some(AuditEvent::ProbeFailed {
+                    port: self.port,
+                    proto: self.proto,
+                    url: self.url.clone(),
+                    error: failure.to_string(),
+                    status: failure.status(),
+                    finding,
+                    finding_seq,
+                })
+            }
+            ProbeChange::Recovered { down_for } => Some(AuditEvent::ProbeRecovered {
+                port: self.port,
+                proto: self.proto,
+                url: self.url.clone(),
+                down_ms: u64::try_from(down_for.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+}
+
+/// Runs each probe on its interval until the set is dropped; every check is
+/// sent to `reports` (metrics want each, the audit log only the changes).
+pub fn spawn_probes(probes: Vec<Probe>, reports: mpsc::Sender<ProbeReport>) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    for probe in probes {
+        let reports = reports.clone();
+        set.spawn(async move {
+            let mut state = ProbeState::default();
+            let mut tick = tokio::time::interval(probe.spec.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let result = probe.check().await;
+                let change = state.observe(&result, Instant::now());
+                let report = ProbeReport {
+                    port: probe.port,
+                    proto: probe.proto,
+                    url: probe.spec.url.clone(),
+                    result,
+                    change,
+                };
+                if reports.send(report).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, sync::Arc};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+    use tokio_rustls::{
+        TlsAcceptor,
+        rustls::{
+            self,
+            pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+        },
+    };
+
+    use super::*;
+
+    /// A loopback server answering every request with `status` and `body`
+    /// (after `delay`), over TLS with a fresh self-signed certificate when `tls`.
+    async fn server(status: u16, body: &'static str, delay: Duration, tls: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+            let key =
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+            let cert: CertificateDer<'static> = ck.cert.der().clone();
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+            TlsAcceptor::from(Arc::new(config))
+        });
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+                        mut s: S,
+                        response: String,
+                        delay: Duration,
+                    ) {
+                        let mut buf = [0u8; 4096];
+                        let _ = s.read(&mut buf).await;
+                        tokio::time::sleep(delay).await;
+                        let _ = s.write_all(response.as_bytes()).await;
+                        let _ = s.shutdown().await;
+                    }
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(s) = a.accept(stream).await {
+                                serve(s, response, delay).await;
+                            }
+                        }
+                        None => serve(stream, response, delay).await,
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn spec(url: String) -> ProbeSpec {
+        ProbeSpec {
+            url,
+            expect_status: 200,
+            expect_body: Some("Example Shop".into()),
+            insecure_tls: false,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    fn probe(spec: ProbeSpec) -> Probe {
+        Probe::new(443, Proto::Tcp, spec).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http_status_and_body() {
+        let ok = server(200, "<h1>Example Shop</h1>", Duration::ZERO, false).await;
+        assert_eq!(probe(spec(format!("http://{ok}/"))).check().await, Ok(200));
+
+        // The incident: Traefik's 404 where the shop should be.
+        let hijacked = server(404, "404 page not found", Duration::ZERO, false).await;
+        assert_eq!(
+            probe(spec(format!("http://{hijacked}/"))).check().await,
+            Err(ProbeFailure::Status {
+                got: 404,
+                want: 200
+            })
+        );
+        let wrong = server(200, "Welcome to nginx", Duration::ZERO, false).await;
+        let failure = probe(spec(format!("http://{wrong}/")))
+            .check()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            failure.to_string(),
+            "status 200 but the body lacks \"Example Shop\""
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_and_refused() {
+        let slow = server(200, "Example Shop", Duration::from_secs(5), false).await;
+        assert_eq!(
+            probe(spec(format!("http://{slow}/"))).check().await,
+            Err(ProbeFailure::Timeout(Duration::from_millis(500)))
+        );
+        // A port nobody listens on: bind, learn the port, close.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let failure = probe(spec(format!("http://{closed}/")))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&failure, ProbeFailure::Request(t) if t.contains("onnection refused")),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
+    async fn self_signed_only_when_the_probe_allows_it() {
+        let tls = server(200, "Example Shop", Duration::ZERO, true).await;
+        let url = format!("https://localhost:{}/", tls.port());
+        let strict = probe(spec(url.clone())).check().await.unwrap_err();
+        assert!(
+            matches!(&strict, ProbeFailure::Request(t) if t.to_lowercase().contains("certificate")),
+            "{strict}"
+        );
+        let insecure = ProbeSpec {
+            insecure_tls: true,
+            ..spec(url)
+        };
+        assert_eq!(probe(insecure).check().await, Ok(200));
+    }
+
+    #[test]
+    fn one_record_per_outage_linked_to_the_foreign_rule() {
+        let mut state = ProbeState::default();
+        let t0 = Instant::now();
+        let down = Err(ProbeFailure::Status {
+            got: 404,
+            want: 200,
+        });
+        assert_eq!(
+            state.observe(&Ok(200), t0),
+            None,
+            "a first success is not news"
+        );
+        let change = state.observe(&down, t0);
+        assert!(matches!(change, Some(ProbeChange::Failed(_))));
+        assert_eq!(state.observe(&down, t0 + Duration::from_secs(1)), None);
+        let report = ProbeReport {
+            port: 443,
+            proto: Proto::Tcp,
+            url: "https://127.0.0.1/".into(),
+            result: down.clone(),
+            change,
+        };
+        let Some(AuditEvent::ProbeFailed {
+            status,
+            finding,
+            finding_seq,
+            error,
+            ..
+        }) = report.audit_event(Some(("f-443-1".into(), 41)))
+        else {
+            panic!("a failure is audited");
+        };
+        assert_eq!(
+            (status, finding.as_deref(), finding_seq),
+            (Some(404), Some("f-443-1"), Some(41))
+        );
+        assert_eq!(error, "status 404, expected 200");
+        let back = state.observe(&Ok(200), t0 + Duration::from_secs(3));
+        assert_eq!(
+            back,
+            Some(ProbeChange::Recovered {
+                down_for: Duration::from_secs(3)
+            })
+        );
+        assert!(!state.is_down());
+    }
+
+    #[tokio::test]
+    async fn spawned_probes_report_each_check() {
+        let ok = server(200, "Example Shop", Duration::ZERO, false).await;
+        let mut spec = spec(format!("http://{ok}/"));
+        spec.interval = Duration::from_millis(100);
+        spec.timeout = Duration::from_millis(100);
+        let (tx, mut rx) = mpsc::channel(8);
+        let _set = spawn_probes(vec![probe(spec)], tx);
+        for _ in 0..3 {
+            let report = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(report.result, Ok(200));
+            assert_eq!(report.change, None);
+        }
+    }
+}
