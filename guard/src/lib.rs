@@ -3,6 +3,7 @@
 //! Data flows one way: sources (eBPF ring buffer, nftables and Docker events)
 //! feed typed events to one owner of state, which decides, acts and records.
 
+pub mod agent;
 pub mod audit;
 pub mod cli;
 pub mod ebpf;

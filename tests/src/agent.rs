@@ -16,6 +16,8 @@ use crate::portguard_bin;
 #[derive(Debug)]
 pub struct Agent {
     child: Child,
+    /// This agent's own audit log, removed on drop.
+    audit_log: std::path::PathBuf,
     lines: Receiver<String>,
     /// Every line read so far, for failure messages.
     seen: Vec<String>,
@@ -28,9 +30,13 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
         let mut cmd = Command::new(portguard_bin());
         cmd.args(args)
             .env("PORTGUARD_LOG_FORMAT", "json")
+            // Tests run agents side by side: each its own audit log and metrics port.
+            .env("PORTGUARD_AUDIT_LOG", &audit_log)
+            .env("PORTGUARD_METRICS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info,portguard=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -48,6 +54,7 @@ impl Agent {
         });
         let mut agent = Self {
             child,
+            audit_log,
             lines,
             seen: Vec::new(),
         };
@@ -57,6 +64,11 @@ impl Agent {
                 .is_some_and(|m| m.starts_with("agent ready"))
         });
         agent
+    }
+
+    /// The audit log this agent writes.
+    pub fn audit_log(&self) -> &std::path::Path {
+        &self.audit_log
     }
 
     pub fn pid(&self) -> u32 {
@@ -91,11 +103,22 @@ impl Agent {
     }
 
     /// Sends SIGTERM and waits for a clean exit, returning the remaining lines.
-    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub fn stop(self) -> (std::process::ExitStatus, Vec<String>) {
+        let (status, lines, _) = self.stop_with_audit();
+        (status, lines)
+    }
+
+    /// Like [`Agent::stop`], also returning every audit record it wrote.
+    pub fn stop_with_audit(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<Value>) {
         let status = self.terminate();
         let rest: Vec<String> = self.lines.try_iter().collect();
         self.seen.extend(rest);
-        (status, std::mem::take(&mut self.seen))
+        let audit = std::fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+            .collect();
+        (status, std::mem::take(&mut self.seen), audit)
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
@@ -119,6 +142,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.terminate();
+        }
+        for path in crate::audit_files(&self.audit_log) {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -25,6 +25,26 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// An audit log and what rotation and torn-tail repair put beside it.
+pub fn audit_files(log: &std::path::Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name()) else {
+        return Vec::new();
+    };
+    let name = name.to_string_lossy().into_owned();
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&name))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs a command to completion; panics with its output when it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd

@@ -129,6 +129,27 @@ fn enforce_denies_strangers_and_lets_owners_bind() {
     let ev = bind_event(&mut s.agent, opid, s.port);
     assert_eq!(ev["verdict"], "owner");
     assert_eq!(ev["cgroup_id"], s.owner.id());
+
+    // The audit trail: started, three denials (not the owner's bind), stopped; no gaps.
+    let (status, _, audit) = s.agent.stop_with_audit();
+    assert!(status.success());
+    let kinds: Vec<&str> = audit.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent_started",
+            "bind_denied",
+            "bind_denied",
+            "bind_denied",
+            "agent_stopped"
+        ]
+    );
+    let seqs: Vec<u64> = audit.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=5).collect::<Vec<_>>());
+    assert_eq!(audit[1]["pid"], pid);
+    assert_eq!(audit[1]["port"], s.port);
+    assert_eq!(audit[1]["comm"], "bindprobe");
+    assert_eq!(audit[4]["reason"], "SIGTERM");
 }
 
 #[test]

@@ -1,0 +1,145 @@
+//! Source: the bind guard's ring buffer. Translates kernel events into
+//! [`BindRecord`]s, logs them, counts them and hands strangers' binds to the
+//! audit writer; decides nothing.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tracing::{info, warn};
+
+use crate::{
+    audit::{AuditEvent, BindAttempt},
+    ebpf::{BindRecord, KernelLogger, read_bind_event},
+    metrics::Metrics,
+    policy::Proto,
+    sys::cgroup::CgroupPaths,
+};
+
+/// Longest an observed (not denied) bind waits in the ring buffer: routine
+/// events are submitted without a wakeup (denials and a filling buffer wake us).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+pub struct BindSource {
+    pub host_cookie: u64,
+    pub cgroups: CgroupPaths,
+    pub metrics: Arc<Metrics>,
+    /// Strangers' binds for the audit log; full means the writer lags: counted, never silent.
+    pub audit: mpsc::Sender<AuditEvent>,
+}
+
+impl BindSource {
+    pub async fn run(mut self, events: RingBuf<MapData>) -> anyhow::Result<()> {
+        // SAFETY: the ring buffer owns its map fd and keeps it open until dropped with the AsyncFd.
+        let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .context("polling the bind ring buffer")?;
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+        let mut audit_lost = 0u64;
+        loop {
+            tokio::select! {
+                ready = fd.readable_mut() => {
+                    let mut ready = ready?;
+                    self.drain(ready.get_inner_mut(), &mut audit_lost);
+                    ready.clear_ready();
+                }
+                _ = drain.tick() => self.drain(fd.get_mut(), &mut audit_lost),
+            }
+        }
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, audit_lost: &mut u64) {
+        while let Some(item) = ring.next() {
+            let Some(raw) = read_bind_event(&item) else {
+                warn!(len = item.len(), "short bind event ignored");
+                continue;
+            };
+            drop(item);
+            let rec = BindRecord::new(&raw, self.host_cookie, &mut self.cgroups);
+            log_bind(&rec);
+            let event = match rec.verdict {
+                "denied" => {
+                    let proto = if rec.proto == "udp" {
+                        Proto::Udp
+                    } else {
+                        Proto::Tcp
+                    };
+                    self.metrics.bind_denied(rec.port, proto);
+                    AuditEvent::BindDenied(attempt(&rec))
+                }
+                "observed" => AuditEvent::BindObserved(attempt(&rec)),
+                _ => continue,
+            };
+            if self.audit.try_send(event).is_err() {
+                *audit_lost += 1;
+                if audit_lost.is_power_of_two() {
+                    warn!(
+                        lost = *audit_lost,
+                        "audit writer lags: bind records not written"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn attempt(rec: &BindRecord) -> BindAttempt {
+    BindAttempt {
+        port: rec.port,
+        proto: if rec.proto == "udp" {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        },
+        address: Some(rec.addr),
+        pid: rec.tgid,
+        comm: rec.comm.clone(),
+        exe: rec.exe.as_ref().map(|p| p.display().to_string()),
+        cgroup: rec.cgroup.clone(),
+        owner: None,
+    }
+}
+
+fn log_bind(rec: &BindRecord) {
+    info!(
+        target: "portguard::bind",
+        pid = rec.pid,
+        tgid = rec.tgid,
+        uid = rec.uid,
+        comm = %rec.comm,
+        exe = rec.exe.as_ref().map(|p| p.display().to_string()),
+        exe_ino = rec.exe_ino,
+        exe_dev = rec.exe_dev,
+        cmdline = rec.cmdline,
+        cgroup = rec.cgroup,
+        unit = rec.workload.unit,
+        container_id = rec.workload.container_id,
+        pod_uid = rec.workload.pod_uid,
+        cgroup_id = rec.cgroup_id,
+        netns_cookie = rec.netns_cookie,
+        host_netns = rec.host_netns,
+        family = rec.family,
+        addr = %rec.addr,
+        port = rec.port,
+        proto = rec.proto,
+        verdict = rec.verdict,
+        "bind to protected port"
+    );
+}
+
+/// The kernel programs' own log lines (aya-log), forwarded into `tracing`.
+pub async fn read_kernel_log(logger: KernelLogger) -> anyhow::Result<()> {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open until dropped.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the kernel log ring buffer")?;
+    loop {
+        let mut ready = fd.readable_mut().await?;
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
