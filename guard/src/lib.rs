@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod ebpf;
 pub mod logging;
+pub mod nft;
 pub mod policy;
 pub mod sys;

@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand.
 
+pub mod check;
 pub mod config;
 pub mod run;
 
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: guard binds to protected ports until stopped (SIGINT/SIGTERM).
     Run(run::RunArgs),
+    /// One-shot audit: every foreign NAT rule on a protected port (exit 0 clean, 1 findings, 2 error).
+    Check(check::CheckArgs),
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),
