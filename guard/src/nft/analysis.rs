@@ -811,7 +811,12 @@ impl Walker<'_, '_> {
                         }
                     }
                 }
-                Expr::Limit | Expr::Unknown { .. } => ev.matched = ev.matched.and(Tri::Maybe),
+                Expr::Limit => ev.matched = ev.matched.and(Tri::Maybe),
+                Expr::Unknown { .. } => {
+                    // It may be a match, and it may write any register.
+                    ev.matched = ev.matched.and(Tri::Maybe);
+                    regs = Regs::new();
+                }
                 Expr::Reject => {
                     ev.terminal = true;
                     break;

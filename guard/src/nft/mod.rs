@@ -187,6 +187,14 @@ impl fmt::Display for FindingKind {
     }
 }
 
+/// A new connection that reaches a foreign rule: from outside (prerouting) or
+/// from this host (output), to this local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ActivePath {
+    pub hook: Hook,
+    pub daddr: IpAddr,
+}
+
 /// One foreign rewrite of one protected port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
@@ -208,6 +216,8 @@ pub struct Finding {
     pub active: bool,
     /// Hooks on which it is active: prerouting (from outside), output (from this host).
     pub active_on: Vec<Hook>,
+    /// Each hook and local address for which it is active.
+    pub active_paths: Vec<ActivePath>,
     /// Who wrote it, as far as it says.
     pub source: String,
     pub evidence: Vec<String>,
@@ -264,6 +274,7 @@ pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
                         target,
                         active: false,
                         active_on: Vec::new(),
+                        active_paths: Vec::new(),
                         source: attribution.source,
                         evidence: attribution.evidence,
                         comment,
@@ -279,6 +290,13 @@ pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
                 if !f.active_on.contains(&probe.hook) {
                     f.active_on.push(probe.hook);
                     f.active_on.sort();
+                }
+                let path = ActivePath {
+                    hook: probe.hook,
+                    daddr: probe.daddr,
+                };
+                if !f.active_paths.contains(&path) {
+                    f.active_paths.push(path);
                 }
             }
         }
