@@ -90,22 +90,26 @@ const NFTA_XT_INFO: u16 = 3;
 
 /// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`.
 pub fn decode_list_elem(elem: &[u8]) -> Expr {
-    let mut name = None;
+    let mut name: Option<&[u8]> = None;
     let mut data: &[u8] = &[];
     for attr in Attrs::new(elem) {
         let Ok((ty, payload)) = attr else {
-            return unknown(name.as_deref().unwrap_or("<malformed>"));
+            return unknown(&name.map(string).unwrap_or_else(|| "<malformed>".into()));
         };
         match ty {
-            NFTA_EXPR_NAME => name = Some(string(payload)),
+            NFTA_EXPR_NAME => name = Some(payload),
             NFTA_EXPR_DATA => data = payload,
             _ => {}
         }
     }
-    let Some(name) = name else {
+    let Some(raw) = name else {
         return unknown("<unnamed>");
     };
-    decode(&name, data).unwrap_or_else(|| unknown(&name))
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    match std::str::from_utf8(&raw[..end]) {
+        Ok(name) => decode(name, data).unwrap_or_else(|| unknown(name)),
+        Err(_) => unknown(&string(raw)),
+    }
 }
 
 fn unknown(name: &str) -> Expr {
@@ -114,16 +118,28 @@ fn unknown(name: &str) -> Expr {
     }
 }
 
-/// Collects the attributes of an expression by type; `None` when malformed.
-fn attrs(data: &[u8]) -> Option<Vec<(u16, &[u8])>> {
-    Attrs::new(data).collect::<Result<Vec<_>, _>>().ok()
+/// An expression's attributes indexed by type (no allocation); `None` when malformed.
+struct AttrTable<'a>([Option<&'a [u8]>; MAX_EXPR_ATTR]);
+
+/// Expression attribute types are small numbers; anything above is ignored.
+const MAX_EXPR_ATTR: usize = 24;
+
+fn attrs(data: &[u8]) -> Option<AttrTable<'_>> {
+    let mut t = AttrTable([None; MAX_EXPR_ATTR]);
+    for a in Attrs::new(data) {
+        let (ty, p) = a.ok()?;
+        if let Some(slot) = t.0.get_mut(ty as usize) {
+            *slot = Some(p);
+        }
+    }
+    Some(t)
 }
 
-fn get<'a>(a: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
-    a.iter().find(|(t, _)| *t == ty).map(|(_, p)| *p)
+fn get<'a>(a: &AttrTable<'a>, ty: u16) -> Option<&'a [u8]> {
+    a.0.get(ty as usize).copied().flatten()
 }
 
-fn u32_of(a: &[(u16, &[u8])], ty: u16) -> Option<u32> {
+fn u32_of(a: &AttrTable<'_>, ty: u16) -> Option<u32> {
     get(a, ty).and_then(be_u32)
 }
 

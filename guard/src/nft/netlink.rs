@@ -383,6 +383,10 @@ pub fn read_ruleset() -> Result<RulesetModel, ReadError> {
 }
 
 type TableKey = (u8, String);
+/// The chain the previous rule named: family, table, chain, and its indexes.
+type LastChain<'a> = (u8, &'a [u8], &'a [u8], Option<(usize, usize)>);
+/// Table, chain, rule, set and element-list attribute types are all below this.
+const MAX_OBJECT_ATTR: usize = 32;
 
 /// Builds the model from the raw messages; never fails, collects warnings.
 fn decode_dump(dump: &Dump) -> RulesetModel {
@@ -390,16 +394,26 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
     let mut tables: HashMap<TableKey, usize> = HashMap::new();
     let mut chains: HashMap<(usize, String), usize> = HashMap::new();
     let mut sets: HashMap<(usize, String), usize> = HashMap::new();
+    let mut last_chain: Option<LastChain<'_>> = None;
     for m in &dump.msgs {
         let p = dump.payload(m);
-        let a = match Attrs::new(p).collect::<Result<Vec<_>, _>>() {
-            Ok(a) => a,
-            Err(e) => {
-                model.warnings.push(format!("message type {}: {e}", m.msg));
-                continue;
+        let mut a: [Option<&[u8]>; MAX_OBJECT_ATTR] = [None; MAX_OBJECT_ATTR];
+        let mut malformed = None;
+        for attr in Attrs::new(p) {
+            match attr {
+                Ok((ty, payload)) => {
+                    if let Some(slot) = a.get_mut(ty as usize) {
+                        *slot = Some(payload);
+                    }
+                }
+                Err(e) => malformed = Some(e),
             }
-        };
-        let get = |ty: u16| a.iter().find(|(t, _)| *t == ty).map(|(_, p)| *p);
+        }
+        if let Some(e) = malformed {
+            model.warnings.push(format!("message type {}: {e}", m.msg));
+            continue;
+        }
+        let get = |ty: u16| a.get(ty as usize).copied().flatten();
         match m.msg {
             NFT_MSG_NEWTABLE => {
                 let Some(name) = get(NFTA_TABLE_NAME).map(string) else {
@@ -453,17 +467,20 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
                 });
             }
             NFT_MSG_NEWRULE => {
-                let (Some(table), Some(chain)) = (
-                    get(NFTA_RULE_TABLE).map(string),
-                    get(NFTA_RULE_CHAIN).map(string),
-                ) else {
+                let (Some(table), Some(chain)) = (get(NFTA_RULE_TABLE), get(NFTA_RULE_CHAIN))
+                else {
                     model.warnings.push("rule without a table or chain".into());
                     continue;
                 };
-                let Some(&ti) = tables.get(&(m.family, table)) else {
-                    continue;
-                };
-                let Some(&ci) = chains.get(&(ti, chain)) else {
+                // Rules arrive chain by chain: look names up only when they change.
+                let hit = matches!(&last_chain, Some((f, t, c, _)) if *f == m.family && *t == table && *c == chain);
+                if !hit {
+                    let found = tables
+                        .get(&(m.family, string(table)))
+                        .and_then(|&ti| chains.get(&(ti, string(chain))).map(|&ci| (ti, ci)));
+                    last_chain = Some((m.family, table, chain, found));
+                }
+                let Some((_, _, _, Some((ti, ci)))) = last_chain else {
                     continue;
                 };
                 let exprs: Vec<Expr> = get(NFTA_RULE_EXPRESSIONS)
