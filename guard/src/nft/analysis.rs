@@ -460,7 +460,7 @@ impl<'i, 'm> Walker<'i, 'm> {
         let mut ret = Reach::Shadowed;
         let mut clean = true;
         for (ri, rule) in chain.rules.iter().enumerate() {
-            let eval = self.eval_rule(ti, &rule.exprs);
+            let eval = self.eval_rule(ti, rule.exprs());
             if eval.matched == Tri::No {
                 continue;
             }

@@ -88,6 +88,16 @@ const NFTA_XT_NAME: u16 = 1;
 const NFTA_XT_REV: u16 = 2;
 const NFTA_XT_INFO: u16 = 3;
 
+/// A whole `NFTA_RULE_EXPRESSIONS` list; what does not decode stays as `Unknown`.
+pub fn decode_list(list: &[u8]) -> Vec<Expr> {
+    Attrs::new(list)
+        .map(|e| match e {
+            Ok((NFTA_LIST_ELEM, e)) => decode_list_elem(e),
+            _ => unknown("<malformed>"),
+        })
+        .collect()
+}
+
 /// One `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`.
 pub fn decode_list_elem(elem: &[u8]) -> Expr {
     let mut name: Option<&[u8]> = None;

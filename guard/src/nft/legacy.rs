@@ -113,7 +113,8 @@ pub fn parse_save(text: &str, family: Family) -> Table {
         let rule = parse_rule(&tokens[2..], family, &names);
         if let Some(c) = table.chains.iter_mut().find(|c| c.name == chain) {
             let handle = c.rules.len() as u64 + 1;
-            c.rules.push(Rule { handle, ..rule });
+            c.rules
+                .push(Rule::new(handle, rule.exprs().to_vec(), rule.comment));
         }
     }
     table
@@ -336,11 +337,7 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
         }
         neg = false;
     }
-    Rule {
-        handle: 0,
-        exprs,
-        comment,
-    }
+    Rule::new(0, exprs, comment)
 }
 
 fn target(
@@ -547,21 +544,21 @@ COMMIT
         assert_eq!(docker.rules.len(), 3);
         assert_eq!(docker.rules[0].comment.as_deref(), Some("web \"front\""));
         assert!(matches!(
-            docker.rules[0].exprs.last(),
+            docker.rules[0].exprs().last(),
             Some(Expr::Nat { .. })
         ));
         assert!(matches!(
-            docker.rules[1].exprs.last(),
+            docker.rules[1].exprs().last(),
             Some(Expr::Redir { .. })
         ));
         assert!(matches!(
-            docker.rules[2].exprs.last(),
+            docker.rules[2].exprs().last(),
             Some(Expr::XtTarget { name, .. }) if name == "FROB"
         ));
         let pre = t.chain("PREROUTING").unwrap();
         assert_eq!(pre.base.as_ref().unwrap().priority, PRI_NAT_DST);
         assert!(matches!(
-            pre.rules[0].exprs.last(),
+            pre.rules[0].exprs().last(),
             Some(Expr::Immediate { data: Data::Verdict(Verdict::Jump(c)), .. }) if c == "DOCKER"
         ));
     }

@@ -257,7 +257,7 @@ pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
                         .iter()
                         .map(|&c| table.chains[c].name.as_str())
                         .collect();
-                    let comment = rule.comment.clone().or_else(|| xt_comment(&rule.exprs));
+                    let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
                     let attribution =
                         classify::attribute(table, &path, comment.as_deref(), target_ip);
                     Finding {

@@ -2,7 +2,11 @@
 //! to understand it. Anything not decoded is kept by name (`Expr::Unknown`), so an
 //! expression this code has never heard of never makes a read fail.
 
-use std::fmt;
+use std::{
+    fmt,
+    ops::Range,
+    sync::{Arc, OnceLock},
+};
 
 use serde::Serialize;
 
@@ -163,12 +167,71 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+/// A rule. Its expressions are decoded on first use: a read keeps the raw
+/// `NFTA_RULE_EXPRESSIONS` bytes, and the analysis decodes only the rules a
+/// probe reaches (on a kube-proxy host, a small part of the ruleset).
 #[derive(Clone, Debug, Default)]
 pub struct Rule {
     pub handle: u64,
-    pub exprs: Vec<Expr>,
     /// The rule's comment (nft userdata), or an iptables `-m comment`.
     pub comment: Option<String>,
+    exprs: OnceLock<Vec<Expr>>,
+    raw: Option<RawExprs>,
+}
+
+impl Rule {
+    /// A rule whose expressions are known already.
+    pub fn new(handle: u64, exprs: Vec<Expr>, comment: Option<String>) -> Self {
+        Self {
+            handle,
+            comment,
+            exprs: OnceLock::from(exprs),
+            raw: None,
+        }
+    }
+
+    /// A rule read over netlink, decoded when first asked.
+    pub fn from_raw(handle: u64, raw: RawExprs, comment: Option<String>) -> Self {
+        Self {
+            handle,
+            comment,
+            exprs: OnceLock::new(),
+            raw: Some(raw),
+        }
+    }
+
+    /// The rule's expressions (decoded now if they were not yet).
+    pub fn exprs(&self) -> &[Expr] {
+        self.exprs.get_or_init(|| {
+            self.raw
+                .as_ref()
+                .map(|r| super::expr::decode_list(r.bytes()))
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// The undecoded `NFTA_RULE_EXPRESSIONS` of a rule, in the datagram it came in.
+#[derive(Clone)]
+pub struct RawExprs {
+    buf: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl RawExprs {
+    pub fn new(buf: Arc<Vec<u8>>, range: Range<usize>) -> Self {
+        Self { buf, range }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.get(self.range.clone()).unwrap_or(&[])
+    }
+}
+
+impl fmt::Debug for RawExprs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawExprs({} bytes)", self.range.len())
+    }
 }
 
 /// A verdict, as in `nft_verdict`.

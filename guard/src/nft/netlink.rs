@@ -6,7 +6,9 @@
 use std::{
     collections::HashMap,
     io,
+    ops::Range,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,8 +16,8 @@ use super::{
     attr::{self, Attrs, be_i32, be_u32, be_u64, string},
     expr,
     model::{
-        BaseHook, Chain, Data, Expr, Family, Hook, Rule, RulesetModel, Set, SetElem, Table,
-        TableOrigin, Verdict,
+        BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, RulesetModel, Set, SetElem,
+        Table, TableOrigin, Verdict,
     },
 };
 
@@ -88,7 +90,7 @@ const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_GEN_ID: u16 = 1;
 
 /// Room for one dump datagram; the kernel sends at most 32 KiB per read.
-const RECV_BUF: usize = 128 * 1024;
+const RECV_BUF: usize = 64 * 1024;
 const SOCKET_RCVBUF: libc::c_int = 4 * 1024 * 1024;
 /// How many times a read raced by a ruleset change is repeated.
 const CONSISTENT_READ_ATTEMPTS: usize = 5;
@@ -120,34 +122,31 @@ pub enum ReadError {
 pub struct ReadTimings {
     /// Sending requests and receiving every datagram.
     pub dump: Duration,
-    /// Decoding the messages into the model.
+    /// Decoding left to do once the last datagram arrived (decoding overlaps
+    /// the dump on a second thread).
     pub decode: Duration,
     pub bytes: usize,
 }
 
-/// One raw dump: the messages' payloads (after `nlmsghdr`), type and family.
+/// One message of a received datagram: its type, family and payload range.
 struct RawMsg {
     msg: u16,
     family: u8,
-    range: std::ops::Range<usize>,
+    range: Range<usize>,
 }
 
-struct Dump {
-    bytes: Vec<u8>,
+/// One received datagram and the messages in it that answer our request.
+struct Chunk {
+    buf: Vec<u8>,
     msgs: Vec<RawMsg>,
-}
-
-impl Dump {
-    fn payload(&self, m: &RawMsg) -> &[u8] {
-        &self.bytes[m.range.clone()]
-    }
 }
 
 /// A `NETLINK_NETFILTER` socket, in the network namespace of the thread that opened it.
 pub struct NftSocket {
     fd: OwnedFd,
     seq: u32,
-    buf: Vec<u8>,
+    /// Buffers the decoder has finished with, for the next datagrams.
+    spare: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
 }
 
 impl NftSocket {
@@ -180,7 +179,7 @@ impl NftSocket {
         Ok(Self {
             fd,
             seq: 1,
-            buf: vec![0; RECV_BUF],
+            spare: None,
         })
     }
 
@@ -213,22 +212,28 @@ impl NftSocket {
     }
 
     /// Receives every message answering `seq` until `NLMSG_DONE` (dumps) or the
-    /// first message (plain requests); appends payloads to `out`.
+    /// first message (plain requests), handing each datagram to `sink`.
     fn receive(
         &mut self,
         seq: u32,
         dump: bool,
         what: &'static str,
-        out: &mut Dump,
+        sink: &mut dyn FnMut(Chunk),
     ) -> Result<bool, ReadError> {
         let mut interrupted = false;
         loop {
-            // SAFETY: receiving into our own buffer.
+            let mut buf = self
+                .spare
+                .as_ref()
+                .and_then(|r| r.try_recv().ok())
+                .unwrap_or_else(|| Vec::with_capacity(RECV_BUF));
+            buf.clear();
+            // SAFETY: receiving into the spare capacity of our own buffer.
             let n = unsafe {
                 libc::recv(
                     self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
+                    buf.as_mut_ptr().cast(),
+                    buf.capacity(),
                     0,
                 )
             };
@@ -239,10 +244,14 @@ impl NftSocket {
                 }
                 return Err(ReadError::Io { what, source: err });
             }
-            let n = n as usize;
+            // SAFETY: the kernel initialised the first n bytes.
+            unsafe { buf.set_len(n as usize) };
+            let n = buf.len();
+            let mut msgs = Vec::new();
+            let mut done = false;
             let mut pos = 0;
-            while pos + NLMSG_HDRLEN <= n {
-                let h = &self.buf[pos..];
+            while pos + NLMSG_HDRLEN <= n && !done {
+                let h = &buf[pos..];
                 let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
                 let ty = u16::from_ne_bytes([h[4], h[5]]);
                 let flags = u16::from_ne_bytes([h[6], h[7]]);
@@ -260,7 +269,7 @@ impl NftSocket {
                 }
                 interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 match ty {
-                    NLMSG_DONE => return Ok(interrupted),
+                    NLMSG_DONE => done = true,
                     NLMSG_ERROR => {
                         let code = h
                             .get(16..20)
@@ -272,25 +281,25 @@ impl NftSocket {
                                 source: io::Error::from_raw_os_error(-code),
                             });
                         }
-                        return Ok(interrupted);
+                        done = true;
                     }
                     _ if len >= NLMSG_HDRLEN + NFGENMSG_LEN => {
-                        let start = out.bytes.len();
-                        out.bytes.extend_from_slice(
-                            &self.buf[pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len],
-                        );
-                        out.msgs.push(RawMsg {
+                        msgs.push(RawMsg {
                             msg: ty & 0xff,
-                            family: self.buf[pos + NLMSG_HDRLEN],
-                            range: start..out.bytes.len(),
+                            family: buf[pos + NLMSG_HDRLEN],
+                            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
                         });
-                        if !dump {
-                            return Ok(interrupted);
-                        }
+                        done = !dump;
                     }
                     _ => {}
                 }
                 pos = next;
+            }
+            if !msgs.is_empty() {
+                sink(Chunk { buf, msgs });
+            }
+            if done {
+                return Ok(interrupted);
             }
         }
     }
@@ -301,75 +310,120 @@ impl NftSocket {
         family: u8,
         attrs: &[u8],
         what: &'static str,
-        out: &mut Dump,
+        sink: &mut dyn FnMut(Chunk),
     ) -> Result<bool, ReadError> {
         let seq = self.request(msg, NLM_F_DUMP, family, attrs)?;
-        self.receive(seq, true, what, out)
+        self.receive(seq, true, what, sink)
     }
 
     /// The current nf_tables generation.
     pub fn generation(&mut self) -> Result<u32, ReadError> {
         let seq = self.request(NFT_MSG_GETGEN, 0, NFPROTO_UNSPEC, &[])?;
-        let mut out = Dump {
-            bytes: Vec::new(),
-            msgs: Vec::new(),
-        };
-        self.receive(seq, false, "GETGEN", &mut out)?;
-        let gen_id = out
-            .msgs
-            .iter()
-            .filter(|m| m.msg == NFT_MSG_NEWGEN)
-            .flat_map(|m| Attrs::new(out.payload(m)).flatten())
-            .find(|(t, _)| *t == NFTA_GEN_ID)
-            .and_then(|(_, p)| be_u32(p))
-            .unwrap_or(0);
+        let mut gen_id = 0;
+        self.receive(seq, false, "GETGEN", &mut |c: Chunk| {
+            for m in c.msgs.iter().filter(|m| m.msg == NFT_MSG_NEWGEN) {
+                if let Some(id) = Attrs::new(&c.buf[m.range.clone()])
+                    .flatten()
+                    .find(|(t, _)| *t == NFTA_GEN_ID)
+                    .and_then(|(_, p)| be_u32(p))
+                {
+                    gen_id = id;
+                }
+            }
+        })?;
         Ok(gen_id)
     }
 
-    /// Reads the whole ruleset, consistent with one generation.
+    /// Every dump request of a full read, each datagram handed to `sink`;
+    /// returns whether the kernel flagged a dump as interrupted.
+    fn dump_all(&mut self, sink: &mut dyn FnMut(Chunk)) -> Result<bool, ReadError> {
+        let mut intr = false;
+        intr |= self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC, &[], "GETTABLE", sink)?;
+        intr |= self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, &[], "GETCHAIN", sink)?;
+        let mut sets: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
+        intr |= self.dump(
+            NFT_MSG_GETSET,
+            NFPROTO_UNSPEC,
+            &[],
+            "GETSET",
+            &mut |c: Chunk| {
+                for m in &c.msgs {
+                    let a: Vec<_> = Attrs::new(&c.buf[m.range.clone()]).flatten().collect();
+                    let table = a.iter().find(|(t, _)| *t == NFTA_SET_TABLE);
+                    let name = a.iter().find(|(t, _)| *t == NFTA_SET_NAME);
+                    if let (Some(t), Some(n)) = (table, name) {
+                        sets.push((m.family, t.1.to_vec(), n.1.to_vec()));
+                    }
+                }
+                sink(c);
+            },
+        )?;
+        intr |= self.dump(NFT_MSG_GETRULE, NFPROTO_UNSPEC, &[], "GETRULE", sink)?;
+        for (family, table, set) in &sets {
+            let mut req = Vec::new();
+            attr::put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, &string(table));
+            attr::put_str(&mut req, NFTA_SET_ELEM_LIST_SET, &string(set));
+            intr |= self.dump(NFT_MSG_GETSETELEM, *family, &req, "GETSETELEM", sink)?;
+        }
+        Ok(intr)
+    }
+
+    /// The raw dump alone (requests sent, every datagram received, nothing
+    /// decoded): the floor a full read is measured against.
+    pub fn dump_only(&mut self) -> Result<ReadTimings, ReadError> {
+        let t0 = Instant::now();
+        let mut bytes = 0;
+        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        self.spare = Some(spare_rx);
+        let result = self.dump_all(&mut |c: Chunk| {
+            bytes += c.buf.len();
+            let _ = spare_tx.send(c.buf);
+        });
+        self.spare = None;
+        result?;
+        Ok(ReadTimings {
+            dump: t0.elapsed(),
+            decode: Duration::ZERO,
+            bytes,
+        })
+    }
+
+    /// Reads the whole ruleset, consistent with one generation. Datagrams are
+    /// decoded on a second thread while the next ones are received.
     pub fn read_ruleset(&mut self) -> Result<(RulesetModel, ReadTimings), ReadError> {
         for _ in 0..CONSISTENT_READ_ATTEMPTS {
-            let t0 = Instant::now();
             let before = self.generation()?;
-            let mut dump = Dump {
-                bytes: Vec::with_capacity(1 << 20),
-                msgs: Vec::new(),
-            };
-            let mut intr = false;
-            intr |= self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC, &[], "GETTABLE", &mut dump)?;
-            intr |= self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, &[], "GETCHAIN", &mut dump)?;
-            intr |= self.dump(NFT_MSG_GETSET, NFPROTO_UNSPEC, &[], "GETSET", &mut dump)?;
-            intr |= self.dump(NFT_MSG_GETRULE, NFPROTO_UNSPEC, &[], "GETRULE", &mut dump)?;
-            // Elements, set by set.
-            let sets: Vec<(u8, String, String)> = dump
-                .msgs
-                .iter()
-                .filter(|m| m.msg == NFT_MSG_NEWSET)
-                .filter_map(|m| {
-                    let a: Vec<_> = Attrs::new(dump.payload(m)).flatten().collect();
-                    let table = a.iter().find(|(t, _)| *t == NFTA_SET_TABLE)?;
-                    let name = a.iter().find(|(t, _)| *t == NFTA_SET_NAME)?;
-                    Some((m.family, string(table.1), string(name.1)))
-                })
-                .collect();
-            for (family, table, set) in &sets {
-                let mut req = Vec::new();
-                attr::put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, table);
-                attr::put_str(&mut req, NFTA_SET_ELEM_LIST_SET, set);
-                intr |= self.dump(NFT_MSG_GETSETELEM, *family, &req, "GETSETELEM", &mut dump)?;
-            }
+            let t0 = Instant::now();
+            let (model, intr, dumped, bytes) = std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
+                let decoder = s.spawn(move || {
+                    let mut d = Decoder::default();
+                    for chunk in rx {
+                        d.feed_chunk(chunk);
+                    }
+                    d.finish()
+                });
+                let mut bytes = 0;
+                let intr = self.dump_all(&mut |c: Chunk| {
+                    bytes += c.buf.len();
+                    let _ = tx.send(c);
+                });
+                drop(tx);
+                let dumped = t0.elapsed();
+                let model = decoder.join().expect("the decoder thread does not panic");
+                intr.map(|intr| (model, intr, dumped, bytes))
+            })?;
+            let total = t0.elapsed();
             let after = self.generation()?;
-            let dumped = t0.elapsed();
             if intr || before != after {
                 continue;
             }
-            let t1 = Instant::now();
-            let mut model = decode_dump(&dump);
+            let mut model = model;
             model.generation = Some(after);
             let timings = ReadTimings {
                 dump: dumped,
-                decode: t1.elapsed(),
-                bytes: dump.bytes.len(),
+                decode: total.saturating_sub(dumped),
+                bytes,
             };
             return Ok((model, timings));
         }
@@ -384,19 +438,30 @@ pub fn read_ruleset() -> Result<RulesetModel, ReadError> {
 
 type TableKey = (u8, String);
 /// The chain the previous rule named: family, table, chain, and its indexes.
-type LastChain<'a> = (u8, &'a [u8], &'a [u8], Option<(usize, usize)>);
+type LastChain = (u8, Vec<u8>, Vec<u8>, Option<(usize, usize)>);
 /// Table, chain, rule, set and element-list attribute types are all below this.
 const MAX_OBJECT_ATTR: usize = 32;
 
-/// Builds the model from the raw messages; never fails, collects warnings.
-fn decode_dump(dump: &Dump) -> RulesetModel {
-    let mut model = RulesetModel::default();
-    let mut tables: HashMap<TableKey, usize> = HashMap::new();
-    let mut chains: HashMap<(usize, String), usize> = HashMap::new();
-    let mut sets: HashMap<(usize, String), usize> = HashMap::new();
-    let mut last_chain: Option<LastChain<'_>> = None;
-    for m in &dump.msgs {
-        let p = dump.payload(m);
+/// Builds the model message by message, as they arrive; never fails, collects warnings.
+#[derive(Default)]
+struct Decoder {
+    model: RulesetModel,
+    tables: HashMap<TableKey, usize>,
+    chains: HashMap<(usize, String), usize>,
+    sets: HashMap<(usize, String), usize>,
+    last_chain: Option<LastChain>,
+}
+
+impl Decoder {
+    fn feed_chunk(&mut self, chunk: Chunk) {
+        let buf = Arc::new(chunk.buf);
+        for m in &chunk.msgs {
+            self.feed(m.msg, m.family, &buf, m.range.clone());
+        }
+    }
+
+    fn feed(&mut self, msg: u16, family: u8, buf: &Arc<Vec<u8>>, range: Range<usize>) {
+        let p = &buf[range.clone()];
         let mut a: [Option<&[u8]>; MAX_OBJECT_ATTR] = [None; MAX_OBJECT_ATTR];
         let mut malformed = None;
         for attr in Attrs::new(p) {
@@ -410,19 +475,22 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
             }
         }
         if let Some(e) = malformed {
-            model.warnings.push(format!("message type {}: {e}", m.msg));
-            continue;
+            self.model
+                .warnings
+                .push(format!("message type {}: {e}", msg));
+            return;
         }
         let get = |ty: u16| a.get(ty as usize).copied().flatten();
-        match m.msg {
+        match msg {
             NFT_MSG_NEWTABLE => {
                 let Some(name) = get(NFTA_TABLE_NAME).map(string) else {
-                    model.warnings.push("table without a name".into());
-                    continue;
+                    self.model.warnings.push("table without a name".into());
+                    return;
                 };
-                tables.insert((m.family, name.clone()), model.tables.len());
-                model.tables.push(Table {
-                    family: Family(m.family),
+                self.tables
+                    .insert((family, name.clone()), self.model.tables.len());
+                self.model.tables.push(Table {
+                    family: Family(family),
                     name,
                     handle: get(NFTA_TABLE_HANDLE).and_then(be_u64).unwrap_or(0),
                     flags: get(NFTA_TABLE_FLAGS).and_then(be_u32).unwrap_or(0),
@@ -434,14 +502,16 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
                     get(NFTA_CHAIN_TABLE).map(string),
                     get(NFTA_CHAIN_NAME).map(string),
                 ) else {
-                    model.warnings.push("chain without a table or name".into());
-                    continue;
+                    self.model
+                        .warnings
+                        .push("chain without a table or name".into());
+                    return;
                 };
-                let Some(&ti) = tables.get(&(m.family, table.clone())) else {
-                    model
+                let Some(&ti) = self.tables.get(&(family, table.clone())) else {
+                    self.model
                         .warnings
                         .push(format!("chain {name} of unknown table {table}"));
-                    continue;
+                    return;
                 };
                 let base = get(NFTA_CHAIN_HOOK).map(|hook| {
                     let h: Vec<_> = Attrs::new(hook).flatten().collect();
@@ -457,8 +527,8 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
                             .map(|c| Verdict::from_code(c, None)),
                     }
                 });
-                let t = &mut model.tables[ti];
-                chains.insert((ti, name.clone()), t.chains.len());
+                let t = &mut self.model.tables[ti];
+                self.chains.insert((ti, name.clone()), t.chains.len());
                 t.chains.push(Chain {
                     name,
                     handle: get(NFTA_CHAIN_HANDLE).and_then(be_u64).unwrap_or(0),
@@ -469,49 +539,45 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
             NFT_MSG_NEWRULE => {
                 let (Some(table), Some(chain)) = (get(NFTA_RULE_TABLE), get(NFTA_RULE_CHAIN))
                 else {
-                    model.warnings.push("rule without a table or chain".into());
-                    continue;
+                    self.model
+                        .warnings
+                        .push("rule without a table or chain".into());
+                    return;
                 };
                 // Rules arrive chain by chain: look names up only when they change.
-                let hit = matches!(&last_chain, Some((f, t, c, _)) if *f == m.family && *t == table && *c == chain);
+                let hit = matches!(&self.last_chain, Some((f, t, c, _)) if *f == family && t.as_slice() == table && c.as_slice() == chain);
                 if !hit {
-                    let found = tables
-                        .get(&(m.family, string(table)))
-                        .and_then(|&ti| chains.get(&(ti, string(chain))).map(|&ci| (ti, ci)));
-                    last_chain = Some((m.family, table, chain, found));
+                    let found = self
+                        .tables
+                        .get(&(family, string(table)))
+                        .and_then(|&ti| self.chains.get(&(ti, string(chain))).map(|&ci| (ti, ci)));
+                    self.last_chain = Some((family, table.to_vec(), chain.to_vec(), found));
                 }
-                let Some((_, _, _, Some((ti, ci)))) = last_chain else {
-                    continue;
+                let Some((_, _, _, Some((ti, ci)))) = self.last_chain else {
+                    return;
                 };
-                let exprs: Vec<Expr> = get(NFTA_RULE_EXPRESSIONS)
-                    .map(|list| {
-                        Attrs::new(list)
-                            .map(|e| match e {
-                                Ok((expr::NFTA_LIST_ELEM, e)) => expr::decode_list_elem(e),
-                                _ => Expr::Unknown {
-                                    name: "<malformed>".into(),
-                                },
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                // Kept raw: decoded when the analysis reaches the rule.
+                let raw = get(NFTA_RULE_EXPRESSIONS).map(|list| {
+                    let start = list.as_ptr() as usize - buf.as_ptr() as usize;
+                    RawExprs::new(buf.clone(), start..start + list.len())
+                });
                 let comment = get(NFTA_RULE_USERDATA).and_then(udata_comment);
-                let rule = Rule {
-                    handle: get(NFTA_RULE_HANDLE).and_then(be_u64).unwrap_or(0),
-                    exprs,
-                    comment,
+                let handle = get(NFTA_RULE_HANDLE).and_then(be_u64).unwrap_or(0);
+                let rule = match raw {
+                    Some(raw) => Rule::from_raw(handle, raw, comment),
+                    None => Rule::new(handle, Vec::new(), comment),
                 };
-                model.tables[ti].chains[ci].rules.push(rule);
+                self.model.tables[ti].chains[ci].rules.push(rule);
             }
             NFT_MSG_NEWSET => {
                 let (Some(table), Some(name)) = (
                     get(NFTA_SET_TABLE).map(string),
                     get(NFTA_SET_NAME).map(string),
                 ) else {
-                    continue;
+                    return;
                 };
-                let Some(&ti) = tables.get(&(m.family, table)) else {
-                    continue;
+                let Some(&ti) = self.tables.get(&(family, table)) else {
+                    return;
                 };
                 let field_lens = get(NFTA_SET_DESC)
                     .and_then(|d| {
@@ -531,8 +597,8 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
                             .collect()
                     })
                     .unwrap_or_default();
-                let t = &mut model.tables[ti];
-                sets.insert((ti, name.clone()), t.sets.len());
+                let t = &mut self.model.tables[ti];
+                self.sets.insert((ti, name.clone()), t.sets.len());
                 t.sets.push(Set {
                     name,
                     handle: get(NFTA_SET_HANDLE).and_then(be_u64).unwrap_or(0),
@@ -550,18 +616,18 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
                     get(NFTA_SET_ELEM_LIST_TABLE).map(string),
                     get(NFTA_SET_ELEM_LIST_SET).map(string),
                 ) else {
-                    continue;
+                    return;
                 };
-                let Some(&ti) = tables.get(&(m.family, table)) else {
-                    continue;
+                let Some(&ti) = self.tables.get(&(family, table)) else {
+                    return;
                 };
-                let Some(&si) = sets.get(&(ti, set)) else {
-                    continue;
+                let Some(&si) = self.sets.get(&(ti, set)) else {
+                    return;
                 };
                 let Some(list) = get(NFTA_SET_ELEM_LIST_ELEMENTS) else {
-                    continue;
+                    return;
                 };
-                let elems = &mut model.tables[ti].sets[si].elements;
+                let elems = &mut self.model.tables[ti].sets[si].elements;
                 for e in Attrs::new(list).flatten() {
                     let mut elem = SetElem::default();
                     for (ty, p) in Attrs::new(e.1).flatten() {
@@ -587,20 +653,29 @@ fn decode_dump(dump: &Dump) -> RulesetModel {
             _ => {}
         }
     }
-    for t in &mut model.tables {
-        t.origin = table_origin(t);
+
+    fn finish(mut self) -> RulesetModel {
+        for t in &mut self.model.tables {
+            t.origin = table_origin(t);
+        }
+        self.model
     }
-    model
 }
 
 /// iptables-nft writes `xt` expressions, and tables named like iptables' own with
 /// base chains named like its built-in ones.
 fn table_origin(t: &Table) -> TableOrigin {
-    let has_xt = t.chains.iter().flat_map(|c| &c.rules).any(|r| {
-        r.exprs
-            .iter()
-            .any(|e| matches!(e, Expr::XtMatch { .. } | Expr::XtTarget { .. }))
-    });
+    // Base chains' rules are enough (and keeps the rest undecoded).
+    let has_xt = t
+        .chains
+        .iter()
+        .filter(|c| c.base.is_some())
+        .flat_map(|c| &c.rules)
+        .any(|r| {
+            r.exprs()
+                .iter()
+                .any(|e| matches!(e, Expr::XtMatch { .. } | Expr::XtTarget { .. }))
+        });
     let builtin_names = IPTABLES_TABLES.contains(&t.name.as_str())
         && t.chains
             .iter()
