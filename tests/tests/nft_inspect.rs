@@ -882,7 +882,7 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
 }
 
 #[test]
-fn malformed_policy_and_bad_netns_are_errors_not_panics() {
+fn missing_netns_is_an_error_not_a_panic() {
     require_root();
     let out = Command::new(portguard_bin())
         .args(["check", "--json", "--netns", "pg-nft-does-not-exist"])
@@ -890,4 +890,64 @@ fn malformed_policy_and_bad_netns_are_errors_not_panics() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("network namespace"));
+}
+
+#[test]
+fn huge_ruleset_is_inspected_whole() {
+    require_root();
+    const RULES: usize = 20_000;
+    let ns = NetNs::new("pg-nft-huge");
+    sh(
+        &ns,
+        "ip link add big0 type veth peer name big1
+         ip addr add 198.51.100.1/24 dev big0
+         ip link set big0 up",
+    );
+    let mut text = String::from(
+        "table ip big {\n chain pre {\n  type nat hook prerouting priority -100; policy accept;\n",
+    );
+    for i in 0..RULES {
+        text += &format!(
+            "  ip daddr 192.0.2.{} tcp dport {} dnat to 203.0.113.{}\n",
+            i % 250 + 1,
+            1024 + i,
+            i % 250 + 1
+        );
+    }
+    // The one rule that matters, last of 20,001.
+    text += "  tcp dport 443 dnat to 203.0.113.9:8443\n }\n}\n";
+    ns.nft_load(&text);
+    let policy = std::env::temp_dir().join(unique_name("pg-nft-policy") + ".toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(portguard_bin())
+        .args(["check", "--json", "--netns", ns.name(), "--config"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let _ = std::fs::remove_file(&policy);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let findings = doc["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(findings[0]["port"], 443);
+    assert_eq!(findings[0]["position"], RULES + 1);
+    assert_eq!(findings[0]["target"], "203.0.113.9:8443");
+    assert_eq!(findings[0]["active"], true);
+    assert!(took < Duration::from_secs(20), "check took {took:?}");
+}
+
+#[test]
+fn malformed_policy_is_an_error() {
+    require_root();
+    let policy = std::env::temp_dir().join(unique_name("pg-nft-policy") + ".toml");
+    std::fs::write(&policy, "[[ports]]\nport = \"eighty\"\n").unwrap();
+    let out = Command::new(portguard_bin())
+        .args(["check", "--config"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&policy);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -431,6 +431,50 @@ impl NftSocket {
     }
 }
 
+/// Decodes a buffer of nf_tables netlink messages (`nlmsghdr` + `nfgenmsg` +
+/// attributes, as a dump delivers them) into the model, without a socket: for
+/// tests, fuzzing and recorded dumps. Never fails: what does not parse ends the
+/// buffer or becomes a warning.
+pub fn decode_messages(bytes: &[u8]) -> RulesetModel {
+    let mut msgs = Vec::new();
+    let mut pos = 0;
+    while pos + NLMSG_HDRLEN <= bytes.len() {
+        let h = &bytes[pos..];
+        let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes([h[4], h[5]]);
+        if len < NLMSG_HDRLEN + NFGENMSG_LEN || pos + len > bytes.len() {
+            break;
+        }
+        msgs.push(RawMsg {
+            msg: ty & 0xff,
+            family: bytes[pos + NLMSG_HDRLEN],
+            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
+        });
+        pos += attr::align4(len);
+    }
+    let mut d = Decoder::default();
+    d.feed_chunk(Chunk {
+        buf: bytes.to_vec(),
+        msgs,
+    });
+    d.finish()
+}
+
+/// Builds one nf_tables message as the kernel sends it, for tests and fuzz seeds.
+pub fn encode_message(msg: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(&(len as u32).to_ne_bytes());
+    b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    b.extend_from_slice(&0u16.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&[family, 0, 0, 0]);
+    b.extend_from_slice(attrs);
+    b.resize(attr::align4(b.len()), 0);
+    b
+}
+
 /// Reads the ruleset of the calling thread's network namespace.
 pub fn read_ruleset() -> Result<RulesetModel, ReadError> {
     NftSocket::open()?.read_ruleset().map(|(m, _)| m)
@@ -725,4 +769,199 @@ pub fn in_netns<T: Send + 'static>(
     handle
         .join()
         .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{InspectInput, OwnedTargets, PortSpec, inspect, local::LocalAddr};
+    use crate::policy::{PortRange, Proto};
+
+    fn nest(items: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, p) in items {
+            attr::put(&mut b, *t, p);
+        }
+        b
+    }
+
+    fn s(v: &str) -> Vec<u8> {
+        let mut b = v.as_bytes().to_vec();
+        b.push(0);
+        b
+    }
+
+    fn expr(name: &str, data: Vec<u8>) -> Vec<u8> {
+        nest(&[(1, s(name)), (2, data)])
+    }
+
+    /// table ip t { chain pre { type nat hook prerouting priority -100;
+    ///   tcp dport 80 dnat to 203.0.113.9 } }, built byte by byte.
+    pub(crate) fn sample_dump() -> Vec<u8> {
+        let family = Family::IP.0;
+        let mut out = encode_message(
+            NFT_MSG_NEWTABLE,
+            family,
+            &nest(&[(NFTA_TABLE_NAME, s("t"))]),
+        );
+        let hook = nest(&[
+            (NFTA_HOOK_HOOKNUM, 0u32.to_be_bytes().to_vec()),
+            (NFTA_HOOK_PRIORITY, (-100i32).to_be_bytes().to_vec()),
+        ]);
+        out.extend(encode_message(
+            NFT_MSG_NEWCHAIN,
+            family,
+            &nest(&[
+                (NFTA_CHAIN_TABLE, s("t")),
+                (NFTA_CHAIN_NAME, s("pre")),
+                (NFTA_CHAIN_HOOK, hook),
+                (NFTA_CHAIN_TYPE, s("nat")),
+            ]),
+        ));
+        let value = |v: Vec<u8>| nest(&[(1, v)]);
+        let exprs = [
+            expr(
+                "meta",
+                nest(&[
+                    (2, 16u32.to_be_bytes().to_vec()),
+                    (1, 1u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(vec![6])),
+                ]),
+            ),
+            expr(
+                "payload",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 2u32.to_be_bytes().to_vec()),
+                    (4, 2u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(vec![0, 80])),
+                ]),
+            ),
+            expr("frobnicate", nest(&[(1, vec![1, 2, 3, 4])])),
+            expr(
+                "immediate",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, value(vec![203, 0, 113, 9])),
+                ]),
+            ),
+            expr(
+                "nat",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 1u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+        ];
+        let mut list = Vec::new();
+        for e in exprs {
+            attr::put(&mut list, 1, &e);
+        }
+        out.extend(encode_message(
+            NFT_MSG_NEWRULE,
+            family,
+            &nest(&[
+                (NFTA_RULE_TABLE, s("t")),
+                (NFTA_RULE_CHAIN, s("pre")),
+                (NFTA_RULE_HANDLE, 7u64.to_be_bytes().to_vec()),
+                (NFTA_RULE_EXPRESSIONS, list),
+            ]),
+        ));
+        out
+    }
+
+    pub(crate) fn sample_input() -> InspectInput {
+        InspectInput {
+            ports: vec![PortSpec {
+                proto: Proto::Tcp,
+                ports: PortRange::single(80),
+            }],
+            owned: OwnedTargets::docker_fallback(),
+            local_addrs: vec![LocalAddr {
+                addr: "198.51.100.1".parse().unwrap(),
+                prefix_len: 24,
+                ifindex: 2,
+                ifname: "eth0".into(),
+            }],
+            internal_ifaces: vec!["docker".into()],
+        }
+    }
+
+    #[test]
+    fn decodes_a_dump_with_an_unknown_expression() {
+        let model = decode_messages(&sample_dump());
+        assert!(model.warnings.is_empty(), "{:?}", model.warnings);
+        let rule = &model.tables[0].chains[0].rules[0];
+        assert_eq!(rule.handle, 7);
+        assert!(
+            rule.exprs()
+                .iter()
+                .any(|e| matches!(e, Expr::Unknown { name } if name == "frobnicate"))
+        );
+        let findings = inspect(&model, &sample_input());
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        // An unknown expression before the DNAT: it may or may not match, so the
+        // rewrite is possible, hence active.
+        assert!(findings[0].active);
+        assert_eq!(findings[0].target.as_deref(), Some("203.0.113.9:80"));
+        assert_eq!(findings[0].handle, Some(7));
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_survived() {
+        let dump = sample_dump();
+        let input = sample_input();
+        for cut in 0..dump.len() {
+            let model = decode_messages(&dump[..cut]);
+            for r in model
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .flat_map(|c| &c.rules)
+            {
+                let _ = r.exprs();
+            }
+            let _ = inspect(&model, &input);
+        }
+        // Deterministic corruption: flip bytes one at a time, and some at random.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..dump.len() * 4 {
+            let mut d = dump.clone();
+            let at = if i < dump.len() {
+                i
+            } else {
+                (seed % dump.len() as u64) as usize
+            };
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            d[at] ^= (seed as u8) | 1;
+            let model = decode_messages(&d);
+            for r in model
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .flat_map(|c| &c.rules)
+            {
+                let _ = r.exprs();
+            }
+            let _ = inspect(&model, &input);
+        }
+    }
 }
