@@ -813,7 +813,7 @@ impl Rng {
 /// -100, where order is registration order), a random port match, address
 /// condition and action, sometimes behind a jump, goto or verdict map.
 fn random_item(rng: &mut Rng, i: u64) -> String {
-    let prio = rng.pick(&["-190", "-150", "-101", "-99", "0", "100"]);
+    let prio = rng.pick(&["-190", "-150", "-101", "-100", "-99", "0", "100"]);
     let family = rng.pick(&["ip", "inet"]);
     let port = rng.pick(&[
         "tcp dport 80",
@@ -950,4 +950,35 @@ fn malformed_policy_is_an_error() {
         .unwrap();
     let _ = std::fs::remove_file(&policy);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// At equal priority the kernel runs the most recently registered nat chain
+/// first: kube-proxy's nftables table at dstnat (-100), created after Docker's
+/// iptables-nft nat table, wins; created before it, it is shadowed.
+#[test]
+fn equal_priority_newest_chain_runs_first() {
+    let table = format!(
+        "table ip kube-proxy {{
+            chain nat-prerouting {{
+                type nat hook prerouting priority dstnat; policy accept;
+                ip daddr {HOST4} tcp dport 80 dnat to {POD4}
+            }}
+        }}"
+    );
+    for docker_first in [true, false] {
+        let lab = Lab::new();
+        if docker_first {
+            lab.docker();
+            lab.h.nft_load(&table);
+        } else {
+            lab.h.nft_load(&table);
+            lab.docker();
+        }
+        let findings = lab.assert_agree(&["v4"], &format!("docker first: {docker_first}"));
+        let f = find(&findings, 80, "nat-prerouting");
+        assert_eq!(f["active"], docker_first, "{f}");
+        let answer = ask(&lab.c, HOST4.parse().unwrap(), 80);
+        let expected = if docker_first { "pod" } else { "owner" };
+        assert_eq!(answer.as_deref(), Some(expected));
+    }
 }

@@ -16,7 +16,9 @@ use std::{
 };
 
 use super::{
-    model::{CmpOp, Data, Expr, Family, Hook, NatKind, PayloadBase, RulesetModel, Set, Verdict},
+    model::{
+        BaseHook, CmpOp, Data, Expr, Family, Hook, NatKind, PayloadBase, RulesetModel, Set, Verdict,
+    },
     xt::{self, XtAction},
 };
 
@@ -231,28 +233,22 @@ impl<'m> RulesetIndex<'m> {
     }
 
     /// The nat base chains a probe of this hook and family traverses, in the
-    /// kernel's order: priority, then registration (table order stands in).
+    /// kernel's order: priority, and at equal priority the most recently
+    /// registered first (`nf_hook_entries_grow` inserts a new hook before the
+    /// existing ones of the same priority). Registration order is read from the
+    /// handles: tables are numbered in creation order, chains within a table too.
+    /// iptables-legacy tables (no handle) count as the oldest.
     pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> Vec<(usize, usize)> {
-        let mut out: Vec<(i32, usize, usize)> = Vec::new();
-        for (ti, t) in self.model.tables.iter().enumerate() {
-            if !t.family.sees(v6) {
-                continue;
-            }
-            for (ci, c) in t.chains.iter().enumerate() {
-                if let Some(b) = &c.base
-                    && b.hook == hook
-                    && b.kind == "nat"
-                {
-                    out.push((b.priority, ti, ci));
-                }
-            }
-        }
-        out.sort();
-        out.into_iter().map(|(_, t, c)| (t, c)).collect()
+        self.base_chains(v6, |b| b.hook == hook && b.kind == "nat")
     }
 
     /// Filter-type prerouting chains, where `tproxy` lives.
     pub fn tproxy_base_chains(&self, v6: bool) -> Vec<(usize, usize)> {
+        self.base_chains(v6, |b| b.hook == Hook::Prerouting && b.kind == "filter")
+    }
+
+    fn base_chains(&self, v6: bool, want: impl Fn(&BaseHook) -> bool) -> Vec<(usize, usize)> {
+        use std::cmp::Reverse;
         let mut out = Vec::new();
         for (ti, t) in self.model.tables.iter().enumerate() {
             if !t.family.sees(v6) {
@@ -260,15 +256,14 @@ impl<'m> RulesetIndex<'m> {
             }
             for (ci, c) in t.chains.iter().enumerate() {
                 if let Some(b) = &c.base
-                    && b.hook == Hook::Prerouting
-                    && b.kind == "filter"
+                    && want(b)
                 {
-                    out.push((b.priority, ti, ci));
+                    out.push((b.priority, Reverse(t.handle), Reverse(c.handle), ti, ci));
                 }
             }
         }
         out.sort();
-        out.into_iter().map(|(_, t, c)| (t, c)).collect()
+        out.into_iter().map(|(.., t, c)| (t, c)).collect()
     }
 }
 
