@@ -718,7 +718,7 @@ fn random_rulesets_agree_with_the_kernel() {
             iptables += 1;
             sh(&lab.h, &random_iptables_item(&mut rng));
         }
-        let findings = lab.assert_agree(&["v4"], &format!("seed {seed} case {case}"));
+        let findings = lab.assert_agree(&["v4", "v6"], &format!("seed {seed} case {case}"));
         hijacked += findings.iter().filter(|f| f["active"] == true).count();
         latent += findings.iter().filter(|f| f["active"] == false).count();
     }
@@ -814,7 +814,7 @@ impl Rng {
 /// condition and action, sometimes behind a jump, goto or verdict map.
 fn random_item(rng: &mut Rng, i: u64) -> String {
     let prio = rng.pick(&["-190", "-150", "-101", "-100", "-99", "0", "100"]);
-    let family = rng.pick(&["ip", "inet"]);
+    let family = rng.pick(&["ip", "inet", "ip6"]);
     let port = rng.pick(&[
         "tcp dport 80",
         "tcp dport 443",
@@ -826,28 +826,57 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
         "udp dport 80",
         "",
     ]);
-    let cond = rng.pick(&[
+    const COMMON_CONDS: [&str; 5] = [
         "",
-        "ip daddr 198.51.100.1",
-        "ip daddr 192.0.2.1",
         "fib daddr type local",
-        "ip saddr 198.51.100.0/24",
-        "ip daddr != 198.51.100.1",
         "ct state new",
         "iifname \"vclient\"",
         "iifname \"docker0\"",
-    ]);
-    let action = rng.pick(&[
+    ];
+    const V4_CONDS: [&str; 4] = [
+        "ip daddr 198.51.100.1",
+        "ip daddr 192.0.2.1",
+        "ip saddr 198.51.100.0/24",
+        "ip daddr != 198.51.100.1",
+    ];
+    const V6_CONDS: [&str; 4] = [
+        "ip6 daddr 2001:db8:1::1",
+        "ip6 daddr 2001:db8::99",
+        "ip6 saddr 2001:db8:1::/64",
+        "ip6 daddr != 2001:db8:1::1",
+    ];
+    const V4_ACTIONS: [&str; 2] = [
         "dnat ip to 203.0.113.130",
-        "meta l4proto tcp redirect to :8080",
         "dnat ip to th dport map { 80 : 203.0.113.130, 443 : 203.0.113.130 }",
-        "accept",
-        "counter",
-    ]);
-    let action = if family == "ip" {
-        action.replace("dnat ip to", "dnat to")
+    ];
+    const V6_ACTIONS: [&str; 2] = [
+        "dnat ip6 to 2001:db8:c::2",
+        "dnat ip6 to th dport map { 80 : 2001:db8:c::2, 443 : 2001:db8:c::2 }",
+    ];
+    const COMMON_ACTIONS: [&str; 3] = ["meta l4proto tcp redirect to :8080", "accept", "counter"];
+    // inet tables carry either; one rule does not mix ip and ip6 (nft refuses).
+    let v6 = match family {
+        "ip" => false,
+        "ip6" => true,
+        _ => rng.below(2) == 0,
+    };
+    let (conds, actions): (Vec<&str>, Vec<&str>) = if v6 {
+        (
+            [&COMMON_CONDS[..], &V6_CONDS[..]].concat(),
+            [&COMMON_ACTIONS[..], &V6_ACTIONS[..]].concat(),
+        )
     } else {
-        action.to_owned()
+        (
+            [&COMMON_CONDS[..], &V4_CONDS[..]].concat(),
+            [&COMMON_ACTIONS[..], &V4_ACTIONS[..]].concat(),
+        )
+    };
+    let cond = rng.pick(&conds);
+    let action = rng.pick(&actions);
+    let action = match family {
+        "ip" => action.replace("dnat ip to", "dnat to"),
+        "ip6" => action.replace("dnat ip6 to", "dnat to"),
+        _ => action.to_owned(),
     };
     // A rule with no port match rewrites every port: keep those on known ports.
     let (port, action) = if port.is_empty() && action.starts_with("redirect") {
