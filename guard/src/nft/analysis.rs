@@ -329,22 +329,54 @@ impl Regs {
         self.store(reg, &v);
     }
 
-    fn load(&self, reg: u32, len: usize) -> Vec<Option<u8>> {
+    fn load(&self, reg: u32, len: usize) -> RegBytes {
         let Some(at) = reg_offset(reg) else {
-            return vec![None; len];
+            return RegBytes::unknown(len);
         };
-        (0..len)
-            .map(|i| self.0.get(at + i).copied().flatten())
-            .collect()
+        RegBytes::from_fn(len, |i| self.0.get(at + i).copied().flatten())
     }
 
     fn known(&self, reg: u32, len: usize) -> Option<Vec<u8>> {
-        self.load(reg, len).into_iter().collect()
+        self.load(reg, len).iter().copied().collect()
+    }
+}
+
+/// A few register bytes on the stack (`None` = unknown): evaluation allocates nothing.
+#[derive(Clone, Copy)]
+struct RegBytes {
+    buf: [Option<u8>; REG_BYTES],
+    len: usize,
+}
+
+impl RegBytes {
+    fn unknown(len: usize) -> Self {
+        Self {
+            buf: [None; REG_BYTES],
+            len: len.min(REG_BYTES),
+        }
+    }
+
+    fn from_fn(len: usize, f: impl Fn(usize) -> Option<u8>) -> Self {
+        let mut b = Self::unknown(len);
+        for i in 0..b.len {
+            b.buf[i] = f(i);
+        }
+        b
+    }
+}
+
+impl std::ops::Deref for RegBytes {
+    type Target = [Option<u8>];
+    fn deref(&self) -> &[Option<u8>] {
+        &self.buf[..self.len]
     }
 }
 
 /// memcmp over known bytes; `None` when an unknown byte decides.
 fn cmp_bytes(a: &[Option<u8>], b: &[u8]) -> Option<std::cmp::Ordering> {
+    if a.len() < b.len() {
+        return None;
+    }
     for (x, y) in a.iter().zip(b) {
         match x {
             Some(x) if x == y => continue,
@@ -547,23 +579,28 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn meta(&self, key: u32) -> Vec<Option<u8>> {
+    fn meta(&self, key: u32) -> RegBytes {
         let p = self.probe;
-        let name = |n: Option<&str>| -> Vec<Option<u8>> {
+        let name = |n: Option<&str>| -> RegBytes {
             match n {
                 Some(n) => {
-                    let mut v: Vec<Option<u8>> = n.bytes().take(IFNAMSIZ - 1).map(Some).collect();
-                    v.resize(IFNAMSIZ, Some(0));
-                    v
+                    let b = n.as_bytes();
+                    RegBytes::from_fn(IFNAMSIZ, |i| {
+                        Some(if i < IFNAMSIZ - 1 {
+                            b.get(i).copied().unwrap_or(0)
+                        } else {
+                            0
+                        })
+                    })
                 }
-                None => vec![None; IFNAMSIZ],
+                None => RegBytes::unknown(IFNAMSIZ),
             }
         };
-        let known = |b: &[u8]| b.iter().map(|x| Some(*x)).collect::<Vec<_>>();
+        let known = |b: &[u8]| RegBytes::from_fn(b.len(), |i| Some(b[i]));
         let input = p.hook == Hook::Prerouting;
         match key {
-            META_L4PROTO => vec![Some(p.l4proto)],
-            META_NFPROTO => vec![Some(if p.v6 { 10 } else { 2 })],
+            META_L4PROTO => known(&[p.l4proto]),
+            META_NFPROTO => known(&[if p.v6 { 10 } else { 2 }]),
             META_PROTOCOL => known(&(if p.v6 { ETH_P_IPV6 } else { ETH_P_IP }).to_be_bytes()),
             META_IIFNAME if input => name(p.iifname.as_deref()),
             META_IIFNAME => name(Some("")),
@@ -573,7 +610,7 @@ impl Walker<'_, '_> {
             META_IIF if !input => known(&0u32.to_ne_bytes()),
             META_OIF if input => known(&0u32.to_ne_bytes()),
             META_OIF => known(&LOOPBACK_IFINDEX.to_ne_bytes()),
-            _ => vec![None; 4],
+            _ => RegBytes::unknown(4),
         }
     }
 
@@ -594,16 +631,14 @@ impl Walker<'_, '_> {
                     len,
                     dreg,
                 } => {
-                    let bytes: Vec<Option<u8>> = (0..(*len as usize).min(REG_BYTES))
-                        .map(|i| {
-                            let at = *offset as usize + i;
-                            match base {
-                                PayloadBase::Network => p.network_byte(at),
-                                PayloadBase::Transport => p.transport_byte(at),
-                                _ => None,
-                            }
-                        })
-                        .collect();
+                    let bytes = RegBytes::from_fn(*len as usize, |i| {
+                        let at = *offset as usize + i;
+                        match base {
+                            PayloadBase::Network => p.network_byte(at),
+                            PayloadBase::Transport => p.transport_byte(at),
+                            _ => None,
+                        }
+                    });
                     regs.store(*dreg, &bytes);
                 }
                 Expr::Meta { key, dreg } => regs.store(*dreg, &self.meta(*key)),
@@ -642,19 +677,15 @@ impl Walker<'_, '_> {
                     xor,
                 } => {
                     let v = regs.load(*sreg, (*len as usize).min(REG_BYTES));
-                    let out: Vec<Option<u8>> = v
-                        .iter()
-                        .enumerate()
-                        .map(|(i, b)| {
-                            let mk = mask.get(i).copied().unwrap_or(0);
-                            let x = xor.get(i).copied().unwrap_or(0);
-                            if mk == 0 {
-                                Some(x)
-                            } else {
-                                b.map(|b| (b & mk) ^ x)
-                            }
-                        })
-                        .collect();
+                    let out = RegBytes::from_fn(v.len, |i| {
+                        let mk = mask.get(i).copied().unwrap_or(0);
+                        let x = xor.get(i).copied().unwrap_or(0);
+                        if mk == 0 {
+                            Some(x)
+                        } else {
+                            v.buf[i].map(|b| (b & mk) ^ x)
+                        }
+                    });
                     regs.store(*dreg, &out);
                 }
                 Expr::Immediate { dreg, data } => match data {
@@ -702,10 +733,12 @@ impl Walker<'_, '_> {
                             let len = si.set.data_len.unwrap_or(16) as usize;
                             let value = match cands.as_slice() {
                                 [(Tri::Yes, i)] => match &si.set.elements[*i].data {
-                                    Some(Data::Value(v)) => v.iter().map(|b| Some(*b)).collect(),
-                                    _ => vec![None; len],
+                                    Some(Data::Value(v)) => {
+                                        RegBytes::from_fn(v.len(), |i| Some(v[i]))
+                                    }
+                                    _ => RegBytes::unknown(len),
                                 },
-                                _ => vec![None; len],
+                                _ => RegBytes::unknown(len),
                             };
                             regs.store(*d, &value);
                         }
