@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod owners;
+pub mod nft;
 pub mod policy;
 pub mod probes;
 pub mod report;

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     portguard::logging::init(cli.log_format, cli.verbose);
     let result = match cli.command {
         Command::Run(args) => portguard::cli::run::main(args),
+        Command::Check(args) => portguard::cli::check::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
         Command::Listeners(args) => portguard::cli::listeners::main(args),
         Command::K3s(args) => portguard::cli::k3s::main(args),

@@ -1,11 +1,22 @@
 //! `cargo xtask bench …`: one line per figure, `name value unit`.
 
+use std::{
+    fmt::Write as _,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+
 use crate::{setup, sh};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Which {
     /// bind()+close() with the guard attached versus not, and a bind storm.
     Bind,
+    /// The nftables inspector on kube-proxy-shaped rulesets (1k, 10k, 40k rules,
+    /// and a 50k-rule single chain): raw netlink dump versus full inspection.
+    Inspect,
 }
 
 pub fn bench(which: Which) -> anyhow::Result<()> {
@@ -21,5 +32,177 @@ pub fn bench(which: Which) -> anyhow::Result<()> {
             "--bin",
             "bench_bind",
         ]),
+        Which::Inspect => inspect(),
     }
+}
+
+/// Rules per generated service: the KUBE-SERVICES match, two in KUBE-SVC, two
+/// per endpoint (masquerade mark + DNAT) for two endpoints, one in KUBE-EXT.
+const RULES_PER_SERVICE: usize = 8;
+const SIZES: [(&str, usize); 3] = [("1k", 1_000), ("10k", 10_000), ("40k", 40_000)];
+const SINGLE_CHAIN_RULES: usize = 50_000;
+
+fn inspect() -> anyhow::Result<()> {
+    sh::require_root("bench inspect (it makes network namespaces)")?;
+    sh::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "portguard",
+        "--example",
+        "bench_inspect",
+    ])?;
+    let bin = sh::workspace_root().join("target/release/examples/bench_inspect");
+    for (label, rules) in SIZES {
+        let ns = BenchNs::new(label)?;
+        ns.load(&kube_proxy_rules(rules))?;
+        ns.measure(&bin, &format!("kube_{label}"), true)?;
+    }
+    let ns = BenchNs::new("chain50k")?;
+    ns.load(&single_chain(SINGLE_CHAIN_RULES))?;
+    ns.measure(&bin, "single_chain_50k", false)?;
+    Ok(())
+}
+
+/// A network namespace for one ruleset, deleted on drop (with its ruleset).
+struct BenchNs(String);
+
+impl BenchNs {
+    fn new(label: &str) -> anyhow::Result<Self> {
+        let name = format!("pg-bench-{label}-{}", std::process::id());
+        sh::run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        ns.exec(&[
+            "ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+        ])?;
+        ns.exec(&["ip", "addr", "add", "198.51.100.1/24", "dev", "bench0"])?;
+        ns.exec(&["ip", "link", "set", "bench0", "up"])?;
+        Ok(ns)
+    }
+
+    fn exec(&self, argv: &[&str]) -> anyhow::Result<()> {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(argv)
+            .status()?;
+        anyhow::ensure!(status.success(), "{argv:?} failed in {}", self.0);
+        Ok(())
+    }
+
+    fn load(&self, restore: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "iptables-nft-restore"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("iptables-nft-restore")?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(restore.as_bytes())?;
+        anyhow::ensure!(child.wait()?.success(), "iptables-nft-restore failed");
+        Ok(())
+    }
+
+    fn measure(
+        &self,
+        bin: &std::path::Path,
+        label: &str,
+        with_nft_json: bool,
+    ) -> anyhow::Result<()> {
+        let status = Command::new(bin)
+            .args(["--netns", &self.0, "--label", label])
+            .status()
+            .context("bench_inspect")?;
+        anyhow::ensure!(status.success(), "bench_inspect failed");
+        if with_nft_json {
+            let t = Instant::now();
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.0, "nft", "-j", "list", "ruleset"])
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(out.success(), "nft -j list ruleset failed");
+            println!(
+                "inspect_{label}_nft_json_list {:.2} ms",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BenchNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Documentation-range addresses for service and endpoint IPs (ports make them unique).
+fn doc_addr(i: usize) -> String {
+    const NETS: [&str; 3] = ["192.0.2", "198.51.100", "203.0.113"];
+    format!("{}.{}", NETS[i % 3], 2 + (i / 3) % 250)
+}
+
+/// kube-proxy's iptables-mode nat table, `rules` rules, plus Docker's chain and
+/// one LoadBalancer service on the node address's port 443.
+fn kube_proxy_rules(rules: usize) -> String {
+    let services = rules / RULES_PER_SERVICE;
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :DOCKER - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    for i in 0..services {
+        let _ = write!(
+            s,
+            ":KUBE-SVC-{i:08X} - [0:0]\n:KUBE-EXT-{i:08X} - [0:0]\n:KUBE-SEP-{i:08X}A - [0:0]\n:KUBE-SEP-{i:08X}B - [0:0]\n"
+        );
+    }
+    s += "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
+          -A DOCKER ! -i docker0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.250:80\n\
+          -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n";
+    for i in 0..services {
+        let port = 1024 + (i % 60_000);
+        let (vip, ep) = if i == 0 {
+            ("198.51.100.1".to_owned(), "203.0.113.200".to_owned())
+        } else {
+            (doc_addr(i), doc_addr(i + 7))
+        };
+        let port = if i == 0 { 443 } else { port };
+        let _ = write!(
+            s,
+            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"ns/svc{i}:web cluster IP\" -m tcp --dport {port} -j KUBE-EXT-{i:08X}\n\
+             -A KUBE-EXT-{i:08X} -j KUBE-SVC-{i:08X}\n\
+             -A KUBE-SVC-{i:08X} -m comment --comment \"ns/svc{i}:web -> {ep}:{port}\" -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i:08X}A\n\
+             -A KUBE-SVC-{i:08X} -j KUBE-SEP-{i:08X}B\n\
+             -A KUBE-SEP-{i:08X}A -s {ep}/32 -j KUBE-MARK-MASQ\n\
+             -A KUBE-SEP-{i:08X}A -p tcp -m tcp -j DNAT --to-destination {ep}:{port}\n\
+             -A KUBE-SEP-{i:08X}B -s {ep}/32 -j KUBE-MARK-MASQ\n\
+             -A KUBE-SEP-{i:08X}B -p tcp -m tcp -j DNAT --to-destination {ep}:{port}\n"
+        );
+    }
+    s += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n";
+    s
+}
+
+/// One nat chain of `rules` rules, every one a DNAT on its own address and port.
+fn single_chain(rules: usize) -> String {
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:BIG - [0:0]\n\
+         -A PREROUTING -j BIG\n",
+    );
+    for i in 0..rules {
+        let port = 1024 + (i % 60_000);
+        let _ = writeln!(
+            s,
+            "-A BIG -d {}/32 -p tcp -m tcp --dport {port} -j DNAT --to-destination {}:{port}",
+            doc_addr(i),
+            doc_addr(i + 11)
+        );
+    }
+    s += "COMMIT\n";
+    s
 }

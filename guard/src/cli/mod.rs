@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 pub mod audit_selftest;
+pub mod check;
 pub mod config;
 pub mod install;
 pub mod k3s;
@@ -36,6 +37,8 @@ pub enum Command {
     /// Who holds each protected port right now, and whether it is the owner
     /// (exit 0 all owners, 1 a non-owner holds one, 2 error).
     Listeners(listeners::ListenersArgs),
+    /// One-shot audit: every foreign NAT rule on a protected port (exit 0 clean, 1 findings, 2 error).
+    Check(check::CheckArgs),
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),

@@ -1,0 +1,970 @@
+//! Reachability: which rules rewrite the destination of a new connection to a
+//! protected port, and whether the connection reaches them today.
+//!
+//! The analysis follows one concrete *probe* at a time: a new connection (first
+//! packet) to `local address : protected port`, arriving from outside
+//! (prerouting) or opened on this host (output). Everything the probe fixes
+//! (daddr, dport, l4proto, iif, ct state new) is evaluated exactly; what it does
+//! not fix (saddr, marks, randomness, opaque matches) is "maybe". The probe walks
+//! every nat base chain of its hook in priority order, following jump, goto and
+//! verdict maps, like the kernel: the first NAT binding wins, and whatever comes
+//! after a rewrite every such packet has taken is *shadowed* (latent).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use super::{
+    model::{
+        BaseHook, CmpOp, Data, Expr, Family, Hook, NatKind, PayloadBase, RulesetModel, Set, Verdict,
+    },
+    xt::{self, XtAction},
+};
+
+/// Three-valued match result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tri {
+    Yes,
+    No,
+    Maybe,
+}
+
+impl Tri {
+    pub fn and(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::No, _) | (_, Self::No) => Self::No,
+            (Self::Yes, Self::Yes) => Self::Yes,
+            _ => Self::Maybe,
+        }
+    }
+
+    pub fn negate(self) -> Self {
+        match self {
+            Self::Yes => Self::No,
+            Self::No => Self::Yes,
+            Self::Maybe => Self::Maybe,
+        }
+    }
+
+    pub fn negate_if(self, cond: bool) -> Self {
+        if cond { self.negate() } else { self }
+    }
+}
+
+impl From<bool> for Tri {
+    fn from(b: bool) -> Self {
+        if b { Self::Yes } else { Self::No }
+    }
+}
+
+/// How surely the probe reaches a point of the ruleset. Ordered: weakest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reach {
+    /// The rule matches the probe, but every such connection was rewritten,
+    /// dropped or sent elsewhere before (latent).
+    Shadowed,
+    /// Some such connections may reach it (it depends on what the probe does not fix).
+    Possible,
+    /// Every such connection reaches it.
+    Definite,
+}
+
+impl Reach {
+    fn weaken(self) -> Self {
+        self.min(Self::Possible)
+    }
+}
+
+/// A new connection to a protected port on a local address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub hook: Hook,
+    pub v6: bool,
+    pub l4proto: u8,
+    pub dport: u16,
+    pub daddr: IpAddr,
+    /// The interface the connection arrives on (prerouting).
+    pub iifname: Option<String>,
+    pub iifindex: u32,
+}
+
+impl Probe {
+    /// The first bytes of the network header, `None` where the probe does not fix them.
+    fn network_byte(&self, at: usize) -> Option<u8> {
+        match (self.v6, self.daddr) {
+            (false, IpAddr::V4(d)) => match at {
+                0 => Some(0x45),
+                9 => Some(self.l4proto),
+                16..20 => Some(d.octets()[at - 16]),
+                _ => None,
+            },
+            (true, IpAddr::V6(d)) => match at {
+                6 => Some(self.l4proto),
+                24..40 => Some(d.octets()[at - 24]),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn transport_byte(&self, at: usize) -> Option<u8> {
+        match at {
+            2 => Some((self.dport >> 8) as u8),
+            3 => Some(self.dport as u8),
+            _ => None,
+        }
+    }
+}
+
+/// What a rewriting rule does to the probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rewrite {
+    Dnat {
+        addr: Option<IpAddr>,
+        port: Option<u16>,
+    },
+    Redirect {
+        port: Option<u16>,
+    },
+    Tproxy {
+        addr: Option<IpAddr>,
+        port: Option<u16>,
+    },
+    /// An iptables target that cannot be decoded, on a rule that matches the probe.
+    Opaque(String),
+}
+
+/// A rule of the model: table, chain and rule indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub table: usize,
+    pub chain: usize,
+    pub rule: usize,
+}
+
+/// One rewrite the probe meets.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub at: RuleRef,
+    pub rewrite: Rewrite,
+    pub reach: Reach,
+    /// The chains from the base chain down to the rule's chain.
+    pub path: Vec<usize>,
+    /// The base chain the walk started from (table, chain), for its priority.
+    pub base: (usize, usize),
+}
+
+/// Indexes over the model, built once per inspection.
+pub struct RulesetIndex<'m> {
+    model: &'m RulesetModel,
+    chains: Vec<HashMap<&'m str, usize>>,
+    sets: Vec<HashMap<&'m str, SetIndex<'m>>>,
+}
+
+struct SetIndex<'m> {
+    set: &'m Set,
+    /// Exact keys → element, for plain (non-interval) sets.
+    exact: Option<HashMap<&'m [u8], usize>>,
+    /// Interval boundaries sorted by key: (key, is_end), for rbtree-style sets.
+    bounds: Vec<(&'m [u8], bool)>,
+}
+
+impl<'m> RulesetIndex<'m> {
+    pub fn new(model: &'m RulesetModel) -> Self {
+        let chains = model
+            .tables
+            .iter()
+            .map(|t| {
+                t.chains
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name.as_str(), i))
+                    .collect()
+            })
+            .collect();
+        let sets = model
+            .tables
+            .iter()
+            .map(|t| {
+                t.sets
+                    .iter()
+                    .map(|s| {
+                        let exact = (!s.is_interval()).then(|| {
+                            s.elements
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, e)| !e.is_catchall())
+                                .map(|(i, e)| (e.key.as_slice(), i))
+                                .collect()
+                        });
+                        let mut bounds: Vec<(&[u8], bool)> = if s.is_interval() {
+                            s.elements
+                                .iter()
+                                .filter(|e| e.key_end.is_none() && !e.is_catchall())
+                                .map(|e| (e.key.as_slice(), e.is_interval_end()))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        // Ends sort before starts at the same key: a start there wins.
+                        bounds.sort_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+                        (
+                            s.name.as_str(),
+                            SetIndex {
+                                set: s,
+                                exact,
+                                bounds,
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            model,
+            chains,
+            sets,
+        }
+    }
+
+    pub fn model(&self) -> &'m RulesetModel {
+        self.model
+    }
+
+    /// The nat base chains a probe of this hook and family traverses, in the
+    /// kernel's order: priority, and at equal priority the most recently
+    /// registered first (`nf_hook_entries_grow` inserts a new hook before the
+    /// existing ones of the same priority). Registration order is read from the
+    /// handles: tables are numbered in creation order, chains within a table too.
+    /// iptables-legacy tables (no handle) count as the oldest.
+    pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> Vec<(usize, usize)> {
+        self.base_chains(v6, |b| b.hook == hook && b.kind == "nat")
+    }
+
+    /// Filter-type prerouting chains, where `tproxy` lives.
+    pub fn tproxy_base_chains(&self, v6: bool) -> Vec<(usize, usize)> {
+        self.base_chains(v6, |b| b.hook == Hook::Prerouting && b.kind == "filter")
+    }
+
+    fn base_chains(&self, v6: bool, want: impl Fn(&BaseHook) -> bool) -> Vec<(usize, usize)> {
+        use std::cmp::Reverse;
+        let mut out = Vec::new();
+        for (ti, t) in self.model.tables.iter().enumerate() {
+            if !t.family.sees(v6) {
+                continue;
+            }
+            for (ci, c) in t.chains.iter().enumerate() {
+                if let Some(b) = &c.base
+                    && want(b)
+                {
+                    out.push((b.priority, Reverse(t.handle), Reverse(c.handle), ti, ci));
+                }
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(.., t, c)| (t, c)).collect()
+    }
+}
+
+/// The kernel stops at this many nested jumps.
+const MAX_JUMP_DEPTH: usize = 16;
+/// Room in the register file: 16 × 32-bit registers (regs 1–4 alias 8–23).
+const REG_BYTES: usize = 64;
+const NFT_REG_VERDICT: u32 = 0;
+const RTN_LOCAL: u32 = 2;
+const IFNAMSIZ: usize = 16;
+// NFT_META_*
+const META_PROTOCOL: u32 = 1;
+const META_IIF: u32 = 4;
+const META_OIF: u32 = 5;
+const META_IIFNAME: u32 = 6;
+const META_OIFNAME: u32 = 7;
+const META_NFPROTO: u32 = 15;
+const META_L4PROTO: u32 = 16;
+// NFT_FIB_*
+const FIB_RESULT_ADDRTYPE: u32 = 3;
+const FIB_F_DADDR: u32 = 1 << 1;
+const FIB_F_IIF: u32 = 1 << 3;
+const FIB_F_OIF: u32 = 1 << 4;
+const FIB_F_PRESENT: u32 = 1 << 5;
+// NFT_CT_*
+const CT_STATE: u32 = 0;
+const CT_DIRECTION: u32 = 1;
+const CT_STATE_NEW: u32 = 1 << (2 + 1);
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// The byte offset of a kernel register number in the 32-bit register file.
+fn reg_offset(reg: u32) -> Option<usize> {
+    match reg {
+        1..=4 => Some((reg as usize - 1) * 16),
+        8..=23 => Some((reg as usize - 8) * 4),
+        _ => None,
+    }
+}
+
+/// The register file of one rule evaluation; `None` bytes are unknown.
+struct Regs([Option<u8>; REG_BYTES]);
+
+impl Regs {
+    fn new() -> Self {
+        Self([None; REG_BYTES])
+    }
+
+    /// Stores `bytes` at `reg`, zero-padding the last 32-bit word like the kernel.
+    fn store(&mut self, reg: u32, bytes: &[Option<u8>]) {
+        let Some(at) = reg_offset(reg) else { return };
+        let padded = bytes.len().div_ceil(4) * 4;
+        for i in 0..padded {
+            if let Some(slot) = self.0.get_mut(at + i) {
+                *slot = if i < bytes.len() { bytes[i] } else { Some(0) };
+            }
+        }
+    }
+
+    fn store_known(&mut self, reg: u32, bytes: &[u8]) {
+        let v: Vec<Option<u8>> = bytes.iter().map(|b| Some(*b)).collect();
+        self.store(reg, &v);
+    }
+
+    fn load(&self, reg: u32, len: usize) -> RegBytes {
+        let Some(at) = reg_offset(reg) else {
+            return RegBytes::unknown(len);
+        };
+        RegBytes::from_fn(len, |i| self.0.get(at + i).copied().flatten())
+    }
+
+    fn known(&self, reg: u32, len: usize) -> Option<Vec<u8>> {
+        self.load(reg, len).iter().copied().collect()
+    }
+}
+
+/// A few register bytes on the stack (`None` = unknown): evaluation allocates nothing.
+#[derive(Clone, Copy)]
+struct RegBytes {
+    buf: [Option<u8>; REG_BYTES],
+    len: usize,
+}
+
+impl RegBytes {
+    fn unknown(len: usize) -> Self {
+        Self {
+            buf: [None; REG_BYTES],
+            len: len.min(REG_BYTES),
+        }
+    }
+
+    fn from_fn(len: usize, f: impl Fn(usize) -> Option<u8>) -> Self {
+        let mut b = Self::unknown(len);
+        for i in 0..b.len {
+            b.buf[i] = f(i);
+        }
+        b
+    }
+}
+
+impl std::ops::Deref for RegBytes {
+    type Target = [Option<u8>];
+    fn deref(&self) -> &[Option<u8>] {
+        &self.buf[..self.len]
+    }
+}
+
+/// memcmp over known bytes; `None` when an unknown byte decides.
+fn cmp_bytes(a: &[Option<u8>], b: &[u8]) -> Option<std::cmp::Ordering> {
+    if a.len() < b.len() {
+        return None;
+    }
+    for (x, y) in a.iter().zip(b) {
+        match x {
+            Some(x) if x == y => continue,
+            Some(x) => return Some(x.cmp(y)),
+            None => return None,
+        }
+    }
+    Some(std::cmp::Ordering::Equal)
+}
+
+/// How a rule evaluates against the probe.
+struct RuleEval {
+    matched: Tri,
+    verdicts: Vec<(Tri, Verdict)>,
+    rewrite: Option<Rewrite>,
+    /// The rewrite (or drop, reject, source NAT) ends evaluation when it applies.
+    terminal: bool,
+}
+
+/// Walks one probe through the ruleset.
+pub struct Walker<'i, 'm> {
+    idx: &'i RulesetIndex<'m>,
+    probe: &'i Probe,
+    hits: HashMap<RuleRef, Hit>,
+    memo: HashMap<(usize, usize, Reach), (Reach, bool)>,
+    stack: Vec<usize>,
+    accepted: Reach,
+    base: (usize, usize),
+}
+
+/// What a chain walk hands back to its caller: how surely the probe returns, and
+/// whether no terminal statement could have taken it on the way (clean).
+#[derive(Clone, Copy)]
+struct Flow {
+    ret: Reach,
+    clean: bool,
+}
+
+impl<'i, 'm> Walker<'i, 'm> {
+    pub fn new(idx: &'i RulesetIndex<'m>, probe: &'i Probe) -> Self {
+        Self {
+            idx,
+            probe,
+            hits: HashMap::new(),
+            memo: HashMap::new(),
+            stack: Vec::new(),
+            accepted: Reach::Shadowed,
+            base: (0, 0),
+        }
+    }
+
+    /// Walks every nat base chain of the probe's hook (and, in prerouting, the
+    /// filter chains for tproxy); returns every rewrite met, in rule order.
+    pub fn run(mut self) -> Vec<Hit> {
+        let mut reach = Reach::Definite;
+        for (ti, ci) in self.idx.nat_base_chains(self.probe.hook, self.probe.v6) {
+            self.base = (ti, ci);
+            self.accepted = Reach::Shadowed;
+            self.memo.clear();
+            let flow = self.walk(ti, ci, reach, 0);
+            let policy_drop = matches!(
+                self.idx.model.tables[ti].chains[ci]
+                    .base
+                    .as_ref()
+                    .and_then(|b| b.policy.as_ref()),
+                Some(Verdict::Drop)
+            );
+            reach = if policy_drop {
+                self.accepted
+            } else {
+                flow.ret.max(self.accepted)
+            };
+        }
+        if self.probe.hook == Hook::Prerouting {
+            for (ti, ci) in self.idx.tproxy_base_chains(self.probe.v6) {
+                self.base = (ti, ci);
+                self.memo.clear();
+                self.walk(ti, ci, Reach::Definite, 0);
+            }
+        }
+        let mut hits: Vec<Hit> = self.hits.into_values().collect();
+        hits.sort_by_key(|h| h.at);
+        hits
+    }
+
+    fn walk(&mut self, ti: usize, ci: usize, reach: Reach, depth: usize) -> Flow {
+        if let Some(&(ret, clean)) = self.memo.get(&(ti, ci, reach)) {
+            return Flow { ret, clean };
+        }
+        if depth > MAX_JUMP_DEPTH || self.stack.contains(&ci) {
+            // The kernel refuses loops and deeper nesting at load time; be safe anyway.
+            return Flow {
+                ret: reach,
+                clean: true,
+            };
+        }
+        self.stack.push(ci);
+        let flow = self.walk_rules(ti, ci, reach, depth);
+        self.stack.pop();
+        self.memo.insert((ti, ci, reach), (flow.ret, flow.clean));
+        flow
+    }
+
+    fn walk_rules(&mut self, ti: usize, ci: usize, reach: Reach, depth: usize) -> Flow {
+        let model = self.idx.model;
+        let chain = &model.tables[ti].chains[ci];
+        let mut cur = reach;
+        let mut ret = Reach::Shadowed;
+        let mut clean = true;
+        for (ri, rule) in chain.rules.iter().enumerate() {
+            let eval = self.eval_rule(ti, rule.exprs());
+            if eval.matched == Tri::No {
+                continue;
+            }
+            let sure = eval.matched == Tri::Yes;
+            if let Some(rw) = eval.rewrite {
+                self.record(
+                    RuleRef {
+                        table: ti,
+                        chain: ci,
+                        rule: ri,
+                    },
+                    rw,
+                    cur,
+                );
+            }
+            if eval.terminal {
+                if cur > Reach::Shadowed {
+                    clean = false;
+                }
+                cur = if sure { Reach::Shadowed } else { cur.weaken() };
+                continue;
+            }
+            for (m, verdict) in eval.verdicts {
+                let m = if sure { m } else { m.and(Tri::Maybe) };
+                if m == Tri::No {
+                    continue;
+                }
+                let sure = m == Tri::Yes;
+                match &verdict {
+                    Verdict::Continue | Verdict::Break | Verdict::Other(_) => {}
+                    Verdict::Accept => {
+                        self.accepted = self.accepted.max(cur);
+                        if cur > Reach::Shadowed {
+                            clean = false;
+                        }
+                        cur = if sure { Reach::Shadowed } else { cur.weaken() };
+                    }
+                    Verdict::Drop => {
+                        if cur > Reach::Shadowed {
+                            clean = false;
+                        }
+                        cur = if sure { Reach::Shadowed } else { cur.weaken() };
+                    }
+                    Verdict::Return => {
+                        ret = ret.max(cur);
+                        cur = if sure { Reach::Shadowed } else { cur.weaken() };
+                    }
+                    Verdict::Jump(target) | Verdict::Goto(target) => {
+                        let is_goto = matches!(verdict, Verdict::Goto(_));
+                        let Some(&tci) = self.idx.chains[ti].get(target.as_str()) else {
+                            continue;
+                        };
+                        let inner = if sure { cur } else { cur.weaken() };
+                        let out = self.walk(ti, tci, inner, depth + 1);
+                        clean &= out.clean;
+                        if is_goto {
+                            // The callee returns straight to our caller.
+                            ret = ret.max(out.ret);
+                            cur = if sure { Reach::Shadowed } else { cur.weaken() };
+                        } else if sure {
+                            cur = out.ret;
+                        } else if !out.clean {
+                            cur = cur.weaken();
+                        }
+                    }
+                }
+            }
+        }
+        ret = ret.max(cur);
+        Flow { ret, clean }
+    }
+}
+
+impl Walker<'_, '_> {
+    fn record(&mut self, at: RuleRef, rewrite: Rewrite, reach: Reach) {
+        let path = self.stack.clone();
+        let base = self.base;
+        let hit = self.hits.entry(at).or_insert_with(|| Hit {
+            at,
+            rewrite: rewrite.clone(),
+            reach,
+            path: path.clone(),
+            base,
+        });
+        if reach > hit.reach {
+            hit.reach = reach;
+            hit.path = path;
+            hit.base = base;
+        }
+    }
+
+    fn meta(&self, key: u32) -> RegBytes {
+        let p = self.probe;
+        let name = |n: Option<&str>| -> RegBytes {
+            match n {
+                Some(n) => {
+                    let b = n.as_bytes();
+                    RegBytes::from_fn(IFNAMSIZ, |i| {
+                        Some(if i < IFNAMSIZ - 1 {
+                            b.get(i).copied().unwrap_or(0)
+                        } else {
+                            0
+                        })
+                    })
+                }
+                None => RegBytes::unknown(IFNAMSIZ),
+            }
+        };
+        let known = |b: &[u8]| RegBytes::from_fn(b.len(), |i| Some(b[i]));
+        let input = p.hook == Hook::Prerouting;
+        match key {
+            META_L4PROTO => known(&[p.l4proto]),
+            META_NFPROTO => known(&[if p.v6 { 10 } else { 2 }]),
+            META_PROTOCOL => known(&(if p.v6 { ETH_P_IPV6 } else { ETH_P_IP }).to_be_bytes()),
+            META_IIFNAME if input => name(p.iifname.as_deref()),
+            META_IIFNAME => name(Some("")),
+            META_OIFNAME if input => name(Some("")),
+            META_OIFNAME => name(Some("lo")),
+            META_IIF if input && p.iifindex != 0 => known(&p.iifindex.to_ne_bytes()),
+            META_IIF if !input => known(&0u32.to_ne_bytes()),
+            META_OIF if input => known(&0u32.to_ne_bytes()),
+            META_OIF => known(&LOOPBACK_IFINDEX.to_ne_bytes()),
+            _ => RegBytes::unknown(4),
+        }
+    }
+
+    fn eval_rule(&self, ti: usize, exprs: &[Expr]) -> RuleEval {
+        let p = self.probe;
+        let mut regs = Regs::new();
+        let mut ev = RuleEval {
+            matched: Tri::Yes,
+            verdicts: Vec::new(),
+            rewrite: None,
+            terminal: false,
+        };
+        for e in exprs {
+            match e {
+                Expr::Payload {
+                    base,
+                    offset,
+                    len,
+                    dreg,
+                } => {
+                    let bytes = RegBytes::from_fn(*len as usize, |i| {
+                        let at = *offset as usize + i;
+                        match base {
+                            PayloadBase::Network => p.network_byte(at),
+                            PayloadBase::Transport => p.transport_byte(at),
+                            _ => None,
+                        }
+                    });
+                    regs.store(*dreg, &bytes);
+                }
+                Expr::Meta { key, dreg } => regs.store(*dreg, &self.meta(*key)),
+                Expr::Cmp { sreg, op, data } => {
+                    let r = match cmp_bytes(&regs.load(*sreg, data.len()), data) {
+                        None => Tri::Maybe,
+                        Some(o) => Tri::from(match op {
+                            CmpOp::Eq => o.is_eq(),
+                            CmpOp::Neq => o.is_ne(),
+                            CmpOp::Lt => o.is_lt(),
+                            CmpOp::Lte => o.is_le(),
+                            CmpOp::Gt => o.is_gt(),
+                            CmpOp::Gte => o.is_ge(),
+                        }),
+                    };
+                    ev.matched = ev.matched.and(r);
+                }
+                Expr::Range {
+                    sreg,
+                    negate,
+                    from,
+                    to,
+                } => {
+                    let v = regs.load(*sreg, from.len());
+                    let r = match (cmp_bytes(&v, from), cmp_bytes(&v, to)) {
+                        (Some(a), Some(b)) => Tri::from(a.is_ge() && b.is_le()),
+                        _ => Tri::Maybe,
+                    };
+                    ev.matched = ev.matched.and(r.negate_if(*negate));
+                }
+                Expr::Bitwise {
+                    sreg,
+                    dreg,
+                    len,
+                    mask,
+                    xor,
+                } => {
+                    let v = regs.load(*sreg, (*len as usize).min(REG_BYTES));
+                    let out = RegBytes::from_fn(v.len, |i| {
+                        let mk = mask.get(i).copied().unwrap_or(0);
+                        let x = xor.get(i).copied().unwrap_or(0);
+                        if mk == 0 {
+                            Some(x)
+                        } else {
+                            v.buf[i].map(|b| (b & mk) ^ x)
+                        }
+                    });
+                    regs.store(*dreg, &out);
+                }
+                Expr::Immediate { dreg, data } => match data {
+                    Data::Verdict(v) => ev.verdicts = vec![(Tri::Yes, v.clone())],
+                    Data::Value(v) => regs.store_known(*dreg, v),
+                },
+                Expr::Lookup {
+                    set,
+                    sreg,
+                    dreg,
+                    invert,
+                } => {
+                    let Some(si) = self.idx.sets[ti].get(set.as_str()) else {
+                        ev.matched = ev.matched.and(Tri::Maybe);
+                        if let Some(d) = dreg {
+                            regs.store(*d, &[None; 16]);
+                        }
+                        continue;
+                    };
+                    let key = regs.load(*sreg, (si.set.key_len as usize).min(REG_BYTES));
+                    let cands = si.candidates(&key);
+                    let member =
+                        cands
+                            .iter()
+                            .map(|(t, _)| *t)
+                            .fold(Tri::No, |acc, t| match (acc, t) {
+                                (Tri::Yes, _) | (_, Tri::Yes) => Tri::Yes,
+                                (Tri::Maybe, _) | (_, Tri::Maybe) => Tri::Maybe,
+                                _ => Tri::No,
+                            });
+                    match dreg {
+                        None => ev.matched = ev.matched.and(member.negate_if(*invert)),
+                        Some(NFT_REG_VERDICT) => {
+                            ev.matched = ev.matched.and(member);
+                            ev.verdicts = cands
+                                .iter()
+                                .filter_map(|(t, i)| match &si.set.elements[*i].data {
+                                    Some(Data::Verdict(v)) => Some((*t, v.clone())),
+                                    _ => None,
+                                })
+                                .collect();
+                        }
+                        Some(d) => {
+                            ev.matched = ev.matched.and(member);
+                            let len = si.set.data_len.unwrap_or(16) as usize;
+                            let value = match cands.as_slice() {
+                                [(Tri::Yes, i)] => match &si.set.elements[*i].data {
+                                    Some(Data::Value(v)) => {
+                                        RegBytes::from_fn(v.len(), |i| Some(v[i]))
+                                    }
+                                    _ => RegBytes::unknown(len),
+                                },
+                                _ => RegBytes::unknown(len),
+                            };
+                            regs.store(*d, &value);
+                        }
+                    }
+                }
+                Expr::Nat {
+                    kind: NatKind::Dnat,
+                    family,
+                    reg_addr_min,
+                    reg_proto_min,
+                    ..
+                } => {
+                    let applies = match *family {
+                        2 => !p.v6,
+                        10 => p.v6,
+                        _ => true,
+                    };
+                    if !applies {
+                        continue;
+                    }
+                    let addr = reg_addr_min.and_then(|r| read_addr(&regs, r, p.v6));
+                    let port = reg_proto_min.and_then(|r| read_port(&regs, r));
+                    ev.rewrite = Some(Rewrite::Dnat { addr, port });
+                    ev.terminal = true;
+                    break;
+                }
+                Expr::Redir { reg_proto_min, .. } => {
+                    let port = reg_proto_min.and_then(|r| read_port(&regs, r));
+                    ev.rewrite = Some(Rewrite::Redirect { port });
+                    ev.terminal = true;
+                    break;
+                }
+                Expr::Tproxy {
+                    family,
+                    reg_addr,
+                    reg_port,
+                } => {
+                    let v6 = match *family {
+                        10 => true,
+                        2 => false,
+                        _ => p.v6,
+                    };
+                    ev.rewrite = Some(Rewrite::Tproxy {
+                        addr: reg_addr.and_then(|r| read_addr(&regs, r, v6)),
+                        port: reg_port.and_then(|r| read_port(&regs, r)),
+                    });
+                }
+                Expr::Fib {
+                    dreg,
+                    result,
+                    flags,
+                } => {
+                    let exact = *result == FIB_RESULT_ADDRTYPE
+                        && flags & FIB_F_DADDR != 0
+                        && flags & (FIB_F_IIF | FIB_F_OIF | FIB_F_PRESENT) == 0;
+                    if exact {
+                        regs.store_known(*dreg, &RTN_LOCAL.to_ne_bytes());
+                    } else {
+                        regs.store(*dreg, &[None; 4]);
+                    }
+                }
+                Expr::Ct {
+                    key,
+                    dreg: Some(dreg),
+                    ..
+                } => match *key {
+                    CT_STATE => regs.store_known(*dreg, &CT_STATE_NEW.to_ne_bytes()),
+                    CT_DIRECTION => regs.store_known(*dreg, &[0]),
+                    _ => regs.store(*dreg, &[None; 16]),
+                },
+                Expr::XtMatch { name, rev, info } => {
+                    ev.matched = ev.matched.and(xt::eval_match(name, *rev, info, p));
+                }
+                Expr::XtTarget { name, rev, info } => {
+                    let v6 = self.idx.model.tables[ti].family == Family::IP6 || p.v6;
+                    match xt::decode_target(name, *rev, info, v6) {
+                        XtAction::Continue => {}
+                        XtAction::Dnat { addr, port } => {
+                            ev.rewrite = Some(Rewrite::Dnat { addr, port });
+                            ev.terminal = true;
+                        }
+                        XtAction::Redirect { port } => {
+                            ev.rewrite = Some(Rewrite::Redirect { port });
+                            ev.terminal = true;
+                        }
+                        XtAction::Tproxy => {
+                            ev.rewrite = Some(Rewrite::Tproxy {
+                                addr: None,
+                                port: None,
+                            });
+                            ev.terminal = true;
+                        }
+                        XtAction::Terminal => ev.terminal = true,
+                        XtAction::Opaque(what) => {
+                            ev.rewrite = Some(Rewrite::Opaque(what));
+                            // It may end evaluation; nobody can say.
+                            ev.verdicts = vec![(Tri::Maybe, Verdict::Drop)];
+                        }
+                    }
+                }
+                Expr::Limit => ev.matched = ev.matched.and(Tri::Maybe),
+                Expr::Unknown { .. } => {
+                    // It may be a match, and it may write any register.
+                    ev.matched = ev.matched.and(Tri::Maybe);
+                    regs = Regs::new();
+                }
+                Expr::Reject => {
+                    ev.terminal = true;
+                    break;
+                }
+                Expr::Ct { dreg: None, .. }
+                | Expr::Nat {
+                    kind: NatKind::Snat,
+                    ..
+                }
+                | Expr::Masq
+                | Expr::PayloadSet
+                | Expr::MetaSet { .. }
+                | Expr::Counter
+                | Expr::Log
+                | Expr::Notrack
+                | Expr::Dynset { .. } => {}
+            }
+            if ev.matched == Tri::No {
+                break;
+            }
+        }
+        ev
+    }
+}
+
+fn read_addr(regs: &Regs, reg: u32, v6: bool) -> Option<IpAddr> {
+    if v6 {
+        let b: [u8; 16] = regs.known(reg, 16)?.try_into().ok()?;
+        Some(IpAddr::V6(Ipv6Addr::from(b)))
+    } else {
+        let b: [u8; 4] = regs.known(reg, 4)?.try_into().ok()?;
+        Some(IpAddr::V4(Ipv4Addr::from(b)))
+    }
+}
+
+fn read_port(regs: &Regs, reg: u32) -> Option<u16> {
+    let b = regs.known(reg, 2)?;
+    Some(u16::from_be_bytes([b[0], b[1]]))
+}
+
+impl SetIndex<'_> {
+    /// Elements the key may select: `(Yes, i)` surely, `(Maybe, i)` perhaps.
+    fn candidates(&self, key: &[Option<u8>]) -> Vec<(Tri, usize)> {
+        let els = &self.set.elements;
+        let catchall = els.iter().position(|e| e.is_catchall());
+        let full: Option<Vec<u8>> = key.iter().copied().collect();
+        let mut out = Vec::new();
+        if let (Some(exact), Some(k)) = (&self.exact, &full) {
+            if let Some(&i) = exact.get(k.as_slice()) {
+                out.push((Tri::Yes, i));
+            }
+        } else if self.exact.is_some() {
+            for (i, e) in els.iter().enumerate() {
+                if !e.is_catchall() && could_equal(key, &e.key) {
+                    out.push((Tri::Maybe, i));
+                }
+            }
+        } else {
+            // Range elements (concatenations with intervals): field by field.
+            let fields = self.fields();
+            for (i, e) in els.iter().enumerate() {
+                let Some(end) = &e.key_end else { continue };
+                let mut t = Tri::Yes;
+                let mut off = 0;
+                for &len in &fields {
+                    let k = &key[off.min(key.len())..(off + len).min(key.len())];
+                    let lo = &e.key[off.min(e.key.len())..(off + len).min(e.key.len())];
+                    let hi = &end[off.min(end.len())..(off + len).min(end.len())];
+                    t = t.and(match (cmp_bytes(k, lo), cmp_bytes(k, hi)) {
+                        (Some(a), Some(b)) => Tri::from(a.is_ge() && b.is_le()),
+                        _ => Tri::Maybe,
+                    });
+                    off += len.div_ceil(4) * 4;
+                }
+                if t != Tri::No {
+                    out.push((t, i));
+                }
+            }
+            // Plain intervals: the greatest boundary at or below the key.
+            if !self.bounds.is_empty() {
+                match &full {
+                    Some(k) => {
+                        let pos = self.bounds.partition_point(|(b, _)| *b <= k.as_slice());
+                        if pos > 0 && !self.bounds[pos - 1].1 {
+                            let start = self.bounds[pos - 1].0;
+                            if let Some(i) = els
+                                .iter()
+                                .position(|e| e.key == start && !e.is_interval_end())
+                            {
+                                out.push((Tri::Yes, i));
+                            }
+                        }
+                    }
+                    None => out.extend(
+                        els.iter()
+                            .enumerate()
+                            .filter(|(_, e)| !e.is_interval_end() && e.key_end.is_none())
+                            .map(|(i, _)| (Tri::Maybe, i)),
+                    ),
+                }
+            }
+        }
+        if let Some(c) = catchall
+            && !out.iter().any(|(t, _)| *t == Tri::Yes)
+        {
+            out.push((if out.is_empty() { Tri::Yes } else { Tri::Maybe }, c));
+        }
+        out
+    }
+
+    /// Field lengths of the key (one field when the set does not say).
+    fn fields(&self) -> Vec<usize> {
+        if self.set.field_lens.is_empty() {
+            vec![self.set.key_len as usize]
+        } else {
+            self.set.field_lens.iter().map(|l| *l as usize).collect()
+        }
+    }
+}
+
+fn could_equal(key: &[Option<u8>], elem: &[u8]) -> bool {
+    key.iter().zip(elem).all(|(k, e)| k.is_none_or(|k| k == *e))
+}

@@ -1,0 +1,359 @@
+//! The nftables inspector: every rule that rewrites the destination of a new
+//! connection to a protected port on a local address, owned or foreign, active or
+//! latent.
+//!
+//! - [`netlink`] reads the whole ruleset (every family, iptables-nft tables
+//!   included) over `NETLINK_NETFILTER` into the tolerant [`RulesetModel`];
+//!   [`legacy`] adds iptables-legacy's nat tables when they are in use.
+//! - [`local`] lists this host's addresses (rtnetlink).
+//! - [`inspect`] is pure: model + [`InspectInput`] → [`Finding`]s.
+//!
+//! ```no_run
+//! # use portguard::nft::*;
+//! # fn f(policy: &portguard::policy::Policy) -> Result<(), Box<dyn std::error::Error>> {
+//! let model = read_host_ruleset(None)?;
+//! let input = InspectInput::from_policy(policy, OwnedTargets::docker_fallback(), local::local_addresses()?);
+//! for finding in inspect(&model, &input) {
+//!     // `nft delete rule {family} {table} {chain} handle {handle}` removes it.
+//!     println!("{finding:?}");
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod analysis;
+pub mod attr;
+pub mod classify;
+pub mod expr;
+pub mod legacy;
+pub mod local;
+pub mod model;
+pub mod netlink;
+pub mod xt;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::Serialize;
+
+pub use analysis::{Probe, Reach, Rewrite, RulesetIndex};
+pub use local::LocalAddr;
+pub use model::{Family, Hook, RulesetModel, TableOrigin};
+
+use crate::policy::{Policy, PortRange, Proto};
+
+/// Interfaces a probe never arrives on from outside: container and pod bridges,
+/// veths, overlay devices. Traffic to the host's own ports arrives elsewhere.
+pub const INTERNAL_IFACE_PREFIXES: [&str; 9] = [
+    "lo", "docker", "br-", "veth", "cni", "flannel", "cali", "kube-", "vxlan",
+];
+/// A protected range wider than this is probed on its first ports only.
+pub const MAX_PROBED_PORTS_PER_ENTRY: usize = 1024;
+
+/// The legitimate NAT targets of each protected port: the owner's own DNAT sends
+/// new connections there. Filled from the Docker owners model (the published
+/// ports' container address and port); until that lands, [`Self::docker_fallback`].
+#[derive(Clone, Debug, Default)]
+pub struct OwnedTargets {
+    pub targets: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
+    /// Fallback: a DNAT in Docker's own chain (`DOCKER` in the iptables table
+    /// `nat`, family ip/ip6) whose target lies inside a Docker bridge subnet
+    /// (`docker0`, `br-*` addresses of this host) is owned.
+    pub docker_fallback: bool,
+}
+
+impl OwnedTargets {
+    pub fn docker_fallback() -> Self {
+        Self {
+            targets: BTreeMap::new(),
+            docker_fallback: true,
+        }
+    }
+
+    pub fn insert(&mut self, proto: Proto, port: u16, target: SocketAddr) {
+        self.targets.entry((proto, port)).or_default().push(target);
+    }
+}
+
+/// One protected port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub proto: Proto,
+    pub ports: PortRange,
+}
+
+/// Everything [`inspect`] needs besides the ruleset.
+#[derive(Clone, Debug, Default)]
+pub struct InspectInput {
+    pub ports: Vec<PortSpec>,
+    pub owned: OwnedTargets,
+    /// The addresses of the namespace the ruleset belongs to.
+    pub local_addrs: Vec<LocalAddr>,
+    /// Name prefixes of interfaces connections from outside do not arrive on.
+    pub internal_ifaces: Vec<String>,
+}
+
+impl InspectInput {
+    pub fn from_policy(policy: &Policy, owned: OwnedTargets, local_addrs: Vec<LocalAddr>) -> Self {
+        Self {
+            ports: policy
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    proto: p.proto,
+                    ports: p.port,
+                })
+                .collect(),
+            owned,
+            local_addrs,
+            internal_ifaces: INTERNAL_IFACE_PREFIXES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+
+    fn is_internal(&self, ifname: &str) -> bool {
+        self.internal_ifaces
+            .iter()
+            .any(|p| ifname.starts_with(p.as_str()))
+    }
+
+    /// Every probe: each protected port × each local address, from outside
+    /// (prerouting, on the interface holding the address) and from this host (output).
+    pub fn probes(&self) -> Vec<(Proto, Probe)> {
+        let mut out = Vec::new();
+        for spec in &self.ports {
+            for port in spec.ports.iter().take(MAX_PROBED_PORTS_PER_ENTRY) {
+                let mut seen_output = BTreeSet::new();
+                for la in &self.local_addrs {
+                    if let IpAddr::V6(v6) = la.addr
+                        && v6.segments()[0] & 0xffc0 == 0xfe80
+                    {
+                        continue;
+                    }
+                    let base = Probe {
+                        hook: Hook::Prerouting,
+                        v6: la.addr.is_ipv6(),
+                        l4proto: spec.proto.ip_proto(),
+                        dport: port,
+                        daddr: la.addr,
+                        iifname: Some(la.ifname.clone()),
+                        iifindex: la.ifindex,
+                    };
+                    if !la.addr.is_loopback() && !self.is_internal(&la.ifname) {
+                        out.push((spec.proto, base.clone()));
+                    }
+                    if seen_output.insert(la.addr) {
+                        out.push((
+                            spec.proto,
+                            Probe {
+                                hook: Hook::Output,
+                                iifname: None,
+                                iifindex: 0,
+                                ..base
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a foreign rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindingKind {
+    Dnat,
+    Redirect,
+    Tproxy,
+    /// An iptables target that cannot be decoded, on a rule matching a
+    /// protected port: "unclassified, may hijack".
+    Unclassified,
+}
+
+impl fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dnat => "dnat",
+            Self::Redirect => "redirect",
+            Self::Tproxy => "tproxy",
+            Self::Unclassified => "unclassified, may hijack",
+        })
+    }
+}
+
+/// A new connection that reaches a foreign rule: from outside (prerouting) or
+/// from this host (output), to this local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ActivePath {
+    pub hook: Hook,
+    pub daddr: IpAddr,
+}
+
+/// One foreign rewrite of one protected port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    /// The rule's handle (`nft delete rule FAMILY TABLE CHAIN handle N`); none for
+    /// iptables-legacy rules, which `position` names instead.
+    pub handle: Option<u64>,
+    /// 1-based position in its chain (`iptables -t nat -D CHAIN N` for legacy).
+    pub position: usize,
+    pub origin: TableOrigin,
+    pub proto: Proto,
+    pub port: u16,
+    /// Where the rewrite sends connections, as far as the rule says.
+    pub target: Option<String>,
+    /// Some new connection to the port reaches it before the owner's rule.
+    pub active: bool,
+    /// Hooks on which it is active: prerouting (from outside), output (from this host).
+    pub active_on: Vec<Hook>,
+    /// Each hook and local address for which it is active.
+    pub active_paths: Vec<ActivePath>,
+    /// Who wrote it, as far as it says.
+    pub source: String,
+    pub evidence: Vec<String>,
+    pub comment: Option<String>,
+    /// The chains from the nat base chain down to the rule.
+    pub chain_path: Vec<String>,
+    pub base_priority: i32,
+}
+
+/// The pure inspection: every foreign rewrite of a protected port.
+pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
+    let idx = RulesetIndex::new(model);
+    let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
+    for (proto, probe) in input.probes() {
+        for hit in analysis::Walker::new(&idx, &probe).run() {
+            let table = &model.tables[hit.at.table];
+            let chain = &table.chains[hit.at.chain];
+            if classify::is_owned(
+                &hit.rewrite,
+                proto,
+                probe.dport,
+                table,
+                &chain.name,
+                &input.owned,
+                &input.local_addrs,
+            ) {
+                continue;
+            }
+            let rule = &chain.rules[hit.at.rule];
+            let active = hit.reach > Reach::Shadowed;
+            let f = found
+                .entry((hit.at, proto, probe.dport))
+                .or_insert_with(|| {
+                    let (kind, target, target_ip) = describe(&hit.rewrite, probe.dport);
+                    let path: Vec<&str> = hit
+                        .path
+                        .iter()
+                        .map(|&c| table.chains[c].name.as_str())
+                        .collect();
+                    let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
+                    let attribution =
+                        classify::attribute(table, &path, comment.as_deref(), target_ip);
+                    Finding {
+                        kind,
+                        family: table.family,
+                        table: table.name.clone(),
+                        chain: chain.name.clone(),
+                        handle: (table.origin != TableOrigin::IptablesLegacy)
+                            .then_some(rule.handle),
+                        position: hit.at.rule + 1,
+                        origin: table.origin,
+                        proto,
+                        port: probe.dport,
+                        target,
+                        active: false,
+                        active_on: Vec::new(),
+                        active_paths: Vec::new(),
+                        source: attribution.source,
+                        evidence: attribution.evidence,
+                        comment,
+                        chain_path: path.iter().map(|s| (*s).to_owned()).collect(),
+                        base_priority: table.chains[hit.base.1]
+                            .base
+                            .as_ref()
+                            .map_or(0, |b| b.priority),
+                    }
+                });
+            if active {
+                f.active = true;
+                if !f.active_on.contains(&probe.hook) {
+                    f.active_on.push(probe.hook);
+                    f.active_on.sort();
+                }
+                let path = ActivePath {
+                    hook: probe.hook,
+                    daddr: probe.daddr,
+                };
+                if !f.active_paths.contains(&path) {
+                    f.active_paths.push(path);
+                }
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+fn xt_comment(exprs: &[model::Expr]) -> Option<String> {
+    exprs.iter().find_map(|e| match e {
+        model::Expr::XtMatch { name, info, .. } => xt::comment(name, info),
+        _ => None,
+    })
+}
+
+fn describe(rw: &Rewrite, port: u16) -> (FindingKind, Option<String>, Option<IpAddr>) {
+    let sock = |addr: Option<IpAddr>, p: Option<u16>| match (addr, p) {
+        (Some(a), p) => Some(SocketAddr::new(a, p.unwrap_or(port)).to_string()),
+        (None, Some(p)) => Some(format!(":{p}")),
+        (None, None) => None,
+    };
+    match rw {
+        Rewrite::Dnat { addr, port: p } => (FindingKind::Dnat, sock(*addr, *p), *addr),
+        Rewrite::Redirect { port: p } => (
+            FindingKind::Redirect,
+            Some(format!(":{}", p.unwrap_or(port))),
+            None,
+        ),
+        Rewrite::Tproxy { addr, port: p } => (FindingKind::Tproxy, sock(*addr, *p), *addr),
+        Rewrite::Opaque(what) => (FindingKind::Unclassified, Some(what.clone()), None),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Read(#[from] netlink::ReadError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the ruleset (nf_tables, plus iptables-legacy when in use) of this
+/// network namespace, or of the named one (`/run/netns/NAME`).
+pub fn read_host_ruleset(netns: Option<&str>) -> Result<RulesetModel, InspectError> {
+    read_with_addrs(netns).map(|(m, _)| m)
+}
+
+/// The ruleset and the local addresses, both of the same namespace.
+pub fn read_with_addrs(
+    netns: Option<&str>,
+) -> Result<(RulesetModel, Vec<LocalAddr>), InspectError> {
+    let read = || -> Result<(RulesetModel, Vec<LocalAddr>), InspectError> {
+        let mut model = netlink::read_ruleset()?;
+        legacy::add_legacy_tables(&mut model);
+        Ok((model, local::local_addresses()?))
+    };
+    match netns {
+        None => read(),
+        Some(ns) => netlink::in_netns(ns, read)?,
+    }
+}

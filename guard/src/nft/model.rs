@@ -1,0 +1,470 @@
+//! The tolerant ruleset model: what the kernel holds, as far as portguard needs
+//! to understand it. Anything not decoded is kept by name (`Expr::Unknown`), so an
+//! expression this code has never heard of never makes a read fail.
+
+use std::{
+    fmt,
+    ops::Range,
+    sync::{Arc, OnceLock},
+};
+
+use serde::Serialize;
+
+/// `NFPROTO_*`: the family of a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Family(pub u8);
+
+impl Family {
+    pub const INET: Self = Self(1);
+    pub const IP: Self = Self(2);
+    pub const ARP: Self = Self(3);
+    pub const NETDEV: Self = Self(5);
+    pub const BRIDGE: Self = Self(7);
+    pub const IP6: Self = Self(10);
+
+    /// Whether chains of this family see IPv4 (`v6 == false`) or IPv6 packets.
+    pub fn sees(self, v6: bool) -> bool {
+        self == Self::INET || (v6 && self == Self::IP6) || (!v6 && self == Self::IP)
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::INET => f.write_str("inet"),
+            Self::IP => f.write_str("ip"),
+            Self::ARP => f.write_str("arp"),
+            Self::NETDEV => f.write_str("netdev"),
+            Self::BRIDGE => f.write_str("bridge"),
+            Self::IP6 => f.write_str("ip6"),
+            Self(n) => write!(f, "family{n}"),
+        }
+    }
+}
+
+impl Serialize for Family {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Who wrote a table, as far as it says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableOrigin {
+    /// Native nftables (nft, kube-proxy nftables mode, portmap's nftables backend…).
+    #[default]
+    Nft,
+    /// iptables-nft: nf_tables tables holding `xt` matches and targets.
+    IptablesNft,
+    /// iptables-legacy (x_tables), read from `iptables-legacy-save`: invisible to nft.
+    IptablesLegacy,
+}
+
+/// The whole ruleset of one network namespace.
+#[derive(Clone, Debug, Default)]
+pub struct RulesetModel {
+    /// nf_tables generation the dump is consistent with, when read over netlink.
+    pub generation: Option<u32>,
+    pub tables: Vec<Table>,
+    /// What could not be read or decoded (never fatal).
+    pub warnings: Vec<String>,
+}
+
+impl RulesetModel {
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .iter()
+            .flat_map(|t| &t.chains)
+            .map(|c| c.rules.len())
+            .sum()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    pub family: Family,
+    pub name: String,
+    pub handle: u64,
+    pub flags: u32,
+    pub origin: TableOrigin,
+    pub chains: Vec<Chain>,
+    pub sets: Vec<Set>,
+}
+
+impl Default for Family {
+    fn default() -> Self {
+        Self::IP
+    }
+}
+
+impl Table {
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    pub fn set(&self, name: &str) -> Option<&Set> {
+        self.sets.iter().find(|s| s.name == name)
+    }
+}
+
+/// `NF_INET_*` hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+    Ingress,
+    Other(u32),
+}
+
+impl Hook {
+    pub fn from_raw(n: u32) -> Self {
+        match n {
+            0 => Self::Prerouting,
+            1 => Self::Input,
+            2 => Self::Forward,
+            3 => Self::Output,
+            4 => Self::Postrouting,
+            5 => Self::Ingress,
+            n => Self::Other(n),
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Prerouting => f.write_str("prerouting"),
+            Self::Input => f.write_str("input"),
+            Self::Forward => f.write_str("forward"),
+            Self::Output => f.write_str("output"),
+            Self::Postrouting => f.write_str("postrouting"),
+            Self::Ingress => f.write_str("ingress"),
+            Self::Other(n) => write!(f, "hook{n}"),
+        }
+    }
+}
+
+/// What makes a chain a base chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseHook {
+    pub hook: Hook,
+    pub priority: i32,
+    /// "nat", "filter", "route".
+    pub kind: String,
+    pub policy: Option<Verdict>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Chain {
+    pub name: String,
+    pub handle: u64,
+    pub base: Option<BaseHook>,
+    pub rules: Vec<Rule>,
+}
+
+/// A rule. Its expressions are decoded on first use: a read keeps the raw
+/// `NFTA_RULE_EXPRESSIONS` bytes, and the analysis decodes only the rules a
+/// probe reaches (on a kube-proxy host, a small part of the ruleset).
+#[derive(Clone, Debug, Default)]
+pub struct Rule {
+    pub handle: u64,
+    /// The rule's comment (nft userdata), or an iptables `-m comment`.
+    pub comment: Option<String>,
+    exprs: OnceLock<Vec<Expr>>,
+    raw: Option<RawExprs>,
+}
+
+impl Rule {
+    /// A rule whose expressions are known already.
+    pub fn new(handle: u64, exprs: Vec<Expr>, comment: Option<String>) -> Self {
+        Self {
+            handle,
+            comment,
+            exprs: OnceLock::from(exprs),
+            raw: None,
+        }
+    }
+
+    /// A rule read over netlink, decoded when first asked.
+    pub fn from_raw(handle: u64, raw: RawExprs, comment: Option<String>) -> Self {
+        Self {
+            handle,
+            comment,
+            exprs: OnceLock::new(),
+            raw: Some(raw),
+        }
+    }
+
+    /// The rule's expressions (decoded now if they were not yet).
+    pub fn exprs(&self) -> &[Expr] {
+        self.exprs.get_or_init(|| {
+            self.raw
+                .as_ref()
+                .map(|r| super::expr::decode_list(r.bytes()))
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// The undecoded `NFTA_RULE_EXPRESSIONS` of a rule, in the datagram it came in.
+#[derive(Clone)]
+pub struct RawExprs {
+    buf: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl RawExprs {
+    pub fn new(buf: Arc<Vec<u8>>, range: Range<usize>) -> Self {
+        Self { buf, range }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.get(self.range.clone()).unwrap_or(&[])
+    }
+}
+
+impl fmt::Debug for RawExprs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawExprs({} bytes)", self.range.len())
+    }
+}
+
+/// A verdict, as in `nft_verdict`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Drop,
+    Accept,
+    Continue,
+    Break,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// A code this model does not name (queue, stolen…).
+    Other(i32),
+}
+
+impl Verdict {
+    pub const NF_DROP: i32 = 0;
+    pub const NF_ACCEPT: i32 = 1;
+    pub const NFT_CONTINUE: i32 = -1;
+    pub const NFT_BREAK: i32 = -2;
+    pub const NFT_JUMP: i32 = -3;
+    pub const NFT_GOTO: i32 = -4;
+    pub const NFT_RETURN: i32 = -5;
+
+    pub fn from_code(code: i32, chain: Option<String>) -> Self {
+        match (code, chain) {
+            (Self::NF_DROP, _) => Self::Drop,
+            (Self::NF_ACCEPT, _) => Self::Accept,
+            (Self::NFT_CONTINUE, _) => Self::Continue,
+            (Self::NFT_BREAK, _) => Self::Break,
+            (Self::NFT_RETURN, _) => Self::Return,
+            (Self::NFT_JUMP, Some(c)) => Self::Jump(c),
+            (Self::NFT_GOTO, Some(c)) => Self::Goto(c),
+            (code, _) => Self::Other(code),
+        }
+    }
+}
+
+/// `nft_data`: a value or a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Data {
+    Value(Vec<u8>),
+    Verdict(Verdict),
+}
+
+/// Where a payload expression reads (`NFT_PAYLOAD_*_HEADER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadBase {
+    LinkLayer,
+    Network,
+    Transport,
+    Other(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    Snat,
+    Dnat,
+}
+
+/// One expression of a rule. Registers are kept as the kernel numbers them
+/// (0 verdict, 1–4 the 16-byte registers, 8–23 the 32-bit ones).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Payload {
+        base: PayloadBase,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// A payload write (mangling); harmless for reachability.
+    PayloadSet,
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    /// `meta set …`: a statement, no match.
+    MetaSet {
+        key: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: CmpOp,
+        data: Vec<u8>,
+    },
+    Range {
+        sreg: u32,
+        negate: bool,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+    /// Boolean bitwise: `dreg = (sreg & mask) ^ xor`. Shifts decode as `Unknown`.
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Immediate {
+        dreg: u32,
+        data: Data,
+    },
+    Lookup {
+        set: String,
+        sreg: u32,
+        dreg: Option<u32>,
+        invert: bool,
+    },
+    Nat {
+        kind: NatKind,
+        /// `NFPROTO_IPV4`/`NFPROTO_IPV6` (2/10).
+        family: u32,
+        reg_addr_min: Option<u32>,
+        reg_addr_max: Option<u32>,
+        reg_proto_min: Option<u32>,
+        reg_proto_max: Option<u32>,
+        flags: u32,
+    },
+    Redir {
+        reg_proto_min: Option<u32>,
+        reg_proto_max: Option<u32>,
+        flags: u32,
+    },
+    Masq,
+    Tproxy {
+        family: u32,
+        reg_addr: Option<u32>,
+        reg_port: Option<u32>,
+    },
+    Fib {
+        dreg: u32,
+        result: u32,
+        flags: u32,
+    },
+    Ct {
+        key: u32,
+        dreg: Option<u32>,
+        direction: Option<u8>,
+    },
+    Counter,
+    Log,
+    Limit,
+    Reject,
+    Notrack,
+    Dynset {
+        set: String,
+        op: u32,
+    },
+    /// An iptables match (`xt`), with its raw `info` struct in host byte order.
+    XtMatch {
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    /// An iptables target (`xt`): DNAT, REDIRECT, MARK…
+    XtTarget {
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    /// Anything this model does not decode, kept by name.
+    Unknown {
+        name: String,
+    },
+}
+
+/// `NFT_SET_*` flags.
+pub mod set_flags {
+    pub const ANONYMOUS: u32 = 0x1;
+    pub const CONSTANT: u32 = 0x2;
+    pub const INTERVAL: u32 = 0x4;
+    pub const MAP: u32 = 0x8;
+    pub const TIMEOUT: u32 = 0x10;
+    pub const EVAL: u32 = 0x20;
+    pub const OBJECT: u32 = 0x40;
+    pub const CONCAT: u32 = 0x80;
+}
+
+/// `NFT_SET_ELEM_*` flags.
+pub mod elem_flags {
+    pub const INTERVAL_END: u32 = 0x1;
+    pub const CATCHALL: u32 = 0x4;
+}
+
+/// `NFT_DATA_VERDICT`: the data type of a verdict map.
+pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
+#[derive(Clone, Debug, Default)]
+pub struct Set {
+    pub name: String,
+    pub handle: u64,
+    pub flags: u32,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub data_type: Option<u32>,
+    pub data_len: Option<u32>,
+    /// Field lengths of a concatenated key (unpadded), when the kernel says.
+    pub field_lens: Vec<u32>,
+    pub elements: Vec<SetElem>,
+}
+
+impl Set {
+    pub fn is_interval(&self) -> bool {
+        self.flags & set_flags::INTERVAL != 0
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetElem {
+    pub key: Vec<u8>,
+    /// Inclusive end of a range element (concatenated interval sets).
+    pub key_end: Option<Vec<u8>>,
+    pub data: Option<Data>,
+    pub flags: u32,
+}
+
+impl SetElem {
+    pub fn is_interval_end(&self) -> bool {
+        self.flags & elem_flags::INTERVAL_END != 0
+    }
+    pub fn is_catchall(&self) -> bool {
+        self.flags & elem_flags::CATCHALL != 0
+    }
+}

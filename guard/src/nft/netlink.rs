@@ -1,0 +1,967 @@
+//! Reading the whole nf_tables ruleset over a `NETLINK_NETFILTER` socket:
+//! `NFT_MSG_GETTABLE/GETCHAIN/GETRULE/GETSET/GETSETELEM` dumps for every family,
+//! decoded into the tolerant [`RulesetModel`]. Consistent: the generation is read
+//! before and after, and the read is repeated when a change raced it.
+
+use std::{
+    collections::HashMap,
+    io,
+    ops::Range,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::{
+    attr::{self, Attrs, be_i32, be_u32, be_u64, string},
+    expr,
+    model::{
+        BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, RulesetModel, Set, SetElem,
+        Table, TableOrigin, Verdict,
+    },
+};
+
+const NETLINK_NETFILTER: libc::c_int = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFPROTO_UNSPEC: u8 = 0;
+
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_HANDLE: u16 = 4;
+
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_HANDLE: u16 = 2;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_USERDATA: u16 = 7;
+/// `NFTNL_UDATA_RULE_COMMENT` in the rule's userdata TLVs (libnftnl's convention).
+const UDATA_RULE_COMMENT: u8 = 0;
+
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_HANDLE: u16 = 16;
+const NFTA_SET_DESC_CONCAT: u16 = 2;
+const NFTA_SET_FIELD_LEN: u16 = 1;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+
+const NFTA_GEN_ID: u16 = 1;
+
+/// Room for one dump datagram; the kernel sends at most 32 KiB per read.
+const RECV_BUF: usize = 64 * 1024;
+const SOCKET_RCVBUF: libc::c_int = 4 * 1024 * 1024;
+/// How many times a read raced by a ruleset change is repeated.
+const CONSISTENT_READ_ATTEMPTS: usize = 5;
+/// Names of the tables iptables-nft creates.
+const IPTABLES_TABLES: [&str; 5] = ["nat", "filter", "mangle", "raw", "security"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot open a NETLINK_NETFILTER socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("netlink {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kernel refused {what}: {source}")]
+    Kernel {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the ruleset kept changing during {0} read attempts")]
+    Inconsistent(usize),
+}
+
+/// How long each part of a read took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadTimings {
+    /// Sending requests and receiving every datagram.
+    pub dump: Duration,
+    /// Decoding left to do once the last datagram arrived (decoding overlaps
+    /// the dump on a second thread).
+    pub decode: Duration,
+    pub bytes: usize,
+}
+
+/// One message of a received datagram: its type, family and payload range.
+struct RawMsg {
+    msg: u16,
+    family: u8,
+    range: Range<usize>,
+}
+
+/// One received datagram and the messages in it that answer our request.
+struct Chunk {
+    buf: Vec<u8>,
+    msgs: Vec<RawMsg>,
+}
+
+/// A `NETLINK_NETFILTER` socket, in the network namespace of the thread that opened it.
+pub struct NftSocket {
+    fd: OwnedFd,
+    seq: u32,
+    /// Buffers the decoder has finished with, for the next datagrams.
+    spare: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+}
+
+impl NftSocket {
+    pub fn open() -> Result<Self, ReadError> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(ReadError::Socket(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A bigger receive buffer; best effort.
+        let rcvbuf = SOCKET_RCVBUF;
+        // SAFETY: a valid fd and an int-sized option value.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const rcvbuf).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        Ok(Self {
+            fd,
+            seq: 1,
+            spare: None,
+        })
+    }
+
+    fn request(
+        &mut self,
+        msg: u16,
+        flags: u16,
+        family: u8,
+        attrs: &[u8],
+    ) -> Result<u32, ReadError> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+        let mut b = Vec::with_capacity(len);
+        b.extend_from_slice(&(len as u32).to_ne_bytes());
+        b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        b.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        b.extend_from_slice(&self.seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&[family, 0, 0, 0]);
+        b.extend_from_slice(attrs);
+        // SAFETY: sending our own buffer on our socket (the kernel is the default peer).
+        let rc = unsafe { libc::send(self.fd.as_raw_fd(), b.as_ptr().cast(), b.len(), 0) };
+        if rc < 0 {
+            return Err(ReadError::Io {
+                what: "send",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(self.seq)
+    }
+
+    /// Receives every message answering `seq` until `NLMSG_DONE` (dumps) or the
+    /// first message (plain requests), handing each datagram to `sink`.
+    fn receive(
+        &mut self,
+        seq: u32,
+        dump: bool,
+        what: &'static str,
+        sink: &mut dyn FnMut(Chunk),
+    ) -> Result<bool, ReadError> {
+        let mut interrupted = false;
+        loop {
+            let mut buf = self
+                .spare
+                .as_ref()
+                .and_then(|r| r.try_recv().ok())
+                .unwrap_or_else(|| Vec::with_capacity(RECV_BUF));
+            buf.clear();
+            // SAFETY: receiving into the spare capacity of our own buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.capacity(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ReadError::Io { what, source: err });
+            }
+            // SAFETY: the kernel initialised the first n bytes.
+            unsafe { buf.set_len(n as usize) };
+            let n = buf.len();
+            let mut msgs = Vec::new();
+            let mut done = false;
+            let mut pos = 0;
+            while pos + NLMSG_HDRLEN <= n && !done {
+                let h = &buf[pos..];
+                let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes([h[4], h[5]]);
+                let flags = u16::from_ne_bytes([h[6], h[7]]);
+                let mseq = u32::from_ne_bytes(h[8..12].try_into().expect("4 bytes"));
+                if len < NLMSG_HDRLEN || pos + len > n {
+                    return Err(ReadError::Io {
+                        what,
+                        source: io::Error::new(io::ErrorKind::InvalidData, "truncated message"),
+                    });
+                }
+                let next = pos + attr::align4(len);
+                if mseq != seq {
+                    pos = next;
+                    continue;
+                }
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
+                match ty {
+                    NLMSG_DONE => done = true,
+                    NLMSG_ERROR => {
+                        let code = h
+                            .get(16..20)
+                            .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                            .unwrap_or(0);
+                        if code != 0 {
+                            return Err(ReadError::Kernel {
+                                what,
+                                source: io::Error::from_raw_os_error(-code),
+                            });
+                        }
+                        done = true;
+                    }
+                    _ if len >= NLMSG_HDRLEN + NFGENMSG_LEN => {
+                        msgs.push(RawMsg {
+                            msg: ty & 0xff,
+                            family: buf[pos + NLMSG_HDRLEN],
+                            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
+                        });
+                        done = !dump;
+                    }
+                    _ => {}
+                }
+                pos = next;
+            }
+            if !msgs.is_empty() {
+                sink(Chunk { buf, msgs });
+            }
+            if done {
+                return Ok(interrupted);
+            }
+        }
+    }
+
+    fn dump(
+        &mut self,
+        msg: u16,
+        family: u8,
+        attrs: &[u8],
+        what: &'static str,
+        sink: &mut dyn FnMut(Chunk),
+    ) -> Result<bool, ReadError> {
+        let seq = self.request(msg, NLM_F_DUMP, family, attrs)?;
+        self.receive(seq, true, what, sink)
+    }
+
+    /// The current nf_tables generation.
+    pub fn generation(&mut self) -> Result<u32, ReadError> {
+        let seq = self.request(NFT_MSG_GETGEN, 0, NFPROTO_UNSPEC, &[])?;
+        let mut gen_id = 0;
+        self.receive(seq, false, "GETGEN", &mut |c: Chunk| {
+            for m in c.msgs.iter().filter(|m| m.msg == NFT_MSG_NEWGEN) {
+                if let Some(id) = Attrs::new(&c.buf[m.range.clone()])
+                    .flatten()
+                    .find(|(t, _)| *t == NFTA_GEN_ID)
+                    .and_then(|(_, p)| be_u32(p))
+                {
+                    gen_id = id;
+                }
+            }
+        })?;
+        Ok(gen_id)
+    }
+
+    /// Every dump request of a full read, each datagram handed to `sink`;
+    /// returns whether the kernel flagged a dump as interrupted.
+    fn dump_all(&mut self, sink: &mut dyn FnMut(Chunk)) -> Result<bool, ReadError> {
+        let mut intr = false;
+        intr |= self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC, &[], "GETTABLE", sink)?;
+        intr |= self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, &[], "GETCHAIN", sink)?;
+        let mut sets: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
+        intr |= self.dump(
+            NFT_MSG_GETSET,
+            NFPROTO_UNSPEC,
+            &[],
+            "GETSET",
+            &mut |c: Chunk| {
+                for m in &c.msgs {
+                    let a: Vec<_> = Attrs::new(&c.buf[m.range.clone()]).flatten().collect();
+                    let table = a.iter().find(|(t, _)| *t == NFTA_SET_TABLE);
+                    let name = a.iter().find(|(t, _)| *t == NFTA_SET_NAME);
+                    if let (Some(t), Some(n)) = (table, name) {
+                        sets.push((m.family, t.1.to_vec(), n.1.to_vec()));
+                    }
+                }
+                sink(c);
+            },
+        )?;
+        intr |= self.dump(NFT_MSG_GETRULE, NFPROTO_UNSPEC, &[], "GETRULE", sink)?;
+        for (family, table, set) in &sets {
+            let mut req = Vec::new();
+            attr::put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, &string(table));
+            attr::put_str(&mut req, NFTA_SET_ELEM_LIST_SET, &string(set));
+            intr |= self.dump(NFT_MSG_GETSETELEM, *family, &req, "GETSETELEM", sink)?;
+        }
+        Ok(intr)
+    }
+
+    /// The raw dump alone (requests sent, every datagram received, nothing
+    /// decoded): the floor a full read is measured against.
+    pub fn dump_only(&mut self) -> Result<ReadTimings, ReadError> {
+        let t0 = Instant::now();
+        let mut bytes = 0;
+        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        self.spare = Some(spare_rx);
+        let result = self.dump_all(&mut |c: Chunk| {
+            bytes += c.buf.len();
+            let _ = spare_tx.send(c.buf);
+        });
+        self.spare = None;
+        result?;
+        Ok(ReadTimings {
+            dump: t0.elapsed(),
+            decode: Duration::ZERO,
+            bytes,
+        })
+    }
+
+    /// Reads the whole ruleset, consistent with one generation. Datagrams are
+    /// decoded on a second thread while the next ones are received.
+    pub fn read_ruleset(&mut self) -> Result<(RulesetModel, ReadTimings), ReadError> {
+        for _ in 0..CONSISTENT_READ_ATTEMPTS {
+            let before = self.generation()?;
+            let t0 = Instant::now();
+            let (model, intr, dumped, bytes) = std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
+                let decoder = s.spawn(move || {
+                    let mut d = Decoder::default();
+                    for chunk in rx {
+                        d.feed_chunk(chunk);
+                    }
+                    d.finish()
+                });
+                let mut bytes = 0;
+                let intr = self.dump_all(&mut |c: Chunk| {
+                    bytes += c.buf.len();
+                    let _ = tx.send(c);
+                });
+                drop(tx);
+                let dumped = t0.elapsed();
+                let model = decoder.join().expect("the decoder thread does not panic");
+                intr.map(|intr| (model, intr, dumped, bytes))
+            })?;
+            let total = t0.elapsed();
+            let after = self.generation()?;
+            if intr || before != after {
+                continue;
+            }
+            let mut model = model;
+            model.generation = Some(after);
+            let timings = ReadTimings {
+                dump: dumped,
+                decode: total.saturating_sub(dumped),
+                bytes,
+            };
+            return Ok((model, timings));
+        }
+        Err(ReadError::Inconsistent(CONSISTENT_READ_ATTEMPTS))
+    }
+}
+
+/// Decodes a buffer of nf_tables netlink messages (`nlmsghdr` + `nfgenmsg` +
+/// attributes, as a dump delivers them) into the model, without a socket: for
+/// tests, fuzzing and recorded dumps. Never fails: what does not parse ends the
+/// buffer or becomes a warning.
+pub fn decode_messages(bytes: &[u8]) -> RulesetModel {
+    let mut msgs = Vec::new();
+    let mut pos = 0;
+    while pos + NLMSG_HDRLEN <= bytes.len() {
+        let h = &bytes[pos..];
+        let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes([h[4], h[5]]);
+        if len < NLMSG_HDRLEN + NFGENMSG_LEN || pos + len > bytes.len() {
+            break;
+        }
+        msgs.push(RawMsg {
+            msg: ty & 0xff,
+            family: bytes[pos + NLMSG_HDRLEN],
+            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
+        });
+        pos += attr::align4(len);
+    }
+    let mut d = Decoder::default();
+    d.feed_chunk(Chunk {
+        buf: bytes.to_vec(),
+        msgs,
+    });
+    d.finish()
+}
+
+/// Builds one nf_tables message as the kernel sends it, for tests and fuzz seeds.
+pub fn encode_message(msg: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(&(len as u32).to_ne_bytes());
+    b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    b.extend_from_slice(&0u16.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&[family, 0, 0, 0]);
+    b.extend_from_slice(attrs);
+    b.resize(attr::align4(b.len()), 0);
+    b
+}
+
+/// Reads the ruleset of the calling thread's network namespace.
+pub fn read_ruleset() -> Result<RulesetModel, ReadError> {
+    NftSocket::open()?.read_ruleset().map(|(m, _)| m)
+}
+
+type TableKey = (u8, String);
+/// The chain the previous rule named: family, table, chain, and its indexes.
+type LastChain = (u8, Vec<u8>, Vec<u8>, Option<(usize, usize)>);
+/// Table, chain, rule, set and element-list attribute types are all below this.
+const MAX_OBJECT_ATTR: usize = 32;
+
+/// Builds the model message by message, as they arrive; never fails, collects warnings.
+#[derive(Default)]
+struct Decoder {
+    model: RulesetModel,
+    tables: HashMap<TableKey, usize>,
+    chains: HashMap<(usize, String), usize>,
+    sets: HashMap<(usize, String), usize>,
+    last_chain: Option<LastChain>,
+}
+
+impl Decoder {
+    fn feed_chunk(&mut self, chunk: Chunk) {
+        let buf = Arc::new(chunk.buf);
+        for m in &chunk.msgs {
+            self.feed(m.msg, m.family, &buf, m.range.clone());
+        }
+    }
+
+    fn feed(&mut self, msg: u16, family: u8, buf: &Arc<Vec<u8>>, range: Range<usize>) {
+        let p = &buf[range.clone()];
+        let mut a: [Option<&[u8]>; MAX_OBJECT_ATTR] = [None; MAX_OBJECT_ATTR];
+        let mut malformed = None;
+        for attr in Attrs::new(p) {
+            match attr {
+                Ok((ty, payload)) => {
+                    if let Some(slot) = a.get_mut(ty as usize) {
+                        *slot = Some(payload);
+                    }
+                }
+                Err(e) => malformed = Some(e),
+            }
+        }
+        if let Some(e) = malformed {
+            self.model
+                .warnings
+                .push(format!("message type {}: {e}", msg));
+            return;
+        }
+        let get = |ty: u16| a.get(ty as usize).copied().flatten();
+        match msg {
+            NFT_MSG_NEWTABLE => {
+                let Some(name) = get(NFTA_TABLE_NAME).map(string) else {
+                    self.model.warnings.push("table without a name".into());
+                    return;
+                };
+                self.tables
+                    .insert((family, name.clone()), self.model.tables.len());
+                self.model.tables.push(Table {
+                    family: Family(family),
+                    name,
+                    handle: get(NFTA_TABLE_HANDLE).and_then(be_u64).unwrap_or(0),
+                    flags: get(NFTA_TABLE_FLAGS).and_then(be_u32).unwrap_or(0),
+                    ..Table::default()
+                });
+            }
+            NFT_MSG_NEWCHAIN => {
+                let (Some(table), Some(name)) = (
+                    get(NFTA_CHAIN_TABLE).map(string),
+                    get(NFTA_CHAIN_NAME).map(string),
+                ) else {
+                    self.model
+                        .warnings
+                        .push("chain without a table or name".into());
+                    return;
+                };
+                let Some(&ti) = self.tables.get(&(family, table.clone())) else {
+                    self.model
+                        .warnings
+                        .push(format!("chain {name} of unknown table {table}"));
+                    return;
+                };
+                let base = get(NFTA_CHAIN_HOOK).map(|hook| {
+                    let h: Vec<_> = Attrs::new(hook).flatten().collect();
+                    let hg = |ty: u16| h.iter().find(|(t, _)| *t == ty).map(|(_, p)| *p);
+                    BaseHook {
+                        hook: Hook::from_raw(
+                            hg(NFTA_HOOK_HOOKNUM).and_then(be_u32).unwrap_or(u32::MAX),
+                        ),
+                        priority: hg(NFTA_HOOK_PRIORITY).and_then(be_i32).unwrap_or(0),
+                        kind: get(NFTA_CHAIN_TYPE).map(string).unwrap_or_default(),
+                        policy: get(NFTA_CHAIN_POLICY)
+                            .and_then(be_i32)
+                            .map(|c| Verdict::from_code(c, None)),
+                    }
+                });
+                let t = &mut self.model.tables[ti];
+                self.chains.insert((ti, name.clone()), t.chains.len());
+                t.chains.push(Chain {
+                    name,
+                    handle: get(NFTA_CHAIN_HANDLE).and_then(be_u64).unwrap_or(0),
+                    base,
+                    rules: Vec::new(),
+                });
+            }
+            NFT_MSG_NEWRULE => {
+                let (Some(table), Some(chain)) = (get(NFTA_RULE_TABLE), get(NFTA_RULE_CHAIN))
+                else {
+                    self.model
+                        .warnings
+                        .push("rule without a table or chain".into());
+                    return;
+                };
+                // Rules arrive chain by chain: look names up only when they change.
+                let hit = matches!(&self.last_chain, Some((f, t, c, _)) if *f == family && t.as_slice() == table && c.as_slice() == chain);
+                if !hit {
+                    let found = self
+                        .tables
+                        .get(&(family, string(table)))
+                        .and_then(|&ti| self.chains.get(&(ti, string(chain))).map(|&ci| (ti, ci)));
+                    self.last_chain = Some((family, table.to_vec(), chain.to_vec(), found));
+                }
+                let Some((_, _, _, Some((ti, ci)))) = self.last_chain else {
+                    return;
+                };
+                // Kept raw: decoded when the analysis reaches the rule.
+                let raw = get(NFTA_RULE_EXPRESSIONS).map(|list| {
+                    let start = list.as_ptr() as usize - buf.as_ptr() as usize;
+                    RawExprs::new(buf.clone(), start..start + list.len())
+                });
+                let comment = get(NFTA_RULE_USERDATA).and_then(udata_comment);
+                let handle = get(NFTA_RULE_HANDLE).and_then(be_u64).unwrap_or(0);
+                let rule = match raw {
+                    Some(raw) => Rule::from_raw(handle, raw, comment),
+                    None => Rule::new(handle, Vec::new(), comment),
+                };
+                self.model.tables[ti].chains[ci].rules.push(rule);
+            }
+            NFT_MSG_NEWSET => {
+                let (Some(table), Some(name)) = (
+                    get(NFTA_SET_TABLE).map(string),
+                    get(NFTA_SET_NAME).map(string),
+                ) else {
+                    return;
+                };
+                let Some(&ti) = self.tables.get(&(family, table)) else {
+                    return;
+                };
+                let field_lens = get(NFTA_SET_DESC)
+                    .and_then(|d| {
+                        Attrs::new(d)
+                            .flatten()
+                            .find(|(t, _)| *t == NFTA_SET_DESC_CONCAT)
+                    })
+                    .map(|(_, concat)| {
+                        Attrs::new(concat)
+                            .flatten()
+                            .filter_map(|(_, f)| {
+                                Attrs::new(f)
+                                    .flatten()
+                                    .find(|(t, _)| *t == NFTA_SET_FIELD_LEN)
+                                    .and_then(|(_, p)| be_u32(p))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let t = &mut self.model.tables[ti];
+                self.sets.insert((ti, name.clone()), t.sets.len());
+                t.sets.push(Set {
+                    name,
+                    handle: get(NFTA_SET_HANDLE).and_then(be_u64).unwrap_or(0),
+                    flags: get(NFTA_SET_FLAGS).and_then(be_u32).unwrap_or(0),
+                    key_type: get(NFTA_SET_KEY_TYPE).and_then(be_u32).unwrap_or(0),
+                    key_len: get(NFTA_SET_KEY_LEN).and_then(be_u32).unwrap_or(0),
+                    data_type: get(NFTA_SET_DATA_TYPE).and_then(be_u32),
+                    data_len: get(NFTA_SET_DATA_LEN).and_then(be_u32),
+                    field_lens,
+                    elements: Vec::new(),
+                });
+            }
+            NFT_MSG_NEWSETELEM => {
+                let (Some(table), Some(set)) = (
+                    get(NFTA_SET_ELEM_LIST_TABLE).map(string),
+                    get(NFTA_SET_ELEM_LIST_SET).map(string),
+                ) else {
+                    return;
+                };
+                let Some(&ti) = self.tables.get(&(family, table)) else {
+                    return;
+                };
+                let Some(&si) = self.sets.get(&(ti, set)) else {
+                    return;
+                };
+                let Some(list) = get(NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                    return;
+                };
+                let elems = &mut self.model.tables[ti].sets[si].elements;
+                for e in Attrs::new(list).flatten() {
+                    let mut elem = SetElem::default();
+                    for (ty, p) in Attrs::new(e.1).flatten() {
+                        match ty {
+                            NFTA_SET_ELEM_KEY => {
+                                if let Some(Data::Value(v)) = expr::data_of(p) {
+                                    elem.key = v;
+                                }
+                            }
+                            NFTA_SET_ELEM_KEY_END => {
+                                if let Some(Data::Value(v)) = expr::data_of(p) {
+                                    elem.key_end = Some(v);
+                                }
+                            }
+                            NFTA_SET_ELEM_DATA => elem.data = expr::data_of(p),
+                            NFTA_SET_ELEM_FLAGS => elem.flags = be_u32(p).unwrap_or(0),
+                            _ => {}
+                        }
+                    }
+                    elems.push(elem);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(mut self) -> RulesetModel {
+        for t in &mut self.model.tables {
+            t.origin = table_origin(t);
+        }
+        self.model
+    }
+}
+
+/// iptables-nft writes `xt` expressions, and tables named like iptables' own with
+/// base chains named like its built-in ones.
+fn table_origin(t: &Table) -> TableOrigin {
+    // Base chains' rules are enough (and keeps the rest undecoded).
+    let has_xt = t
+        .chains
+        .iter()
+        .filter(|c| c.base.is_some())
+        .flat_map(|c| &c.rules)
+        .any(|r| {
+            r.exprs()
+                .iter()
+                .any(|e| matches!(e, Expr::XtMatch { .. } | Expr::XtTarget { .. }))
+        });
+    let builtin_names = IPTABLES_TABLES.contains(&t.name.as_str())
+        && t.chains
+            .iter()
+            .filter(|c| c.base.is_some())
+            .all(|c| c.name.chars().all(|ch| ch.is_ascii_uppercase()));
+    if has_xt || (builtin_names && t.chains.iter().any(|c| c.base.is_some())) {
+        TableOrigin::IptablesNft
+    } else {
+        TableOrigin::Nft
+    }
+}
+
+/// The comment TLV of a rule's userdata.
+fn udata_comment(mut b: &[u8]) -> Option<String> {
+    while b.len() >= 2 {
+        let (ty, len) = (b[0], b[1] as usize);
+        let value = b.get(2..2 + len)?;
+        if ty == UDATA_RULE_COMMENT {
+            return Some(string(value));
+        }
+        b = &b[2 + len..];
+    }
+    None
+}
+
+/// Runs `f` on a thread inside the network namespace `/run/netns/NAME` (or a
+/// path): sockets opened there stay in that namespace.
+pub fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let path = if name.starts_with('/') {
+        name.into()
+    } else {
+        format!("/run/netns/{name}")
+    };
+    let file = std::fs::File::open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {path}: {e}")))?;
+    let handle = std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with a namespace fd we hold.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(f())
+    });
+    handle
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{InspectInput, OwnedTargets, PortSpec, inspect, local::LocalAddr};
+    use crate::policy::{PortRange, Proto};
+
+    fn nest(items: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, p) in items {
+            attr::put(&mut b, *t, p);
+        }
+        b
+    }
+
+    fn s(v: &str) -> Vec<u8> {
+        let mut b = v.as_bytes().to_vec();
+        b.push(0);
+        b
+    }
+
+    fn expr(name: &str, data: Vec<u8>) -> Vec<u8> {
+        nest(&[(1, s(name)), (2, data)])
+    }
+
+    /// table ip t { chain pre { type nat hook prerouting priority -100;
+    ///   tcp dport 80 dnat to 203.0.113.9 } }, built byte by byte.
+    pub(crate) fn sample_dump() -> Vec<u8> {
+        let family = Family::IP.0;
+        let mut out = encode_message(
+            NFT_MSG_NEWTABLE,
+            family,
+            &nest(&[(NFTA_TABLE_NAME, s("t"))]),
+        );
+        let hook = nest(&[
+            (NFTA_HOOK_HOOKNUM, 0u32.to_be_bytes().to_vec()),
+            (NFTA_HOOK_PRIORITY, (-100i32).to_be_bytes().to_vec()),
+        ]);
+        out.extend(encode_message(
+            NFT_MSG_NEWCHAIN,
+            family,
+            &nest(&[
+                (NFTA_CHAIN_TABLE, s("t")),
+                (NFTA_CHAIN_NAME, s("pre")),
+                (NFTA_CHAIN_HOOK, hook),
+                (NFTA_CHAIN_TYPE, s("nat")),
+            ]),
+        ));
+        let value = |v: Vec<u8>| nest(&[(1, v)]);
+        let exprs = [
+            expr(
+                "meta",
+                nest(&[
+                    (2, 16u32.to_be_bytes().to_vec()),
+                    (1, 1u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(vec![6])),
+                ]),
+            ),
+            expr(
+                "payload",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 2u32.to_be_bytes().to_vec()),
+                    (4, 2u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(vec![0, 80])),
+                ]),
+            ),
+            expr("frobnicate", nest(&[(1, vec![1, 2, 3, 4])])),
+            expr(
+                "immediate",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, value(vec![203, 0, 113, 9])),
+                ]),
+            ),
+            expr(
+                "nat",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 1u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+        ];
+        let mut list = Vec::new();
+        for e in exprs {
+            attr::put(&mut list, 1, &e);
+        }
+        out.extend(encode_message(
+            NFT_MSG_NEWRULE,
+            family,
+            &nest(&[
+                (NFTA_RULE_TABLE, s("t")),
+                (NFTA_RULE_CHAIN, s("pre")),
+                (NFTA_RULE_HANDLE, 7u64.to_be_bytes().to_vec()),
+                (NFTA_RULE_EXPRESSIONS, list),
+            ]),
+        ));
+        out
+    }
+
+    pub(crate) fn sample_input() -> InspectInput {
+        InspectInput {
+            ports: vec![PortSpec {
+                proto: Proto::Tcp,
+                ports: PortRange::single(80),
+            }],
+            owned: OwnedTargets::docker_fallback(),
+            local_addrs: vec![LocalAddr {
+                addr: "198.51.100.1".parse().unwrap(),
+                prefix_len: 24,
+                ifindex: 2,
+                ifname: "eth0".into(),
+            }],
+            internal_ifaces: vec!["docker".into()],
+        }
+    }
+
+    #[test]
+    fn decodes_a_dump_with_an_unknown_expression() {
+        let model = decode_messages(&sample_dump());
+        assert!(model.warnings.is_empty(), "{:?}", model.warnings);
+        let rule = &model.tables[0].chains[0].rules[0];
+        assert_eq!(rule.handle, 7);
+        assert!(
+            rule.exprs()
+                .iter()
+                .any(|e| matches!(e, Expr::Unknown { name } if name == "frobnicate"))
+        );
+        let findings = inspect(&model, &sample_input());
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        // An unknown expression before the DNAT: it may or may not match, so the
+        // rewrite is possible, hence active.
+        assert!(findings[0].active);
+        assert_eq!(findings[0].target.as_deref(), Some("203.0.113.9:80"));
+        assert_eq!(findings[0].handle, Some(7));
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_survived() {
+        let dump = sample_dump();
+        let input = sample_input();
+        for cut in 0..dump.len() {
+            let model = decode_messages(&dump[..cut]);
+            for r in model
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .flat_map(|c| &c.rules)
+            {
+                let _ = r.exprs();
+            }
+            let _ = inspect(&model, &input);
+        }
+        // Deterministic corruption: flip bytes one at a time, and some at random.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..dump.len() * 4 {
+            let mut d = dump.clone();
+            let at = if i < dump.len() {
+                i
+            } else {
+                (seed % dump.len() as u64) as usize
+            };
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            d[at] ^= (seed as u8) | 1;
+            let model = decode_messages(&d);
+            for r in model
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .flat_map(|c| &c.rules)
+            {
+                let _ = r.exprs();
+            }
+            let _ = inspect(&model, &input);
+        }
+    }
+}
