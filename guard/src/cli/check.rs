@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use super::PolicyArgs;
 use crate::{
     nft::{self, Finding, InspectInput, OwnedTargets},
+    owners::Owners,
     policy::Policy,
 };
 
@@ -29,9 +30,17 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (policy, _source) = Policy::load(args.policy.config.as_deref())?;
     let (model, addrs) =
         nft::read_with_addrs(args.netns.as_deref()).context("reading the ruleset")?;
-    // Until the Docker owners model feeds the published ports' targets, Docker's
-    // own DNAT chain is recognised by shape (see `OwnedTargets::docker_fallback`).
-    let input = InspectInput::from_policy(&policy, OwnedTargets::docker_fallback(), addrs);
+    let owned = if args.netns.is_some() {
+        // Another namespace is not this host's Docker: recognise Docker's chain by shape.
+        OwnedTargets::docker_fallback()
+    } else {
+        let model = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(Owners::new(policy.clone()).resolve_once());
+        OwnedTargets::from_owners(&model)
+    };
+    let input = InspectInput::from_policy(&policy, owned, addrs);
     let findings = nft::inspect(&model, &input);
     for w in &model.warnings {
         eprintln!("portguard: warning: {w}");

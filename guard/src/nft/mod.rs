@@ -42,7 +42,10 @@ pub use analysis::{Probe, Reach, Rewrite, RulesetIndex};
 pub use local::LocalAddr;
 pub use model::{Family, Hook, RulesetModel, TableOrigin};
 
-use crate::policy::{Policy, PortRange, Proto};
+use crate::{
+    owners::{DockerStatus, ResolvedOwners},
+    policy::{Policy, PortRange, Proto},
+};
 
 /// Interfaces a probe never arrives on from outside: container and pod bridges,
 /// veths, overlay devices. Traffic to the host's own ports arrives elsewhere.
@@ -70,6 +73,24 @@ impl OwnedTargets {
             targets: BTreeMap::new(),
             docker_fallback: true,
         }
+    }
+
+    /// The owners' own mappings from the live owners model. While Docker cannot
+    /// be asked, its own chain is recognised by shape instead
+    /// ([`Self::docker_fallback`]), so that its rules are never taken for hijacks.
+    pub fn from_owners(model: &ResolvedOwners) -> Self {
+        let mut owned = Self {
+            targets: BTreeMap::new(),
+            docker_fallback: !matches!(model.docker, DockerStatus::Reachable { .. }),
+        };
+        for nat in model.nat_targets() {
+            owned.insert(
+                nat.proto,
+                nat.host_port,
+                SocketAddr::new(nat.container_ip, nat.container_port),
+            );
+        }
+        owned
     }
 
     pub fn insert(&mut self, proto: Proto, port: u16, target: SocketAddr) {
