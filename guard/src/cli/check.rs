@@ -1,12 +1,24 @@
 //! `portguard check`: a one-shot audit of the NAT rules on protected ports.
 //! Exit 0 clean, 1 findings, 2 error.
 
-use std::{fmt::Write as _, process::ExitCode};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use serde::Serialize;
 
-use super::PolicyArgs;
+use super::{
+    PolicyArgs,
+    listeners::{self, Holder},
+};
 use crate::{
+    ebpf::Ownership,
+    k8s::{self, ClusterState, ClusterView, K8sSource, NodeIdentity, hardening_status},
     nft::{self, Finding, InspectInput, OwnedTargets},
     owners::Owners,
     policy::Policy,
@@ -18,48 +30,138 @@ const EXIT_FINDINGS: u8 = 1;
 pub struct CheckArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Print `{"findings":[…]}` instead of a table.
+    /// Print `{"findings":[…], "listeners":[…], "hardening":{…}, "kubernetes":{…}}`
+    /// instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// kubeconfig for naming the pods and Services behind foreign rules
+    /// (default: the policy's, else /etc/rancher/k3s/k3s.yaml when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Inspect the network namespace /run/netns/NAME instead of this one.
     #[arg(long, hide = true, value_name = "NAME")]
     pub netns: Option<String>,
 }
 
+/// How long `check` waits for the Kubernetes watches' first lists.
+const KUBE_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// A finding, with the Kubernetes objects behind its target when known.
+#[derive(Serialize)]
+struct CheckedFinding<'a> {
+    #[serde(flatten)]
+    finding: &'a Finding,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<K8sSource>,
+}
+
 pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (policy, _source) = Policy::load(args.policy.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (model, addrs) =
         nft::read_with_addrs(args.netns.as_deref()).context("reading the ruleset")?;
-    let owned = if args.netns.is_some() {
-        // Another namespace is not this host's Docker: recognise Docker's chain by shape.
-        OwnedTargets::docker_fallback()
-    } else {
-        let model = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(Owners::new(policy.clone()).resolve_once());
-        OwnedTargets::from_owners(&model)
+    // Another namespace is not this host: its Docker, sockets and cluster are not ours.
+    let this_host = args.netns.is_none();
+    let owners = this_host.then(|| runtime.block_on(Owners::new(policy.clone()).resolve_once()));
+    let owned = owners
+        .as_ref()
+        .map_or_else(OwnedTargets::docker_fallback, OwnedTargets::from_owners);
+    let node = NodeIdentity {
+        name: hostname(),
+        addresses: addrs.iter().map(|a| a.addr).collect(),
     };
     let input = InspectInput::from_policy(&policy, owned, addrs);
     let findings = nft::inspect(&model, &input);
     for w in &model.warnings {
         eprintln!("portguard: warning: {w}");
     }
+
+    let strangers: Vec<Holder> = match &owners {
+        Some(owners) => listeners::holders(&policy, owners)?
+            .into_iter()
+            .filter(|h| h.ownership == Ownership::Stranger)
+            .collect(),
+        None => Vec::new(),
+    };
+    let hardening = this_host.then(|| hardening_status(Path::new("/")));
+    let cluster = if !findings.is_empty() {
+        Some(runtime.block_on(cluster_view(&args, &policy, node)))
+    } else {
+        None
+    };
+    let checked: Vec<CheckedFinding<'_>> = findings
+        .iter()
+        .map(|f| CheckedFinding {
+            finding: f,
+            kubernetes: cluster
+                .as_ref()
+                .and_then(|c| target_ip(f).and_then(|ip| c.lookup_target(ip)).cloned()),
+        })
+        .collect();
+
     if args.json {
-        let doc = serde_json::json!({ "findings": findings, "warnings": model.warnings });
+        let doc = serde_json::json!({
+            "findings": checked,
+            "listeners": strangers,
+            "hardening": hardening,
+            "kubernetes": cluster.as_ref().map(|c| &c.state),
+            "warnings": model.warnings,
+        });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", table(&findings, model.rule_count()));
+        print!("{}", table(&checked, model.rule_count()));
+        if !strangers.is_empty() {
+            println!();
+            println!("non-owners holding protected ports:");
+            listeners::print_table(&strangers);
+        }
+        if let Some(h) = &hardening
+            && h.k3s_present
+        {
+            println!("k3s: {}", h.summary());
+        }
     }
-    Ok(if findings.is_empty() {
+    Ok(if findings.is_empty() && strangers.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FINDINGS)
     })
 }
 
+/// The cluster's view once its first lists are in (or the wait ran out, or the
+/// layer is off or failing: then it says so and names nothing).
+async fn cluster_view(args: &CheckArgs, policy: &Policy, node: NodeIdentity) -> ClusterView {
+    let mut watch = k8s::start(args.kubeconfig.as_deref(), policy, node).await;
+    let _ = tokio::time::timeout(
+        KUBE_SYNC_WAIT,
+        watch
+            .view
+            .wait_for(|v| !matches!(v.state, ClusterState::Syncing)),
+    )
+    .await;
+    let view = watch.view.borrow().clone();
+    view
+}
+
+/// The address a rule sends connections to (`198.51.100.7:80`, `[2001:db8::7]:80`, an address alone).
+fn target_ip(f: &Finding) -> Option<IpAddr> {
+    let t = f.target.as_deref()?;
+    t.parse::<SocketAddr>()
+        .map(|s| s.ip())
+        .or_else(|_| t.parse::<IpAddr>())
+        .ok()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// The table a person reads.
-fn table(findings: &[Finding], rules: usize) -> String {
+fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
     let mut out = String::new();
     if findings.is_empty() {
         let _ = writeln!(
@@ -70,31 +172,40 @@ fn table(findings: &[Finding], rules: usize) -> String {
     }
     let rows: Vec<[String; 6]> = findings
         .iter()
-        .map(|f| {
-            [
-                if f.active {
-                    format!("ACTIVE ({})", join(&f.active_on))
-                } else {
-                    "latent".into()
-                },
-                f.kind.to_string(),
-                format!("{}/{}", f.proto, f.port),
-                format!(
-                    "{} {} {} {}",
-                    f.family,
-                    f.table,
-                    f.chain,
-                    f.handle
-                        .map_or_else(|| format!("#{}", f.position), |h| format!("handle {h}"))
-                ),
-                f.target.clone().unwrap_or_else(|| "?".into()),
-                if f.evidence.is_empty() {
-                    f.source.clone()
-                } else {
-                    format!("{} ({})", f.source, f.evidence.join("; "))
-                },
-            ]
-        })
+        .map(
+            |CheckedFinding {
+                 finding: f,
+                 kubernetes,
+             }| {
+                let source = match kubernetes {
+                    Some(k) => format!("{} [{k}]", f.source),
+                    None => f.source.clone(),
+                };
+                [
+                    if f.active {
+                        format!("ACTIVE ({})", join(&f.active_on))
+                    } else {
+                        "latent".into()
+                    },
+                    f.kind.to_string(),
+                    format!("{}/{}", f.proto, f.port),
+                    format!(
+                        "{} {} {} {}",
+                        f.family,
+                        f.table,
+                        f.chain,
+                        f.handle
+                            .map_or_else(|| format!("#{}", f.position), |h| format!("handle {h}"))
+                    ),
+                    f.target.clone().unwrap_or_else(|| "?".into()),
+                    if f.evidence.is_empty() {
+                        source
+                    } else {
+                        format!("{source} ({})", f.evidence.join("; "))
+                    },
+                ]
+            },
+        )
         .collect();
     let header = ["STATE", "KIND", "PORT", "RULE", "TARGET", "SOURCE"];
     let mut widths = header.map(str::len);
@@ -119,7 +230,7 @@ fn table(findings: &[Finding], rules: usize) -> String {
         let cells: Vec<&str> = r.iter().map(String::as_str).collect();
         let _ = writeln!(out, "{}", line(&cells));
     }
-    let active = findings.iter().filter(|f| f.active).count();
+    let active = findings.iter().filter(|f| f.finding.active).count();
     let _ = writeln!(
         out,
         "{} foreign rule(s) on protected ports: {active} active, {} latent",

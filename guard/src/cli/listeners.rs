@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::PolicyArgs;
 use crate::{
     ebpf::{BindPolicy, Ownership, ProcessIdentity},
-    owners::Owners,
+    owners::{Owners, ResolvedOwners},
     policy::Policy,
     sys::{cgroup, process::ProcessInfo, sockets, workload::Workload},
 };
@@ -23,30 +23,48 @@ pub struct ListenersArgs {
     pub json: bool,
 }
 
+/// One holder of a socket on a protected port.
 #[derive(Debug, Serialize)]
-struct Holder {
-    proto: String,
-    addr: String,
-    port: u16,
-    pid: Option<u32>,
-    comm: Option<String>,
+pub struct Holder {
+    pub proto: String,
+    pub addr: String,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
     #[serde(flatten)]
-    process: ProcessInfo,
+    pub process: ProcessInfo,
     #[serde(flatten)]
-    workload: Workload,
-    ownership: Ownership,
+    pub workload: Workload,
+    pub ownership: Ownership,
 }
 
 /// Exit 0 when every protected port is held by its owner (or nobody), 1 when a
 /// non-owner holds one, 2 on error.
 pub fn main(args: ListenersArgs) -> anyhow::Result<ExitCode> {
     let (policy, _) = Policy::load(args.policy.config.as_deref())?;
-    let root = cgroup::unified_root()?;
     let owners = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(Owners::new(policy.clone()).resolve_once());
-    let maps = BindPolicy::from_owners(&policy, &owners);
+    let holders = holders(&policy, &owners)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "listeners": holders }));
+    } else {
+        print_table(&holders);
+    }
+    let foreign = holders.iter().any(|h| h.ownership == Ownership::Stranger);
+    Ok(if foreign {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Every socket on a protected port in this network namespace, with its holder
+/// and whether the holder owns the port.
+pub fn holders(policy: &Policy, owners: &ResolvedOwners) -> anyhow::Result<Vec<Holder>> {
+    let root = cgroup::unified_root()?;
+    let maps = BindPolicy::from_owners(policy, owners);
     let mut holders = Vec::new();
     for l in sockets::listeners() {
         if policy.find(l.port, l.proto).is_none() {
@@ -85,20 +103,10 @@ pub fn main(args: ListenersArgs) -> anyhow::Result<ExitCode> {
         }
     }
     holders.sort_by(|a, b| (a.port, &a.proto, a.pid).cmp(&(b.port, &b.proto, b.pid)));
-    if args.json {
-        println!("{}", serde_json::json!({ "listeners": holders }));
-    } else {
-        print_table(&holders);
-    }
-    let foreign = holders.iter().any(|h| h.ownership == Ownership::Stranger);
-    Ok(if foreign {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(holders)
 }
 
-fn print_table(holders: &[Holder]) {
+pub fn print_table(holders: &[Holder]) {
     if holders.is_empty() {
         println!("no process holds a protected port");
         return;
