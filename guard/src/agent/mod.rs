@@ -5,6 +5,7 @@
 //! change is audited.
 
 mod binds;
+pub mod kube;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -19,6 +20,7 @@ use self::binds::{BindSource, read_kernel_log};
 use crate::{
     audit::{AuditEvent, AuditHandle, AuditLog, Rotation},
     ebpf::{BindGuard, BindPolicy, btf},
+    k8s::NodeIdentity,
     metrics::{Health, Metrics, MetricsEndpoint},
     owners::{Found, Owners, ResolvedOwners},
     policy::{Mode, Policy, PolicySource},
@@ -38,6 +40,9 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     pub audit_log: PathBuf,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub kubeconfig: Option<PathBuf>,
+    /// This host's Kubernetes node name (k3s uses the hostname).
+    pub node_name: Option<String>,
 }
 
 impl AgentConfig {
@@ -117,6 +122,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(logger) = logger {
         tasks.spawn(read_kernel_log(logger));
     }
+    let node = NodeIdentity {
+        name: config.node_name.clone().unwrap_or_else(hostname),
+        addresses: crate::nft::local::local_addresses()
+            .map(|a| a.into_iter().map(|a| a.addr).collect())
+            .unwrap_or_default(),
+    };
+    let _kube = kube::start(config.kubeconfig.as_deref(), &policy, node, audit.clone()).await;
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeReport>(64);
     let mut probes = spawn_probes(Probe::from_policy(&policy)?, probe_tx.clone());
 
@@ -262,6 +274,12 @@ fn apply(guard: &mut BindGuard, old: Option<&BindPolicy>, new: &BindPolicy) -> a
         }
     }
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn report_owners(metrics: &Metrics, model: &ResolvedOwners) {

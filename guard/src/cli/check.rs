@@ -141,8 +141,7 @@ async fn cluster_view(args: &CheckArgs, policy: &Policy, node: NodeIdentity) -> 
             .wait_for(|v| !matches!(v.state, ClusterState::Syncing)),
     )
     .await;
-    let view = watch.view.borrow().clone();
-    view
+    watch.view.borrow().clone()
 }
 
 /// The address a rule sends connections to (`198.51.100.7:80`, `[2001:db8::7]:80`, an address alone).

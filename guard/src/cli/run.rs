@@ -29,6 +29,13 @@ pub struct RunArgs {
     /// (port 0: any free port, logged at start).
     #[arg(long, value_name = "ADDR:PORT", env = "PORTGUARD_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// kubeconfig for the Kubernetes layer (default: the policy's, else
+    /// /etc/rancher/k3s/k3s.yaml when it exists; none: the layer is off).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This host's Kubernetes node name (default: the hostname, as k3s names nodes).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +50,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         cgroup: args.cgroup,
         audit_log: args.audit_log,
         metrics_listen: args.metrics_listen,
+        kubeconfig: args.kubeconfig,
+        node_name: args.node_name,
     }))?;
     Ok(ExitCode::SUCCESS)
 }
