@@ -18,7 +18,25 @@ use crate::logging::LogFormat;
 /// Guards port ownership on a Linux host: sees every bind() and every NAT rule
 /// on a protected port, and keeps them for the port's owner.
 #[derive(Debug, Parser)]
-#[command(name = "portguard", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "portguard",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "\
+Examples:
+  portguard check                  audit NAT rules and listeners on protected ports, once
+  portguard run --mode observe     run the agent, reporting only (no denials, no removals)
+  portguard config show            the effective policy, with each owner as resolved now
+  portguard listeners              who holds each protected port, and whether it owns it
+  portguard k3s harden             keep k3s's packaged Traefik from coming back
+  portguard report --since 7d      what was blocked, by port, source and day
+
+Exit codes: 0 clean, 1 findings (check, listeners, fix), 2 error.
+Policy: /etc/portguard/config.toml (built-in default: tcp/80 and tcp/443 owned by Docker).
+Audit log: /var/lib/portguard/audit.jsonl. Metrics: http://127.0.0.1:9464/metrics."
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PORTGUARD_LOG_FORMAT")]
