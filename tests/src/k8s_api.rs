@@ -275,3 +275,116 @@ fn serve(conn: TcpStream, routes: &Routes, seen: &Mutex<Vec<SeenRequest>>, stop:
         }
     }
 }
+
+/// The packaged Traefik's ServiceLB DaemonSet in the fixtures.
+pub const SVCLB: &str = "svclb-traefik-3f3ed2e1";
+
+/// `/api/v1/namespaces/kube-system/PATH`
+pub fn core(path: &str) -> String {
+    format!("/api/v1/namespaces/kube-system/{path}")
+}
+
+/// `/apis/apps/v1/namespaces/kube-system/PATH`
+pub fn apps(path: &str) -> String {
+    format!("/apis/apps/v1/namespaces/kube-system/{path}")
+}
+
+/// The HelmChart `NAME` in kube-system.
+pub fn helm(name: &str) -> String {
+    format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{name}")
+}
+
+/// One route: method (`WATCH` for a watch GET), path, answer.
+pub type Route = (&'static str, String, Answer);
+
+/// The cluster as k3s leaves it after a default install, as a watcher sees it.
+pub fn watched_routes() -> Vec<Route> {
+    vec![
+        (
+            "GET",
+            "/version".into(),
+            Answer::fixture(200, "version.json"),
+        ),
+        (
+            "GET",
+            "/api/v1/services".into(),
+            Answer::fixture(200, "services.list.json"),
+        ),
+        (
+            "WATCH",
+            "/api/v1/services".into(),
+            Answer::watch("services.watch.jsonl"),
+        ),
+        (
+            "GET",
+            "/api/v1/pods".into(),
+            Answer::fixture(200, "pods.list.json"),
+        ),
+        (
+            "WATCH",
+            "/api/v1/pods".into(),
+            Answer::watch("pods.watch.jsonl"),
+        ),
+    ]
+}
+
+/// Every object of k3s's packaged Traefik, fetchable and deletable
+/// (HelmChart traefik-crd answers 404 unless `crd_present`).
+pub fn traefik_removal_routes(crd_present: bool) -> Vec<Route> {
+    let mut routes = vec![
+        (
+            "GET",
+            apps("daemonsets"),
+            Answer::fixture(200, "daemonsets.kube-system.list.json"),
+        ),
+        (
+            "GET",
+            core("services/traefik"),
+            Answer::fixture(200, "service.traefik.json"),
+        ),
+        (
+            "DELETE",
+            core("services/traefik"),
+            Answer::fixture(200, "service.traefik.deleted.json"),
+        ),
+        (
+            "GET",
+            apps(&format!("daemonsets/{SVCLB}")),
+            Answer::fixture(200, &format!("daemonset.{SVCLB}.json")),
+        ),
+        (
+            "DELETE",
+            apps(&format!("daemonsets/{SVCLB}")),
+            Answer::fixture(200, "status.success.daemonset.json"),
+        ),
+        (
+            "GET",
+            helm("traefik"),
+            Answer::fixture(200, "helmchart.traefik.json"),
+        ),
+        (
+            "DELETE",
+            helm("traefik"),
+            Answer::fixture(200, "helmchart.traefik.json"),
+        ),
+    ];
+    if crd_present {
+        routes.push((
+            "GET",
+            helm("traefik-crd"),
+            Answer::fixture(200, "helmchart.traefik-crd.json"),
+        ));
+        routes.push((
+            "DELETE",
+            helm("traefik-crd"),
+            Answer::fixture(200, "helmchart.traefik-crd.json"),
+        ));
+    } else {
+        routes.push((
+            "GET",
+            helm("traefik-crd"),
+            Answer::fixture(404, "status.404.helmchart.json"),
+        ));
+    }
+    routes
+}

@@ -25,6 +25,14 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// A TCP port nobody holds right now (the kernel's pick, released at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port on loopback")
+        .port()
+}
+
 /// An audit log and what rotation and torn-tail repair put beside it.
 pub fn audit_files(log: &std::path::Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (log.parent(), log.file_name()) else {

@@ -7,96 +7,17 @@ use std::time::Duration;
 use portguard_tests::{
     agent::Agent,
     cgroup::Cgroup,
-    k8s_api::{Answer, RecordedApi},
+    k8s_api::{RecordedApi, SVCLB, apps, core, helm, traefik_removal_routes, watched_routes},
     require_root,
 };
 
-const SVCLB: &str = "svclb-traefik-3f3ed2e1";
-
-fn core(path: &str) -> String {
-    format!("/api/v1/namespaces/kube-system/{path}")
-}
-fn apps(path: &str) -> String {
-    format!("/apis/apps/v1/namespaces/kube-system/{path}")
-}
-fn helm(path: &str) -> String {
-    format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{path}")
-}
-
 /// A default k3s install: watched, and every object of its Traefik removable.
 fn k3s_cluster() -> RecordedApi {
-    RecordedApi::start([
-        (
-            "GET",
-            "/version".into(),
-            Answer::fixture(200, "version.json"),
-        ),
-        (
-            "GET",
-            "/api/v1/services".into(),
-            Answer::fixture(200, "services.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/services".into(),
-            Answer::watch("services.watch.jsonl"),
-        ),
-        (
-            "GET",
-            "/api/v1/pods".into(),
-            Answer::fixture(200, "pods.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/pods".into(),
-            Answer::watch("pods.watch.jsonl"),
-        ),
-        (
-            "GET",
-            apps("daemonsets"),
-            Answer::fixture(200, "daemonsets.kube-system.list.json"),
-        ),
-        (
-            "GET",
-            core("services/traefik"),
-            Answer::fixture(200, "service.traefik.json"),
-        ),
-        (
-            "DELETE",
-            core("services/traefik"),
-            Answer::fixture(200, "service.traefik.deleted.json"),
-        ),
-        (
-            "GET",
-            apps(&format!("daemonsets/{SVCLB}")),
-            Answer::fixture(200, &format!("daemonset.{SVCLB}.json")),
-        ),
-        (
-            "DELETE",
-            apps(&format!("daemonsets/{SVCLB}")),
-            Answer::fixture(200, "status.success.daemonset.json"),
-        ),
-        (
-            "GET",
-            helm("traefik"),
-            Answer::fixture(200, "helmchart.traefik.json"),
-        ),
-        (
-            "DELETE",
-            helm("traefik"),
-            Answer::fixture(200, "helmchart.traefik.json"),
-        ),
-        (
-            "GET",
-            helm("traefik-crd"),
-            Answer::fixture(200, "helmchart.traefik-crd.json"),
-        ),
-        (
-            "DELETE",
-            helm("traefik-crd"),
-            Answer::fixture(200, "helmchart.traefik-crd.json"),
-        ),
-    ])
+    RecordedApi::start(
+        watched_routes()
+            .into_iter()
+            .chain(traefik_removal_routes(true)),
+    )
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! the test, real child processes binding real sockets inside it.
 
 use std::{
-    net::TcpListener,
     process::{Command, Output},
     time::Duration,
 };
@@ -10,22 +9,13 @@ use std::{
 use portguard_tests::{
     agent::Agent,
     cgroup::{Cgroup, spawn_in},
-    helper_bin,
+    free_port, helper_bin,
     netns::NetNs,
     require_root,
 };
 use serde_json::Value;
 
 const EPERM: i64 = 1;
-
-/// A port nobody holds right now (the kernel's pick, released at once).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Setup {
     cgroup: Cgroup,

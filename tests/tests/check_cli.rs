@@ -5,42 +5,11 @@
 use std::process::Command;
 
 use portguard_tests::{
-    k8s_api::{Answer, RecordedApi},
+    k8s_api::{RecordedApi, watched_routes},
     netns::NetNs,
     portguard_bin, require_root,
 };
 use serde_json::Value;
-
-/// The cluster a default k3s install leaves, as a watcher sees it.
-fn k3s_cluster() -> RecordedApi {
-    RecordedApi::start([
-        (
-            "GET",
-            "/version".into(),
-            Answer::fixture(200, "version.json"),
-        ),
-        (
-            "GET",
-            "/api/v1/services".into(),
-            Answer::fixture(200, "services.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/services".into(),
-            Answer::watch("services.watch.jsonl"),
-        ),
-        (
-            "GET",
-            "/api/v1/pods".into(),
-            Answer::fixture(200, "pods.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/pods".into(),
-            Answer::watch("pods.watch.jsonl"),
-        ),
-    ])
-}
 
 fn check(ns: &NetNs, policy: &std::path::Path, extra: &[&str]) -> (i32, Value) {
     let out = Command::new(portguard_bin())
@@ -78,7 +47,7 @@ fn foreign_dnat_to_a_pod_names_the_pod_and_its_service() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[[ports]]\nport = 80\nowner = \"docker\"\n").unwrap();
 
-    let api = k3s_cluster();
+    let api = RecordedApi::start(watched_routes());
     let kubeconfig = api.kubeconfig(dir.path());
     let (code, v) = check(
         &ns,

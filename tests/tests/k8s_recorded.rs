@@ -21,9 +21,10 @@ use portguard::{
     },
     policy::{KubeKind, KubeObjectName, Policy, PolicySource, ProtectedPort},
 };
-use portguard_tests::k8s_api::{Answer, RecordedApi, fixture_json, write_kubeconfig};
-
-const SVCLB: &str = "svclb-traefik-3f3ed2e1";
+use portguard_tests::k8s_api::{
+    Answer, RecordedApi, SVCLB, apps, core, fixture_json, helm, traefik_removal_routes,
+    watched_routes, write_kubeconfig,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -54,47 +55,9 @@ fn name(s: &str) -> KubeObjectName {
     s.parse().expect("object name")
 }
 
-fn core(path: &str) -> String {
-    format!("/api/v1/namespaces/kube-system/{path}")
-}
-
-fn apps(path: &str) -> String {
-    format!("/apis/apps/v1/namespaces/kube-system/{path}")
-}
-
-fn helm(path: &str) -> String {
-    format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{path}")
-}
-
 /// The cluster as k3s leaves it after a default install, seen by a watcher.
 fn watched_cluster() -> RecordedApi {
-    RecordedApi::start([
-        (
-            "GET",
-            "/version".into(),
-            Answer::fixture(200, "version.json"),
-        ),
-        (
-            "GET",
-            "/api/v1/services".into(),
-            Answer::fixture(200, "services.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/services".into(),
-            Answer::watch("services.watch.jsonl"),
-        ),
-        (
-            "GET",
-            "/api/v1/pods".into(),
-            Answer::fixture(200, "pods.list.json"),
-        ),
-        (
-            "WATCH",
-            "/api/v1/pods".into(),
-            Answer::watch("pods.watch.jsonl"),
-        ),
-    ])
+    RecordedApi::start(watched_routes())
 }
 
 /// Waits for the view to satisfy `done`; panics with the last view on timeout.
@@ -232,62 +195,7 @@ fn watches_find_traefik_loadbalancer_svclb_hostports_and_a_watched_external_ip()
 
 /// The k3s-default cluster for removal: every object of the packaged Traefik.
 fn removable_cluster(helmchart_crd_present: bool) -> RecordedApi {
-    let mut routes = vec![
-        (
-            "GET",
-            apps("daemonsets"),
-            Answer::fixture(200, "daemonsets.kube-system.list.json"),
-        ),
-        (
-            "GET",
-            core("services/traefik"),
-            Answer::fixture(200, "service.traefik.json"),
-        ),
-        (
-            "DELETE",
-            core("services/traefik"),
-            Answer::fixture(200, "service.traefik.deleted.json"),
-        ),
-        (
-            "GET",
-            apps(&format!("daemonsets/{SVCLB}")),
-            Answer::fixture(200, &format!("daemonset.{SVCLB}.json")),
-        ),
-        (
-            "DELETE",
-            apps(&format!("daemonsets/{SVCLB}")),
-            Answer::fixture(200, "status.success.daemonset.json"),
-        ),
-        (
-            "GET",
-            helm("traefik"),
-            Answer::fixture(200, "helmchart.traefik.json"),
-        ),
-        (
-            "DELETE",
-            helm("traefik"),
-            Answer::fixture(200, "helmchart.traefik.json"),
-        ),
-    ];
-    if helmchart_crd_present {
-        routes.push((
-            "GET",
-            helm("traefik-crd"),
-            Answer::fixture(200, "helmchart.traefik-crd.json"),
-        ));
-        routes.push((
-            "DELETE",
-            helm("traefik-crd"),
-            Answer::fixture(200, "helmchart.traefik-crd.json"),
-        ));
-    } else {
-        routes.push((
-            "GET",
-            helm("traefik-crd"),
-            Answer::fixture(404, "status.404.helmchart.json"),
-        ));
-    }
-    RecordedApi::start(routes)
+    RecordedApi::start(traefik_removal_routes(helmchart_crd_present))
 }
 
 #[test]

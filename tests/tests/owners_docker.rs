@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, TcpListener},
+    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::Path,
     sync::Arc,
@@ -17,20 +17,12 @@ use portguard::{
 use portguard_tests::{
     cgroup::unified_root,
     docker::{Container, Image, Network, SocketForward},
-    require_root,
+    free_port, require_root,
 };
 use tokio::{runtime::Runtime, sync::watch};
 
 /// Generous: a timeout, not a latency assertion (the figure is printed).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn policy(text: &str) -> Policy {
     Policy::parse(text, PolicySource::Embedded).unwrap()

@@ -195,20 +195,8 @@ impl BindGuard {
         &mut self,
         entries: impl IntoIterator<Item = OwnerCgroupKey>,
     ) -> Result<(), GuardError> {
-        let wanted: BTreeSet<OwnerCgroupKey> = entries.into_iter().collect();
-        let mut map: HashMap<_, OwnerCgroupKey, u8> = map_mut(&mut self.ebpf, MAP_OWNER_CGROUPS)?;
-        let err = |source| GuardError::Map {
-            name: MAP_OWNER_CGROUPS,
-            source,
-        };
-        for key in wanted.difference(&self.owners) {
-            map.insert(*key, 1, 0).map_err(err)?;
-        }
-        for key in self.owners.difference(&wanted) {
-            map.remove(key).map_err(err)?;
-        }
-        self.owners = wanted;
-        Ok(())
+        let wanted = entries.into_iter().collect();
+        sync_key_set(&mut self.ebpf, MAP_OWNER_CGROUPS, &mut self.owners, wanted)
     }
 
     /// Replaces the owner executables: a process may bind `port` when it runs
@@ -217,19 +205,8 @@ impl BindGuard {
         &mut self,
         entries: impl IntoIterator<Item = OwnerExeKey>,
     ) -> Result<(), GuardError> {
-        let wanted: BTreeSet<OwnerExeKey> = entries.into_iter().collect();
-        let mut map: HashMap<_, OwnerExeKey, u8> = map_mut(&mut self.ebpf, MAP_OWNER_EXES)?;
-        let err = |source| GuardError::Map {
-            name: MAP_OWNER_EXES,
-            source,
-        };
-        for key in wanted.difference(&self.owner_exes) {
-            map.insert(*key, 1, 0).map_err(err)?;
-        }
-        for key in self.owner_exes.difference(&wanted) {
-            map.remove(key).map_err(err)?;
-        }
-        self.owner_exes = wanted;
+        let wanted = entries.into_iter().collect();
+        sync_key_set(&mut self.ebpf, MAP_OWNER_EXES, &mut self.owner_exes, wanted)?;
         // Walking the task costs a few probe reads per bind: only when needed.
         let check_exe = u32::from(!self.owner_exes.is_empty());
         if check_exe != self.config.check_exe {
@@ -279,6 +256,26 @@ impl BindGuard {
             sum
         }))
     }
+}
+
+/// Makes a set-like hash map (key → 1) hold `wanted`, touching only the
+/// difference from `current`, which it then becomes.
+fn sync_key_set<K: aya::Pod + Ord>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    current: &mut BTreeSet<K>,
+    wanted: BTreeSet<K>,
+) -> Result<(), GuardError> {
+    let mut map: HashMap<_, K, u8> = map_mut(ebpf, name)?;
+    let err = |source| GuardError::Map { name, source };
+    for key in wanted.difference(current) {
+        map.insert(*key, 1, 0).map_err(err)?;
+    }
+    for key in current.difference(&wanted) {
+        map.remove(key).map_err(err)?;
+    }
+    *current = wanted;
+    Ok(())
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, GuardError>
