@@ -428,3 +428,62 @@ mod listeners {
         }
     }
 }
+
+/// docker-proxy binds a published port before Docker reports the container
+/// started, so it must be recognised by its executable alone. The real
+/// `/usr/sbin/docker-proxy` (package docker.io) is started here inside the test
+/// cgroup, with a dockerd answering so that Docker owners resolve.
+#[test]
+fn docker_proxy_may_bind_a_docker_owned_port_before_any_container_runs() {
+    require_root();
+    portguard_tests::docker::require_docker();
+    let cgroup = Cgroup::new("pg-proxy");
+    let port = free_port();
+    let policy = tempfile_lite::TempFile::new(&format!(
+        "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"docker\"\n"
+    ));
+    let mut agent = start_agent(&policy, &cgroup);
+    let p = port.to_string();
+
+    let mut proxy = spawn_in(
+        &cgroup,
+        Command::new("/usr/sbin/docker-proxy").args([
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "127.0.0.1",
+            "-host-port",
+            &p,
+            "-container-ip",
+            "127.0.0.1",
+            "-container-port",
+            "9",
+        ]),
+    );
+    let ev = agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"] == "bind to protected port" && v["tgid"] == proxy.id()
+    });
+    // "owner": the kernel let the bind through (without dockerd's status pipe
+    // on fd 3 the proxy stops right after, which does not matter here).
+    assert_eq!(ev["verdict"], "owner", "{ev}");
+    assert_eq!(ev["comm"], "docker-proxy");
+
+    let (pid, stranger) = probe(
+        &cgroup,
+        &[
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &p,
+            "--comm",
+            "docker-proxy",
+        ],
+    );
+    assert_eq!(
+        stranger["errno"], EPERM,
+        "a stranger named docker-proxy is still a stranger"
+    );
+    assert_eq!(bind_event(&mut agent, pid, port)["verdict"], "denied");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
