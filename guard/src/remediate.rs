@@ -1,0 +1,926 @@
+//! Remediation: foreign NAT rules on protected ports are removed before traffic
+//! is lost, and owners are pinned.
+//!
+//! - [`decide`] is pure: ruleset + findings + policy → [`Action`]s.
+//! - [`ForeignRule`] is a rule captured whole (raw expressions, userdata, chain,
+//!   position and neighbours) so that it can be recorded and put back.
+//! - [`Remediation`] acts: every removal is audited (`rule_removed`, the whole
+//!   rule, durable) before one atomic transaction deletes the rules by handle.
+//! - [`RuleGuard`] is the agent's event-driven loop: nf_tables notifications,
+//!   owners and address changes re-inspect; the model is updated in place from
+//!   the notification; full reads only at start, on structural changes and on
+//!   notification overruns; legacy iptables tables are polled only when in use.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    audit::{AuditEvent, AuditHandle, ForeignRuleRecord},
+    nft::{
+        self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
+        TableOrigin,
+        model::{Expr, Family},
+        monitor::{self, AddressMonitor, Applied, Change, RulesetMonitor},
+        pin::{self, Pin},
+        transaction::{NftWriter, Op, Placement, Transaction, TransactionError},
+    },
+    owners::ResolvedOwners,
+    policy::{Mode, Policy, Proto},
+};
+
+/// A foreign rule captured whole from the ruleset model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignRule {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    /// 1-based position in its chain.
+    pub position: usize,
+    pub prev_handle: Option<u64>,
+    pub next_handle: Option<u64>,
+    pub exprs: Vec<u8>,
+    pub userdata: Option<Vec<u8>>,
+    pub compat_proto: Option<u32>,
+    pub comment: Option<String>,
+    /// Every finding this rule is (one per protected port it rewrites).
+    pub findings: Vec<Finding>,
+}
+
+impl ForeignRule {
+    /// Captures the rule a finding names, with its neighbours, from the model.
+    pub fn capture(model: &RulesetModel, findings: Vec<Finding>) -> Option<Self> {
+        let f = findings.first()?;
+        let handle = f.handle?;
+        let table = model
+            .tables
+            .iter()
+            .find(|t| t.family == f.family && t.name == f.table)?;
+        let chain = table.chain(&f.chain)?;
+        let i = chain.rules.iter().position(|r| r.handle == handle)?;
+        let rule = &chain.rules[i];
+        Some(Self {
+            family: f.family,
+            table: f.table.clone(),
+            chain: f.chain.clone(),
+            handle,
+            position: i + 1,
+            prev_handle: i.checked_sub(1).map(|p| chain.rules[p].handle),
+            next_handle: chain.rules.get(i + 1).map(|r| r.handle),
+            exprs: rule.raw_exprs()?.to_vec(),
+            userdata: rule.raw_userdata().map(<[u8]>::to_vec),
+            compat_proto: compat_proto(rule.exprs()),
+            comment: rule.comment.clone(),
+            findings,
+        })
+    }
+
+    /// `family/table/chain/handle`: the finding id in the audit log.
+    pub fn id(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.family, self.table, self.chain, self.handle
+        )
+    }
+
+    pub fn source(&self) -> &str {
+        self.findings
+            .first()
+            .map_or("unknown", |f| f.source.as_str())
+    }
+
+    pub fn delete_op(&self) -> Op {
+        Op::DeleteRule {
+            family: self.family,
+            table: self.table.clone(),
+            chain: self.chain.clone(),
+            handle: self.handle,
+        }
+    }
+
+    /// What the audit log keeps: enough to put the rule back byte for byte.
+    pub fn recorded(&self) -> RecordedRule {
+        RecordedRule {
+            family: self.family.to_string(),
+            family_code: self.family.0,
+            table: self.table.clone(),
+            chain: self.chain.clone(),
+            handle: self.handle,
+            position: self.position,
+            prev_handle: self.prev_handle,
+            next_handle: self.next_handle,
+            expressions: B64.encode(&self.exprs),
+            userdata: self.userdata.as_ref().map(|u| B64.encode(u)),
+            compat_proto: self.compat_proto,
+            comment: self.comment.clone(),
+            findings: self
+                .findings
+                .iter()
+                .map(|f| serde_json::to_value(f).expect("a finding serialises"))
+                .collect(),
+        }
+    }
+
+    /// The audit record written before the rule is removed.
+    pub fn audit_record(&self) -> ForeignRuleRecord {
+        let f = self.findings.first().expect("a foreign rule has a finding");
+        ForeignRuleRecord {
+            finding: self.id(),
+            port: f.port,
+            proto: f.proto,
+            source: f.source.clone(),
+            location: Some(format!(
+                "table {} {} chain {} handle {} (position {})",
+                self.family, self.table, self.chain, self.handle, self.position
+            )),
+            rule: serde_json::to_value(self.recorded()).expect("a rule serialises"),
+        }
+    }
+}
+
+/// The `NFTA_RULE_COMPAT` protocol an iptables-nft rule with `xt` matches needs
+/// to be accepted again: the `-p` it matches on.
+fn compat_proto(exprs: &[Expr]) -> Option<u32> {
+    if !exprs.iter().any(|e| matches!(e, Expr::XtMatch { .. })) {
+        return None;
+    }
+    exprs.windows(2).find_map(|w| match w {
+        [Expr::Meta { key: 16, dreg }, Expr::Cmp { sreg, data, .. }]
+            if dreg == sreg && data.len() == 1 =>
+        {
+            Some(u32::from(data[0]))
+        }
+        [
+            Expr::Payload {
+                base: nft::model::PayloadBase::Network,
+                offset: 9,
+                len: 1,
+                dreg,
+            },
+            Expr::Cmp { sreg, data, .. },
+        ] if dreg == sreg && data.len() == 1 => Some(u32::from(data[0])),
+        _ => None,
+    })
+}
+
+/// A removed rule as the audit log holds it (`rule_removed.rule`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedRule {
+    pub family: String,
+    pub family_code: u8,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    pub position: usize,
+    pub prev_handle: Option<u64>,
+    pub next_handle: Option<u64>,
+    /// base64 of the raw `NFTA_RULE_EXPRESSIONS`.
+    pub expressions: String,
+    /// base64 of the raw `NFTA_RULE_USERDATA`.
+    #[serde(default)]
+    pub userdata: Option<String>,
+    #[serde(default)]
+    pub compat_proto: Option<u32>,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub findings: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the recorded rule is not readable: {0}")]
+    Record(String),
+    #[error(
+        "the chain {family} {table} {chain} no longer exists: nothing to put the rule back into"
+    )]
+    ChainGone {
+        family: String,
+        table: String,
+        chain: String,
+    },
+}
+
+impl RecordedRule {
+    /// The transaction that puts the rule back: after the rule that preceded it
+    /// when that one is still there, else before the one that followed it, else
+    /// at its old end of the chain (start when it was first, end otherwise).
+    pub fn restore_transaction(
+        &self,
+        model: &RulesetModel,
+    ) -> Result<(Transaction, Placement), RestoreError> {
+        let family = Family(self.family_code);
+        let chain = model
+            .tables
+            .iter()
+            .find(|t| t.family == family && t.name == self.table)
+            .and_then(|t| t.chain(&self.chain))
+            .ok_or_else(|| RestoreError::ChainGone {
+                family: self.family.clone(),
+                table: self.table.clone(),
+                chain: self.chain.clone(),
+            })?;
+        let has = |h: Option<u64>| h.filter(|h| chain.rules.iter().any(|r| r.handle == *h));
+        let placement = if let Some(h) = has(self.prev_handle) {
+            Placement::After(h)
+        } else if let Some(h) = has(self.next_handle) {
+            Placement::Before(h)
+        } else if self.position <= 1 {
+            Placement::Prepend
+        } else {
+            Placement::Append
+        };
+        let decode = |s: &str| {
+            B64.decode(s)
+                .map_err(|e| RestoreError::Record(e.to_string()))
+        };
+        let mut tx = Transaction::new();
+        tx.push(Op::AddRule {
+            family,
+            table: self.table.clone(),
+            chain: self.chain.clone(),
+            exprs: decode(&self.expressions)?,
+            userdata: self.userdata.as_deref().map(decode).transpose()?,
+            compat_proto: self.compat_proto,
+            placement,
+            summary: format!("(the rule removed from handle {})", self.handle),
+        });
+        Ok((tx, placement))
+    }
+}
+
+/// What to do about a foreign rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Enforce mode: audit, then delete by handle.
+    Remove(ForeignRule),
+    /// Observe mode, or a rule that cannot be deleted over netlink
+    /// (iptables-legacy): report only.
+    Report { finding: Finding, why: &'static str },
+}
+
+/// The pure decision: one action per foreign rule (a rule that rewrites
+/// several protected ports is one action). A rule is removed when any port it
+/// rewrites is in enforce mode, latent or active (a latent hijack becomes active
+/// as soon as the rule ahead of it goes).
+pub fn decide(model: &RulesetModel, findings: &[Finding], policy: &Policy) -> Vec<Action> {
+    let mut by_rule: BTreeMap<(Family, String, String, Option<u64>, usize), Vec<Finding>> =
+        BTreeMap::new();
+    for f in findings {
+        by_rule
+            .entry((
+                f.family,
+                f.table.clone(),
+                f.chain.clone(),
+                f.handle,
+                f.position,
+            ))
+            .or_default()
+            .push(f.clone());
+    }
+    let mut out = Vec::new();
+    for (_, fs) in by_rule {
+        let enforce = fs.iter().any(|f| {
+            policy
+                .find(f.port, f.proto)
+                .is_some_and(|p| policy.mode_of(p) == Mode::Enforce)
+        });
+        let first = fs[0].clone();
+        if !enforce {
+            out.push(Action::Report {
+                finding: first,
+                why: "observe mode",
+            });
+        } else if first.origin == TableOrigin::IptablesLegacy {
+            out.push(Action::Report {
+                finding: first,
+                why: "iptables-legacy rule: not removable over netlink",
+            });
+        } else {
+            match ForeignRule::capture(model, fs) {
+                Some(rule) => out.push(Action::Remove(rule)),
+                None => out.push(Action::Report {
+                    finding: first,
+                    why: "the rule's raw expressions are not in the model",
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// The one transaction that deletes `rules` by handle.
+pub fn removal_transaction(rules: &[ForeignRule]) -> Transaction {
+    let mut tx = Transaction::new();
+    let mut seen = BTreeSet::new();
+    for r in rules {
+        if seen.insert(r.id()) {
+            tx.push(r.delete_op());
+        }
+    }
+    tx
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemediationError {
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Transaction(#[from] TransactionError),
+    #[error("reading the ruleset: {0}")]
+    Read(#[from] nft::InspectError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The acting side: audit first, then one atomic transaction.
+pub struct Remediation {
+    pub writer: NftWriter,
+}
+
+impl Remediation {
+    /// Opens the netlink writer in `netns` (or here).
+    pub fn open(netns: Option<&str>) -> Result<Self, RemediationError> {
+        let writer = match netns {
+            None => NftWriter::open()?,
+            Some(ns) => nft::netlink::in_netns(ns, NftWriter::open)??,
+        };
+        Ok(Self { writer })
+    }
+
+    /// Records every rule whole (durably), then deletes them all in one
+    /// transaction. Returns the audit seq of each removal. Rules already gone
+    /// (ENOENT: someone else deleted them) are not an error.
+    pub async fn remove(
+        &mut self,
+        audit: &AuditHandle,
+        rules: &[ForeignRule],
+    ) -> Result<Vec<u64>, RemediationError> {
+        let mut seqs = Vec::with_capacity(rules.len());
+        for r in rules {
+            let rec = audit
+                .record(AuditEvent::RuleRemoved(r.audit_record()))
+                .await?;
+            seqs.push(rec.seq);
+        }
+        match self.writer.commit(&removal_transaction(rules)) {
+            Ok(()) => Ok(seqs),
+            Err(e) if e.all_missing() => Ok(seqs),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Reads the ruleset and addresses of `netns` (or this namespace) off the async threads.
+pub async fn read_ruleset(
+    netns: Option<String>,
+) -> Result<(RulesetModel, Vec<LocalAddr>), RemediationError> {
+    tokio::task::spawn_blocking(move || nft::read_with_addrs(netns.as_deref()))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .map_err(Into::into)
+}
+
+/// What the rule guard tells the agent loop (metrics, logs).
+#[derive(Clone, Debug)]
+pub enum GuardReport {
+    Removed {
+        port: u16,
+        proto: Proto,
+        source: String,
+        id: String,
+        seq: u64,
+        /// This rule (same place, same target) came back after a removal:
+        /// a blocked attempt of a fight (kube-proxy re-creating its rules).
+        returns: u64,
+        /// From the notification that announced it to its removal.
+        latency: Option<Duration>,
+    },
+    Observed {
+        finding: Box<Finding>,
+        why: &'static str,
+    },
+    Inspected {
+        took: Duration,
+        rules: usize,
+        full_read: bool,
+    },
+    PinSynced {
+        pins: Vec<Pin>,
+    },
+    PinOvertaken {
+        chains: Vec<pin::ChainAhead>,
+    },
+}
+
+/// Everything the rule guard needs.
+pub struct RuleGuard {
+    pub netns: Option<String>,
+    pub policy: Policy,
+    pub audit: AuditHandle,
+    pub owners: watch::Receiver<Arc<ResolvedOwners>>,
+    pub reports: mpsc::Sender<GuardReport>,
+    /// How often iptables-legacy tables are re-read, while any is in use.
+    pub legacy_poll: Duration,
+}
+
+/// Log lines about one returning rule are rate limited to one per this period.
+const RETURN_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// The guard's state, owned by its loop alone.
+struct GuardState {
+    model: RulesetModel,
+    addrs: Vec<LocalAddr>,
+    owned: OwnedTargets,
+    /// Pins learned from the owner's own DNAT rules (when Docker cannot be asked
+    /// or the ruleset is another namespace's): kept while the rule is shadowed.
+    learned: BTreeSet<OwnedMapping>,
+    pins: Vec<Pin>,
+    /// Rules removed before, by what they are (place and target), with counts.
+    returns: HashMap<String, u64>,
+    last_log: HashMap<String, Instant>,
+}
+
+impl RuleGuard {
+    fn owned_targets(&self, owners: &ResolvedOwners) -> OwnedTargets {
+        if self.netns.is_some() {
+            // Another namespace is not this host's Docker: its chain by shape.
+            OwnedTargets::docker_fallback()
+        } else {
+            OwnedTargets::from_owners(owners)
+        }
+    }
+
+    /// Runs until `stop` fires; then removes the pins (collecting every error).
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), RemediationError> {
+        let ns = self.netns.clone();
+        let (mon, addr_mon, writer) = match ns.as_deref() {
+            None => (
+                RulesetMonitor::open()?,
+                AddressMonitor::open()?,
+                NftWriter::open()?,
+            ),
+            Some(ns) => nft::netlink::in_netns(ns, || {
+                Ok::<_, RemediationError>((
+                    RulesetMonitor::open()?,
+                    AddressMonitor::open()?,
+                    NftWriter::open()?,
+                ))
+            })??,
+        };
+        // SAFETY: the monitors own their descriptors, which live as long as the AsyncFds.
+        let mut mon = unsafe { AsyncFd::register(mon) }.map_err(|e| e.into_parts().1)?;
+        // SAFETY: as above.
+        let mut addr_mon = unsafe { AsyncFd::register(addr_mon) }.map_err(|e| e.into_parts().1)?;
+        let mut act = Remediation { writer };
+        let t0 = Instant::now();
+        let (model, addrs) = read_ruleset(ns.clone()).await?;
+        let owners = self.owners.borrow_and_update().clone();
+        let owned = self.owned_targets(&owners);
+        let mut st = GuardState {
+            model,
+            addrs,
+            owned,
+            learned: BTreeSet::new(),
+            pins: Vec::new(),
+            returns: HashMap::new(),
+            last_log: HashMap::new(),
+        };
+        self.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: st.model.rule_count(),
+            full_read: true,
+        });
+        self.reconcile(&mut st, &mut act, None).await?;
+        info!(
+            rules = st.model.rule_count(),
+            netns = ns.as_deref().unwrap_or("host"),
+            "rule guard ready: watching nftables changes"
+        );
+        let mut legacy = tokio::time::interval(self.legacy_poll);
+        legacy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = Vec::new();
+        let result = loop {
+            tokio::select! {
+                _ = stop.changed() => break Ok(()),
+                ready = mon.readable_mut() => {
+                    let mut guard = ready?;
+                    let seen = Instant::now();
+                    changes.clear();
+                    let drained = guard.get_inner_mut().drain(&mut changes);
+                    guard.clear_ready();
+                    drained?;
+                    let mut resync = false;
+                    let mut updated = false;
+                    for c in changes.drain(..) {
+                        match monitor::apply(&mut st.model, c) {
+                            Applied::Updated => updated = true,
+                            Applied::Unchanged => {}
+                            Applied::Resync => resync = true,
+                        }
+                    }
+                    if resync {
+                        if let Err(e) = self.full_read(&mut st).await {
+                            break Err(e);
+                        }
+                    }
+                    if resync || updated {
+                        if let Err(e) = self.reconcile(&mut st, &mut act, Some(seen)).await {
+                            break Err(e);
+                        }
+                    }
+                }
+                ready = addr_mon.readable_mut() => {
+                    let mut guard = ready?;
+                    let changed = guard.get_inner_mut().changed();
+                    guard.clear_ready();
+                    if changed? {
+                        debug!("addresses changed: re-inspecting");
+                        match read_ruleset(ns.clone()).await {
+                            Ok((_, addrs)) => st.addrs = addrs,
+                            Err(e) => break Err(e),
+                        }
+                        if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                            break Err(e);
+                        }
+                    }
+                }
+                changed = self.owners.changed() => {
+                    if changed.is_err() {
+                        // The owners task stopped (reload): keep the last model.
+                        std::future::pending::<()>().await;
+                    }
+                    let owners = self.owners.borrow_and_update().clone();
+                    st.owned = self.owned_targets(&owners);
+                    if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                        break Err(e);
+                    }
+                }
+                _ = legacy.tick(), if st.model.tables.iter().any(|t| t.origin == TableOrigin::IptablesLegacy) => {
+                    // iptables-legacy announces nothing: polled while in use.
+                    if let Err(e) = self.full_read(&mut st).await {
+                        break Err(e);
+                    }
+                    if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // No pin outlives the agent.
+        let teardown = self.remove_pins(&mut st, &mut act).await;
+        result.and(teardown)
+    }
+
+    async fn remove_pins(
+        &self,
+        st: &mut GuardState,
+        act: &mut Remediation,
+    ) -> Result<(), RemediationError> {
+        let installed = pin::installed_families(&st.model);
+        if installed.is_empty() && st.pins.is_empty() {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        for p in std::mem::take(&mut st.pins) {
+            if let Err(e) = self
+                .audit
+                .record(AuditEvent::PinRemoved {
+                    port: p.port,
+                    proto: p.proto,
+                    rule: serde_json::to_value(p).expect("a pin serialises"),
+                })
+                .await
+            {
+                errors.push(e.to_string());
+            }
+        }
+        // Each family's table on its own: one failing does not keep the other.
+        for family in installed {
+            if let Err(e) = act.writer.commit(&pin::teardown_transaction(&[family])) {
+                if !e.all_missing() {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        if errors.is_empty() {
+            info!("pins removed");
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("removing the pins: {}", errors.join("; "))).into())
+        }
+    }
+
+    async fn full_read(&self, st: &mut GuardState) -> Result<(), RemediationError> {
+        let t0 = Instant::now();
+        let (model, addrs) = read_ruleset(self.netns.clone()).await?;
+        st.model = model;
+        st.addrs = addrs;
+        self.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: st.model.rule_count(),
+            full_read: true,
+        });
+        Ok(())
+    }
+
+    fn report(&self, r: GuardReport) {
+        // The agent loop may be slow to read: never block the hot path on it.
+        let _ = self.reports.try_send(r);
+    }
+
+    /// Inspect, decide, act; then keep the pins in sync.
+    async fn reconcile(
+        &self,
+        st: &mut GuardState,
+        act: &mut Remediation,
+        seen: Option<Instant>,
+    ) -> Result<(), RemediationError> {
+        let t0 = Instant::now();
+        let input = InspectInput::from_policy(&self.policy, st.owned.clone(), st.addrs.clone());
+        let (findings, owned) = nft::inspect_with_owned(&st.model, &input);
+        self.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: st.model.rule_count(),
+            full_read: false,
+        });
+        let mut remove = Vec::new();
+        for action in decide(&st.model, &findings, &self.policy) {
+            match action {
+                Action::Remove(rule) => remove.push(rule),
+                Action::Report { finding, why } => {
+                    let key = format!(
+                        "{}/{}/{}/{:?}",
+                        finding.table, finding.chain, finding.port, finding.handle
+                    );
+                    if self.rate_ok(st, &key) {
+                        warn!(port = finding.port, source = %finding.source, chain = %finding.chain, active = finding.active, "foreign NAT rule on a protected port ({why})");
+                    }
+                    self.report(GuardReport::Observed {
+                        finding: Box::new(finding),
+                        why,
+                    });
+                }
+            }
+        }
+        if !remove.is_empty() {
+            let seqs = act.remove(&self.audit, &remove).await?;
+            let latency = seen.map(|s| s.elapsed());
+            for (rule, seq) in remove.iter().zip(seqs) {
+                // The same rule coming back: same place and same target.
+                let what = format!(
+                    "{}/{}/{}/{:?}",
+                    rule.table, rule.chain, rule.findings[0].port, rule.findings[0].target
+                );
+                let count = st.returns.entry(what.clone()).or_insert(0);
+                let returns = *count;
+                *count += 1;
+                // Apply our own deletion now; its notification is then a no-op.
+                monitor::apply(
+                    &mut st.model,
+                    Change::RuleDeleted(nft::netlink::RuleMessage {
+                        family: rule.family,
+                        table: rule.table.clone(),
+                        chain: rule.chain.clone(),
+                        position: None,
+                        rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
+                    }),
+                );
+                if self.rate_ok(st, &what) {
+                    info!(
+                        port = rule.findings[0].port,
+                        source = rule.source(),
+                        rule = %rule.id(),
+                        seq,
+                        returns,
+                        latency_us = latency.map(|l| l.as_micros() as u64),
+                        "foreign NAT rule removed"
+                    );
+                }
+                self.report(GuardReport::Removed {
+                    port: rule.findings[0].port,
+                    proto: rule.findings[0].proto,
+                    source: rule.source().to_owned(),
+                    id: rule.id(),
+                    seq,
+                    returns,
+                    latency,
+                });
+            }
+        }
+        self.sync_pins(st, act, owned).await
+    }
+
+    fn rate_ok(&self, st: &mut GuardState, key: &str) -> bool {
+        let now = Instant::now();
+        match st.last_log.get(key) {
+            Some(t) if now.duration_since(*t) < RETURN_LOG_PERIOD => false,
+            _ => {
+                st.last_log.insert(key.to_owned(), now);
+                true
+            }
+        }
+    }
+
+    /// The pins the policy asks for, from the owners model (Docker reachable,
+    /// this host) or else from the owner's own DNAT rules in the ruleset.
+    fn wanted_pins(&self, st: &mut GuardState, owned: Vec<OwnedMapping>) -> Vec<Pin> {
+        let pinned = |proto: Proto, port: u16| {
+            self.policy
+                .find(port, proto)
+                .is_some_and(|p| p.pin && self.policy.mode_of(p) == Mode::Enforce)
+        };
+        let mut pins = BTreeSet::new();
+        if !st.owned.docker_fallback {
+            for (&(proto, port), targets) in &st.owned.targets {
+                if pinned(proto, port) {
+                    for t in targets {
+                        pins.insert(Pin {
+                            proto,
+                            port,
+                            host: None,
+                            target: *t,
+                        });
+                    }
+                }
+            }
+        } else {
+            let fresh: BTreeSet<OwnedMapping> = owned
+                .into_iter()
+                .filter(|m| pinned(m.proto, m.port))
+                .collect();
+            // The owner's rule changed (a new container address): follow it.
+            if !fresh.is_empty() {
+                st.learned = fresh;
+            }
+            for m in &st.learned {
+                pins.insert(Pin {
+                    proto: m.proto,
+                    port: m.port,
+                    host: None::<IpAddr>,
+                    target: m.target,
+                });
+            }
+        }
+        pins.into_iter().collect()
+    }
+
+    async fn sync_pins(
+        &self,
+        st: &mut GuardState,
+        act: &mut Remediation,
+        owned: Vec<OwnedMapping>,
+    ) -> Result<(), RemediationError> {
+        let wanted = self.wanted_pins(st, owned);
+        let installed = pin::installed_families(&st.model);
+        let intact = pins_intact(&st.model, &wanted);
+        if wanted == st.pins && intact {
+            let ahead = pin::chains_not_behind(&st.model);
+            if !wanted.is_empty() && !ahead.is_empty() {
+                let key = "pin-overtaken".to_owned();
+                if self.rate_ok(st, &key) {
+                    warn!(?ahead, "a nat chain runs at or ahead of the pin's priority");
+                }
+                self.report(GuardReport::PinOvertaken { chains: ahead });
+            }
+            return Ok(());
+        }
+        if wanted.is_empty() && installed.is_empty() {
+            st.pins.clear();
+            return Ok(());
+        }
+        for p in &wanted {
+            let event = match st
+                .pins
+                .iter()
+                .find(|o| o.proto == p.proto && o.port == p.port)
+            {
+                Some(old) if old == p && intact => continue,
+                Some(old) => AuditEvent::PinUpdated {
+                    port: p.port,
+                    proto: p.proto,
+                    target: p.target.to_string(),
+                    previous: serde_json::to_value(old).expect("a pin serialises"),
+                    rule: serde_json::to_value(p).expect("a pin serialises"),
+                },
+                None => AuditEvent::PinInstalled {
+                    port: p.port,
+                    proto: p.proto,
+                    target: p.target.to_string(),
+                    rule: serde_json::to_value(p).expect("a pin serialises"),
+                },
+            };
+            self.audit.record(event).await?;
+        }
+        for old in st.pins.iter().filter(|o| {
+            !wanted
+                .iter()
+                .any(|p| p.proto == o.proto && p.port == o.port)
+        }) {
+            self.audit
+                .record(AuditEvent::PinRemoved {
+                    port: old.port,
+                    proto: old.proto,
+                    rule: serde_json::to_value(old).expect("a pin serialises"),
+                })
+                .await?;
+        }
+        act.writer
+            .commit(&pin::sync_transaction(&installed, &wanted))?;
+        info!(
+            pins = wanted.len(),
+            priority = pin::PIN_PRIORITY,
+            lowest_other_nat_priority = pin::lowest_other_nat_priority(&st.model),
+            "pins in sync: ahead of every other nat chain present"
+        );
+        st.pins = wanted.clone();
+        // The pin tables changed structurally: the next notification batch
+        // (NEWTABLE/NEWCHAIN) triggers a full read, which brings them into the model.
+        self.report(GuardReport::PinSynced { pins: wanted });
+        Ok(())
+    }
+}
+
+/// Whether the model holds a pin table for each family with the right number of rules.
+fn pins_intact(model: &RulesetModel, wanted: &[Pin]) -> bool {
+    [Family::IP, Family::IP6].iter().all(|fam| {
+        let n = wanted
+            .iter()
+            .filter(|p| (p.target.is_ipv6()) == (*fam == Family::IP6))
+            .count();
+        let table = model
+            .tables
+            .iter()
+            .find(|t| pin::is_pin_table(t) && t.family == *fam);
+        match table {
+            None => n == 0,
+            Some(t) => {
+                n > 0
+                    && [pin::PIN_PREROUTING_CHAIN, pin::PIN_OUTPUT_CHAIN]
+                        .iter()
+                        .all(|c| t.chain(c).is_some_and(|c| c.rules.len() == n))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::netlink::{
+        decode_messages,
+        tests::{sample_dump, sample_input},
+    };
+    use crate::policy::PolicySource;
+
+    #[test]
+    fn enforce_removes_observe_reports() {
+        let model = decode_messages(&sample_dump());
+        let input = sample_input();
+        let findings = nft::inspect(&model, &input);
+        assert_eq!(findings.len(), 1);
+        let mut policy = Policy::parse(
+            "[[ports]]\nport = 80\nowner = \"docker\"\n",
+            PolicySource::Embedded,
+        )
+        .expect("policy");
+        policy.mode = Mode::Enforce;
+        let actions = decide(&model, &findings, &policy);
+        let [Action::Remove(rule)] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(rule.handle, 7);
+        assert_eq!(rule.position, 1);
+        assert!(!rule.exprs.is_empty());
+        let tx = removal_transaction(std::slice::from_ref(rule));
+        assert_eq!(tx.to_string(), "delete rule ip t pre handle 7\n");
+        // Recorded whole, restorable at the start of its chain.
+        let rec: RecordedRule =
+            serde_json::from_value(rule.audit_record().rule).expect("record round-trips");
+        let mut emptied = model.clone();
+        emptied.tables[0].chains[0].rules.clear();
+        let (tx, placement) = rec.restore_transaction(&emptied).unwrap();
+        assert_eq!(placement, Placement::Prepend);
+        let Op::AddRule { exprs, .. } = &tx.ops[0] else {
+            panic!()
+        };
+        assert_eq!(exprs, &rule.exprs);
+        policy.mode = Mode::Observe;
+        assert!(matches!(
+            decide(&model, &findings, &policy).as_slice(),
+            [Action::Report { .. }]
+        ));
+    }
+}
