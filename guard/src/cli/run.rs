@@ -29,6 +29,13 @@ pub struct RunArgs {
     /// (port 0: any free port, logged at start).
     #[arg(long, value_name = "ADDR:PORT", env = "PORTGUARD_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often iptables-legacy tables are re-read while any is in use, in
+    /// seconds (nf_tables changes are announced and need no polling).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub legacy_poll: u64,
+    /// Guard the nftables ruleset of /run/netns/NAME instead of this one (tests).
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub netns: Option<String>,
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +50,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         cgroup: args.cgroup,
         audit_log: args.audit_log,
         metrics_listen: args.metrics_listen,
+        netns: args.netns,
+        legacy_poll: std::time::Duration::from_secs(args.legacy_poll.max(1)),
     }))?;
     Ok(ExitCode::SUCCESS)
 }
