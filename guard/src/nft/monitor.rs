@@ -87,6 +87,26 @@ fn netlink_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Binds a netlink socket (the kernel picks the port id) to `groups`.
+fn bind(fd: &OwnedFd, groups: u32) -> io::Result<()> {
+    // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    sa.nl_groups = groups;
+    // SAFETY: binding our socket to a valid sockaddr_nl.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reads every datagram waiting on a non-blocking socket; `Ok(None)` when none is.
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
@@ -120,6 +140,8 @@ impl AsRawFd for RulesetMonitor {
 impl RulesetMonitor {
     pub fn open() -> io::Result<Self> {
         let fd = netlink_socket(NETLINK_NETFILTER)?;
+        // Multicast is delivered to bound sockets only.
+        bind(&fd, 0)?;
         let group = NFNLGRP_NFTABLES;
         // SAFETY: an int-sized option on our socket.
         let rc = unsafe {
@@ -272,21 +294,7 @@ impl AsRawFd for AddressMonitor {
 impl AddressMonitor {
     pub fn open() -> io::Result<Self> {
         let fd = netlink_socket(NETLINK_ROUTE)?;
-        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
-        // SAFETY: binding our socket to a valid sockaddr_nl.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sa).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        bind(&fd, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
         Ok(Self {
             fd,
             buf: vec![0; 64 * 1024],
