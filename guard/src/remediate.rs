@@ -271,13 +271,15 @@ pub enum Action {
     Report { finding: Finding, why: &'static str },
 }
 
+/// A rule's place: family, table, chain, handle, position.
+type RuleKey = (Family, String, String, Option<u64>, usize);
+
 /// The pure decision: one action per foreign rule (a rule that rewrites
 /// several protected ports is one action). A rule is removed when any port it
 /// rewrites is in enforce mode, latent or active (a latent hijack becomes active
 /// as soon as the rule ahead of it goes).
 pub fn decide(model: &RulesetModel, findings: &[Finding], policy: &Policy) -> Vec<Action> {
-    let mut by_rule: BTreeMap<(Family, String, String, Option<u64>, usize), Vec<Finding>> =
-        BTreeMap::new();
+    let mut by_rule: BTreeMap<RuleKey, Vec<Finding>> = BTreeMap::new();
     for f in findings {
         by_rule
             .entry((
@@ -531,15 +533,13 @@ impl RuleGuard {
                             Applied::Resync => resync = true,
                         }
                     }
-                    if resync {
-                        if let Err(e) = self.full_read(&mut st).await {
-                            break Err(e);
-                        }
+                    if resync && let Err(e) = self.full_read(&mut st).await {
+                        break Err(e);
                     }
-                    if resync || updated {
-                        if let Err(e) = self.reconcile(&mut st, &mut act, Some(seen)).await {
-                            break Err(e);
-                        }
+                    if (resync || updated)
+                        && let Err(e) = self.reconcile(&mut st, &mut act, Some(seen)).await
+                    {
+                        break Err(e);
                     }
                 }
                 ready = addr_mon.readable_mut() => {
@@ -609,10 +609,10 @@ impl RuleGuard {
         }
         // Each family's table on its own: one failing does not keep the other.
         for family in installed {
-            if let Err(e) = act.writer.commit(&pin::teardown_transaction(&[family])) {
-                if !e.all_missing() {
-                    errors.push(e.to_string());
-                }
+            if let Err(e) = act.writer.commit(&pin::teardown_transaction(&[family]))
+                && !e.all_missing()
+            {
+                errors.push(e.to_string());
             }
         }
         if errors.is_empty() {
