@@ -175,6 +175,75 @@ fn compat_proto(exprs: &[Expr]) -> Option<u32> {
     })
 }
 
+/// What a batch of added rules can affect. A rule that matches one destination
+/// port acts only on connections to that port; a rule in a base chain only on
+/// that hook, and only on the families its table sees. Only probes inside the
+/// scope can meet a new foreign rule; the others' findings were handled when
+/// they appeared.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    ports: BTreeSet<u16>,
+    /// Hooks (and v4/v6) of the base chains the rules were added to.
+    hooks: BTreeSet<(nft::Hook, bool)>,
+    /// A rule went into a regular chain: reachable from any hook.
+    any_hook: bool,
+}
+
+impl Scope {
+    /// Widens the scope by one added rule (family, table, chain, matched port);
+    /// none when the rule can affect every port.
+    fn add(
+        mut self,
+        model: &RulesetModel,
+        (family, table, chain, port): (Family, String, String, Option<u16>),
+    ) -> Option<Self> {
+        self.ports.insert(port?);
+        let base = model
+            .tables
+            .iter()
+            .find(|t| t.family == family && t.name == table)
+            .and_then(|t| t.chain(&chain))
+            .and_then(|c| c.base.as_ref());
+        match base {
+            Some(b) => {
+                for v6 in [false, true] {
+                    if family.sees(v6) {
+                        self.hooks.insert((b.hook, v6));
+                    }
+                }
+            }
+            None => self.any_hook = true,
+        }
+        Some(self)
+    }
+
+    fn wants(&self, probe: &nft::Probe) -> bool {
+        self.ports.contains(&probe.dport)
+            && (self.any_hook || self.hooks.contains(&(probe.hook, probe.v6)))
+    }
+}
+
+/// The one destination port a rule matches (`th dport == N` as payload + cmp),
+/// if it says so; a rule matching one port affects only that port's connections.
+fn matched_dport(exprs: &[Expr]) -> Option<u16> {
+    exprs.windows(2).find_map(|w| match w {
+        [
+            Expr::Payload {
+                base: nft::model::PayloadBase::Transport,
+                offset: 2,
+                len: 2,
+                dreg,
+            },
+            Expr::Cmp {
+                sreg,
+                op: nft::model::CmpOp::Eq,
+                data,
+            },
+        ] if dreg == sreg && data.len() == 2 => Some(u16::from_be_bytes([data[0], data[1]])),
+        _ => None,
+    })
+}
+
 /// A removed rule as the audit log holds it (`rule_removed.rule`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecordedRule {
@@ -505,7 +574,7 @@ impl RuleGuard {
             rules: st.model.rule_count(),
             full_read: true,
         });
-        self.reconcile(&mut st, &mut act, None).await?;
+        self.reconcile(&mut st, &mut act, None, None).await?;
         info!(
             rules = st.model.rule_count(),
             netns = ns.as_deref().unwrap_or("host"),
@@ -514,6 +583,7 @@ impl RuleGuard {
         let mut legacy = tokio::time::interval(self.legacy_poll);
         legacy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut changes = Vec::new();
+        let mut owners_open = true;
         let result = loop {
             tokio::select! {
                 _ = stop.changed() => break Ok(()),
@@ -526,18 +596,40 @@ impl RuleGuard {
                     drained?;
                     let mut resync = false;
                     let mut updated = false;
+                    // What this batch can affect: when it only adds rules, the
+                    // ports, hooks and families of those rules (see `Scope`).
+                    let mut scope = Some(Scope::default());
                     for c in changes.drain(..) {
+                        let added = match &c {
+                            Change::RuleAdded { msg, .. } => Some(Some((
+                                msg.family,
+                                msg.table.clone(),
+                                msg.chain.clone(),
+                                matched_dport(msg.rule.exprs()),
+                            ))),
+                            // The end of a transaction changes nothing.
+                            Change::Generation => None,
+                            _ => Some(None),
+                        };
                         match monitor::apply(&mut st.model, c) {
                             Applied::Updated => updated = true,
                             Applied::Unchanged => {}
                             Applied::Resync => resync = true,
                         }
+                        // A deletion creates no foreign rule, but observe-mode reports
+                        // and pins follow it: anything but an addition is inspected in full.
+                        scope = match (scope, added) {
+                            (scope, None) => scope,
+                            (Some(s), Some(Some(rule))) => s.add(&st.model, rule),
+                            _ => None,
+                        };
                     }
                     if resync && let Err(e) = self.full_read(&mut st).await {
                         break Err(e);
                     }
+                    let scope = scope.filter(|_| !resync);
                     if (resync || updated)
-                        && let Err(e) = self.reconcile(&mut st, &mut act, Some(seen)).await
+                        && let Err(e) = self.reconcile(&mut st, &mut act, Some(seen), scope.as_ref()).await
                     {
                         break Err(e);
                     }
@@ -552,19 +644,20 @@ impl RuleGuard {
                             Ok((_, addrs)) => st.addrs = addrs,
                             Err(e) => break Err(e),
                         }
-                        if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                        if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
                             break Err(e);
                         }
                     }
                 }
-                changed = self.owners.changed() => {
+                changed = self.owners.changed(), if owners_open => {
                     if changed.is_err() {
-                        // The owners task stopped (reload): keep the last model.
-                        std::future::pending::<()>().await;
+                        // The owners task stopped (a reload replaces it): keep the last model.
+                        owners_open = false;
+                        continue;
                     }
                     let owners = self.owners.borrow_and_update().clone();
                     st.owned = self.owned_targets(&owners);
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
@@ -573,7 +666,7 @@ impl RuleGuard {
                     if let Err(e) = self.full_read(&mut st).await {
                         break Err(e);
                     }
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None).await {
+                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
@@ -647,10 +740,47 @@ impl RuleGuard {
         st: &mut GuardState,
         act: &mut Remediation,
         seen: Option<Instant>,
+        scope: Option<&Scope>,
     ) -> Result<(), RemediationError> {
         let t0 = Instant::now();
-        let input = InspectInput::from_policy(&self.policy, st.owned.clone(), st.addrs.clone());
-        let (findings, owned) = nft::inspect_with_owned(&st.model, &input);
+        let mut input = InspectInput::from_policy(&self.policy, st.owned.clone(), st.addrs.clone());
+        if let Some(scope) = scope {
+            // Only these ports' probes: rules that match another port cannot
+            // change what happens to them.
+            input.ports = scope
+                .ports
+                .iter()
+                .filter(|p| input.ports.iter().any(|s| s.ports.contains(**p)))
+                .flat_map(|p| {
+                    input
+                        .ports
+                        .iter()
+                        .filter(|s| s.ports.contains(*p))
+                        .map(|s| nft::PortSpec {
+                            proto: s.proto,
+                            ports: crate::policy::PortRange::single(*p),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if input.ports.is_empty() {
+                return Ok(());
+            }
+        }
+        let (findings, mut owned) = match scope {
+            None => nft::inspect_with_owned(&st.model, &input),
+            Some(scope) => nft::inspect_probes(&st.model, &input, |p| scope.wants(p)),
+        };
+        if scope.is_some() {
+            // The owner's mappings elsewhere were not looked at: keep them.
+            let seen: BTreeSet<u16> = owned.iter().map(|m| m.port).collect();
+            owned.extend(
+                st.learned
+                    .iter()
+                    .filter(|m| !seen.contains(&m.port))
+                    .copied(),
+            );
+        }
         self.report(GuardReport::Inspected {
             took: t0.elapsed(),
             rules: st.model.rule_count(),

@@ -271,10 +271,21 @@ pub fn inspect_with_owned(
     model: &RulesetModel,
     input: &InspectInput,
 ) -> (Vec<Finding>, Vec<OwnedMapping>) {
+    inspect_probes(model, input, |_| true)
+}
+
+/// [`inspect_with_owned`] on the probes `wanted` keeps only: what an
+/// incremental re-inspection needs when a change can only affect some ports,
+/// hooks or families.
+pub fn inspect_probes(
+    model: &RulesetModel,
+    input: &InspectInput,
+    wanted: impl Fn(&Probe) -> bool,
+) -> (Vec<Finding>, Vec<OwnedMapping>) {
     let idx = RulesetIndex::new(model);
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
     let mut owned = BTreeSet::new();
-    for (proto, probe) in input.probes() {
+    for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
         for hit in analysis::Walker::new(&idx, &probe).run() {
             let table = &model.tables[hit.at.table];
             let chain = &table.chains[hit.at.chain];

@@ -59,6 +59,8 @@ struct Args {
     kube_rules: usize,
     rate: u32,
     baseline_insertions: usize,
+    /// Skip everything but the kube-proxy-ruleset latency.
+    kube_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -67,9 +69,14 @@ fn parse_args() -> Args {
         kube_rules: 40_000,
         rate: 500,
         baseline_insertions: 8,
+        kube_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--kube-only" {
+            a.kube_only = true;
+            continue;
+        }
         let v: usize = it
             .next()
             .and_then(|v| v.parse().ok())
@@ -124,7 +131,8 @@ struct Guard {
 }
 
 impl Guard {
-    fn start(lab: &IncidentLab, pin: bool) -> Self {
+    /// `label`: print the median incremental inspection time under it on stop.
+    fn start(lab: &IncidentLab, pin: bool, label: &'static str) -> Self {
         let audit = std::env::temp_dir().join(unique_name("pg-bench-audit") + ".jsonl");
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -154,23 +162,32 @@ impl Guard {
                 };
                 let task = tokio::spawn(guard.run(stop_rx));
                 let mut ready = Some(ready_tx);
+                let mut inspections = Vec::new();
                 // The first incremental inspection follows the start-up read.
                 while let Some(r) = rx.recv().await {
-                    if matches!(
-                        r,
-                        GuardReport::Inspected {
-                            full_read: false,
-                            ..
-                        }
-                    ) && let Some(tx) = ready.take()
+                    if let GuardReport::Inspected {
+                        full_read: false,
+                        took,
+                        ..
+                    } = r
                     {
-                        let _ = tx.send(());
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        } else {
+                            inspections.push(took);
+                        }
                     }
                     if task.is_finished() {
                         break;
                     }
                 }
                 task.await.unwrap().expect("rule guard");
+                if !inspections.is_empty() && !label.is_empty() {
+                    println!(
+                        "{label}_inspect_p50 {} us",
+                        us(percentile(&inspections, 0.5))
+                    );
+                }
             });
         });
         ready_rx
@@ -444,8 +461,8 @@ fn main() {
     assert_eq!(lab.ask(80).as_deref(), Some(SITE), "the lab works");
 
     // Event-driven, small ruleset.
-    {
-        let _guard = Guard::start(&lab, false);
+    if !args.kube_only {
+        let _guard = Guard::start(&lab, false, "remediate");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
         println!("remediate_insertions {} hijacks", v.len());
         print_latencies("remediate_latency", &v);
@@ -454,15 +471,15 @@ fn main() {
             share(&lab, args.rate, SHARE_DURATION),
         );
     }
-    {
-        let _guard = Guard::start(&lab, true);
+    if !args.kube_only {
+        let _guard = Guard::start(&lab, true, "");
         print_share(
             &format!("remediate_share_{}per_s_pin", args.rate),
             share(&lab, args.rate, SHARE_DURATION),
         );
     }
     // Baseline: polling at 1 s.
-    {
+    if !args.kube_only {
         let _poller = Poller::start(&lab, POLL_INTERVAL);
         thread::sleep(Duration::from_millis(200));
         let v = latencies(&lab, args.baseline_insertions, POLL_INTERVAL);
@@ -491,8 +508,9 @@ fn main() {
         .expect("enter")
         .expect("read");
         println!("remediate_kube_ruleset {rules} rules");
-        let _guard = Guard::start(&lab, false);
+        let guard = Guard::start(&lab, false, "remediate_kube");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
+        drop(guard);
         print_latencies(
             &format!("remediate_kube{}k_latency", args.kube_rules / 1000),
             &v,
