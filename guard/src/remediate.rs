@@ -767,20 +767,10 @@ impl RuleGuard {
                 return Ok(());
             }
         }
-        let (findings, mut owned) = match scope {
+        let (findings, owned) = match scope {
             None => nft::inspect_with_owned(&st.model, &input),
             Some(scope) => nft::inspect_probes(&st.model, &input, |p| scope.wants(p)),
         };
-        if scope.is_some() {
-            // The owner's mappings elsewhere were not looked at: keep them.
-            let seen: BTreeSet<u16> = owned.iter().map(|m| m.port).collect();
-            owned.extend(
-                st.learned
-                    .iter()
-                    .filter(|m| !seen.contains(&m.port))
-                    .copied(),
-            );
-        }
         self.report(GuardReport::Inspected {
             took: t0.elapsed(),
             rules: st.model.rule_count(),
@@ -851,7 +841,7 @@ impl RuleGuard {
                 });
             }
         }
-        self.sync_pins(st, act, owned).await
+        self.sync_pins(st, act, owned, scope.is_none()).await
     }
 
     fn rate_ok(&self, st: &mut GuardState, key: &str) -> bool {
@@ -867,7 +857,9 @@ impl RuleGuard {
 
     /// The pins the policy asks for, from the owners model (Docker reachable,
     /// this host) or else from the owner's own DNAT rules in the ruleset.
-    fn wanted_pins(&self, st: &mut GuardState, owned: Vec<OwnedMapping>) -> Vec<Pin> {
+    /// `full`: `owned` comes from a full inspection (else from a scoped one,
+    /// which adds mappings but cannot tell that one is gone).
+    fn wanted_pins(&self, st: &mut GuardState, owned: Vec<OwnedMapping>, full: bool) -> Vec<Pin> {
         let pinned = |proto: Proto, port: u16| {
             self.policy
                 .find(port, proto)
@@ -892,9 +884,12 @@ impl RuleGuard {
                 .into_iter()
                 .filter(|m| pinned(m.proto, m.port))
                 .collect();
-            // The owner's rule changed (a new container address): follow it.
-            if !fresh.is_empty() {
+            // The owner's rule changed (a new container address) or went away:
+            // follow it.
+            if full {
                 st.learned = fresh;
+            } else {
+                st.learned.extend(fresh);
             }
             for m in &st.learned {
                 pins.insert(Pin {
@@ -913,8 +908,9 @@ impl RuleGuard {
         st: &mut GuardState,
         act: &mut Remediation,
         owned: Vec<OwnedMapping>,
+        full: bool,
     ) -> Result<(), RemediationError> {
-        let wanted = self.wanted_pins(st, owned);
+        let wanted = self.wanted_pins(st, owned, full);
         let installed = pin::installed_families(&st.model);
         let intact = pins_intact(&st.model, &wanted);
         if wanted == st.pins && intact {

@@ -360,3 +360,61 @@ fn pin_not_one_new_connection_reaches_the_pod() {
     let ruleset = lab.ruleset();
     assert!(!ruleset.contains("table ip portguard"), "{ruleset}");
 }
+
+/// Polls `nft list ruleset` of the lab's host until `pred` holds.
+fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = lab.ruleset();
+        if pred(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{r}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pin_follows_the_owner_reports_chains_ahead_and_goes_with_the_owner() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    wait_ruleset(&lab, "pinned to the owner", |r| {
+        r.contains("table ip portguard") && r.contains("dnat to 203.0.113.2:80")
+    });
+
+    // The container restarts with a new address: Docker rewrites its rule.
+    sh(&lab.o, "ip addr add 203.0.113.3/26 dev eth0");
+    sh(
+        &lab.h,
+        "iptables -t nat -R DOCKER 2 ! -i docker0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.3:80",
+    );
+    wait_ruleset(&lab, "the pin follows the new address", |r| {
+        r.contains("dnat to 203.0.113.3:80")
+            && !r.contains("dnat to 203.0.113.2:80 comment \"portguard")
+    });
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+
+    // Another nat chain at the pin's own priority: reported.
+    sh(
+        &lab.h,
+        "nft add table ip early
+         nft 'add chain ip early pre { type nat hook prerouting priority -199; }'",
+    );
+    agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"] == "a nat chain runs at or ahead of the pin's priority"
+    });
+
+    // The owner goes away: so does the pin.
+    sh(&lab.h, "iptables -t nat -F DOCKER");
+    wait_ruleset(&lab, "no pin without an owner", |r| {
+        !r.contains("table ip portguard")
+    });
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let kinds: Vec<&str> = audit.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert!(kinds.contains(&"pin_installed"), "{kinds:?}");
+    assert!(kinds.contains(&"pin_updated"), "{kinds:?}");
+    assert!(kinds.contains(&"pin_removed"), "{kinds:?}");
+}
