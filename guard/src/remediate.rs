@@ -1051,3 +1051,96 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+    use crate::nft::{
+        Probe,
+        model::{CmpOp, Hook, PayloadBase},
+        netlink::{decode_messages, tests::sample_dump},
+    };
+
+    fn probe(hook: Hook, v6: bool, dport: u16) -> Probe {
+        Probe {
+            hook,
+            v6,
+            l4proto: 6,
+            dport,
+            daddr: "198.51.100.1".parse().unwrap(),
+            iifname: None,
+            iifindex: 0,
+        }
+    }
+
+    #[test]
+    fn a_rule_in_a_base_chain_matching_one_port_scopes_to_that_port_and_hook() {
+        let model = decode_messages(&sample_dump());
+        let rule = decode_messages(&sample_dump()).tables[0].chains[0].rules[0]
+            .exprs()
+            .to_vec();
+        assert_eq!(matched_dport(&rule), Some(80));
+        let scope = Scope::default()
+            .add(&model, (Family::IP, "t".into(), "pre".into(), Some(80)))
+            .unwrap();
+        assert!(scope.wants(&probe(Hook::Prerouting, false, 80)));
+        assert!(!scope.wants(&probe(Hook::Output, false, 80)));
+        assert!(
+            !scope.wants(&probe(Hook::Prerouting, true, 80)),
+            "ip table: v4 only"
+        );
+        assert!(!scope.wants(&probe(Hook::Prerouting, false, 443)));
+        // A regular chain: any hook; no port: no scope at all.
+        let scope = scope
+            .add(
+                &model,
+                (Family::IP, "t".into(), "regular".into(), Some(443)),
+            )
+            .unwrap();
+        assert!(scope.wants(&probe(Hook::Output, false, 443)));
+        assert!(
+            Scope::default()
+                .add(&model, (Family::IP, "t".into(), "pre".into(), None))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn compat_proto_only_for_rules_with_xt_matches() {
+        let l4 = [
+            Expr::Meta { key: 16, dreg: 1 },
+            Expr::Cmp {
+                sreg: 1,
+                op: CmpOp::Eq,
+                data: vec![6],
+            },
+        ];
+        assert_eq!(compat_proto(&l4), None);
+        let mut with_xt = l4.to_vec();
+        with_xt.push(Expr::XtMatch {
+            name: "addrtype".into(),
+            rev: 1,
+            info: Vec::new(),
+        });
+        assert_eq!(compat_proto(&with_xt), Some(6));
+        let ip_proto = [
+            Expr::Payload {
+                base: PayloadBase::Network,
+                offset: 9,
+                len: 1,
+                dreg: 1,
+            },
+            Expr::Cmp {
+                sreg: 1,
+                op: CmpOp::Eq,
+                data: vec![17],
+            },
+            Expr::XtMatch {
+                name: "udp".into(),
+                rev: 0,
+                info: Vec::new(),
+            },
+        ];
+        assert_eq!(compat_proto(&ip_proto), Some(17));
+    }
+}

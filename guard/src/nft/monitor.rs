@@ -314,3 +314,100 @@ impl AddressMonitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{
+        model::Rule,
+        netlink::{decode_messages, tests::sample_dump},
+    };
+
+    fn added(handle: u64, position: Option<u64>, appended: bool) -> Change {
+        Change::RuleAdded {
+            msg: RuleMessage {
+                family: Family::IP,
+                table: "t".into(),
+                chain: "pre".into(),
+                position,
+                rule: Rule::new(handle, Vec::new(), None),
+            },
+            appended,
+        }
+    }
+
+    fn handles(model: &RulesetModel) -> Vec<u64> {
+        model.tables[0].chains[0]
+            .rules
+            .iter()
+            .map(|r| r.handle)
+            .collect()
+    }
+
+    #[test]
+    fn rules_land_where_the_notification_says() {
+        let mut model = decode_messages(&sample_dump());
+        assert_eq!(handles(&model), vec![7]);
+        // Appended (last: no position), inserted first, and after a named rule.
+        assert_eq!(apply(&mut model, added(8, None, true)), Applied::Updated);
+        assert_eq!(apply(&mut model, added(9, None, false)), Applied::Updated);
+        assert_eq!(
+            apply(&mut model, added(10, Some(7), true)),
+            Applied::Updated
+        );
+        assert_eq!(handles(&model), vec![9, 7, 10, 8]);
+        // A position the model does not know, or an unknown chain: re-read.
+        assert_eq!(
+            apply(&mut model, added(11, Some(99), true)),
+            Applied::Resync
+        );
+        let Change::RuleAdded { mut msg, appended } = added(12, None, true) else {
+            unreachable!()
+        };
+        msg.chain = "elsewhere".into();
+        assert_eq!(
+            apply(&mut model, Change::RuleAdded { msg, appended }),
+            Applied::Resync
+        );
+        // Deleted by handle; twice is a no-op.
+        let del = |h| {
+            Change::RuleDeleted(RuleMessage {
+                family: Family::IP,
+                table: "t".into(),
+                chain: "pre".into(),
+                position: None,
+                rule: Rule::new(h, Vec::new(), None),
+            })
+        };
+        assert_eq!(apply(&mut model, del(7)), Applied::Updated);
+        assert_eq!(apply(&mut model, del(7)), Applied::Unchanged);
+        assert_eq!(handles(&model), vec![9, 10, 8]);
+        assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
+        assert_eq!(apply(&mut model, Change::Generation), Applied::Unchanged);
+    }
+
+    #[test]
+    fn a_notification_datagram_is_parsed_into_changes() {
+        // A dump's NEWRULE message reads the same as a notification's.
+        let buf = Arc::new(sample_dump());
+        let mut out = Vec::new();
+        parse(&buf, &mut out);
+        assert!(
+            matches!(out[0], Change::Structural { msg: 0, .. }),
+            "{out:?}"
+        );
+        assert!(
+            matches!(out[1], Change::Structural { msg: 3, .. }),
+            "{out:?}"
+        );
+        let Change::RuleAdded { msg, appended } = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert!(!appended);
+        assert_eq!(
+            (msg.table.as_str(), msg.chain.as_str(), msg.rule.handle),
+            ("t", "pre", 7)
+        );
+        assert!(msg.rule.raw_exprs().is_some_and(|e| !e.is_empty()));
+    }
+}
