@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     audit::{AuditEvent, AuditHandle, ForeignRuleRecord},
+    k8s::ClusterView,
     nft::{
         self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
         TableOrigin,
@@ -57,6 +58,9 @@ pub struct ForeignRule {
     pub comment: Option<String>,
     /// Every finding this rule is (one per protected port it rewrites).
     pub findings: Vec<Finding>,
+    /// The Kubernetes object behind the rule's target, when the Kubernetes
+    /// layer can name it (`pod ns/name (DaemonSet ns/name) …`).
+    pub k8s_source: Option<String>,
 }
 
 impl ForeignRule {
@@ -84,7 +88,24 @@ impl ForeignRule {
             compat_proto: compat_proto(rule.exprs()),
             comment: rule.comment.clone(),
             findings,
+            k8s_source: None,
         })
+    }
+
+    /// The target address the rule sends connections to, when it says.
+    pub fn target_ip(&self) -> Option<IpAddr> {
+        let t = self.findings.first()?.target.as_deref()?;
+        t.parse::<std::net::SocketAddr>()
+            .map(|s| s.ip())
+            .or_else(|_| t.parse::<IpAddr>())
+            .ok()
+    }
+
+    /// Names the Kubernetes object behind the target, when the view knows it.
+    pub fn name_source(&mut self, view: &ClusterView) {
+        if let Some(ip) = self.target_ip() {
+            self.k8s_source = view.lookup_target(ip).map(ToString::to_string);
+        }
     }
 
     /// `family/table/chain/handle`: the finding id in the audit log.
@@ -125,6 +146,7 @@ impl ForeignRule {
             userdata: self.userdata.as_ref().map(|u| B64.encode(u)),
             compat_proto: self.compat_proto,
             comment: self.comment.clone(),
+            k8s_source: self.k8s_source.clone(),
             findings: self
                 .findings
                 .iter()
@@ -140,7 +162,10 @@ impl ForeignRule {
             finding: self.id(),
             port: f.port,
             proto: f.proto,
-            source: f.source.clone(),
+            source: match &self.k8s_source {
+                Some(k8s) => format!("{} ({k8s})", f.source),
+                None => f.source.clone(),
+            },
             location: Some(format!(
                 "table {} {} chain {} handle {} (position {})",
                 self.family, self.table, self.chain, self.handle, self.position
@@ -264,6 +289,8 @@ pub struct RecordedRule {
     pub compat_proto: Option<u32>,
     #[serde(default)]
     pub comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_source: Option<String>,
     #[serde(default)]
     pub findings: Vec<serde_json::Value>,
 }
@@ -505,6 +532,8 @@ pub struct RuleGuard {
     pub reports: mpsc::Sender<GuardReport>,
     /// How often iptables-legacy tables are re-read, while any is in use.
     pub legacy_poll: Duration,
+    /// The Kubernetes layer's view, to name the object behind a rule's target.
+    pub cluster: Option<watch::Receiver<ClusterView>>,
 }
 
 /// Log lines about one returning rule are rate limited to one per this period.
@@ -779,7 +808,12 @@ impl RuleGuard {
         let mut remove = Vec::new();
         for action in decide(&st.model, &findings, &self.policy) {
             match action {
-                Action::Remove(rule) => remove.push(rule),
+                Action::Remove(mut rule) => {
+                    if let Some(view) = &self.cluster {
+                        rule.name_source(&view.borrow());
+                    }
+                    remove.push(rule);
+                }
                 Action::Report { finding, why } => {
                     let key = format!(
                         "{}/{}/{}/{:?}",
@@ -823,6 +857,7 @@ impl RuleGuard {
                     info!(
                         port = rule.findings[0].port,
                         source = rule.source(),
+                        k8s_source = rule.k8s_source.as_deref(),
                         rule = %rule.id(),
                         seq,
                         returns,
@@ -1142,5 +1177,38 @@ mod scope_tests {
             },
         ];
         assert_eq!(compat_proto(&ip_proto), Some(17));
+    }
+}
+
+#[cfg(test)]
+mod k8s_tests {
+    use super::*;
+    use crate::{
+        k8s::{ClusterView, PodIndex},
+        nft::netlink::{
+            decode_messages,
+            tests::{sample_dump, sample_input},
+        },
+    };
+
+    #[test]
+    fn a_removal_names_the_pod_behind_its_target() {
+        let model = decode_messages(&sample_dump());
+        let findings = nft::inspect(&model, &sample_input());
+        let mut rule = ForeignRule::capture(&model, findings).expect("captured");
+        assert_eq!(rule.target_ip(), Some("203.0.113.9".parse().unwrap()));
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "svclb-traefik-abcde", "namespace": "kube-system"},
+            "spec": {"containers": [{"name": "lb-tcp-80"}]},
+            "status": {"phase": "Running", "podIP": "203.0.113.9"}
+        }))
+        .unwrap();
+        let mut view = ClusterView::off("test");
+        view.pods = PodIndex::build(&[], &[pod]);
+        rule.name_source(&view);
+        let named = rule.k8s_source.clone().expect("named");
+        assert!(named.contains("kube-system/svclb-traefik-abcde"), "{named}");
+        let rec = rule.audit_record();
+        assert!(rec.source.contains("svclb-traefik-abcde"), "{}", rec.source);
     }
 }

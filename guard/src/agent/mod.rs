@@ -297,6 +297,9 @@ fn spawn_rule_guard(
         owners: owners.clone(),
         reports: reports.clone(),
         legacy_poll: config.legacy_poll,
+        // The Kubernetes layer is not started by the agent yet: once it is, its
+        // `ClusterWatch::view` goes here and removals name their pod.
+        cluster: None,
     };
     RuleGuardTask {
         task: tokio::spawn(guard.run(stop_rx)),

@@ -159,6 +159,7 @@ impl Guard {
                     owners,
                     reports,
                     legacy_poll: Duration::from_secs(5),
+                    cluster: None,
                 };
                 let task = tokio::spawn(guard.run(stop_rx));
                 let mut ready = Some(ready_tx);
