@@ -418,3 +418,30 @@ fn pin_follows_the_owner_reports_chains_ahead_and_goes_with_the_owner() {
     assert!(kinds.contains(&"pin_updated"), "{kinds:?}");
     assert!(kinds.contains(&"pin_removed"), "{kinds:?}");
 }
+
+#[test]
+fn an_overflowing_notification_socket_says_so_and_the_guard_resyncs() {
+    use portguard::nft::monitor::{Applied, Change, RulesetMonitor, apply};
+    portguard_tests::require_root();
+    let ns = portguard_tests::netns::NetNs::new("pg-rem-enobufs");
+    let mut mon = in_ns(ns.name(), || {
+        RulesetMonitor::open_with_buffer(4096).expect("monitor")
+    });
+    // One transaction of 500 rules: far more notifications than 4 KiB hold.
+    let mut rules = String::from(
+        "add table ip t\nadd chain ip t pre { type nat hook prerouting priority -100; }\n",
+    );
+    for i in 0..500 {
+        rules += &format!("add rule ip t pre tcp dport {} accept\n", 1000 + i);
+    }
+    ns.nft_load(&rules);
+    let mut changes = Vec::new();
+    mon.drain(&mut changes).expect("drain");
+    let overruns = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Overrun))
+        .count();
+    assert!(overruns >= 1, "{} changes, no overrun", changes.len());
+    let mut model = portguard::nft::RulesetModel::default();
+    assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
+}

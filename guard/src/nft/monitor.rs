@@ -54,7 +54,7 @@ pub enum Change {
     Overrun,
 }
 
-fn netlink_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
+fn netlink_socket(protocol: libc::c_int, rcvbuf: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(
@@ -68,7 +68,7 @@ fn netlink_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let size = MONITOR_RCVBUF;
+    let size = rcvbuf;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
         // SAFETY: an int-sized option on our socket.
         let rc = unsafe {
@@ -139,7 +139,12 @@ impl AsRawFd for RulesetMonitor {
 
 impl RulesetMonitor {
     pub fn open() -> io::Result<Self> {
-        let fd = netlink_socket(NETLINK_NETFILTER)?;
+        Self::open_with_buffer(MONITOR_RCVBUF)
+    }
+
+    /// With a receive buffer of `bytes` (tests use a small one to overflow it).
+    pub fn open_with_buffer(bytes: libc::c_int) -> io::Result<Self> {
+        let fd = netlink_socket(NETLINK_NETFILTER, bytes)?;
         // Multicast is delivered to bound sockets only.
         bind(&fd, 0)?;
         let group = NFNLGRP_NFTABLES;
@@ -293,7 +298,7 @@ impl AsRawFd for AddressMonitor {
 
 impl AddressMonitor {
     pub fn open() -> io::Result<Self> {
-        let fd = netlink_socket(NETLINK_ROUTE)?;
+        let fd = netlink_socket(NETLINK_ROUTE, MONITOR_RCVBUF)?;
         bind(&fd, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
         Ok(Self {
             fd,
