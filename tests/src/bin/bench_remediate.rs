@@ -281,7 +281,7 @@ fn us(d: Duration) -> String {
 
 /// New connections at `rate`/s while the hijack is re-inserted every
 /// [`HIJACK_INTERVAL`]; returns (answered by the owner, by anyone else or no one).
-fn share(lab: &IncidentLab, rate: u32, duration: Duration) -> (u64, u64) {
+fn share(lab: &IncidentLab, rate: u32, duration: Duration) -> (u64, u64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (site, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (s, a, b) = (stop.clone(), site.clone(), other.clone());
@@ -304,15 +304,19 @@ fn share(lab: &IncidentLab, rate: u32, duration: Duration) -> (u64, u64) {
         })
     });
     let host = lab.h.name().to_owned();
-    in_netns(&host, move || {
+    let hijacks = in_netns(&host, move || {
         let mut writer = NftWriter::open().expect("writer");
         let mut tx = Transaction::new();
         tx.push(hijack_op());
         let t0 = Instant::now();
+        let mut n = 0;
         while t0.elapsed() < duration {
-            let _ = writer.commit(&tx);
+            if writer.commit(&tx).is_ok() {
+                n += 1;
+            }
             thread::sleep(HIJACK_INTERVAL);
         }
+        n
     })
     .expect("enter the namespace");
     stop.store(true, Ordering::Relaxed);
@@ -322,7 +326,11 @@ fn share(lab: &IncidentLab, rate: u32, duration: Duration) -> (u64, u64) {
         .h
         .command(["nft", "flush", "chain", "ip", HIJACK_TABLE, HIJACK_CHAIN])
         .status();
-    (site.load(Ordering::Relaxed), other.load(Ordering::Relaxed))
+    (
+        site.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed),
+        hijacks,
+    )
 }
 
 /// The baseline: every `interval`, read everything, inspect, delete (what a
@@ -439,12 +447,24 @@ fn print_latencies(label: &str, v: &[Duration]) {
     println!("{label}_max {} us", us(percentile(v, 1.0)));
 }
 
-fn print_share(label: &str, (site, other): (u64, u64)) {
+/// kube-proxy's default sync period: how often a fight brings the rule back.
+const KUBE_PROXY_SYNC: Duration = Duration::from_secs(30);
+
+fn print_share(label: &str, rate: u32, (site, other, hijacks): (u64, u64, u64)) {
     let total = site + other;
     println!("{label}_connections {total} connections");
+    println!("{label}_hijacks {hijacks} hijacks");
     println!(
         "{label}_not_owner {:.3} %",
         100.0 * other as f64 / total.max(1) as f64
+    );
+    // Traffic lost per hijack, as time at this connection rate; and the share
+    // that implies when the rule comes back once per kube-proxy sync period.
+    let lost_ms = 1000.0 * other as f64 / f64::from(rate) / hijacks.max(1) as f64;
+    println!("{label}_lost_per_hijack {lost_ms:.3} ms");
+    println!(
+        "{label}_implied_not_owner_at_30s_returns {:.4} %",
+        100.0 * lost_ms / 1000.0 / KUBE_PROXY_SYNC.as_secs_f64()
     );
 }
 
@@ -469,6 +489,7 @@ fn main() {
         print_latencies("remediate_latency", &v);
         print_share(
             &format!("remediate_share_{}per_s_nopin", args.rate),
+            args.rate,
             share(&lab, args.rate, SHARE_DURATION),
         );
     }
@@ -476,6 +497,7 @@ fn main() {
         let _guard = Guard::start(&lab, true, "");
         print_share(
             &format!("remediate_share_{}per_s_pin", args.rate),
+            args.rate,
             share(&lab, args.rate, SHARE_DURATION),
         );
     }
@@ -487,6 +509,7 @@ fn main() {
         print_latencies("baseline_poll_1s_latency", &v);
         print_share(
             &format!("baseline_poll_1s_share_{}per_s", args.rate),
+            args.rate,
             share(&lab, args.rate, SHARE_DURATION),
         );
         let mean_s = v.iter().map(Duration::as_secs_f64).sum::<f64>() / v.len() as f64;
