@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => portguard::cli::run::main(args),
         Command::Check(args) => portguard::cli::check::main(args),
+        Command::Fix(args) => portguard::cli::fix::main(args),
+        Command::Restore(args) => portguard::cli::restore::main(args),
         Command::Config(args) => portguard::cli::config::main(args),
         Command::Listeners(args) => portguard::cli::listeners::main(args),
         Command::K3s(args) => portguard::cli::k3s::main(args),

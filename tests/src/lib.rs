@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod docker;
+pub mod incident;
 pub mod k8s_api;
 pub mod netns;
 

@@ -17,6 +17,10 @@ pub enum Which {
     /// The nftables inspector on kube-proxy-shaped rulesets (1k, 10k, 40k rules,
     /// and a 50k-rule single chain): raw netlink dump versus full inspection.
     Inspect,
+    /// Remediation: hijack insertion-to-removal latency (also with a 40k-rule
+    /// kube-proxy ruleset), traffic share lost with and without the pin, and a
+    /// 1 s polling baseline.
+    Remediate,
 }
 
 pub fn bench(which: Which) -> anyhow::Result<()> {
@@ -33,6 +37,15 @@ pub fn bench(which: Which) -> anyhow::Result<()> {
             "bench_bind",
         ]),
         Which::Inspect => inspect(),
+        Which::Remediate => sh::cargo(&[
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "portguard-tests",
+            "--bin",
+            "bench_remediate",
+        ]),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::{
     owners::{Found, Owners, ResolvedOwners},
     policy::{Mode, Policy, PolicySource},
     probes::{Probe, ProbeReport, spawn_probes},
+    remediate::{GuardReport, RuleGuard},
     service::{Notifier, watchdog_interval},
     sys::{
         cgroup::{self, CgroupPaths},
@@ -43,6 +44,10 @@ pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
     /// This host's Kubernetes node name (k3s uses the hostname).
     pub node_name: Option<String>,
+    /// Guard the nftables ruleset of `/run/netns/NAME` instead of this namespace (tests).
+    pub netns: Option<String>,
+    /// How often iptables-legacy tables are re-read while any is in use.
+    pub legacy_poll: Duration,
 }
 
 impl AgentConfig {
@@ -128,7 +133,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .map(|a| a.into_iter().map(|a| a.addr).collect())
             .unwrap_or_default(),
     };
-    let _kube = kube::start(config.kubeconfig.as_deref(), &policy, node, audit.clone()).await;
+    let kube = kube::start(config.kubeconfig.as_deref(), &policy, node, audit.clone()).await;
+    let (guard_tx, mut guard_rx) = mpsc::channel::<GuardReport>(RULE_GUARD_QUEUE);
+    let mut rules = spawn_rule_guard(&config, &policy, &audit, &owners, &guard_tx, &kube);
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeReport>(64);
     let mut probes = spawn_probes(Probe::from_policy(&policy)?, probe_tx.clone());
 
@@ -160,6 +167,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     Ok((new, source)) => {
                         owners_task.abort();
                         (owners, owners_task) = Owners::new(new.clone()).spawn().await;
+                        rules.stop().await;
+                        rules = spawn_rule_guard(&config, &new, &audit, &owners, &guard_tx, &kube);
                         let new_maps = BindPolicy::from_owners(&new, &owners.borrow_and_update());
                         apply(&mut guard, Some(&maps), &new_maps)?;
                         probes.abort_all();
@@ -202,6 +211,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 audit.record(event).await?;
                 metrics.audit_record_written();
             }
+            Some(report) = guard_rx.recv() => report_rules(&metrics, report),
+            done = &mut rules.task => {
+                done.context("the rule guard panicked")?.context("the rule guard stopped")?;
+                anyhow::bail!("the rule guard stopped unexpectedly");
+            }
             Some(report) = probe_rx.recv() => {
                 metrics.probe_status(report.port, &report.url, report.result.is_ok());
                 if let Some(event) = report.audit_event(None) {
@@ -228,6 +242,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     notifier.stopping()?;
     health.set_ready(false);
+    // The pins go with the agent (every teardown error is reported).
+    rules.stop().await;
     tasks.abort_all();
     probes.abort_all();
     owners_task.abort();
@@ -251,6 +267,75 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "agent stopped: programs detached"
     );
     Ok(())
+}
+
+/// Bounded queue from the rule guard to this loop (reports only; never blocks the guard).
+const RULE_GUARD_QUEUE: usize = 1024;
+/// How long the rule guard may take to remove its pins on stop.
+const RULE_GUARD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running rule guard: its task and the switch that stops it.
+struct RuleGuardTask {
+    task: tokio::task::JoinHandle<Result<(), crate::remediate::RemediationError>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl RuleGuardTask {
+    /// Stops it and waits for its teardown (pins removed), logging what failed.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(RULE_GUARD_STOP_TIMEOUT, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => error!("rule guard: {e}"),
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => error!("rule guard panicked: {e}"),
+            Err(_) => error!("rule guard did not stop within {RULE_GUARD_STOP_TIMEOUT:?}"),
+        }
+    }
+}
+
+fn spawn_rule_guard(
+    config: &AgentConfig,
+    policy: &Policy,
+    audit: &AuditHandle,
+    owners: &tokio::sync::watch::Receiver<Arc<ResolvedOwners>>,
+    reports: &mpsc::Sender<GuardReport>,
+    kube: &kube::KubeLayer,
+) -> RuleGuardTask {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let guard = RuleGuard {
+        netns: config.netns.clone(),
+        policy: policy.clone(),
+        audit: audit.clone(),
+        owners: owners.clone(),
+        reports: reports.clone(),
+        legacy_poll: config.legacy_poll,
+        // Removals name the pod and Service behind their target when the cluster knows it.
+        cluster: Some(kube.view.clone()),
+    };
+    RuleGuardTask {
+        task: tokio::spawn(guard.run(stop_rx)),
+        stop,
+    }
+}
+
+fn report_rules(metrics: &Metrics, report: GuardReport) {
+    match report {
+        GuardReport::Removed {
+            port,
+            source,
+            latency,
+            ..
+        } => {
+            metrics.hijack_detected(port, &source);
+            metrics.hijack_removed(port, &source, latency.unwrap_or_default());
+        }
+        GuardReport::Observed { finding, .. } => {
+            metrics.hijack_detected(finding.port, &finding.source);
+        }
+        GuardReport::Inspected { took, .. } => metrics.ruleset_inspected(took),
+        GuardReport::PinSynced { .. } | GuardReport::PinOvertaken { .. } => {}
+    }
 }
 
 fn open_audit(config: &AgentConfig) -> anyhow::Result<AuditHandle> {

@@ -3,10 +3,12 @@
 pub mod audit_selftest;
 pub mod check;
 pub mod config;
+pub mod fix;
 pub mod install;
 pub mod k3s;
 pub mod listeners;
 pub mod report;
+pub mod restore;
 pub mod run;
 
 use std::path::PathBuf;
@@ -57,6 +59,11 @@ pub enum Command {
     Listeners(listeners::ListenersArgs),
     /// One-shot audit: every foreign NAT rule on a protected port (exit 0 clean, 1 findings, 2 error).
     Check(check::CheckArgs),
+    /// One-shot remediation: record, then delete every foreign NAT rule on a
+    /// protected port in one transaction (exit 0 clean, 1 fixed/found, 2 error).
+    Fix(fix::FixArgs),
+    /// Put a removed rule back from the audit log (exit 0 restored, 2 error).
+    Restore(restore::RestoreArgs),
     /// Validate or print the policy.
     #[command(subcommand)]
     Config(config::ConfigCommand),

@@ -36,6 +36,13 @@ pub struct RunArgs {
     /// This host's Kubernetes node name (default: the hostname, as k3s names nodes).
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
+    /// How often iptables-legacy tables are re-read while any is in use, in
+    /// seconds (nf_tables changes are announced and need no polling).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub legacy_poll: u64,
+    /// Guard the nftables ruleset of /run/netns/NAME instead of this one (tests).
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub netns: Option<String>,
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -52,6 +59,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics_listen: args.metrics_listen,
         kubeconfig: args.kubeconfig,
         node_name: args.node_name,
+        netns: args.netns,
+        legacy_poll: std::time::Duration::from_secs(args.legacy_poll.max(1)),
     }))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -27,7 +27,10 @@ pub mod expr;
 pub mod legacy;
 pub mod local;
 pub mod model;
+pub mod monitor;
 pub mod netlink;
+pub mod pin;
+pub mod transaction;
 pub mod xt;
 
 use std::{
@@ -248,14 +251,47 @@ pub struct Finding {
     pub base_priority: i32,
 }
 
+/// The owner's own mapping of a protected port, as a rule in the ruleset says
+/// (what a pin re-applies ahead of everyone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct OwnedMapping {
+    pub proto: Proto,
+    pub port: u16,
+    pub target: SocketAddr,
+}
+
 /// The pure inspection: every foreign rewrite of a protected port.
 pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
+    inspect_with_owned(model, input).0
+}
+
+/// [`inspect`], also returning the owner's own DNAT mappings it met on the way
+/// (shadowed or not). portguard's own pin table is neither.
+pub fn inspect_with_owned(
+    model: &RulesetModel,
+    input: &InspectInput,
+) -> (Vec<Finding>, Vec<OwnedMapping>) {
+    inspect_probes(model, input, |_| true)
+}
+
+/// [`inspect_with_owned`] on the probes `wanted` keeps only: what an
+/// incremental re-inspection needs when a change can only affect some ports,
+/// hooks or families.
+pub fn inspect_probes(
+    model: &RulesetModel,
+    input: &InspectInput,
+    wanted: impl Fn(&Probe) -> bool,
+) -> (Vec<Finding>, Vec<OwnedMapping>) {
     let idx = RulesetIndex::new(model);
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
-    for (proto, probe) in input.probes() {
+    let mut owned = BTreeSet::new();
+    for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
         for hit in analysis::Walker::new(&idx, &probe).run() {
             let table = &model.tables[hit.at.table];
             let chain = &table.chains[hit.at.chain];
+            if pin::is_pin_table(table) {
+                continue;
+            }
             if classify::is_owned(
                 &hit.rewrite,
                 proto,
@@ -265,6 +301,17 @@ pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
                 &input.owned,
                 &input.local_addrs,
             ) {
+                if let Rewrite::Dnat {
+                    addr: Some(addr),
+                    port,
+                } = hit.rewrite
+                {
+                    owned.insert(OwnedMapping {
+                        proto,
+                        port: probe.dport,
+                        target: SocketAddr::new(addr, port.unwrap_or(probe.dport)),
+                    });
+                }
                 continue;
             }
             let rule = &chain.rules[hit.at.rule];
@@ -322,7 +369,7 @@ pub fn inspect(model: &RulesetModel, input: &InspectInput) -> Vec<Finding> {
             }
         }
     }
-    found.into_values().collect()
+    (found.into_values().collect(), owned.into_iter().collect())
 }
 
 fn xt_comment(exprs: &[model::Expr]) -> Option<String> {

@@ -177,6 +177,8 @@ pub struct Rule {
     pub comment: Option<String>,
     exprs: OnceLock<Vec<Expr>>,
     raw: Option<RawExprs>,
+    /// The rule's raw `NFTA_RULE_USERDATA` (comments), kept for restores.
+    userdata: Option<RawExprs>,
 }
 
 impl Rule {
@@ -187,6 +189,7 @@ impl Rule {
             comment,
             exprs: OnceLock::from(exprs),
             raw: None,
+            userdata: None,
         }
     }
 
@@ -197,7 +200,25 @@ impl Rule {
             comment,
             exprs: OnceLock::new(),
             raw: Some(raw),
+            userdata: None,
         }
+    }
+
+    /// The same rule, with its raw userdata (as read over netlink).
+    pub fn with_userdata(mut self, userdata: Option<RawExprs>) -> Self {
+        self.userdata = userdata;
+        self
+    }
+
+    /// The raw `NFTA_RULE_EXPRESSIONS` payload, as the kernel sent it: what a
+    /// restore writes back byte for byte. None for rules not read over netlink.
+    pub fn raw_exprs(&self) -> Option<&[u8]> {
+        self.raw.as_ref().map(RawExprs::bytes)
+    }
+
+    /// The raw `NFTA_RULE_USERDATA` payload, when the rule has one.
+    pub fn raw_userdata(&self) -> Option<&[u8]> {
+        self.userdata.as_ref().map(RawExprs::bytes)
     }
 
     /// The rule's expressions (decoded now if they were not yet).

@@ -21,77 +21,77 @@ use super::{
     },
 };
 
-const NETLINK_NETFILTER: libc::c_int = 12;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NETLINK_NETFILTER: libc::c_int = 12;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFPROTO_UNSPEC: u8 = 0;
 
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NFGENMSG_LEN: usize = 4;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_GETCHAIN: u16 = 4;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_GETRULE: u16 = 7;
-const NFT_MSG_NEWSET: u16 = 9;
-const NFT_MSG_GETSET: u16 = 10;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_GETSETELEM: u16 = 13;
-const NFT_MSG_NEWGEN: u16 = 15;
-const NFT_MSG_GETGEN: u16 = 16;
+pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
+pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
+pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
+pub(crate) const NFT_MSG_GETCHAIN: u16 = 4;
+pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
+pub(crate) const NFT_MSG_GETRULE: u16 = 7;
+pub(crate) const NFT_MSG_NEWSET: u16 = 9;
+pub(crate) const NFT_MSG_GETSET: u16 = 10;
+pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(crate) const NFT_MSG_GETSETELEM: u16 = 13;
+pub(crate) const NFT_MSG_NEWGEN: u16 = 15;
+pub(crate) const NFT_MSG_GETGEN: u16 = 16;
 
-const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_TABLE_FLAGS: u16 = 2;
-const NFTA_TABLE_HANDLE: u16 = 4;
+pub(crate) const NFTA_TABLE_NAME: u16 = 1;
+pub(crate) const NFTA_TABLE_FLAGS: u16 = 2;
+pub(crate) const NFTA_TABLE_HANDLE: u16 = 4;
 
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_HANDLE: u16 = 2;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_POLICY: u16 = 5;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
+pub(crate) const NFTA_CHAIN_TABLE: u16 = 1;
+pub(crate) const NFTA_CHAIN_HANDLE: u16 = 2;
+pub(crate) const NFTA_CHAIN_NAME: u16 = 3;
+pub(crate) const NFTA_CHAIN_HOOK: u16 = 4;
+pub(crate) const NFTA_CHAIN_POLICY: u16 = 5;
+pub(crate) const NFTA_CHAIN_TYPE: u16 = 7;
+pub(crate) const NFTA_HOOK_HOOKNUM: u16 = 1;
+pub(crate) const NFTA_HOOK_PRIORITY: u16 = 2;
 
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_HANDLE: u16 = 3;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_RULE_USERDATA: u16 = 7;
+pub(crate) const NFTA_RULE_TABLE: u16 = 1;
+pub(crate) const NFTA_RULE_CHAIN: u16 = 2;
+pub(crate) const NFTA_RULE_HANDLE: u16 = 3;
+pub(crate) const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(crate) const NFTA_RULE_USERDATA: u16 = 7;
 /// `NFTNL_UDATA_RULE_COMMENT` in the rule's userdata TLVs (libnftnl's convention).
 const UDATA_RULE_COMMENT: u8 = 0;
 
-const NFTA_SET_TABLE: u16 = 1;
-const NFTA_SET_NAME: u16 = 2;
-const NFTA_SET_FLAGS: u16 = 3;
-const NFTA_SET_KEY_TYPE: u16 = 4;
-const NFTA_SET_KEY_LEN: u16 = 5;
-const NFTA_SET_DATA_TYPE: u16 = 6;
-const NFTA_SET_DATA_LEN: u16 = 7;
-const NFTA_SET_DESC: u16 = 9;
-const NFTA_SET_HANDLE: u16 = 16;
-const NFTA_SET_DESC_CONCAT: u16 = 2;
-const NFTA_SET_FIELD_LEN: u16 = 1;
+pub(crate) const NFTA_SET_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_NAME: u16 = 2;
+pub(crate) const NFTA_SET_FLAGS: u16 = 3;
+pub(crate) const NFTA_SET_KEY_TYPE: u16 = 4;
+pub(crate) const NFTA_SET_KEY_LEN: u16 = 5;
+pub(crate) const NFTA_SET_DATA_TYPE: u16 = 6;
+pub(crate) const NFTA_SET_DATA_LEN: u16 = 7;
+pub(crate) const NFTA_SET_DESC: u16 = 9;
+pub(crate) const NFTA_SET_HANDLE: u16 = 16;
+pub(crate) const NFTA_SET_DESC_CONCAT: u16 = 2;
+pub(crate) const NFTA_SET_FIELD_LEN: u16 = 1;
 
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_SET_ELEM_FLAGS: u16 = 3;
-const NFTA_SET_ELEM_KEY_END: u16 = 10;
+pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_FLAGS: u16 = 3;
+pub(crate) const NFTA_SET_ELEM_KEY_END: u16 = 10;
 
-const NFTA_GEN_ID: u16 = 1;
+pub(crate) const NFTA_GEN_ID: u16 = 1;
 
 /// Room for one dump datagram; the kernel sends at most 32 KiB per read.
-const RECV_BUF: usize = 64 * 1024;
-const SOCKET_RCVBUF: libc::c_int = 4 * 1024 * 1024;
+pub(crate) const RECV_BUF: usize = 64 * 1024;
+pub(crate) const SOCKET_RCVBUF: libc::c_int = 4 * 1024 * 1024;
 /// How many times a read raced by a ruleset change is repeated.
 const CONSISTENT_READ_ATTEMPTS: usize = 5;
 /// Names of the tables iptables-nft creates.
@@ -605,10 +605,15 @@ impl Decoder {
                     let start = list.as_ptr() as usize - buf.as_ptr() as usize;
                     RawExprs::new(buf.clone(), start..start + list.len())
                 });
-                let comment = get(NFTA_RULE_USERDATA).and_then(udata_comment);
+                let udata = get(NFTA_RULE_USERDATA);
+                let comment = udata.and_then(udata_comment);
+                let udata = udata.map(|u| {
+                    let start = u.as_ptr() as usize - buf.as_ptr() as usize;
+                    RawExprs::new(buf.clone(), start..start + u.len())
+                });
                 let handle = get(NFTA_RULE_HANDLE).and_then(be_u64).unwrap_or(0);
                 let rule = match raw {
-                    Some(raw) => Rule::from_raw(handle, raw, comment),
+                    Some(raw) => Rule::from_raw(handle, raw, comment).with_userdata(udata),
                     None => Rule::new(handle, Vec::new(), comment),
                 };
                 self.model.tables[ti].chains[ci].rules.push(rule);
@@ -732,6 +737,55 @@ fn table_origin(t: &Table) -> TableOrigin {
     }
 }
 
+pub(crate) const NFTA_RULE_POSITION: u16 = 6;
+
+/// One rule as a `NFT_MSG_NEWRULE`/`NFT_MSG_DELRULE` message carries it (a dump
+/// or a change notification).
+#[derive(Debug)]
+pub struct RuleMessage {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    /// In a notification: the handle of the rule it now follows (none when it
+    /// is first or last in its chain).
+    pub position: Option<u64>,
+    pub rule: Rule,
+}
+
+/// Decodes one rule message (the payload after `nfgenmsg`, in `buf[range]`);
+/// the rule keeps its raw expressions and userdata in `buf`.
+pub fn decode_rule(buf: &Arc<Vec<u8>>, family: u8, range: Range<usize>) -> Option<RuleMessage> {
+    let p = buf.get(range)?;
+    let mut a: [Option<&[u8]>; MAX_OBJECT_ATTR] = [None; MAX_OBJECT_ATTR];
+    for attr in Attrs::new(p) {
+        let (ty, payload) = attr.ok()?;
+        if let Some(slot) = a.get_mut(ty as usize) {
+            *slot = Some(payload);
+        }
+    }
+    let get = |ty: u16| a.get(ty as usize).copied().flatten();
+    let raw_of = |b: &[u8]| {
+        let start = b.as_ptr() as usize - buf.as_ptr() as usize;
+        RawExprs::new(buf.clone(), start..start + b.len())
+    };
+    let handle = get(NFTA_RULE_HANDLE).and_then(be_u64)?;
+    let udata = get(NFTA_RULE_USERDATA);
+    let comment = udata.and_then(udata_comment);
+    let rule = match get(NFTA_RULE_EXPRESSIONS) {
+        Some(list) => {
+            Rule::from_raw(handle, raw_of(list), comment).with_userdata(udata.map(raw_of))
+        }
+        None => Rule::new(handle, Vec::new(), comment),
+    };
+    Some(RuleMessage {
+        family: Family(family),
+        table: string(get(NFTA_RULE_TABLE)?),
+        chain: string(get(NFTA_RULE_CHAIN)?),
+        position: get(NFTA_RULE_POSITION).and_then(be_u64),
+        rule,
+    })
+}
+
 /// The comment TLV of a rule's userdata.
 fn udata_comment(mut b: &[u8]) -> Option<String> {
     while b.len() >= 2 {
@@ -772,7 +826,7 @@ pub fn in_netns<T: Send + 'static>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nft::{InspectInput, OwnedTargets, PortSpec, inspect, local::LocalAddr};
     use crate::policy::{PortRange, Proto};

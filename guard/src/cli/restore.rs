@@ -1,0 +1,69 @@
+//! `portguard restore ID`: puts a removed rule back from its audit record, in
+//! the same chain, at the same position as far as the ruleset allows (after the
+//! rule that preceded it, else before the one that followed it). Exit 0 / 2.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+
+use crate::{
+    audit::{AuditEvent, AuditHandle, AuditLog, AuditTrail, DEFAULT_AUDIT_PATH, Rotation},
+    nft::{self, netlink::in_netns, transaction::NftWriter},
+    remediate::RecordedRule,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The `seq` of the `rule_removed` record (printed by `fix`, in the audit log).
+    pub id: u64,
+    /// The audit log to read the removal from (and record the restore in).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_AUDIT_PATH, env = "PORTGUARD_AUDIT_LOG")]
+    pub audit_log: PathBuf,
+    /// Restore into the network namespace /run/netns/NAME instead of this one (tests).
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub netns: Option<String>,
+}
+
+pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let trail = AuditTrail::read(&args.audit_log)
+        .with_context(|| format!("reading {}", args.audit_log.display()))?;
+    let record = trail.removal(args.id).with_context(|| {
+        format!(
+            "no removal with id {} in {}",
+            args.id,
+            args.audit_log.display()
+        )
+    })?;
+    let AuditEvent::RuleRemoved(removed) = &record.event else {
+        anyhow::bail!(
+            "record {} is a {}: only rule removals are restored here",
+            args.id,
+            record.event.kind()
+        );
+    };
+    let rule: RecordedRule = serde_json::from_value(removed.rule.clone())
+        .context("the recorded rule cannot be read back")?;
+    let model = nft::read_host_ruleset(args.netns.as_deref()).context("reading the ruleset")?;
+    let (tx, placement) = rule.restore_transaction(&model)?;
+    let commit = move || NftWriter::open().and_then(|mut w| w.commit(&tx));
+    match args.netns.as_deref() {
+        None => commit(),
+        Some(ns) => in_netns(ns, commit)?,
+    }
+    .context("putting the rule back")?;
+    let log = AuditLog::open(&args.audit_log, Rotation::default())
+        .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
+    let audit = AuditHandle::new(log);
+    let rec = audit.record_blocking(AuditEvent::RuleRestored {
+        removal_seq: args.id,
+        port: removed.port,
+        proto: removed.proto,
+        rule: removed.rule.clone(),
+    })?;
+    audit.flush()?;
+    println!(
+        "restored rule {} into {} {} {} ({placement:?}); audit seq {}",
+        removed.finding, rule.family, rule.table, rule.chain, rec.seq
+    );
+    Ok(ExitCode::SUCCESS)
+}

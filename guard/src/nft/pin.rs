@@ -1,0 +1,403 @@
+//! The pin: portguard's own nat table, whose chains run ahead of every other nat
+//! chain and apply the owner's own mapping to new connections for a pinned port.
+//! The first nat chain that sets a mapping for a connection wins, so a foreign
+//! DNAT never sees a new connection to a pinned port.
+//!
+//! Priority: the kernel refuses nat chains at priority -200 or lower (they would
+//! run before conntrack, `NF_IP_PRI_CONNTRACK`), so "-300" is impossible; the pin
+//! uses [`PIN_PRIORITY`] = -199, ahead of Docker's and iptables' `dstnat` (-100)
+//! and of any nat chain above -199. A chain at -199 too ties with it (the newest
+//! chain runs first): [`chains_not_behind`] reports those.
+//!
+//! Installed and updated as one transaction that deletes the table and writes it
+//! whole again (an atomic swap), removed as one transaction.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::{
+    attr::{self, NLA_F_NESTED},
+    expr::{NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM},
+    model::{Family, Hook, RulesetModel, Table},
+    transaction::{Op, Placement, Transaction},
+};
+use crate::policy::Proto;
+
+/// portguard's own table (one per family in use: `ip`, `ip6`).
+pub const PIN_TABLE: &str = "portguard";
+pub const PIN_PREROUTING_CHAIN: &str = "pin_prerouting";
+pub const PIN_OUTPUT_CHAIN: &str = "pin_output";
+/// The earliest priority the kernel accepts for a nat chain.
+pub const PIN_PRIORITY: i32 = -199;
+
+/// Whether a table is portguard's own pin table.
+pub fn is_pin_table(table: &Table) -> bool {
+    table.name == PIN_TABLE && matches!(table.family, Family::IP | Family::IP6)
+}
+
+/// One pinned mapping: new connections to `port` on a local address (or `host`
+/// only) go to `target`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Pin {
+    pub proto: Proto,
+    pub port: u16,
+    /// The host address the owner published on; none: every local address.
+    pub host: Option<IpAddr>,
+    pub target: SocketAddr,
+}
+
+impl Pin {
+    fn family(&self) -> Family {
+        if self.target.is_ipv6() {
+            Family::IP6
+        } else {
+            Family::IP
+        }
+    }
+
+    /// `nft` syntax, for people.
+    pub fn describe(&self, output: bool) -> String {
+        let daddr = match self.host {
+            Some(h) => format!("{} daddr {h}", if h.is_ipv6() { "ip6" } else { "ip" }),
+            None if output => "fib daddr type local (not loopback)".into(),
+            None => "fib daddr type local".into(),
+        };
+        format!(
+            "{} dport {} {daddr} dnat to {}",
+            self.proto, self.port, self.target
+        )
+    }
+
+    /// The rule's `NFTA_RULE_EXPRESSIONS`.
+    pub fn expressions(&self, output: bool) -> Vec<u8> {
+        let v6 = self.target.is_ipv6();
+        let mut list = Vec::new();
+        // meta l4proto == proto
+        push(
+            &mut list,
+            "meta",
+            &[
+                (NFTA_META_DREG, be(REG1)),
+                (NFTA_META_KEY, be(META_L4PROTO)),
+            ],
+        );
+        push_cmp(&mut list, CMP_EQ, &[self.proto.ip_proto()]);
+        // th dport == port
+        push(
+            &mut list,
+            "payload",
+            &[
+                (NFTA_PAYLOAD_DREG, be(REG1)),
+                (NFTA_PAYLOAD_BASE, be(PAYLOAD_TRANSPORT)),
+                (NFTA_PAYLOAD_OFFSET, be(2)),
+                (NFTA_PAYLOAD_LEN, be(2)),
+            ],
+        );
+        push_cmp(&mut list, CMP_EQ, &self.port.to_be_bytes());
+        let (daddr_offset, daddr_len) = if v6 { (24, 16) } else { (16, 4) };
+        match self.host {
+            Some(host) => {
+                push_daddr_load(&mut list, daddr_offset, daddr_len);
+                push_cmp(&mut list, CMP_EQ, &ip_bytes(host));
+            }
+            None => {
+                if output {
+                    // Not to loopback: Docker's own OUTPUT rule leaves it alone too.
+                    if v6 {
+                        push_daddr_load(&mut list, daddr_offset, daddr_len);
+                        push_cmp(&mut list, CMP_NEQ, &ip_bytes("::1".parse().expect("ip")));
+                    } else {
+                        push_daddr_load(&mut list, daddr_offset, 1);
+                        push_cmp(&mut list, CMP_NEQ, &[127]);
+                    }
+                }
+                push(
+                    &mut list,
+                    "fib",
+                    &[
+                        (NFTA_FIB_DREG, be(REG1)),
+                        (NFTA_FIB_RESULT, be(FIB_RESULT_ADDRTYPE)),
+                        (NFTA_FIB_FLAGS, be(FIB_F_DADDR)),
+                    ],
+                );
+                push_cmp(&mut list, CMP_EQ, &RTN_LOCAL.to_ne_bytes());
+            }
+        }
+        push(
+            &mut list,
+            "immediate",
+            &[
+                (NFTA_IMMEDIATE_DREG, be(REG1)),
+                (
+                    NFTA_IMMEDIATE_DATA | NLA_F_NESTED,
+                    value(&ip_bytes(self.target.ip())),
+                ),
+            ],
+        );
+        push(
+            &mut list,
+            "immediate",
+            &[
+                (NFTA_IMMEDIATE_DREG, be(REG2)),
+                (
+                    NFTA_IMMEDIATE_DATA | NLA_F_NESTED,
+                    value(&self.target.port().to_be_bytes()),
+                ),
+            ],
+        );
+        push(
+            &mut list,
+            "nat",
+            &[
+                (NFTA_NAT_TYPE, be(NAT_DNAT)),
+                (NFTA_NAT_FAMILY, be(u32::from(self.family().0))),
+                (NFTA_NAT_REG_ADDR_MIN, be(REG1)),
+                (NFTA_NAT_REG_PROTO_MIN, be(REG2)),
+            ],
+        );
+        list
+    }
+}
+
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const META_L4PROTO: u32 = 16;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const CMP_EQ: u32 = 0;
+const CMP_NEQ: u32 = 1;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const PAYLOAD_NETWORK: u32 = 1;
+const PAYLOAD_TRANSPORT: u32 = 2;
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const FIB_RESULT_ADDRTYPE: u32 = 3;
+const FIB_F_DADDR: u32 = 2;
+const RTN_LOCAL: u32 = 2;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NAT_DNAT: u32 = 1;
+const REG1: u32 = 1;
+const REG2: u32 = 2;
+
+fn be(v: u32) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+fn value(v: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    attr::put(&mut b, NFTA_DATA_VALUE, v);
+    b
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn push(list: &mut Vec<u8>, name: &str, data: &[(u16, Vec<u8>)]) {
+    let mut d = Vec::new();
+    for (t, p) in data {
+        attr::put(&mut d, *t, p);
+    }
+    let mut e = Vec::new();
+    attr::put_str(&mut e, NFTA_EXPR_NAME, name);
+    attr::put(&mut e, NFTA_EXPR_DATA | NLA_F_NESTED, &d);
+    attr::put(list, NFTA_LIST_ELEM | NLA_F_NESTED, &e);
+}
+
+fn push_cmp(list: &mut Vec<u8>, op: u32, data: &[u8]) {
+    push(
+        list,
+        "cmp",
+        &[
+            (NFTA_CMP_SREG, be(REG1)),
+            (NFTA_CMP_OP, be(op)),
+            (NFTA_CMP_DATA | NLA_F_NESTED, value(data)),
+        ],
+    );
+}
+
+fn push_daddr_load(list: &mut Vec<u8>, offset: u32, len: u32) {
+    push(
+        list,
+        "payload",
+        &[
+            (NFTA_PAYLOAD_DREG, be(REG1)),
+            (NFTA_PAYLOAD_BASE, be(PAYLOAD_NETWORK)),
+            (NFTA_PAYLOAD_OFFSET, be(offset)),
+            (NFTA_PAYLOAD_LEN, be(len)),
+        ],
+    );
+}
+
+/// The families whose pin table exists in `model`.
+pub fn installed_families(model: &RulesetModel) -> Vec<Family> {
+    model
+        .tables
+        .iter()
+        .filter(|t| is_pin_table(t))
+        .map(|t| t.family)
+        .collect()
+}
+
+/// One transaction that makes the pin tables hold exactly `pins`: the tables of
+/// `installed` families are deleted and written again whole (an atomic swap, so
+/// no new connection ever meets a half-written pin); a family left without pins
+/// loses its table.
+pub fn sync_transaction(installed: &[Family], pins: &[Pin]) -> Transaction {
+    let mut tx = Transaction::new();
+    for family in installed {
+        tx.push(Op::DeleteTable {
+            family: *family,
+            name: PIN_TABLE.into(),
+        });
+    }
+    for family in [Family::IP, Family::IP6] {
+        let of_family: Vec<&Pin> = pins.iter().filter(|p| p.family() == family).collect();
+        if of_family.is_empty() {
+            continue;
+        }
+        tx.push(Op::AddTable {
+            family,
+            name: PIN_TABLE.into(),
+        });
+        for (chain, hook) in [
+            (PIN_PREROUTING_CHAIN, Hook::Prerouting),
+            (PIN_OUTPUT_CHAIN, Hook::Output),
+        ] {
+            tx.push(Op::AddNatChain {
+                family,
+                table: PIN_TABLE.into(),
+                name: chain.into(),
+                hook,
+                priority: PIN_PRIORITY,
+            });
+            let output = hook == Hook::Output;
+            for pin in &of_family {
+                tx.push(Op::AddRule {
+                    family,
+                    table: PIN_TABLE.into(),
+                    chain: chain.into(),
+                    exprs: pin.expressions(output),
+                    userdata: Some(comment_udata(&format!(
+                        "portguard pin {}/{}",
+                        pin.proto, pin.port
+                    ))),
+                    compat_proto: None,
+                    placement: Placement::Append,
+                    summary: pin.describe(output),
+                });
+            }
+        }
+    }
+    tx
+}
+
+/// The rule comment as libnftnl stores it (`NFTNL_UDATA_RULE_COMMENT`, NUL-terminated).
+fn comment_udata(comment: &str) -> Vec<u8> {
+    let mut v = vec![0u8, (comment.len() + 1) as u8];
+    v.extend_from_slice(comment.as_bytes());
+    v.push(0);
+    v
+}
+
+/// A nat chain that runs at the pin's priority or ahead of it (so possibly
+/// before the pin), for families the pins use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainAhead {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+/// Every other nat base chain on prerouting/output not behind the pin.
+pub fn chains_not_behind(model: &RulesetModel) -> Vec<ChainAhead> {
+    let mut out = Vec::new();
+    for t in model.tables.iter().filter(|t| !is_pin_table(t)) {
+        for c in &t.chains {
+            let Some(b) = &c.base else { continue };
+            if b.kind == "nat"
+                && matches!(b.hook, Hook::Prerouting | Hook::Output)
+                && b.priority <= PIN_PRIORITY
+            {
+                out.push(ChainAhead {
+                    family: t.family,
+                    table: t.name.clone(),
+                    chain: c.name.clone(),
+                    hook: b.hook,
+                    priority: b.priority,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The lowest priority of the other nat chains (for "ahead of every other nat
+/// chain present: lowest other is N").
+pub fn lowest_other_nat_priority(model: &RulesetModel) -> Option<i32> {
+    model
+        .tables
+        .iter()
+        .filter(|t| !is_pin_table(t))
+        .flat_map(|t| &t.chains)
+        .filter_map(|c| c.base.as_ref())
+        .filter(|b| b.kind == "nat" && matches!(b.hook, Hook::Prerouting | Hook::Output))
+        .map(|b| b.priority)
+        .min()
+}
+
+/// One transaction that removes every pin table.
+pub fn teardown_transaction(installed: &[Family]) -> Transaction {
+    sync_transaction(installed, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::expr::decode_list;
+    use crate::nft::model::Expr;
+
+    #[test]
+    fn pin_rule_decodes_as_a_dnat_to_the_owner() {
+        let pin = Pin {
+            proto: Proto::Tcp,
+            port: 80,
+            host: None,
+            target: "203.0.113.2:8080".parse().unwrap(),
+        };
+        let exprs = decode_list(&pin.expressions(false));
+        assert!(
+            exprs.iter().any(|e| matches!(e, Expr::Nat { .. })),
+            "{exprs:?}"
+        );
+        assert!(
+            !exprs.iter().any(|e| matches!(e, Expr::Unknown { .. })),
+            "{exprs:?}"
+        );
+        let tx = sync_transaction(&[Family::IP], &[pin]);
+        let text = tx.to_string();
+        assert!(
+            text.starts_with("delete table ip portguard\nadd table ip portguard\n"),
+            "{text}"
+        );
+        assert!(text.contains("priority -199"), "{text}");
+        assert_eq!(teardown_transaction(&[Family::IP]).ops.len(), 1);
+    }
+}

@@ -1,0 +1,541 @@
+//! Writing to nf_tables: one atomic netlink batch per operation
+//! (`NFNL_MSG_BATCH_BEGIN` … `NFNL_MSG_BATCH_END`). Either every message of a
+//! [`Transaction`] takes effect or none does; each message asks for an ACK and
+//! every error the kernel reports is collected with the operation it belongs to.
+//!
+//! Rules are deleted by handle, so no other rule is touched; rules are
+//! re-created from their raw `NFTA_RULE_EXPRESSIONS` (byte for byte what the
+//! kernel dumped), at a position named by a neighbour's handle.
+
+use std::{
+    fmt, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use super::{
+    attr::{self, NLA_F_NESTED},
+    model::{Family, Hook},
+    netlink::{
+        NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
+        NFT_MSG_NEWTABLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
+        NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN,
+        NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION, NFTA_RULE_TABLE,
+        NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLMSG_ERROR, NLMSG_HDRLEN,
+    },
+};
+
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFTA_RULE_COMPAT: u16 = 5;
+const NFTA_RULE_COMPAT_PROTO: u16 = 1;
+const NFTA_RULE_COMPAT_FLAGS: u16 = 2;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_APPEND: u16 = 0x800;
+const NLM_F_CREATE: u16 = 0x400;
+const NF_ACCEPT: u32 = 1;
+
+/// How long to wait for the kernel's answers to a batch.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a re-created rule goes in its chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Right after the rule with this handle.
+    After(u64),
+    /// Right before the rule with this handle.
+    Before(u64),
+    /// At the end of the chain.
+    Append,
+    /// At the start of the chain.
+    Prepend,
+}
+
+/// One operation of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    DeleteRule {
+        family: Family,
+        table: String,
+        chain: String,
+        handle: u64,
+    },
+    AddRule {
+        family: Family,
+        table: String,
+        chain: String,
+        /// The `NFTA_RULE_EXPRESSIONS` payload (a list of nested `NFTA_LIST_ELEM`).
+        exprs: Vec<u8>,
+        userdata: Option<Vec<u8>>,
+        /// `NFTA_RULE_COMPAT` protocol for rules with iptables (`xt`) matches.
+        compat_proto: Option<u32>,
+        placement: Placement,
+        /// For people (dry runs, logs): what the rule does.
+        summary: String,
+    },
+    AddTable {
+        family: Family,
+        name: String,
+    },
+    AddNatChain {
+        family: Family,
+        table: String,
+        name: String,
+        hook: Hook,
+        priority: i32,
+    },
+    DeleteTable {
+        family: Family,
+        name: String,
+    },
+}
+
+impl fmt::Display for Op {
+    /// The operation in `nft` syntax, as far as it goes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DeleteRule {
+                family,
+                table,
+                chain,
+                handle,
+            } => write!(f, "delete rule {family} {table} {chain} handle {handle}"),
+            Self::AddRule {
+                family,
+                table,
+                chain,
+                placement,
+                summary,
+                exprs,
+                ..
+            } => {
+                let (verb, at) = match placement {
+                    Placement::After(h) => ("add", format!(" position {h}")),
+                    Placement::Before(h) => ("insert", format!(" position {h}")),
+                    Placement::Append => ("add", String::new()),
+                    Placement::Prepend => ("insert", String::new()),
+                };
+                write!(
+                    f,
+                    "{verb} rule {family} {table} {chain}{at} {summary} # {} bytes of expressions",
+                    exprs.len()
+                )
+            }
+            Self::AddTable { family, name } => write!(f, "add table {family} {name}"),
+            Self::AddNatChain {
+                family,
+                table,
+                name,
+                hook,
+                priority,
+            } => write!(
+                f,
+                "add chain {family} {table} {name} {{ type nat hook {hook} priority {priority}; policy accept; }}"
+            ),
+            Self::DeleteTable { family, name } => write!(f, "delete table {family} {name}"),
+        }
+    }
+}
+
+impl Op {
+    fn encode(&self, seq: u32, out: &mut Vec<u8>) {
+        let mut a = Vec::new();
+        let (msg, family, flags) = match self {
+            Self::DeleteRule {
+                family,
+                table,
+                chain,
+                handle,
+            } => {
+                attr::put_str(&mut a, NFTA_RULE_TABLE, table);
+                attr::put_str(&mut a, NFTA_RULE_CHAIN, chain);
+                attr::put(&mut a, NFTA_RULE_HANDLE, &handle.to_be_bytes());
+                (NFT_MSG_DELRULE, *family, 0)
+            }
+            Self::AddRule {
+                family,
+                table,
+                chain,
+                exprs,
+                userdata,
+                compat_proto,
+                placement,
+                ..
+            } => {
+                attr::put_str(&mut a, NFTA_RULE_TABLE, table);
+                attr::put_str(&mut a, NFTA_RULE_CHAIN, chain);
+                let mut flags = NLM_F_CREATE;
+                match placement {
+                    Placement::After(h) => {
+                        attr::put(&mut a, NFTA_RULE_POSITION, &h.to_be_bytes());
+                        flags |= NLM_F_APPEND;
+                    }
+                    Placement::Before(h) => {
+                        attr::put(&mut a, NFTA_RULE_POSITION, &h.to_be_bytes());
+                    }
+                    Placement::Append => flags |= NLM_F_APPEND,
+                    Placement::Prepend => {}
+                }
+                attr::put(&mut a, NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, exprs);
+                if let Some(proto) = compat_proto {
+                    let mut c = Vec::new();
+                    attr::put(&mut c, NFTA_RULE_COMPAT_PROTO, &proto.to_be_bytes());
+                    attr::put(&mut c, NFTA_RULE_COMPAT_FLAGS, &0u32.to_be_bytes());
+                    attr::put(&mut a, NFTA_RULE_COMPAT | NLA_F_NESTED, &c);
+                }
+                if let Some(u) = userdata {
+                    attr::put(&mut a, NFTA_RULE_USERDATA, u);
+                }
+                (NFT_MSG_NEWRULE, *family, flags)
+            }
+            Self::AddTable { family, name } => {
+                attr::put_str(&mut a, NFTA_TABLE_NAME, name);
+                attr::put(&mut a, NFTA_TABLE_FLAGS, &0u32.to_be_bytes());
+                (NFT_MSG_NEWTABLE, *family, NLM_F_CREATE)
+            }
+            Self::AddNatChain {
+                family,
+                table,
+                name,
+                hook,
+                priority,
+            } => {
+                attr::put_str(&mut a, NFTA_CHAIN_TABLE, table);
+                attr::put_str(&mut a, NFTA_CHAIN_NAME, name);
+                let mut h = Vec::new();
+                attr::put(&mut h, NFTA_HOOK_HOOKNUM, &hook_number(*hook).to_be_bytes());
+                attr::put(&mut h, NFTA_HOOK_PRIORITY, &priority.to_be_bytes());
+                attr::put(&mut a, NFTA_CHAIN_HOOK | NLA_F_NESTED, &h);
+                attr::put(&mut a, NFTA_CHAIN_POLICY, &NF_ACCEPT.to_be_bytes());
+                attr::put_str(&mut a, NFTA_CHAIN_TYPE, "nat");
+                (NFT_MSG_NEWCHAIN, *family, NLM_F_CREATE)
+            }
+            Self::DeleteTable { family, name } => {
+                attr::put_str(&mut a, NFTA_TABLE_NAME, name);
+                (NFT_MSG_DELTABLE, *family, 0)
+            }
+        };
+        put_message(
+            out,
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            seq,
+            family.0,
+            0,
+            &a,
+        );
+    }
+}
+
+fn hook_number(hook: Hook) -> u32 {
+    match hook {
+        Hook::Prerouting => 0,
+        Hook::Input => 1,
+        Hook::Forward => 2,
+        Hook::Output => 3,
+        Hook::Postrouting => 4,
+        Hook::Ingress => 5,
+        Hook::Other(n) => n,
+    }
+}
+
+fn put_message(
+    out: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
+    let len = NLMSG_HDRLEN + 4 + attrs.len();
+    out.extend_from_slice(&(len as u32).to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.push(family);
+    out.push(0);
+    out.extend_from_slice(&res_id.to_be_bytes());
+    out.extend_from_slice(attrs);
+    out.resize(attr::align4(out.len()), 0);
+}
+
+/// Operations applied together or not at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transaction {
+    pub ops: Vec<Op>,
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, op: Op) -> &mut Self {
+        self.ops.push(op);
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The whole batch as bytes: begin, one message per operation (sequence
+    /// numbers `first_seq + 1…`), end.
+    pub fn encode(&self, first_seq: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.ops.len() * 128);
+        put_message(
+            &mut out,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            first_seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        for (i, op) in self.ops.iter().enumerate() {
+            op.encode(first_seq + 1 + i as u32, &mut out);
+        }
+        put_message(
+            &mut out,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            first_seq + 1 + self.ops.len() as u32,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        out
+    }
+}
+
+impl fmt::Display for Transaction {
+    /// The batch as `nft -f` would read it (one operation a line).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for op in &self.ops {
+            writeln!(f, "{op}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One operation the kernel refused.
+#[derive(Debug)]
+pub struct OpFailure {
+    pub index: usize,
+    pub op: String,
+    pub error: io::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    #[error("cannot open a NETLINK_NETFILTER socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("netlink {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kernel rejected the transaction (nothing applied): {}", failures.iter().map(|f| format!("`{}`: {}", f.op, f.error)).collect::<Vec<_>>().join("; "))]
+    Rejected { failures: Vec<OpFailure> },
+    #[error("no answer from the kernel for {0} operation(s) of the transaction")]
+    NoAnswer(usize),
+}
+
+impl TransactionError {
+    /// Whether every failure says the object is gone already (`ENOENT`).
+    pub fn all_missing(&self) -> bool {
+        matches!(self, Self::Rejected { failures } if !failures.is_empty()
+            && failures.iter().all(|f| f.error.raw_os_error() == Some(libc::ENOENT)))
+    }
+}
+
+/// A `NETLINK_NETFILTER` socket that commits transactions, in the network
+/// namespace of the thread that opened it.
+pub struct NftWriter {
+    fd: OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl NftWriter {
+    pub fn open() -> Result<Self, TransactionError> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(TransactionError::Socket(io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            fd,
+            seq: std::process::id().wrapping_mul(7919),
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Commits `tx` atomically: `Ok` once the kernel acknowledged every operation.
+    pub fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let first = self.seq;
+        self.seq = self.seq.wrapping_add(tx.ops.len() as u32 + 2);
+        let bytes = tx.encode(first);
+        // SAFETY: our own buffer on our socket; the kernel is the default peer.
+        let rc = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        if rc < 0 {
+            return Err(TransactionError::Io {
+                what: "send",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let mut answered = vec![false; tx.ops.len()];
+        let mut failures = Vec::new();
+        while answered.iter().any(|a| !a) {
+            if !self.readable(ACK_TIMEOUT)? {
+                // After a failure the kernel answers only what it processed.
+                if !failures.is_empty() {
+                    break;
+                }
+                return Err(TransactionError::NoAnswer(
+                    answered.iter().filter(|a| !**a).count(),
+                ));
+            }
+            // SAFETY: receiving into our own buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(TransactionError::Io {
+                    what: "recv",
+                    source: err,
+                });
+            }
+            let b = &self.buf[..n as usize];
+            let mut pos = 0;
+            while pos + NLMSG_HDRLEN <= b.len() {
+                let len = u32::from_ne_bytes(b[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes([b[pos + 4], b[pos + 5]]);
+                let seq = u32::from_ne_bytes(b[pos + 8..pos + 12].try_into().expect("4 bytes"));
+                if len < NLMSG_HDRLEN || pos + len > b.len() {
+                    break;
+                }
+                let index = seq.wrapping_sub(first).wrapping_sub(1) as usize;
+                if ty == NLMSG_ERROR && index < tx.ops.len() && len >= NLMSG_HDRLEN + 4 {
+                    answered[index] = true;
+                    let code = i32::from_ne_bytes(
+                        b[pos + NLMSG_HDRLEN..pos + NLMSG_HDRLEN + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    );
+                    if code != 0 {
+                        failures.push(OpFailure {
+                            index,
+                            op: tx.ops[index].to_string(),
+                            error: io::Error::from_raw_os_error(-code),
+                        });
+                    }
+                }
+                pos += attr::align4(len);
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(TransactionError::Rejected { failures })
+        }
+    }
+
+    fn readable(&self, timeout: Duration) -> Result<bool, TransactionError> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd we own.
+            let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(TransactionError::Io {
+                    what: "poll",
+                    source: err,
+                });
+            }
+            return Ok(rc > 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::attr::Attrs;
+
+    #[test]
+    fn a_batch_is_begin_messages_end_with_consecutive_sequence_numbers() {
+        let mut tx = Transaction::new();
+        tx.push(Op::DeleteRule {
+            family: Family::IP,
+            table: "nat".into(),
+            chain: "CNI-HOSTPORT-DNAT".into(),
+            handle: 42,
+        })
+        .push(Op::AddTable {
+            family: Family::IP6,
+            name: "portguard".into(),
+        });
+        let b = tx.encode(100);
+        let mut pos = 0;
+        let mut seen = Vec::new();
+        while pos < b.len() {
+            let len = u32::from_ne_bytes(b[pos..pos + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([b[pos + 4], b[pos + 5]]);
+            let seq = u32::from_ne_bytes(b[pos + 8..pos + 12].try_into().unwrap());
+            seen.push((ty, seq, b[pos + 16]));
+            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE {
+                let attrs: Vec<_> = Attrs::new(&b[pos + 20..pos + len]).flatten().collect();
+                assert_eq!(attrs[2], (NFTA_RULE_HANDLE, &42u64.to_be_bytes()[..]));
+            }
+            pos += attr::align4(len);
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (NFNL_MSG_BATCH_BEGIN, 100, 0),
+                ((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE, 101, 2),
+                ((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE, 102, 10),
+                (NFNL_MSG_BATCH_END, 103, 0),
+            ]
+        );
+        assert_eq!(
+            tx.to_string(),
+            "delete rule ip nat CNI-HOSTPORT-DNAT handle 42\nadd table ip6 portguard\n"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! Remediation end to end: the incident rebuilt in namespaces (see
+//! `portguard_tests::incident`), a real `portguard run` guarding the host
+//! namespace's ruleset (`--netns`), `portguard fix` and `portguard restore`.
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use portguard_tests::{
+    agent::Agent,
+    cgroup::Cgroup,
+    incident::{HOST4, IncidentLab, PROTECTED, SITE, TRAEFIK_404, ask_here, in_ns, sh},
+    portguard_bin, unique_name,
+};
+use serde_json::Value;
+
+/// Starts the agent guarding the lab's host namespace and waits until its
+/// rule guard has read the ruleset.
+fn start_agent(lab: &IncidentLab, cgroup: &Cgroup) -> Agent {
+    let mut agent = Agent::start([
+        "run".as_ref(),
+        "--mode".as_ref(),
+        "enforce".as_ref(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--netns".as_ref(),
+        lab.h.name().as_ref(),
+        "--config".as_ref(),
+        lab.policy.as_os_str(),
+    ]);
+    agent.wait_for(Duration::from_secs(20), |v| {
+        v["message"] == "rule guard ready: watching nftables changes"
+    });
+    agent
+}
+
+fn removed(v: &Value) -> bool {
+    v["message"] == "foreign NAT rule removed"
+}
+
+#[test]
+fn the_incident_end_to_end_the_site_is_back_within_milliseconds() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    for port in PROTECTED {
+        assert_eq!(lab.ask(port).as_deref(), Some(SITE), "before the hijack");
+    }
+    let docker_before = lab.iptables_chain("DOCKER");
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+
+    lab.hijack();
+    let done = Instant::now();
+    // Both DNAT rules of the CNI-DN chain go, each announced with its latency.
+    let mut ports = Vec::new();
+    while ports.len() < PROTECTED.len() {
+        let v = agent.wait_for(Duration::from_secs(5), removed);
+        assert_eq!(v["source"], "cni-portmap", "{v}");
+        let latency_us = v["latency_us"].as_u64().expect("latency_us");
+        assert!(
+            latency_us < 100_000,
+            "removal took {latency_us} µs after the notification: {v}"
+        );
+        ports.push(v["port"].as_u64().unwrap());
+    }
+    ports.sort();
+    assert_eq!(ports, vec![80, 443]);
+    for port in PROTECTED {
+        assert_eq!(
+            lab.ask(port).as_deref(),
+            Some(SITE),
+            "port {port} after the removal ({:?} after the hijack)\n{}",
+            done.elapsed(),
+            lab.ruleset()
+        );
+    }
+    // The owner's rules are untouched; the pod's jump chain is still there (only
+    // the rewrites of protected ports were removed, nothing else).
+    assert_eq!(lab.iptables_chain("DOCKER"), docker_before);
+    assert!(
+        lab.iptables_chain("PREROUTING")
+            .contains("CNI-HOSTPORT-DNAT")
+    );
+
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success(), "{status}");
+    let removals: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["kind"] == "rule_removed")
+        .collect();
+    assert_eq!(removals.len(), 2, "{audit:?}");
+    for r in removals {
+        // Recorded whole before removal: raw expressions, chain, position, handle.
+        assert!(r["rule"]["expressions"].as_str().unwrap().len() > 40, "{r}");
+        assert!(r["rule"]["chain"].as_str().unwrap().starts_with("CNI-DN-"));
+        assert!(r["rule"]["handle"].as_u64().unwrap() > 0);
+        assert!(r["rule"]["position"].as_u64().unwrap() >= 1);
+        assert_eq!(r["source"], "cni-portmap");
+    }
+}
+
+#[test]
+fn a_fight_every_return_is_removed_counted_and_logged_rate_limited() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let agent = start_agent(&lab, &cgroup);
+    // kube-proxy-style: the same rule re-created again and again.
+    sh(
+        &lab.h,
+        "nft add table ip kp
+         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'",
+    );
+    const ROUNDS: usize = 5;
+    for round in 0..ROUNDS {
+        sh(
+            &lab.h,
+            "nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130 comment \"kube-proxy\"",
+        );
+        // Gone again before the next attempt.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab
+            .h
+            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+            .contains("dnat")
+        {
+            assert!(Instant::now() < deadline, "round {round}: not removed");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(lab.ask(80).as_deref(), Some(SITE), "round {round}");
+    }
+    let (status, lines, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let removals: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["kind"] == "rule_removed")
+        .collect();
+    assert_eq!(removals.len(), ROUNDS, "every return recorded: {audit:?}");
+    // Log lines are rate limited: the first removal is logged, the returns
+    // within the period only counted.
+    let logged: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(removed)
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["returns"], 0);
+}
+
+fn portguard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(portguard_bin())
+        .args(args)
+        .output()
+        .expect("run portguard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn fix_dry_run_prints_the_transaction_fix_removes_restore_puts_back() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let policy = lab.policy.to_str().unwrap();
+    let audit = std::env::temp_dir().join(unique_name("pg-rem-audit") + ".jsonl");
+    let audit_s = audit.to_str().unwrap();
+    let ns = lab.h.name();
+    let (code, out, err) = portguard(&["fix", "--dry-run", "--netns", ns, "--config", policy]);
+    assert_eq!(code, 0, "clean: {out}{err}");
+
+    lab.hijack();
+    assert_eq!(lab.ask(80).as_deref(), Some(TRAEFIK_404), "hijacked");
+    let before = lab.ruleset();
+    let (code, out, err) = portguard(&["fix", "--dry-run", "--netns", ns, "--config", policy]);
+    assert_eq!(code, 1, "{out}{err}");
+    let deletes: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("delete rule ip nat CNI-DN-"))
+        .collect();
+    assert_eq!(deletes.len(), 2, "{out}");
+    assert_eq!(lab.ruleset(), before, "a dry run changes nothing");
+    // Each printed handle is the kernel's.
+    for d in &deletes {
+        let handle = d.rsplit(' ').next().unwrap();
+        assert!(
+            before.contains(&format!("# handle {handle}\n")),
+            "{d}\n{before}"
+        );
+    }
+
+    let (code, out, err) = portguard(&[
+        "fix",
+        "--netns",
+        ns,
+        "--config",
+        policy,
+        "--audit-log",
+        audit_s,
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    for port in PROTECTED {
+        assert_eq!(lab.ask(port).as_deref(), Some(SITE), "fixed");
+    }
+    let (code, out, _) = portguard(&["fix", "--dry-run", "--netns", ns, "--config", policy]);
+    assert_eq!(code, 0, "clean after fix: {out}");
+
+    // Restore the port-80 removal: the pod answers again, the rule is back
+    // between the same neighbours, byte for byte what iptables-nft wrote.
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let r80 = records
+        .iter()
+        .find(|r| r["kind"] == "rule_removed" && r["port"] == 80)
+        .expect("removal of port 80");
+    let seq = r80["seq"].as_u64().unwrap().to_string();
+    let (code, out, err) = portguard(&["restore", &seq, "--netns", ns, "--audit-log", audit_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        lab.ask(80).as_deref(),
+        Some(TRAEFIK_404),
+        "restored rule works"
+    );
+    assert_eq!(lab.ask(443).as_deref(), Some(SITE), "only the one restored");
+    let chain = r80["rule"]["chain"].as_str().unwrap();
+    let listed = lab.iptables_chain(chain);
+    assert!(
+        listed.contains("--dport 80 -j DNAT --to-destination 203.0.113.130:80"),
+        "{listed}"
+    );
+    let position = r80["rule"]["position"].as_u64().unwrap() as usize;
+    let dnat_line = listed
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .position(|l| l.contains("--dport 80 -j DNAT"))
+        .unwrap()
+        + 1;
+    assert_eq!(dnat_line, position, "same position\n{listed}");
+    // An unknown id is an error (exit 2).
+    let (code, _, _) = portguard(&["restore", "999999", "--netns", ns, "--audit-log", audit_s]);
+    assert_eq!(code, 2);
+    for f in portguard_tests::audit_files(&audit) {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Opens new connections from the client at `rate` per second until stopped;
+/// counts who answered.
+struct Load {
+    stop: Arc<AtomicBool>,
+    site: Arc<AtomicU64>,
+    other: Arc<AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(lab: &IncidentLab, port: u16, rate: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let site = Arc::new(AtomicU64::new(0));
+        let other = Arc::new(AtomicU64::new(0));
+        let (s, a, b) = (stop.clone(), site.clone(), other.clone());
+        let ns = lab.c.name().to_owned();
+        let handle = thread::spawn(move || {
+            in_ns(&ns, move || {
+                let period = Duration::from_secs(1) / rate;
+                let mut next = Instant::now();
+                while !s.load(Ordering::Relaxed) {
+                    match ask_here(HOST4.parse().unwrap(), port, Duration::from_millis(500)) {
+                        Some(x) if x == SITE => a.fetch_add(1, Ordering::Relaxed),
+                        _ => b.fetch_add(1, Ordering::Relaxed),
+                    };
+                    next += period;
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        thread::sleep(d);
+                    }
+                }
+            })
+        });
+        Self {
+            stop,
+            site,
+            other,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        (
+            self.site.load(Ordering::Relaxed),
+            self.other.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn pin_not_one_new_connection_reaches_the_pod() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    // The pins are in before the rule guard says it is ready.
+    let agent = start_agent(&lab, &cgroup);
+    let table = lab.h.exec(["nft", "list", "table", "ip", "portguard"]);
+    assert!(table.contains("priority -199"), "{table}");
+    assert!(table.contains("dnat to 203.0.113.2:80"), "{table}");
+
+    let load = Load::start(&lab, 80, 500);
+    thread::sleep(Duration::from_millis(200));
+    lab.hijack();
+    for _ in 0..3 {
+        // The fight: the pod's rules come back, again and again.
+        sh(
+            &lab.h,
+            "for c in $(iptables -t nat -S | sed -n 's/^-N \\(CNI-DN-[^ ]*\\)$/\\1/p'); do
+               iptables -t nat -I $c 1 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.130:80
+             done",
+        );
+        thread::sleep(Duration::from_millis(150));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let (site, other) = load.finish();
+    assert!(site > 200, "the load ran: {site} answered by the site");
+    assert_eq!(
+        other,
+        0,
+        "{other} of {} new connections not answered by the owner",
+        site + other
+    );
+
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    assert!(
+        audit.iter().any(|r| r["kind"] == "pin_installed"),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().any(|r| r["kind"] == "pin_removed"),
+        "{audit:?}"
+    );
+    // No pin outlives the agent.
+    let ruleset = lab.ruleset();
+    assert!(!ruleset.contains("table ip portguard"), "{ruleset}");
+}
+
+/// Polls `nft list ruleset` of the lab's host until `pred` holds.
+fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = lab.ruleset();
+        if pred(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{r}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pin_follows_the_owner_reports_chains_ahead_and_goes_with_the_owner() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    wait_ruleset(&lab, "pinned to the owner", |r| {
+        r.contains("table ip portguard") && r.contains("dnat to 203.0.113.2:80")
+    });
+
+    // The container restarts with a new address: Docker rewrites its rule.
+    sh(&lab.o, "ip addr add 203.0.113.3/26 dev eth0");
+    sh(
+        &lab.h,
+        "iptables -t nat -R DOCKER 2 ! -i docker0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 203.0.113.3:80",
+    );
+    wait_ruleset(&lab, "the pin follows the new address", |r| {
+        r.contains("dnat to 203.0.113.3:80")
+            && !r.contains("dnat to 203.0.113.2:80 comment \"portguard")
+    });
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+
+    // Another nat chain at the pin's own priority: reported.
+    sh(
+        &lab.h,
+        "nft add table ip early
+         nft 'add chain ip early pre { type nat hook prerouting priority -199; }'",
+    );
+    agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"] == "a nat chain runs at or ahead of the pin's priority"
+    });
+
+    // The owner goes away: so does the pin.
+    sh(&lab.h, "iptables -t nat -F DOCKER");
+    wait_ruleset(&lab, "no pin without an owner", |r| {
+        !r.contains("table ip portguard")
+    });
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let kinds: Vec<&str> = audit.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert!(kinds.contains(&"pin_installed"), "{kinds:?}");
+    assert!(kinds.contains(&"pin_updated"), "{kinds:?}");
+    assert!(kinds.contains(&"pin_removed"), "{kinds:?}");
+}
+
+#[test]
+fn an_overflowing_notification_socket_says_so_and_the_guard_resyncs() {
+    use portguard::nft::monitor::{Applied, Change, RulesetMonitor, apply};
+    portguard_tests::require_root();
+    let ns = portguard_tests::netns::NetNs::new("pg-rem-enobufs");
+    let mut mon = in_ns(ns.name(), || {
+        RulesetMonitor::open_with_buffer(4096).expect("monitor")
+    });
+    // One transaction of 500 rules: far more notifications than 4 KiB hold.
+    let mut rules = String::from(
+        "add table ip t\nadd chain ip t pre { type nat hook prerouting priority -100; }\n",
+    );
+    for i in 0..500 {
+        rules += &format!("add rule ip t pre tcp dport {} accept\n", 1000 + i);
+    }
+    ns.nft_load(&rules);
+    let mut changes = Vec::new();
+    mon.drain(&mut changes).expect("drain");
+    let overruns = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Overrun))
+        .count();
+    assert!(overruns >= 1, "{} changes, no overrun", changes.len());
+    let mut model = portguard::nft::RulesetModel::default();
+    assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
+}
