@@ -246,6 +246,9 @@ fn fix_dry_run_prints_the_transaction_fix_removes_restore_puts_back() {
         .unwrap()
         + 1;
     assert_eq!(dnat_line, position, "same position\n{listed}");
+    // A namespace that does not exist is an error (exit 2), not a finding.
+    let (code, _, err) = portguard(&["fix", "--netns", "pg-rem-missing", "--config", policy]);
+    assert_eq!(code, 2, "{err}");
     // An unknown id is an error (exit 2).
     let (code, _, _) = portguard(&["restore", "999999", "--netns", ns, "--audit-log", audit_s]);
     assert_eq!(code, 2);
