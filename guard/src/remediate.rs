@@ -603,7 +603,7 @@ impl RuleGuard {
             rules: st.model.rule_count(),
             full_read: true,
         });
-        self.reconcile(&mut st, &mut act, None, None).await?;
+        self.settle(&mut st, &mut act, None, None).await?;
         info!(
             rules = st.model.rule_count(),
             netns = ns.as_deref().unwrap_or("host"),
@@ -658,7 +658,7 @@ impl RuleGuard {
                     }
                     let scope = scope.filter(|_| !resync);
                     if (resync || updated)
-                        && let Err(e) = self.reconcile(&mut st, &mut act, Some(seen), scope.as_ref()).await
+                        && let Err(e) = self.settle(&mut st, &mut act, Some(seen), scope.as_ref()).await
                     {
                         break Err(e);
                     }
@@ -673,7 +673,7 @@ impl RuleGuard {
                             Ok((_, addrs)) => st.addrs = addrs,
                             Err(e) => break Err(e),
                         }
-                        if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                        if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                             break Err(e);
                         }
                     }
@@ -686,7 +686,7 @@ impl RuleGuard {
                     }
                     let owners = self.owners.borrow_and_update().clone();
                     st.owned = self.owned_targets(&owners);
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                    if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
@@ -695,7 +695,7 @@ impl RuleGuard {
                     if let Err(e) = self.full_read(&mut st).await {
                         break Err(e);
                     }
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                    if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
@@ -761,6 +761,26 @@ impl RuleGuard {
     fn report(&self, r: GuardReport) {
         // The agent loop may be slow to read: never block the hot path on it.
         let _ = self.reports.try_send(r);
+    }
+
+    /// [`Self::reconcile`]; a transaction the kernel refused (the ruleset moved
+    /// under it: a chain deleted, a rule replaced) is retried once on a fresh
+    /// full read before it counts as an error.
+    async fn settle(
+        &self,
+        st: &mut GuardState,
+        act: &mut Remediation,
+        seen: Option<Instant>,
+        scope: Option<&Scope>,
+    ) -> Result<(), RemediationError> {
+        match self.reconcile(st, act, seen, scope).await {
+            Err(RemediationError::Transaction(e)) => {
+                warn!("transaction refused, re-reading the ruleset and retrying: {e}");
+                self.full_read(st).await?;
+                self.reconcile(st, act, seen, None).await
+            }
+            other => other,
+        }
     }
 
     /// Inspect, decide, act; then keep the pins in sync.
