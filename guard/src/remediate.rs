@@ -617,12 +617,17 @@ impl RuleGuard {
             tokio::select! {
                 _ = stop.changed() => break Ok(()),
                 ready = mon.readable_mut() => {
-                    let mut guard = ready?;
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => break Err(e.into()),
+                    };
                     let seen = Instant::now();
                     changes.clear();
                     let drained = guard.get_inner_mut().drain(&mut changes);
                     guard.clear_ready();
-                    drained?;
+                    if let Err(e) = drained {
+                        break Err(e.into());
+                    }
                     let mut resync = false;
                     let mut updated = false;
                     // What this batch can affect: when it only adds rules, the
@@ -664,14 +669,26 @@ impl RuleGuard {
                     }
                 }
                 ready = addr_mon.readable_mut() => {
-                    let mut guard = ready?;
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => break Err(e.into()),
+                    };
                     let changed = guard.get_inner_mut().changed();
                     guard.clear_ready();
-                    if changed? {
+                    let changed = match changed {
+                        Ok(c) => c,
+                        Err(e) => break Err(e.into()),
+                    };
+                    if changed {
                         debug!("addresses changed: re-inspecting");
-                        match read_ruleset(ns.clone()).await {
-                            Ok((_, addrs)) => st.addrs = addrs,
-                            Err(e) => break Err(e),
+                        let addrs = match ns.as_deref() {
+                            None => nft::local::local_addresses(),
+                            Some(ns) => nft::netlink::in_netns(ns, nft::local::local_addresses)
+                                .and_then(|r| r),
+                        };
+                        match addrs {
+                            Ok(addrs) => st.addrs = addrs,
+                            Err(e) => break Err(e.into()),
                         }
                         if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                             break Err(e);
@@ -690,8 +707,20 @@ impl RuleGuard {
                         break Err(e);
                     }
                 }
-                _ = legacy.tick(), if st.model.tables.iter().any(|t| t.origin == TableOrigin::IptablesLegacy) => {
-                    // iptables-legacy announces nothing: polled while in use.
+                _ = legacy.tick() => {
+                    // iptables-legacy announces nothing: re-read while it is in use
+                    // (or was: its tables went away). Otherwise one /proc read.
+                    let had = st.model.tables.iter().any(|t| t.origin == TableOrigin::IptablesLegacy);
+                    let in_use = match ns.as_deref() {
+                        None => nft::legacy::nat_in_use(),
+                        Some(ns) => match nft::netlink::in_netns(ns, nft::legacy::nat_in_use) {
+                            Ok(u) => u,
+                            Err(e) => break Err(e.into()),
+                        },
+                    };
+                    if !had && !in_use {
+                        continue;
+                    }
                     if let Err(e) = self.full_read(&mut st).await {
                         break Err(e);
                     }

@@ -448,3 +448,39 @@ fn an_overflowing_notification_socket_says_so_and_the_guard_resyncs() {
     let mut model = portguard::nft::RulesetModel::default();
     assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
 }
+
+#[test]
+fn legacy_iptables_rules_are_polled_once_in_use_and_reported() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = Agent::start([
+        "run".as_ref(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--netns".as_ref(),
+        lab.h.name().as_ref(),
+        "--config".as_ref(),
+        lab.policy.as_os_str(),
+        "--legacy-poll".as_ref(),
+        "1".as_ref(),
+    ]);
+    agent.wait_for(Duration::from_secs(20), |v| {
+        v["message"] == "rule guard ready: watching nftables changes"
+    });
+    // x_tables announces nothing: the agent finds it by polling, once in use.
+    sh(
+        &lab.h,
+        "iptables-legacy -t nat -A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 203.0.113.130:80",
+    );
+    let v = agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("iptables-legacy rule: not removable over netlink"))
+    });
+    assert_eq!(v["port"], 80, "{v}");
+    let _ = lab
+        .h
+        .command(["iptables-legacy", "-t", "nat", "-F"])
+        .status();
+}
