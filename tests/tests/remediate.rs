@@ -484,3 +484,29 @@ fn legacy_iptables_rules_are_polled_once_in_use_and_reported() {
         .command(["iptables-legacy", "-t", "nat", "-F"])
         .status();
 }
+
+#[test]
+fn a_policy_reload_restarts_the_rule_guard_which_keeps_guarding() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "policy reloaded"
+    });
+    agent.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "rule guard ready: watching nftables changes"
+    });
+    wait_ruleset(&lab, "pinned again after the reload", |r| {
+        r.contains("table ip portguard")
+    });
+    lab.hijack();
+    agent.wait_for(Duration::from_secs(5), removed);
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+    let (status, _, _) = agent.stop_with_audit();
+    assert!(status.success());
+    let r = lab.ruleset();
+    assert!(!r.contains("table ip portguard"), "{r}");
+}
