@@ -1261,3 +1261,56 @@ mod k8s_tests {
         assert!(rec.source.contains("svclb-traefik-abcde"), "{}", rec.source);
     }
 }
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::nft::{
+        model::Rule,
+        netlink::{
+            decode_messages,
+            tests::{sample_dump, sample_input},
+        },
+    };
+
+    /// The sample rule (handle 7) recorded between neighbours 5 and 9.
+    fn recorded() -> (RulesetModel, RecordedRule) {
+        let model = decode_messages(&sample_dump());
+        let findings = nft::inspect(&model, &sample_input());
+        let mut rule = ForeignRule::capture(&model, findings).unwrap();
+        (rule.prev_handle, rule.next_handle, rule.position) = (Some(5), Some(9), 2);
+        let rec = serde_json::from_value(rule.audit_record().rule).unwrap();
+        (model, rec)
+    }
+
+    fn with_rules(mut model: RulesetModel, handles: &[u64]) -> RulesetModel {
+        model.tables[0].chains[0].rules = handles
+            .iter()
+            .map(|h| Rule::new(*h, Vec::new(), None))
+            .collect();
+        model
+    }
+
+    #[test]
+    fn a_restore_goes_back_next_to_the_neighbours_that_are_left() {
+        let (model, rec) = recorded();
+        let at = |handles: &[u64]| {
+            rec.restore_transaction(&with_rules(model.clone(), handles))
+                .unwrap()
+                .1
+        };
+        assert_eq!(at(&[5, 9]), Placement::After(5));
+        assert_eq!(at(&[9]), Placement::Before(9));
+        assert_eq!(
+            at(&[1]),
+            Placement::Append,
+            "was not first: back at the end"
+        );
+        let mut gone = model.clone();
+        gone.tables[0].chains.clear();
+        assert!(matches!(
+            rec.restore_transaction(&gone),
+            Err(RestoreError::ChainGone { .. })
+        ));
+    }
+}
