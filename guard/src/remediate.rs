@@ -603,7 +603,7 @@ impl RuleGuard {
             rules: st.model.rule_count(),
             full_read: true,
         });
-        self.reconcile(&mut st, &mut act, None, None).await?;
+        self.settle(&mut st, &mut act, None, None).await?;
         info!(
             rules = st.model.rule_count(),
             netns = ns.as_deref().unwrap_or("host"),
@@ -617,12 +617,17 @@ impl RuleGuard {
             tokio::select! {
                 _ = stop.changed() => break Ok(()),
                 ready = mon.readable_mut() => {
-                    let mut guard = ready?;
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => break Err(e.into()),
+                    };
                     let seen = Instant::now();
                     changes.clear();
                     let drained = guard.get_inner_mut().drain(&mut changes);
                     guard.clear_ready();
-                    drained?;
+                    if let Err(e) = drained {
+                        break Err(e.into());
+                    }
                     let mut resync = false;
                     let mut updated = false;
                     // What this batch can affect: when it only adds rules, the
@@ -658,22 +663,34 @@ impl RuleGuard {
                     }
                     let scope = scope.filter(|_| !resync);
                     if (resync || updated)
-                        && let Err(e) = self.reconcile(&mut st, &mut act, Some(seen), scope.as_ref()).await
+                        && let Err(e) = self.settle(&mut st, &mut act, Some(seen), scope.as_ref()).await
                     {
                         break Err(e);
                     }
                 }
                 ready = addr_mon.readable_mut() => {
-                    let mut guard = ready?;
+                    let mut guard = match ready {
+                        Ok(g) => g,
+                        Err(e) => break Err(e.into()),
+                    };
                     let changed = guard.get_inner_mut().changed();
                     guard.clear_ready();
-                    if changed? {
+                    let changed = match changed {
+                        Ok(c) => c,
+                        Err(e) => break Err(e.into()),
+                    };
+                    if changed {
                         debug!("addresses changed: re-inspecting");
-                        match read_ruleset(ns.clone()).await {
-                            Ok((_, addrs)) => st.addrs = addrs,
-                            Err(e) => break Err(e),
+                        let addrs = match ns.as_deref() {
+                            None => nft::local::local_addresses(),
+                            Some(ns) => nft::netlink::in_netns(ns, nft::local::local_addresses)
+                                .and_then(|r| r),
+                        };
+                        match addrs {
+                            Ok(addrs) => st.addrs = addrs,
+                            Err(e) => break Err(e.into()),
                         }
-                        if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                        if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                             break Err(e);
                         }
                     }
@@ -686,16 +703,28 @@ impl RuleGuard {
                     }
                     let owners = self.owners.borrow_and_update().clone();
                     st.owned = self.owned_targets(&owners);
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                    if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
-                _ = legacy.tick(), if st.model.tables.iter().any(|t| t.origin == TableOrigin::IptablesLegacy) => {
-                    // iptables-legacy announces nothing: polled while in use.
+                _ = legacy.tick() => {
+                    // iptables-legacy announces nothing: re-read while it is in use
+                    // (or was: its tables went away). Otherwise one /proc read.
+                    let had = st.model.tables.iter().any(|t| t.origin == TableOrigin::IptablesLegacy);
+                    let in_use = match ns.as_deref() {
+                        None => nft::legacy::nat_in_use(),
+                        Some(ns) => match nft::netlink::in_netns(ns, nft::legacy::nat_in_use) {
+                            Ok(u) => u,
+                            Err(e) => break Err(e.into()),
+                        },
+                    };
+                    if !had && !in_use {
+                        continue;
+                    }
                     if let Err(e) = self.full_read(&mut st).await {
                         break Err(e);
                     }
-                    if let Err(e) = self.reconcile(&mut st, &mut act, None, None).await {
+                    if let Err(e) = self.settle(&mut st, &mut act, None, None).await {
                         break Err(e);
                     }
                 }
@@ -761,6 +790,26 @@ impl RuleGuard {
     fn report(&self, r: GuardReport) {
         // The agent loop may be slow to read: never block the hot path on it.
         let _ = self.reports.try_send(r);
+    }
+
+    /// [`Self::reconcile`]; a transaction the kernel refused (the ruleset moved
+    /// under it: a chain deleted, a rule replaced) is retried once on a fresh
+    /// full read before it counts as an error.
+    async fn settle(
+        &self,
+        st: &mut GuardState,
+        act: &mut Remediation,
+        seen: Option<Instant>,
+        scope: Option<&Scope>,
+    ) -> Result<(), RemediationError> {
+        match self.reconcile(st, act, seen, scope).await {
+            Err(RemediationError::Transaction(e)) => {
+                warn!("transaction refused, re-reading the ruleset and retrying: {e}");
+                self.full_read(st).await?;
+                self.reconcile(st, act, seen, None).await
+            }
+            other => other,
+        }
     }
 
     /// Inspect, decide, act; then keep the pins in sync.
@@ -1210,5 +1259,58 @@ mod k8s_tests {
         assert!(named.contains("kube-system/svclb-traefik-abcde"), "{named}");
         let rec = rule.audit_record();
         assert!(rec.source.contains("svclb-traefik-abcde"), "{}", rec.source);
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::nft::{
+        model::Rule,
+        netlink::{
+            decode_messages,
+            tests::{sample_dump, sample_input},
+        },
+    };
+
+    /// The sample rule (handle 7) recorded between neighbours 5 and 9.
+    fn recorded() -> (RulesetModel, RecordedRule) {
+        let model = decode_messages(&sample_dump());
+        let findings = nft::inspect(&model, &sample_input());
+        let mut rule = ForeignRule::capture(&model, findings).unwrap();
+        (rule.prev_handle, rule.next_handle, rule.position) = (Some(5), Some(9), 2);
+        let rec = serde_json::from_value(rule.audit_record().rule).unwrap();
+        (model, rec)
+    }
+
+    fn with_rules(mut model: RulesetModel, handles: &[u64]) -> RulesetModel {
+        model.tables[0].chains[0].rules = handles
+            .iter()
+            .map(|h| Rule::new(*h, Vec::new(), None))
+            .collect();
+        model
+    }
+
+    #[test]
+    fn a_restore_goes_back_next_to_the_neighbours_that_are_left() {
+        let (model, rec) = recorded();
+        let at = |handles: &[u64]| {
+            rec.restore_transaction(&with_rules(model.clone(), handles))
+                .unwrap()
+                .1
+        };
+        assert_eq!(at(&[5, 9]), Placement::After(5));
+        assert_eq!(at(&[9]), Placement::Before(9));
+        assert_eq!(
+            at(&[1]),
+            Placement::Append,
+            "was not first: back at the end"
+        );
+        let mut gone = model.clone();
+        gone.tables[0].chains.clear();
+        assert!(matches!(
+            rec.restore_transaction(&gone),
+            Err(RestoreError::ChainGone { .. })
+        ));
     }
 }

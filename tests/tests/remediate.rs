@@ -246,6 +246,9 @@ fn fix_dry_run_prints_the_transaction_fix_removes_restore_puts_back() {
         .unwrap()
         + 1;
     assert_eq!(dnat_line, position, "same position\n{listed}");
+    // A namespace that does not exist is an error (exit 2), not a finding.
+    let (code, _, err) = portguard(&["fix", "--netns", "pg-rem-missing", "--config", policy]);
+    assert_eq!(code, 2, "{err}");
     // An unknown id is an error (exit 2).
     let (code, _, _) = portguard(&["restore", "999999", "--netns", ns, "--audit-log", audit_s]);
     assert_eq!(code, 2);
@@ -444,4 +447,66 @@ fn an_overflowing_notification_socket_says_so_and_the_guard_resyncs() {
     assert!(overruns >= 1, "{} changes, no overrun", changes.len());
     let mut model = portguard::nft::RulesetModel::default();
     assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
+}
+
+#[test]
+fn legacy_iptables_rules_are_polled_once_in_use_and_reported() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = Agent::start([
+        "run".as_ref(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--netns".as_ref(),
+        lab.h.name().as_ref(),
+        "--config".as_ref(),
+        lab.policy.as_os_str(),
+        "--legacy-poll".as_ref(),
+        "1".as_ref(),
+    ]);
+    agent.wait_for(Duration::from_secs(20), |v| {
+        v["message"] == "rule guard ready: watching nftables changes"
+    });
+    // x_tables announces nothing: the agent finds it by polling, once in use.
+    sh(
+        &lab.h,
+        "iptables-legacy -t nat -A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 203.0.113.130:80",
+    );
+    let v = agent.wait_for(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("iptables-legacy rule: not removable over netlink"))
+    });
+    assert_eq!(v["port"], 80, "{v}");
+    let _ = lab
+        .h
+        .command(["iptables-legacy", "-t", "nat", "-F"])
+        .status();
+}
+
+#[test]
+fn a_policy_reload_restarts_the_rule_guard_which_keeps_guarding() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "policy reloaded"
+    });
+    agent.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "rule guard ready: watching nftables changes"
+    });
+    wait_ruleset(&lab, "pinned again after the reload", |r| {
+        r.contains("table ip portguard")
+    });
+    lab.hijack();
+    agent.wait_for(Duration::from_secs(5), removed);
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+    let (status, _, _) = agent.stop_with_audit();
+    assert!(status.success());
+    let r = lab.ruleset();
+    assert!(!r.contains("table ip portguard"), "{r}");
 }

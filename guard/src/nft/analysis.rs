@@ -158,8 +158,44 @@ pub struct Hit {
 /// Indexes over the model, built once per inspection.
 pub struct RulesetIndex<'m> {
     model: &'m RulesetModel,
-    chains: Vec<HashMap<&'m str, usize>>,
+    /// Chain name → index, per table; built on first use and only for tables
+    /// looked up often (kube-proxy's nat table has ~20,000 chains, and a walk
+    /// usually jumps to a handful of them: a scan is cheaper than the map).
+    chains: Vec<ChainIndex<'m>>,
     sets: Vec<HashMap<&'m str, SetIndex<'m>>>,
+}
+
+/// Lookups by scanning before a table's chain map is worth building.
+const CHAIN_SCANS_BEFORE_MAP: u32 = 8;
+
+struct ChainIndex<'m> {
+    map: std::cell::OnceCell<HashMap<&'m str, usize>>,
+    scans: std::cell::Cell<u32>,
+}
+
+impl<'m> RulesetIndex<'m> {
+    /// The index of chain `name` in table `ti`.
+    pub fn chain(&self, ti: usize, name: &str) -> Option<usize> {
+        let idx = self.chains.get(ti)?;
+        let chains = &self.model.tables[ti].chains;
+        if let Some(map) = idx.map.get() {
+            return map.get(name).copied();
+        }
+        if idx.scans.get() < CHAIN_SCANS_BEFORE_MAP {
+            idx.scans.set(idx.scans.get() + 1);
+            return chains.iter().position(|c| c.name == name);
+        }
+        idx.map
+            .get_or_init(|| {
+                chains
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name.as_str(), i))
+                    .collect()
+            })
+            .get(name)
+            .copied()
+    }
 }
 
 struct SetIndex<'m> {
@@ -175,12 +211,9 @@ impl<'m> RulesetIndex<'m> {
         let chains = model
             .tables
             .iter()
-            .map(|t| {
-                t.chains
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name.as_str(), i))
-                    .collect()
+            .map(|_| ChainIndex {
+                map: std::cell::OnceCell::new(),
+                scans: std::cell::Cell::new(0),
             })
             .collect();
         let sets = model
@@ -537,7 +570,7 @@ impl<'i, 'm> Walker<'i, 'm> {
                     }
                     Verdict::Jump(target) | Verdict::Goto(target) => {
                         let is_goto = matches!(verdict, Verdict::Goto(_));
-                        let Some(&tci) = self.idx.chains[ti].get(target.as_str()) else {
+                        let Some(tci) = self.idx.chain(ti, target) else {
                             continue;
                         };
                         let inner = if sure { cur } else { cur.weaken() };

@@ -27,6 +27,21 @@ const NFPROTO_IPV6: u32 = 10;
 const XT_MULTI_PORTS: usize = 15;
 const XT_MULTIPORT_V1_LEN: usize = 48;
 
+/// Whether an iptables-legacy nat table (v4 or v6) exists in the calling
+/// thread's namespace: one small `/proc` read, for polling.
+pub fn nat_in_use() -> bool {
+    [
+        "/proc/thread-self/net/ip_tables_names",
+        "/proc/thread-self/net/ip6_tables_names",
+    ]
+    .iter()
+    .any(|names| {
+        std::fs::read_to_string(names)
+            .map(|s| s.lines().any(|l| l.trim() == "nat"))
+            .unwrap_or(false)
+    })
+}
+
 /// Adds the legacy nat tables in use in the calling thread's namespace; problems
 /// become warnings on the model.
 pub fn add_legacy_tables(model: &mut RulesetModel) {

@@ -458,6 +458,11 @@ fn print_share(label: &str, rate: u32, (site, other, hijacks): (u64, u64, u64)) 
         "{label}_not_owner {:.3} %",
         100.0 * other as f64 / total.max(1) as f64
     );
+    if label.starts_with("baseline") {
+        // Hijacks overlap (a poller leaves each for up to a second): no
+        // per-hijack figure.
+        return;
+    }
     // Traffic lost per hijack, as time at this connection rate; and the share
     // that implies when the rule comes back once per kube-proxy sync period.
     let lost_ms = 1000.0 * other as f64 / f64::from(rate) / hijacks.max(1) as f64;
@@ -521,6 +526,15 @@ fn main() {
         println!(
             "baseline_poll_60s_implied_worst_latency {:.0} s",
             INCIDENT_POLL.as_secs_f64()
+        );
+        // A rule returning every 30 s and living its mean latency each time.
+        println!(
+            "baseline_poll_1s_implied_not_owner_at_30s_returns {:.2} %",
+            100.0 * mean_s / KUBE_PROXY_SYNC.as_secs_f64()
+        );
+        println!(
+            "baseline_poll_60s_implied_not_owner_at_30s_returns {:.0} %",
+            (100.0 * mean_s * scale / KUBE_PROXY_SYNC.as_secs_f64()).min(100.0)
         );
     }
     // Event-driven with a kube-proxy-shaped ruleset loaded.
