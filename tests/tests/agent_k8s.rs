@@ -7,16 +7,24 @@ use std::time::Duration;
 use portguard_tests::{
     agent::Agent,
     cgroup::Cgroup,
-    k8s_api::{RecordedApi, SVCLB, apps, core, helm, traefik_removal_routes, watched_routes},
+    k8s_api::{
+        Answer, RecordedApi, SVCLB, apps, core, helm, traefik_removal_routes, watched_routes,
+    },
     require_root,
 };
 
 /// A default k3s install: watched, and every object of its Traefik removable.
 fn k3s_cluster() -> RecordedApi {
+    let restore = (
+        "POST",
+        core("services"),
+        Answer::fixture(201, "service.traefik.json"),
+    );
     RecordedApi::start(
         watched_routes()
             .into_iter()
-            .chain(traefik_removal_routes(true)),
+            .chain(traefik_removal_routes(true))
+            .chain([restore]),
     )
 }
 
@@ -93,4 +101,44 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
     // Whole manifests: enough to restore from the log alone.
     let service = portguard_tests::k8s_api::fixture_json("service.traefik.json");
     assert_eq!(removed[0]["manifest"], service);
+
+    // `portguard restore ID` puts the Service back from the log alone.
+    let log = dir.path().join("audit.jsonl");
+    let lines: Vec<String> = audit.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let out = std::process::Command::new(portguard_tests::portguard_bin())
+        .args(["restore", &removed[0]["seq"].to_string(), "--audit-log"])
+        .arg(&log)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--config")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let posts: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].path, core("services"));
+    let body: serde_json::Value = serde_json::from_str(&posts[0].body).unwrap();
+    assert_eq!(body["metadata"]["name"], "traefik");
+    assert!(
+        body["metadata"].get("uid").is_none(),
+        "server-owned fields stripped"
+    );
+    let restored: serde_json::Value = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(restored["kind"], "k8s_object_restored");
+    assert_eq!(restored["removal_seq"], removed[0]["seq"]);
 }

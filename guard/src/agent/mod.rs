@@ -7,7 +7,12 @@
 mod binds;
 pub mod kube;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -66,6 +71,9 @@ impl AgentConfig {
         Ok((policy, source))
     }
 }
+
+/// How long after a removal a failing probe on that port is linked to it.
+const PROBE_LINK_WINDOW: Duration = Duration::from_secs(120);
 
 /// Bounded queue from the bind source to the audit writer.
 const BIND_AUDIT_QUEUE: usize = 8192;
@@ -139,8 +147,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeReport>(64);
     let mut probes = spawn_probes(Probe::from_policy(&policy)?, probe_tx.clone());
 
-    health.set_ready(true);
-    notifier.ready(&format!("guarding {} ports", maps.ports.len()))?;
+    // Ready (systemd, /readyz) once the first ruleset inspection is done too.
+    let mut inspected_once = false;
+    // The last foreign rule removed per port: a probe failing meanwhile links to it.
+    let mut last_removal: HashMap<u16, (String, u64, Instant)> = HashMap::new();
     info!(
         policy = %source,
         mode = %policy.mode,
@@ -211,14 +221,33 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 audit.record(event).await?;
                 metrics.audit_record_written();
             }
-            Some(report) = guard_rx.recv() => report_rules(&metrics, report),
+            Some(report) = guard_rx.recv() => {
+                match &report {
+                    GuardReport::Inspected { .. } if !inspected_once => {
+                        inspected_once = true;
+                        health.set_ready(true);
+                        notifier.ready(&format!("guarding {} ports", maps.ports.len()))?;
+                        info!("first ruleset inspection done: ready");
+                    }
+                    GuardReport::Removed { port, id, seq, .. } => {
+                        last_removal.insert(*port, (id.clone(), *seq, Instant::now()));
+                    }
+                    _ => {}
+                }
+                report_rules(&metrics, report);
+            }
             done = &mut rules.task => {
                 done.context("the rule guard panicked")?.context("the rule guard stopped")?;
                 anyhow::bail!("the rule guard stopped unexpectedly");
             }
             Some(report) = probe_rx.recv() => {
                 metrics.probe_status(report.port, &report.url, report.result.is_ok());
-                if let Some(event) = report.audit_event(None) {
+                // A probe failing soon after a hijack on its port is most likely its victim.
+                let foreign = last_removal
+                    .get(&report.port)
+                    .filter(|(_, _, at)| at.elapsed() < PROBE_LINK_WINDOW)
+                    .map(|(id, seq, _)| (id.clone(), *seq));
+                if let Some(event) = report.audit_event(foreign) {
                     warn!(port = report.port, url = %report.url, "probe {}", event.kind());
                     audit.record(event).await?;
                 }

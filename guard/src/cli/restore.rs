@@ -1,14 +1,27 @@
 //! `portguard restore ID`: puts a removed rule back from its audit record, in
 //! the same chain, at the same position as far as the ruleset allows (after the
-//! rule that preceded it, else before the one that followed it). Exit 0 / 2.
+//! rule that preceded it, else before the one that followed it); or re-creates a
+//! removed Kubernetes object from its recorded manifest. Exit 0 / 2.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 
+use super::PolicyArgs;
 use crate::{
-    audit::{AuditEvent, AuditHandle, AuditLog, AuditTrail, DEFAULT_AUDIT_PATH, Rotation},
+    audit::{
+        AuditEvent, AuditHandle, AuditLog, AuditTrail, DEFAULT_AUDIT_PATH, K8sObjectRecord,
+        Rotation,
+    },
+    k8s::{
+        cluster::{K3S_KUBECONFIG, choose_kubeconfig, connect},
+        remove,
+    },
     nft::{self, netlink::in_netns, transaction::NftWriter},
+    policy::Policy,
     remediate::RecordedRule,
 };
 
@@ -22,6 +35,13 @@ pub struct RestoreArgs {
     /// Restore into the network namespace /run/netns/NAME instead of this one (tests).
     #[arg(long, hide = true, value_name = "NAME")]
     pub netns: Option<String>,
+    /// kubeconfig for restoring a removed Kubernetes object (default: the
+    /// policy's, else /etc/rancher/k3s/k3s.yaml).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The policy (for its `[kubernetes] kubeconfig`).
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
@@ -34,12 +54,14 @@ pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             args.audit_log.display()
         )
     })?;
-    let AuditEvent::RuleRemoved(removed) = &record.event else {
-        anyhow::bail!(
-            "record {} is a {}: only rule removals are restored here",
+    let removed = match &record.event {
+        AuditEvent::RuleRemoved(removed) => removed,
+        AuditEvent::K8sObjectRemoved(object) => return restore_k8s_object(&args, object),
+        other => anyhow::bail!(
+            "record {} is a {}: only rule and Kubernetes object removals can be restored",
             args.id,
-            record.event.kind()
-        );
+            other.kind()
+        ),
     };
     let rule: RecordedRule = serde_json::from_value(removed.rule.clone())
         .context("the recorded rule cannot be read back")?;
@@ -65,5 +87,34 @@ pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         "restored rule {} into {} {} {} ({placement:?}); audit seq {}",
         removed.finding, rule.family, rule.table, rule.chain, rec.seq
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Re-creates a Kubernetes object from its recorded manifest (server-owned
+/// fields stripped) and records the restore.
+fn restore_k8s_object(args: &RestoreArgs, object: &K8sObjectRecord) -> anyhow::Result<ExitCode> {
+    let (policy, _) = Policy::load(args.policy.config.as_deref())?;
+    let kubeconfig = choose_kubeconfig(
+        args.kubeconfig.as_deref(),
+        &policy.kubernetes,
+        Path::new(K3S_KUBECONFIG),
+    )
+    .context("no kubeconfig: pass --kubeconfig (or set [kubernetes] kubeconfig in the policy)")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let name = runtime.block_on(async {
+        let client = connect(kubeconfig.path()).await?;
+        remove::restore(&client, &object.manifest).await
+    })?;
+    let log = AuditLog::open(&args.audit_log, Rotation::default())
+        .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
+    let audit = AuditHandle::new(log);
+    let rec = audit.record_blocking(AuditEvent::K8sObjectRestored {
+        removal_seq: args.id,
+        object: object.clone(),
+    })?;
+    audit.flush()?;
+    println!("restored {name}; audit seq {}", rec.seq);
     Ok(ExitCode::SUCCESS)
 }
