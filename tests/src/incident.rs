@@ -16,7 +16,6 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::PathBuf,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -193,33 +192,7 @@ impl IncidentLab {
 
     /// Runs a real CNI plugin for the pod, in the host namespace.
     fn cni(&self, plugin: &str, conf: &str) -> String {
-        let mut child = self
-            .h
-            .command([format!("/usr/lib/cni/{plugin}")])
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", "pgtest0123456789")
-            .env("CNI_NETNS", format!("/run/netns/{}", self.p.name()))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn CNI plugin");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "CNI {plugin} failed: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        crate::cni::add(&self.h, &self.p, plugin, conf)
     }
 
     /// Docker's own rules for the owner publishing 80 and 443 (iptables-nft).

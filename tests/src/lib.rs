@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cni;
 pub mod docker;
 pub mod incident;
 pub mod k8s_api;

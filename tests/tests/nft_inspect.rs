@@ -221,33 +221,7 @@ impl Lab {
 
     /// Runs a real CNI plugin (from containernetworking-plugins) for the pod, in the host namespace.
     fn cni(&self, plugin: &str, conf: &str) -> String {
-        let mut child = self
-            .h
-            .command([format!("/usr/lib/cni/{plugin}")])
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", "pgtest0123456789")
-            .env("CNI_NETNS", format!("/run/netns/{}", self._p.name()))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn CNI plugin");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "CNI {plugin} failed: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        portguard_tests::cni::add(&self.h, &self._p, plugin, conf)
     }
 
     /// The CNI portmap plugin claims hostPort 80 and 443 for the pod (what ServiceLB does).
