@@ -10,6 +10,7 @@ use portguard_tests::{
     k8s_api::{
         Answer, RecordedApi, SVCLB, apps, core, helm, traefik_removal_routes, watched_routes,
     },
+    netns::NetNs,
     require_root,
 };
 
@@ -42,6 +43,8 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
     )
     .unwrap();
     let cgroup = Cgroup::new("pg-k8s");
+    // The agent enforces: its rule guard works on a namespace of its own, not the host's ruleset.
+    let ns = NetNs::new("pg-k8s");
     let mut agent = Agent::start([
         "run".as_ref(),
         "--config".as_ref(),
@@ -52,6 +55,8 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
         kubeconfig.as_os_str(),
         "--node-name".as_ref(),
         "k3s-node-a".as_ref(),
+        "--netns".as_ref(),
+        ns.name().as_ref(),
     ]);
     for _ in 0..4 {
         agent.wait_for(Duration::from_secs(20), |v| {
@@ -141,4 +146,48 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
         .unwrap();
     assert_eq!(restored["kind"], "k8s_object_restored");
     assert_eq!(restored["removal_seq"], removed[0]["seq"]);
+}
+
+#[test]
+fn observe_mode_reports_claims_and_removes_nothing() {
+    require_root();
+    let api = k3s_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "mode = \"observe\"\n[[ports]]\nport = 80\nowner = \"docker\"\n\
+         [kubernetes]\non_claim = \"remove\"\n",
+    )
+    .unwrap();
+    let cgroup = Cgroup::new("pg-k8s-obs");
+    let ns = NetNs::new("pg-k8s-obs");
+    let mut agent = Agent::start([
+        "run".as_ref(),
+        "--config".as_ref(),
+        policy.as_os_str(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--node-name".as_ref(),
+        "k3s-node-a".as_ref(),
+        "--netns".as_ref(),
+        ns.name().as_ref(),
+    ]);
+    let claim = agent.wait_for(Duration::from_secs(20), |v| {
+        v["message"] == "a Kubernetes object claims a protected port"
+    });
+    assert!(
+        claim["claim"].as_str().unwrap().contains("tcp/80"),
+        "{claim}"
+    );
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    assert!(
+        api.requests().iter().all(|r| r.method == "GET"),
+        "observe mode changes nothing in the cluster"
+    );
+    assert!(audit.iter().all(|r| r["kind"] != "k8s_object_removed"));
 }

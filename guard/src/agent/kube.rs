@@ -15,7 +15,7 @@ use crate::{
         cluster::{self as kcluster, K3S_KUBECONFIG},
         remove::{self, plan_for_claim},
     },
-    policy::{KubernetesPolicy, Policy},
+    policy::{KubernetesPolicy, Mode, Policy},
 };
 
 /// The running layer: its view (for naming pods behind DNAT targets) and tasks.
@@ -66,6 +66,7 @@ pub async fn start(
         client,
         watch.view.clone(),
         policy.kubernetes.clone(),
+        policy.mode == Mode::Enforce,
         audit,
     ));
     KubeLayer {
@@ -81,6 +82,7 @@ async fn act_on_claims(
     client: Client,
     mut view: watch::Receiver<ClusterView>,
     policy: KubernetesPolicy,
+    enforce: bool,
     audit: AuditHandle,
 ) {
     let mut known: BTreeSet<PortClaim> = BTreeSet::new();
@@ -104,7 +106,8 @@ async fn act_on_claims(
         let current: BTreeSet<PortClaim> = claims.into_iter().collect();
         for claim in current.difference(&known) {
             warn!(claim = %claim, "a Kubernetes object claims a protected port");
-            if let Some(plan) = plan_for_claim(claim, &policy) {
+            // Observe mode changes nothing, in the cluster either.
+            if let Some(plan) = plan_for_claim(claim, &policy).filter(|_| enforce) {
                 info!(reason = %plan.reason, "removing the source of the claim");
                 let recorder = |rec: &RecordedObject| record_removal(&audit, rec);
                 match remove::remove(&client, &plan, recorder).await {
