@@ -61,17 +61,17 @@ impl BindSource {
             drop(item);
             let rec = BindRecord::new(&raw, self.host_cookie, &mut self.cgroups);
             log_bind(&rec);
+            let proto = if rec.proto == "udp" {
+                Proto::Udp
+            } else {
+                Proto::Tcp
+            };
             let event = match rec.verdict {
                 "denied" => {
-                    let proto = if rec.proto == "udp" {
-                        Proto::Udp
-                    } else {
-                        Proto::Tcp
-                    };
                     self.metrics.bind_denied(rec.port, proto);
-                    AuditEvent::BindDenied(attempt(&rec))
+                    AuditEvent::BindDenied(attempt(&rec, proto))
                 }
-                "observed" => AuditEvent::BindObserved(attempt(&rec)),
+                "observed" => AuditEvent::BindObserved(attempt(&rec, proto)),
                 _ => continue,
             };
             if self.audit.try_send(event).is_err() {
@@ -87,14 +87,10 @@ impl BindSource {
     }
 }
 
-fn attempt(rec: &BindRecord) -> BindAttempt {
+fn attempt(rec: &BindRecord, proto: Proto) -> BindAttempt {
     BindAttempt {
         port: rec.port,
-        proto: if rec.proto == "udp" {
-            Proto::Udp
-        } else {
-            Proto::Tcp
-        },
+        proto,
         address: Some(rec.addr),
         pid: rec.tgid,
         comm: rec.comm.clone(),
