@@ -21,6 +21,9 @@ pub struct Agent {
     lines: Receiver<String>,
     /// Every line read so far, for failure messages.
     seen: Vec<String>,
+    /// Lines read but not matched by any wait yet: a later wait may want one
+    /// that arrived early (the agent's tasks log in no fixed order).
+    unmatched: std::collections::VecDeque<Value>,
 }
 
 impl Agent {
@@ -57,6 +60,7 @@ impl Agent {
             audit_log,
             lines,
             seen: Vec::new(),
+            unmatched: Default::default(),
         };
         agent.wait_for(Duration::from_secs(20), |v| {
             v["message"]
@@ -76,17 +80,22 @@ impl Agent {
     }
 
     /// Waits for a JSON log line matching `pred`; panics with every line seen on timeout.
+    /// Each line matches at most one wait.
     pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.unmatched.iter().position(&pred) {
+            return self.unmatched.remove(i).expect("index from position");
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if let Ok(v) = serde_json::from_str::<Value>(&line)
-                        && pred(&v)
-                    {
-                        return v;
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if pred(&v) {
+                            return v;
+                        }
+                        self.unmatched.push_back(v);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => panic!(

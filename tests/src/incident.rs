@@ -12,15 +12,9 @@
 //! hijack is the real CNI `portmap` plugin giving the pod hostPort 80/443.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
     time::Duration,
 };
 
@@ -33,58 +27,7 @@ pub const PROTECTED: [u16; 2] = [80, 443];
 pub const SITE: &str = "site";
 pub const TRAEFIK_404: &str = "404 page not found";
 
-/// Runs `f` on a thread inside the named network namespace.
-pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-    thread::spawn(move || {
-        // SAFETY: setns on this thread only, with a namespace fd we hold.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread")
-}
-
-/// A TCP server in a namespace that writes its answer to every connection.
-pub struct Server {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    pub fn start(ns: &NetNs, port: u16, answer: &'static str) -> Self {
-        let listener = in_ns(ns.name(), move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind :{port}: {e}"))
-        });
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(answer.as_bytes());
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(1)),
-                }
-            }
-        });
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
+pub use crate::netns::{Server, in_ns};
 
 /// One new connection from inside the current thread's namespace: who answered.
 pub fn ask_here(addr: IpAddr, port: u16, timeout: Duration) -> Option<String> {
@@ -238,7 +181,9 @@ impl IncidentLab {
         sh(&self.h, &format!("iptables -t nat -S {chain}"))
     }
 
+    /// The ruleset with handles and without counters (`-s`): a stray packet
+    /// must not make two listings of the same rules differ.
     pub fn ruleset(&self) -> String {
-        self.h.exec(["nft", "-a", "list", "ruleset"])
+        self.h.exec(["nft", "-a", "-s", "list", "ruleset"])
     }
 }

@@ -14,19 +14,16 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
     time::Duration,
 };
 
-use portguard_tests::{netns::NetNs, portguard_bin, require_root, run, unique_name};
+use portguard_tests::{
+    netns::{NetNs, Server, in_ns},
+    portguard_bin, require_root, run, unique_name,
+};
 use serde_json::Value;
 
 const HOST4: &str = "198.51.100.1";
@@ -41,59 +38,6 @@ const PROTECTED: [u16; 2] = [80, 443];
 const POLICY: &str =
     "[[ports]]\nport = 80\nowner = \"docker\"\n[[ports]]\nport = 443\nowner = \"docker\"\n";
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// Runs `f` on a thread inside the named network namespace.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-    thread::spawn(move || {
-        // SAFETY: setns on this thread only, with a namespace fd we hold.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread")
-}
-
-/// A TCP server in a namespace that writes its name to every connection.
-struct Server {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &NetNs, port: u16, ident: &'static str) -> Self {
-        let listener = in_ns(ns.name(), move || {
-            TcpListener::bind(("::", port)).unwrap_or_else(|e| panic!("bind [::]:{port}: {e}"))
-        });
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(ident.as_bytes());
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 /// Who answered a new connection from the client: the kernel's verdict.
 fn ask(client: &NetNs, addr: IpAddr, port: u16) -> Option<String> {
