@@ -2,7 +2,7 @@
 //! `on_claim = "remove"` against recorded k3s API answers (no API server can run
 //! here), removing k3s's packaged Traefik and auditing each object whole first.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use portguard_tests::{
     agent::Agent,
@@ -29,6 +29,24 @@ fn k3s_cluster() -> RecordedApi {
     )
 }
 
+/// The agent on this node of the recorded cluster; its rule guard works on `ns`,
+/// never on the host's ruleset.
+fn start_agent(policy: &Path, cgroup: &Cgroup, ns: &NetNs, kubeconfig: &Path) -> Agent {
+    Agent::start([
+        "run".as_ref(),
+        "--config".as_ref(),
+        policy.as_os_str(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--node-name".as_ref(),
+        "k3s-node-a".as_ref(),
+        "--netns".as_ref(),
+        ns.name().as_ref(),
+    ])
+}
+
 #[test]
 fn agent_removes_packaged_traefik_and_audits_every_object_first() {
     require_root();
@@ -45,19 +63,7 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
     let cgroup = Cgroup::new("pg-k8s");
     // The agent enforces: its rule guard works on a namespace of its own, not the host's ruleset.
     let ns = NetNs::new("pg-k8s");
-    let mut agent = Agent::start([
-        "run".as_ref(),
-        "--config".as_ref(),
-        policy.as_os_str(),
-        "--cgroup".as_ref(),
-        cgroup.path().as_os_str(),
-        "--kubeconfig".as_ref(),
-        kubeconfig.as_os_str(),
-        "--node-name".as_ref(),
-        "k3s-node-a".as_ref(),
-        "--netns".as_ref(),
-        ns.name().as_ref(),
-    ]);
+    let mut agent = start_agent(&policy, &cgroup, &ns, &kubeconfig);
     for _ in 0..4 {
         agent.wait_for(Duration::from_secs(20), |v| {
             v["message"] == "Kubernetes object removed (recorded whole)"
@@ -163,19 +169,7 @@ fn observe_mode_reports_claims_and_removes_nothing() {
     .unwrap();
     let cgroup = Cgroup::new("pg-k8s-obs");
     let ns = NetNs::new("pg-k8s-obs");
-    let mut agent = Agent::start([
-        "run".as_ref(),
-        "--config".as_ref(),
-        policy.as_os_str(),
-        "--cgroup".as_ref(),
-        cgroup.path().as_os_str(),
-        "--kubeconfig".as_ref(),
-        kubeconfig.as_os_str(),
-        "--node-name".as_ref(),
-        "k3s-node-a".as_ref(),
-        "--netns".as_ref(),
-        ns.name().as_ref(),
-    ]);
+    let mut agent = start_agent(&policy, &cgroup, &ns, &kubeconfig);
     let claim = agent.wait_for(Duration::from_secs(20), |v| {
         v["message"] == "a Kubernetes object claims a protected port"
     });

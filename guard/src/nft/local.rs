@@ -4,7 +4,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
 };
 
 use serde::Serialize;
@@ -34,19 +34,7 @@ pub struct LocalAddr {
 
 /// Every address of the calling thread's network namespace.
 pub fn local_addresses() -> io::Result<Vec<LocalAddr>> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = super::netlink::open_netlink(NETLINK_ROUTE, 0)?;
     let len = NLMSG_HDRLEN + IFADDRMSG_LEN;
     let mut req = Vec::with_capacity(len);
     req.extend_from_slice(&(len as u32).to_ne_bytes());

@@ -9,7 +9,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::Arc,
 };
 
@@ -18,7 +18,7 @@ use super::{
     model::{Family, RulesetModel},
     netlink::{
         self, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE,
-        NLMSG_HDRLEN, RuleMessage,
+        NLMSG_HDRLEN, RuleMessage, open_netlink,
     },
 };
 
@@ -55,19 +55,7 @@ pub enum Change {
 }
 
 fn netlink_socket(protocol: libc::c_int, rcvbuf: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = open_netlink(protocol, libc::SOCK_NONBLOCK)?;
     let size = rcvbuf;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
         // SAFETY: an int-sized option on our socket.

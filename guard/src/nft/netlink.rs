@@ -149,21 +149,27 @@ pub struct NftSocket {
     spare: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
 }
 
+/// A raw netlink socket of `protocol` in the calling thread's network namespace
+/// (it stays there), close-on-exec, plus `extra_flags` (e.g. `SOCK_NONBLOCK`).
+pub(crate) fn open_netlink(protocol: libc::c_int, extra_flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | extra_flags,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl NftSocket {
     pub fn open() -> Result<Self, ReadError> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(ReadError::Socket(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = open_netlink(NETLINK_NETFILTER, 0).map_err(ReadError::Socket)?;
         // A bigger receive buffer; best effort.
         let rcvbuf = SOCKET_RCVBUF;
         // SAFETY: a valid fd and an int-sized option value.

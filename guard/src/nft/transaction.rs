@@ -9,7 +9,7 @@
 
 use std::{
     fmt, io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::Duration,
 };
 
@@ -366,19 +366,8 @@ pub struct NftWriter {
 
 impl NftWriter {
     pub fn open() -> Result<Self, TransactionError> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(TransactionError::Socket(io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd =
+            super::netlink::open_netlink(NETLINK_NETFILTER, 0).map_err(TransactionError::Socket)?;
         Ok(Self {
             fd,
             seq: std::process::id().wrapping_mul(7919),
