@@ -38,3 +38,12 @@ pub fn add(host: &NetNs, pod: &NetNs, plugin: &str, conf: &str) -> String {
     );
     stdout
 }
+
+/// The pod network of the test labs: the real bridge plugin on `cni0`, pods in
+/// 203.0.113.128/25, host-local IPAM keeping its state in `ipam_dir`.
+pub fn bridge_conf(ipam_dir: &std::path::Path) -> String {
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"cbr0","type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","subnet":"203.0.113.128/25","dataDir":"{}","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+        ipam_dir.display()
+    )
+}

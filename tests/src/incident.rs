@@ -116,10 +116,7 @@ impl IncidentLab {
             ipam,
             policy,
         };
-        let bridge_conf = format!(
-            r#"{{"cniVersion":"1.0.0","name":"cbr0","type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","subnet":"203.0.113.128/25","dataDir":"{}","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
-            lab.ipam.display()
-        );
+        let bridge_conf = crate::cni::bridge_conf(&lab.ipam);
         let result = lab.cni("bridge", &bridge_conf);
         assert!(
             result.contains(POD4),

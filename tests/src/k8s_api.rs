@@ -141,6 +141,15 @@ impl RecordedApi {
         self.seen.lock().expect("request log").clone()
     }
 
+    /// The paths of every `method` request so far, in arrival order.
+    pub fn paths_of(&self, method: &str) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method)
+            .map(|r| r.path)
+            .collect()
+    }
+
     /// Writes a kubeconfig for this server (bearer token `recorded-token`) into `dir`.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
         write_kubeconfig(dir, &self.url())
@@ -292,6 +301,16 @@ pub fn apps(path: &str) -> String {
 /// The HelmChart `NAME` in kube-system.
 pub fn helm(name: &str) -> String {
     format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{name}")
+}
+
+/// The DELETEs that remove k3s's packaged Traefik, in the plan's order.
+pub fn traefik_delete_paths() -> [String; 4] {
+    [
+        core("services/traefik"),
+        apps(&format!("daemonsets/{SVCLB}")),
+        helm("traefik"),
+        helm("traefik-crd"),
+    ]
 }
 
 /// One route: method (`WATCH` for a watch GET), path, answer.

@@ -8,7 +8,8 @@ use portguard_tests::{
     agent::Agent,
     cgroup::Cgroup,
     k8s_api::{
-        Answer, RecordedApi, SVCLB, apps, core, helm, traefik_removal_routes, watched_routes,
+        Answer, RecordedApi, SVCLB, core, traefik_delete_paths, traefik_removal_routes,
+        watched_routes,
     },
     netns::NetNs,
     require_root,
@@ -69,20 +70,9 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
             v["message"] == "Kubernetes object removed (recorded whole)"
         });
     }
-    let deletes: Vec<String> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .map(|r| r.path)
-        .collect();
     assert_eq!(
-        deletes,
-        [
-            core("services/traefik"),
-            apps(&format!("daemonsets/{SVCLB}")),
-            helm("traefik"),
-            helm("traefik-crd"),
-        ],
+        api.paths_of("DELETE"),
+        traefik_delete_paths(),
         "exactly k3s's packaged Traefik, in order, once"
     );
     let (status, _, audit) = agent.stop_with_audit();

@@ -22,8 +22,8 @@ use portguard::{
     policy::{KubeKind, KubeObjectName, Policy, PolicySource, ProtectedPort},
 };
 use portguard_tests::k8s_api::{
-    Answer, RecordedApi, SVCLB, apps, core, fixture_json, helm, traefik_removal_routes,
-    watched_routes, write_kubeconfig,
+    Answer, RecordedApi, SVCLB, core, fixture_json, helm, traefik_delete_paths,
+    traefik_removal_routes, watched_routes, write_kubeconfig,
 };
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -220,21 +220,7 @@ fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_object
         .expect("plan resolves")
     });
 
-    let deletes: Vec<String> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "DELETE")
-        .map(|r| r.path)
-        .collect();
-    assert_eq!(
-        deletes,
-        [
-            core("services/traefik"),
-            apps(&format!("daemonsets/{SVCLB}")),
-            helm("traefik"),
-            helm("traefik-crd"),
-        ]
-    );
+    assert_eq!(api.paths_of("DELETE"), traefik_delete_paths());
     assert_eq!(steps.len(), 4);
     assert!(
         steps
