@@ -406,6 +406,13 @@ pub fn decide(model: &RulesetModel, findings: &[Finding], policy: &Policy) -> Ve
                 finding: first,
                 why: "iptables-legacy rule: not removable over netlink",
             });
+        } else if in_docker_managed_chain(model, &first) {
+            // The owner's place: Docker may be mid-way through starting a
+            // container the owners model does not know yet. Never delete there.
+            out.push(Action::Report {
+                finding: first,
+                why: "in a chain Docker manages: reported, never removed",
+            });
         } else {
             match ForeignRule::capture(model, fs) {
                 Some(rule) => out.push(Action::Remove(rule)),
@@ -417,6 +424,15 @@ pub fn decide(model: &RulesetModel, findings: &[Finding], policy: &Policy) -> Ve
         }
     }
     out
+}
+
+/// Whether the finding's rule sits in one of Docker's own chains.
+fn in_docker_managed_chain(model: &RulesetModel, f: &Finding) -> bool {
+    model
+        .tables
+        .iter()
+        .find(|t| t.family == f.family && t.name == f.table && t.origin == f.origin)
+        .is_some_and(|t| nft::classify::docker_managed(t, &f.chain))
 }
 
 /// The one transaction that deletes `rules` by handle.
@@ -943,24 +959,33 @@ impl RuleGuard {
     /// this host) or else from the owner's own DNAT rules in the ruleset.
     /// `full`: `owned` comes from a full inspection (else from a scoped one,
     /// which adds mappings but cannot tell that one is gone).
+    ///
+    /// Each pin matches what the owner publishes: its host address (or every
+    /// local address for a publish on all), and spares the bridge the owner's
+    /// container sits behind (hairpin traffic stays the owner's own).
     fn wanted_pins(&self, st: &mut GuardState, owned: Vec<OwnedMapping>, full: bool) -> Vec<Pin> {
         let pinned = |proto: Proto, port: u16| {
             self.policy
                 .find(port, proto)
                 .is_some_and(|p| p.pin && self.policy.mode_of(p) == Mode::Enforce)
         };
+        let bridge = |target: std::net::SocketAddr| {
+            nft::classify::bridge_of(target.ip(), &st.addrs).map(str::to_owned)
+        };
         let mut pins = BTreeSet::new();
-        if !st.owned.docker_fallback {
-            for (&(proto, port), targets) in &st.owned.targets {
-                if pinned(proto, port) {
-                    for t in targets {
-                        pins.insert(Pin {
-                            proto,
-                            port,
-                            host: None,
-                            target: *t,
-                        });
-                    }
+        if st.owned.docker_known {
+            for nat in &st.owned.published {
+                let target = std::net::SocketAddr::new(nat.container_ip, nat.container_port);
+                // A publish on one family's address pins that family only.
+                let family_ok = nat.host_ip.is_none_or(|h| h.is_ipv6() == target.is_ipv6());
+                if pinned(nat.proto, nat.host_port) && family_ok {
+                    pins.insert(Pin {
+                        proto: nat.proto,
+                        port: nat.host_port,
+                        host: nat.host_ip,
+                        target,
+                        exclude_iif: bridge(target),
+                    });
                 }
             }
         } else {
@@ -975,12 +1000,13 @@ impl RuleGuard {
             } else {
                 st.learned.extend(fresh);
             }
-            for m in &st.learned {
+            for ((proto, port, target), host) in learned_hosts(&st.learned, &st.addrs) {
                 pins.insert(Pin {
-                    proto: m.proto,
-                    port: m.port,
-                    host: None::<IpAddr>,
-                    target: m.target,
+                    proto,
+                    port,
+                    host,
+                    target,
+                    exclude_iif: bridge(target),
                 });
             }
         }
@@ -1016,7 +1042,7 @@ impl RuleGuard {
             let event = match st
                 .pins
                 .iter()
-                .find(|o| o.proto == p.proto && o.port == p.port)
+                .find(|o| o.proto == p.proto && o.port == p.port && o.host == p.host)
             {
                 Some(old) if old == p && intact => continue,
                 Some(old) => AuditEvent::PinUpdated {
@@ -1038,7 +1064,7 @@ impl RuleGuard {
         for old in st.pins.iter().filter(|o| {
             !wanted
                 .iter()
-                .any(|p| p.proto == o.proto && p.port == o.port)
+                .any(|p| p.proto == o.proto && p.port == o.port && p.host == o.host)
         }) {
             self.audit
                 .record(AuditEvent::PinRemoved {
@@ -1064,24 +1090,65 @@ impl RuleGuard {
     }
 }
 
+/// The learned owner mappings with the host address each is met on: every
+/// local address (`None`) when the owner's rule is met on each non-loopback
+/// address of the target's family, else one entry per address it is met on.
+fn learned_hosts(
+    learned: &BTreeSet<OwnedMapping>,
+    addrs: &[LocalAddr],
+) -> Vec<((Proto, u16, std::net::SocketAddr), Option<IpAddr>)> {
+    let mut by_target: BTreeMap<(Proto, u16, std::net::SocketAddr), BTreeSet<IpAddr>> =
+        BTreeMap::new();
+    for m in learned {
+        by_target
+            .entry((m.proto, m.port, m.target))
+            .or_default()
+            .insert(m.daddr);
+    }
+    let mut out = Vec::new();
+    for (key, met) in by_target {
+        let v6 = key.2.is_ipv6();
+        let all: BTreeSet<IpAddr> = addrs
+            .iter()
+            .map(|a| a.addr)
+            .filter(|a| a.is_ipv6() == v6 && !a.is_loopback())
+            .filter(|a| !matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80))
+            .collect();
+        let met_remote: BTreeSet<IpAddr> =
+            met.iter().copied().filter(|a| !a.is_loopback()).collect();
+        if !all.is_empty() && all.is_subset(&met_remote) {
+            out.push((key, None));
+        } else {
+            out.extend(met.into_iter().map(|h| (key, Some(h))));
+        }
+    }
+    out
+}
+
 /// Whether the model holds a pin table for each family with the right number of rules.
 fn pins_intact(model: &RulesetModel, wanted: &[Pin]) -> bool {
     [Family::IP, Family::IP6].iter().all(|fam| {
-        let n = wanted
+        let of_family: Vec<&Pin> = wanted
             .iter()
             .filter(|p| (p.target.is_ipv6()) == (*fam == Family::IP6))
-            .count();
+            .collect();
         let table = model
             .tables
             .iter()
             .find(|t| pin::is_pin_table(t) && t.family == *fam);
         match table {
-            None => n == 0,
+            None => of_family.is_empty(),
             Some(t) => {
-                n > 0
-                    && [pin::PIN_PREROUTING_CHAIN, pin::PIN_OUTPUT_CHAIN]
-                        .iter()
-                        .all(|c| t.chain(c).is_some_and(|c| c.rules.len() == n))
+                !of_family.is_empty()
+                    && [
+                        (pin::PIN_PREROUTING_CHAIN, nft::Hook::Prerouting),
+                        (pin::PIN_OUTPUT_CHAIN, nft::Hook::Output),
+                    ]
+                    .iter()
+                    .all(|(c, hook)| {
+                        let n = of_family.iter().filter(|p| p.applies_to(*hook)).count();
+                        t.chain(c).is_some_and(|c| c.rules.len() == n)
+                    })
             }
         }
     })

@@ -105,6 +105,7 @@ fn resolved_comments(out: &mut String, port: &ResolvedPort) {
                 containers,
                 proxies,
                 proxy_exe,
+                daemon_exe,
             } => {
                 if containers.is_empty() {
                     lines.push(format!("  {spec}: no running container matches"));
@@ -139,6 +140,14 @@ fn resolved_comments(out: &mut String, port: &ResolvedPort) {
                 match proxy_exe {
                     Some(id) => lines.push(format!("  docker-proxy: executable {id}")),
                     None => lines.push("  docker-proxy: executable not found".into()),
+                }
+                match daemon_exe {
+                    Some(id) => lines.push(format!(
+                        "  dockerd (serves the API; binds published ports itself with daemon-side binding): executable {id}"
+                    )),
+                    None => lines.push(
+                        "  dockerd: the daemon's process could not be identified: its own binds are not recognised".into(),
+                    ),
                 }
                 for p in proxies {
                     let cgroup = p.cgroup.as_ref().map_or(String::new(), |g| {

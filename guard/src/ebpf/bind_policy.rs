@@ -158,6 +158,7 @@ mod tests {
             docker: DockerStatus::Unreachable {
                 reason: "test".into(),
             },
+            docker_bridges: Vec::new(),
             cgroup_root: None,
             ports: policy
                 .ports

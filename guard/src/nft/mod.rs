@@ -59,32 +59,43 @@ pub const INTERNAL_IFACE_PREFIXES: [&str; 9] = [
 pub const MAX_PROBED_PORTS_PER_ENTRY: usize = 1024;
 
 /// The legitimate NAT targets of each protected port: the owner's own DNAT sends
-/// new connections there. Filled from the Docker owners model (the published
-/// ports' container address and port); until that lands, [`Self::docker_fallback`].
+/// new connections there.
+///
+/// Two sources, both always used:
+/// - the live owners model ([`Self::from_owners`]): each published port's
+///   container address and port, and the host address it is published on;
+/// - the place the owner manages: a DNAT in one of Docker's own chains
+///   ([`classify::docker_managed`]) to an address behind one of Docker's
+///   bridges is Docker's, whether or not the model knows the container yet.
+///   Docker writes its rules before it reports the container started (and
+///   while dockerd restarts it cannot be asked at all), so the model is always
+///   a little behind the ruleset; the owner's place is never.
 #[derive(Clone, Debug, Default)]
 pub struct OwnedTargets {
     pub targets: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
-    /// Fallback: a DNAT in Docker's own chain (`DOCKER` in the iptables table
-    /// `nat`, family ip/ip6) whose target lies inside a Docker bridge subnet
-    /// (`docker0`, `br-*` addresses of this host) is owned.
-    pub docker_fallback: bool,
+    /// Every published mapping of the model, with its host address (pins).
+    pub published: Vec<crate::owners::NatTarget>,
+    /// Docker's bridge interfaces as the owners model names them (custom
+    /// names included); `docker*` and `br-*` always count.
+    pub docker_bridges: BTreeSet<String>,
+    /// Docker answered: `targets` and `published` are its live word. When not
+    /// (or for another namespace's ruleset), pins come from the owner's own
+    /// rules in the ruleset instead.
+    pub docker_known: bool,
 }
 
 impl OwnedTargets {
+    /// No owners model: Docker's own chains are recognised by their place alone.
     pub fn docker_fallback() -> Self {
-        Self {
-            targets: BTreeMap::new(),
-            docker_fallback: true,
-        }
+        Self::default()
     }
 
-    /// The owners' own mappings from the live owners model. While Docker cannot
-    /// be asked, its own chain is recognised by shape instead
-    /// ([`Self::docker_fallback`]), so that its rules are never taken for hijacks.
+    /// The owners' own mappings from the live owners model.
     pub fn from_owners(model: &ResolvedOwners) -> Self {
         let mut owned = Self {
-            targets: BTreeMap::new(),
-            docker_fallback: !matches!(model.docker, DockerStatus::Reachable { .. }),
+            docker_known: matches!(model.docker, DockerStatus::Reachable { .. }),
+            docker_bridges: model.docker_bridges.iter().cloned().collect(),
+            ..Self::default()
         };
         for nat in model.nat_targets() {
             owned.insert(
@@ -92,6 +103,7 @@ impl OwnedTargets {
                 nat.host_port,
                 SocketAddr::new(nat.container_ip, nat.container_port),
             );
+            owned.published.push(nat);
         }
         owned
     }
@@ -258,6 +270,9 @@ pub struct OwnedMapping {
     pub proto: Proto,
     pub port: u16,
     pub target: SocketAddr,
+    /// The local address a new connection was headed for when it met the
+    /// owner's rule (a publish on one host address is met on that one only).
+    pub daddr: IpAddr,
 }
 
 /// The pure inspection: every foreign rewrite of a protected port.
@@ -310,6 +325,7 @@ pub fn inspect_probes(
                         proto,
                         port: probe.dport,
                         target: SocketAddr::new(addr, port.unwrap_or(probe.dport)),
+                        daddr: probe.daddr,
                     });
                 }
                 continue;

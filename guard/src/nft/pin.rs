@@ -11,6 +11,18 @@
 //!
 //! Installed and updated as one transaction that deletes the table and writes it
 //! whole again (an atomic swap), removed as one transaction.
+//!
+//! A pin never widens exposure and never breaks the owner's own paths:
+//! - it matches the host address the owner published on (`-p 127.0.0.1:80:80`
+//!   pins `127.0.0.1` only), every local address only for a publish on all;
+//! - it leaves alone connections arriving from the owner's own bridge (a
+//!   container reaching a published port through the host address, "hairpin"):
+//!   Docker's own rules handle those (docker-proxy, or its DNAT with hairpin
+//!   masquerading), exactly as Docker's `! -i docker0` does;
+//! - it does not rewrite connections to loopback from this host: with the
+//!   userland proxy on, Docker serves those through docker-proxy, and a DNAT
+//!   from 127.0.0.1 to a container is dropped as martian unless
+//!   `route_localnet` is on. A loopback-only publish is pinned in no chain.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -38,13 +50,17 @@ pub fn is_pin_table(table: &Table) -> bool {
 
 /// One pinned mapping: new connections to `port` on a local address (or `host`
 /// only) go to `target`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Pin {
     pub proto: Proto,
     pub port: u16,
     /// The host address the owner published on; none: every local address.
     pub host: Option<IpAddr>,
     pub target: SocketAddr,
+    /// Connections arriving on this interface (the bridge the owner's
+    /// container sits behind) are left to the owner's own rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_iif: Option<String>,
 }
 
 impl Pin {
@@ -56,6 +72,15 @@ impl Pin {
         }
     }
 
+    /// Whether the pin has a rule in the chain of this hook: none on output
+    /// for a loopback host (see the module doc).
+    pub fn applies_to(&self, hook: Hook) -> bool {
+        match hook {
+            Hook::Output => !self.host.is_some_and(|h| h.is_loopback()),
+            _ => true,
+        }
+    }
+
     /// `nft` syntax, for people.
     pub fn describe(&self, output: bool) -> String {
         let daddr = match self.host {
@@ -63,8 +88,12 @@ impl Pin {
             None if output => "fib daddr type local (not loopback)".into(),
             None => "fib daddr type local".into(),
         };
+        let iif = match (&self.exclude_iif, output) {
+            (Some(i), false) => format!(" iifname != {i:?}"),
+            _ => String::new(),
+        };
         format!(
-            "{} dport {} {daddr} dnat to {}",
+            "{} dport {} {daddr}{iif} dnat to {}",
             self.proto, self.port, self.target
         )
     }
@@ -95,6 +124,18 @@ impl Pin {
             ],
         );
         push_cmp(&mut list, CMP_EQ, &self.port.to_be_bytes());
+        if let (Some(iif), false) = (&self.exclude_iif, output) {
+            // meta iifname != "bridge"
+            push(
+                &mut list,
+                "meta",
+                &[
+                    (NFTA_META_DREG, be(REG1)),
+                    (NFTA_META_KEY, be(META_IIFNAME)),
+                ],
+            );
+            push_cmp(&mut list, CMP_NEQ, &ifname_bytes(iif));
+        }
         let (daddr_offset, daddr_len) = if v6 { (24, 16) } else { (16, 4) };
         match self.host {
             Some(host) => {
@@ -163,6 +204,9 @@ impl Pin {
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const META_L4PROTO: u32 = 16;
+const META_IIFNAME: u32 = 6;
+/// `IFNAMSIZ`: an interface name register value, NUL-padded.
+const IFNAMSIZ: usize = 16;
 const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
@@ -198,6 +242,13 @@ fn be(v: u32) -> Vec<u8> {
 fn value(v: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
     attr::put(&mut b, NFTA_DATA_VALUE, v);
+    b
+}
+
+/// An interface name as `meta iifname` loads it: NUL-padded to `IFNAMSIZ`.
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    let mut b = name.as_bytes()[..name.len().min(IFNAMSIZ - 1)].to_vec();
+    b.resize(IFNAMSIZ, 0);
     b
 }
 
@@ -287,7 +338,7 @@ pub fn sync_transaction(installed: &[Family], pins: &[Pin]) -> Transaction {
                 priority: PIN_PRIORITY,
             });
             let output = hook == Hook::Output;
-            for pin in &of_family {
+            for pin in of_family.iter().filter(|p| p.applies_to(hook)) {
                 tx.push(Op::AddRule {
                     family,
                     table: PIN_TABLE.into(),
@@ -381,6 +432,7 @@ mod tests {
             port: 80,
             host: None,
             target: "203.0.113.2:8080".parse().unwrap(),
+            exclude_iif: None,
         };
         let exprs = decode_list(&pin.expressions(false));
         assert!(
@@ -399,5 +451,59 @@ mod tests {
         );
         assert!(text.contains("priority -199"), "{text}");
         assert_eq!(teardown_transaction(&[Family::IP]).ops.len(), 1);
+    }
+
+    #[test]
+    fn a_host_specific_pin_matches_its_address_and_spares_the_bridge() {
+        let pin = Pin {
+            proto: Proto::Tcp,
+            port: 80,
+            host: Some("198.51.100.1".parse().unwrap()),
+            target: "203.0.113.2:8080".parse().unwrap(),
+            exclude_iif: Some("docker0".into()),
+        };
+        let pre = decode_list(&pin.expressions(false));
+        let iif = ifname_bytes("docker0");
+        assert!(
+            pre.iter()
+                .any(|e| matches!(e, Expr::Cmp { data, .. } if *data == iif)),
+            "prerouting leaves the owner's bridge alone: {pre:?}"
+        );
+        assert!(
+            pre.iter()
+                .any(|e| matches!(e, Expr::Cmp { data, .. } if data[..] == [198, 51, 100, 1])),
+            "only the published address: {pre:?}"
+        );
+        assert!(
+            !pre.iter().any(|e| matches!(e, Expr::Fib { .. })),
+            "not every local address: {pre:?}"
+        );
+        let out = decode_list(&pin.expressions(true));
+        assert!(
+            !out.iter()
+                .any(|e| matches!(e, Expr::Cmp { data, .. } if *data == iif)),
+            "output has no input interface: {out:?}"
+        );
+        let text = sync_transaction(&[], &[pin]).to_string();
+        assert!(text.contains("iifname != \"docker0\""), "{text}");
+    }
+
+    #[test]
+    fn a_loopback_publish_is_not_pinned_on_output() {
+        let pin = Pin {
+            proto: Proto::Tcp,
+            port: 8081,
+            host: Some("127.0.0.1".parse().unwrap()),
+            target: "203.0.113.2:8080".parse().unwrap(),
+            exclude_iif: None,
+        };
+        assert!(!pin.applies_to(Hook::Output));
+        let tx = sync_transaction(&[], &[pin]);
+        let rules = tx
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::AddRule { chain, .. } if chain == PIN_OUTPUT_CHAIN))
+            .count();
+        assert_eq!(rules, 0, "{tx}");
     }
 }

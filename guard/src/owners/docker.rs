@@ -6,6 +6,16 @@
 //! moment before the list (so nothing falls between them). A session ends when
 //! dockerd goes away; that is a state ([`DockerStatus::Unreachable`]), logged
 //! once, and the next session starts after a backoff.
+//!
+//! Besides containers, a session learns two things the rest of portguard needs
+//! to never harm the owner:
+//! - **the daemon itself** ([`DockerDaemon`]): the process serving the Engine API,
+//!   by the kernel's word (`SO_PEERCRED` on the socket), never by a name. Current
+//!   Docker (and older Docker with `--userland-proxy=false`) binds published
+//!   ports in the daemon, so its executable may bind the ports Docker publishes;
+//! - **its networks' bridges** ([`DockerNetwork`]): the interfaces behind which
+//!   Docker's own DNAT targets live, including custom bridge names
+//!   (`com.docker.network.bridge.name`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,8 +26,8 @@ use std::{
 
 use bollard::{
     API_DEFAULT_VERSION, Docker,
-    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum},
-    query_parameters::{EventsOptions, ListContainersOptions},
+    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum, Network},
+    query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
 };
 use futures_util::StreamExt as _;
 use serde::Serialize;
@@ -187,6 +197,98 @@ fn parse_port_key(key: &str) -> Option<(u16, Proto)> {
     Some((port.parse().ok()?, proto))
 }
 
+/// The process serving the Engine API: dockerd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct DockerDaemon {
+    pub pid: u32,
+    pub exe: ExeId,
+}
+
+/// dockerd's default pidfile: who dockerd is when systemd holds its socket.
+const DEFAULT_PIDFILE: &str = "/var/run/docker.pid";
+
+impl DockerDaemon {
+    /// The process at the other end of `socket`, by `SO_PEERCRED`: the kernel
+    /// says who listens, so a process calling itself dockerd cannot pose as it.
+    /// Under systemd socket activation (`docker.socket`) the listener is PID 1,
+    /// not dockerd; then dockerd's pidfile names it (when that process is not
+    /// PID 1 either).
+    pub fn of_socket(socket: &Path) -> Option<Self> {
+        let pid = peer_pid(socket)?;
+        let pid = if pid == 1 {
+            let from_file: u32 = std::fs::read_to_string(DEFAULT_PIDFILE)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (from_file != 1).then_some(from_file)?
+        } else {
+            pid
+        };
+        Some(Self {
+            pid,
+            exe: ExeId::of_process(pid).ok()?,
+        })
+    }
+}
+
+/// `SO_PEERCRED` of a fresh connection to `socket`.
+fn peer_pid(socket: &Path) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the size passed; the fd is
+    // open for the call (owned by `stream`).
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then(|| cred.pid.unsigned_abs())
+}
+
+/// One of Docker's networks, as far as NAT goes: the bridge interface its
+/// containers sit behind (bridge driver only).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DockerNetwork {
+    pub name: String,
+    /// The host interface: `docker0` for the default network, `br-<id12>`
+    /// for user-defined ones, or the `com.docker.network.bridge.name` option.
+    pub bridge: String,
+}
+
+/// The option naming a bridge network's interface.
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+/// Docker names a user-defined bridge `br-` and the first 12 characters of its id.
+const BRIDGE_ID_PREFIX_LEN: usize = 12;
+
+impl DockerNetwork {
+    /// A bridge network from the Engine API; `None` for other drivers.
+    pub fn from_api(n: &Network) -> Option<Self> {
+        if n.driver.as_deref() != Some("bridge") {
+            return None;
+        }
+        let name = n.name.clone()?;
+        let bridge = match n.options.as_ref().and_then(|o| o.get(BRIDGE_NAME_OPTION)) {
+            Some(b) if !b.is_empty() => b.clone(),
+            _ => {
+                let id = n.id.as_deref()?;
+                format!("br-{}", id.get(..BRIDGE_ID_PREFIX_LEN).unwrap_or(id))
+            }
+        };
+        Some(Self { name, bridge })
+    }
+}
+
 /// What Docker contributes to the owners model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DockerFacts {
@@ -197,6 +299,11 @@ pub struct DockerFacts {
     pub proxies: Vec<DockerProxy>,
     /// The docker-proxy executable, known even before a proxy runs.
     pub proxy_exe: Option<ExeId>,
+    /// The daemon serving the API (it binds published ports itself in
+    /// current Docker and with `--userland-proxy=false`).
+    pub daemon: Option<DockerDaemon>,
+    /// Docker's bridge networks.
+    pub networks: Vec<DockerNetwork>,
 }
 
 impl DockerFacts {
@@ -206,6 +313,8 @@ impl DockerFacts {
             containers: Vec::new(),
             proxies: Vec::new(),
             proxy_exe: None,
+            daemon: None,
+            networks: Vec::new(),
         }
     }
 
@@ -230,6 +339,7 @@ struct Session {
     docker: Docker,
     socket: PathBuf,
     status: DockerStatus,
+    daemon: Option<DockerDaemon>,
 }
 
 impl Session {
@@ -244,6 +354,10 @@ impl Session {
             .await
             .map_err(api)?;
         let version = docker.version().await.map_err(api)?;
+        let daemon = DockerDaemon::of_socket(socket);
+        if daemon.is_none() {
+            warn!(socket = %socket.display(), "docker: the daemon's process cannot be identified: its own binds of published ports are not recognised");
+        }
         Ok(Self {
             status: DockerStatus::Reachable {
                 version: version.version.unwrap_or_default(),
@@ -251,7 +365,30 @@ impl Session {
             },
             docker,
             socket: socket.into(),
+            daemon,
         })
+    }
+
+    /// Docker's bridge networks.
+    async fn networks(&self) -> Result<Vec<DockerNetwork>, DockerError> {
+        let list = self
+            .docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<DockerNetwork> = list.iter().filter_map(DockerNetwork::from_api).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Facts with this session's daemon and `containers`/`networks`.
+    fn facts(&self, containers: Vec<Container>, networks: Vec<DockerNetwork>) -> DockerFacts {
+        DockerFacts {
+            containers,
+            networks,
+            daemon: self.daemon,
+            ..DockerFacts::new(self.status.clone())
+        }
     }
 
     fn err(&self, source: bollard::errors::Error) -> DockerError {
@@ -298,12 +435,12 @@ impl Session {
 /// Takes one look: for `portguard config show` and other one-shot commands.
 pub async fn snapshot(socket: &Path, cgroup_root: Option<&Path>) -> DockerFacts {
     let mut facts = match Session::open(socket, 3).await {
-        Ok(session) => match session.containers(cgroup_root).await {
-            Ok(containers) => DockerFacts {
-                containers,
-                ..DockerFacts::new(session.status.clone())
-            },
-            Err(e) => DockerFacts::new(DockerStatus::Unreachable {
+        Ok(session) => match (
+            session.containers(cgroup_root).await,
+            session.networks().await,
+        ) {
+            (Ok(containers), Ok(networks)) => session.facts(containers, networks),
+            (Err(e), _) | (_, Err(e)) => DockerFacts::new(DockerStatus::Unreachable {
                 reason: e.to_string(),
             }),
         },
@@ -315,8 +452,27 @@ pub async fn snapshot(socket: &Path, cgroup_root: Option<&Path>) -> DockerFacts 
     facts
 }
 
+/// What a Docker event changes.
+#[derive(Debug, PartialEq, Eq)]
+enum Relevant {
+    /// This container's facts: read it again.
+    Container(String),
+    /// The set of networks.
+    Networks,
+}
+
+/// What a Docker event is about, when it can change port ownership.
+fn relevant(event: &EventMessage) -> Option<Relevant> {
+    if event.typ? == EventMessageTypeEnum::NETWORK
+        && matches!(event.action.as_deref()?, "create" | "destroy" | "remove")
+    {
+        return Some(Relevant::Networks);
+    }
+    relevant_container(event).map(Relevant::Container)
+}
+
 /// The container a Docker event is about, when it can change port ownership.
-fn relevant(event: &EventMessage) -> Option<String> {
+fn relevant_container(event: &EventMessage) -> Option<String> {
     let actor = event.actor.as_ref()?;
     match (event.typ?, event.action.as_deref()?) {
         (
@@ -382,18 +538,16 @@ async fn follow_session(
         .into_iter()
         .map(|c| (c.id.clone(), c))
         .collect();
+    let mut networks = session.networks().await?;
     connected();
-    let publish = |containers: &HashMap<String, Container>| {
+    let publish = |containers: &HashMap<String, Container>, networks: &[DockerNetwork]| {
         let mut list: Vec<Container> = containers.values().cloned().collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut facts = DockerFacts {
-            containers: list,
-            ..DockerFacts::new(session.status.clone())
-        };
+        let mut facts = session.facts(list, networks.to_vec());
         facts.refresh_proxies(root);
         tx.send_if_modified(|old| replace_if_changed(old, facts));
     };
-    publish(&containers);
+    publish(&containers, &networks);
     let filters = HashMap::from([(
         "type".to_owned(),
         vec!["container".to_owned(), "network".to_owned()],
@@ -405,13 +559,21 @@ async fn follow_session(
     }));
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| session.err(e))?;
-        let Some(id) = relevant(&event) else { continue };
-        debug!(action = event.action.as_deref(), container = %id, "docker event");
-        match session.container(&id, root).await? {
-            Some(c) => containers.insert(id, c),
-            None => containers.remove(&id),
-        };
-        publish(&containers);
+        match relevant(&event) {
+            None => continue,
+            Some(Relevant::Networks) => {
+                debug!(action = event.action.as_deref(), "docker network event");
+                networks = session.networks().await?;
+            }
+            Some(Relevant::Container(id)) => {
+                debug!(action = event.action.as_deref(), container = %id, "docker event");
+                match session.container(&id, root).await? {
+                    Some(c) => containers.insert(id, c),
+                    None => containers.remove(&id),
+                };
+            }
+        }
+        publish(&containers, &networks);
         if tx.is_closed() {
             return Ok(());
         }

@@ -24,7 +24,8 @@
 //!     for allowed in model.bind_owners() {
 //!         // allowed.proto, allowed.port: one protected port.
 //!         // allowed.cgroups: cgroup ids that may bind it (OwnerCgroupKey per id).
-//!         // allowed.exes: executables (ExeId: dev/ino, kernel_dev()) that may bind it.
+//!         // allowed.exes: executables (ExeId: dev/ino, kernel_dev()) that may bind it:
+//!         //   for Docker ports, docker-proxy and the daemon serving the API.
 //!         // allowed.proxy_cgroups: docker-proxy's cgroup (dockerd's), only for a
 //!         //   kernel side that cannot match executables; never the root cgroup.
 //!     }
@@ -41,10 +42,13 @@
 //! the old): a model only changes when something an owner depends on did.
 //! `resolve_once` gives the same model once, for one-shot commands.
 //!
-//! Known limits: docker-proxy binds before Docker reports a container started,
-//! so it is allowed by its executable, for every port a Docker owner holds (it
-//! cannot be told apart per container at bind time). With the userland proxy
-//! off, Docker needs no bind at all: only NAT targets matter.
+//! Known limits: Docker binds a published port before it reports the container
+//! started: docker-proxy does (userland proxy on), or the daemon itself does
+//! (current Docker, which hands the socket to `docker-proxy -use-listen-fd`,
+//! and older Docker with `--userland-proxy=false`). Both are allowed by their
+//! executables — dockerd's is the process serving the Engine API, by
+//! `SO_PEERCRED`, never a name — for every port a Docker owner holds: a bind
+//! cannot be told apart per container at bind time.
 
 pub mod cgroup;
 pub mod docker;
@@ -67,7 +71,9 @@ use tracing::{debug, warn};
 
 pub use self::{
     cgroup::CgroupRef,
-    docker::{Container, DockerFacts, DockerStatus, NetworkIp, Published},
+    docker::{
+        Container, DockerDaemon, DockerFacts, DockerNetwork, DockerStatus, NetworkIp, Published,
+    },
     docker_proxy::DockerProxy,
     exe::ExeId,
 };
@@ -80,6 +86,8 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ResolvedOwners {
     pub docker: DockerStatus,
+    /// Docker's bridge interfaces (its own DNAT targets live behind them).
+    pub docker_bridges: Vec<String>,
     /// The cgroup v2 mount, when there is one.
     pub cgroup_root: Option<PathBuf>,
     /// One per policy entry, in policy order.
@@ -111,6 +119,10 @@ pub enum Found {
         /// The proxies forwarding this entry's ports.
         proxies: Vec<DockerProxy>,
         proxy_exe: Option<ExeId>,
+        /// dockerd's executable: it binds published ports itself in current
+        /// Docker and with `--userland-proxy=false`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        daemon_exe: Option<ExeId>,
     },
     /// Docker owners while dockerd cannot be asked.
     DockerUnreachable { reason: String },
@@ -182,6 +194,7 @@ impl ResolvedPort {
                     containers,
                     proxies,
                     proxy_exe,
+                    daemon_exe,
                 } => {
                     // Bare `docker` owns a port through publishing it; a named or
                     // labelled container owns the whole entry (host networking binds directly).
@@ -193,6 +206,7 @@ impl ResolvedPort {
                     out.cgroups
                         .extend(mine.iter().filter_map(|c| c.cgroup.as_ref()).map(|c| c.id));
                     out.exes.extend(*proxy_exe);
+                    out.exes.extend(*daemon_exe);
                     out.proxy_cgroups.extend(
                         proxies
                             .iter()
@@ -289,6 +303,7 @@ pub fn resolve(
 ) -> ResolvedOwners {
     ResolvedOwners {
         docker: docker.status.clone(),
+        docker_bridges: docker.networks.iter().map(|n| n.bridge.clone()).collect(),
         cgroup_root: cgroup_root.map(Path::to_path_buf),
         ports: policy
             .ports
@@ -333,6 +348,7 @@ fn resolve_owner(
                 .cloned()
                 .collect(),
             proxy_exe: docker.proxy_exe,
+            daemon_exe: docker.daemon.map(|d| d.exe),
         },
         DockerStatus::Connecting => Found::DockerUnreachable {
             reason: "not connected yet".into(),
@@ -507,6 +523,7 @@ mod tests {
     }
 
     const PROXY_EXE: ExeId = ExeId { dev: 42, ino: 7 };
+    const DAEMON_EXE: ExeId = ExeId { dev: 42, ino: 9 };
 
     fn facts() -> DockerFacts {
         DockerFacts {
@@ -532,6 +549,14 @@ mod tests {
                 exe: PROXY_EXE,
             }],
             proxy_exe: Some(PROXY_EXE),
+            daemon: Some(DockerDaemon {
+                pid: 8,
+                exe: DAEMON_EXE,
+            }),
+            networks: vec![DockerNetwork {
+                name: "bridge".into(),
+                bridge: "docker0".into(),
+            }],
         }
     }
 
@@ -549,7 +574,12 @@ mod tests {
             .collect();
         assert_eq!(by_port, [(8000, vec![11]), (8001, vec![22])]);
         let b = model.entry(Proto::Tcp, 8000).unwrap().bind_owners(8000);
-        assert_eq!(b.exes, [PROXY_EXE].into());
+        assert_eq!(
+            b.exes,
+            [PROXY_EXE, DAEMON_EXE].into(),
+            "docker-proxy and the daemon (daemon-side binding) may bind a Docker port"
+        );
+        assert_eq!(model.docker_bridges, ["docker0"]);
         assert!(
             b.proxy_cgroups.is_empty(),
             "the root cgroup is never allowed"

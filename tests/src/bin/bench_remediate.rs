@@ -110,6 +110,7 @@ fn hijack_op() -> Op {
         port: 80,
         host: None,
         target: format!("{POD4}:80").parse().unwrap(),
+        exclude_iif: None,
     };
     Op::AddRule {
         family: Family::IP,
@@ -148,6 +149,7 @@ impl Guard {
                 let log = AuditLog::open(&path, Rotation::default()).expect("audit log");
                 let (_owners_tx, owners) = tokio::sync::watch::channel(Arc::new(ResolvedOwners {
                     docker: DockerStatus::Connecting,
+                    docker_bridges: Vec::new(),
                     cgroup_root: None,
                     ports: Vec::new(),
                 }));
