@@ -214,7 +214,7 @@ mod tests {
             ("[^=]{1,8}", ".{0,8}").prop_map(|(key, value)| OwnerSpec::DockerLabel { key, value }),
             (
                 "[a-z0-9@_.-]{1,10}",
-                prop::sample::select(vec![".service", ".scope", ".socket", ".slice"])
+                prop::sample::select(vec![".service", ".scope", ".slice"])
             )
                 .prop_map(|(n, s)| OwnerSpec::Unit(format!("{n}{s}"))),
             ".{0,12}".prop_map(|p| OwnerSpec::Exe(format!("/{p}").into())),

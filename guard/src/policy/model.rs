@@ -130,8 +130,12 @@ pub enum OwnerSpecError {
     BadLabel(String),
     #[error("owner {0:?}: the path must be absolute")]
     RelativePath(String),
-    #[error("owner {0:?}: a unit name ends in .service, .scope, .socket or .slice")]
+    #[error("owner {0:?}: a unit name ends in .service, .scope or .slice")]
     BadUnit(String),
+    #[error(
+        "owner {0:?}: a socket unit's listening sockets are bound by systemd (PID 1) itself, never by a process in the unit's cgroup, so this owner could never bind; name the service it activates (unit:{1}.service) for the processes that serve it, and add exe:/usr/lib/systemd/systemd only if PID 1 must be allowed to bind the port for the socket unit"
+    )]
+    SocketUnit(String, String),
 }
 
 impl FromStr for OwnerSpec {
@@ -157,7 +161,10 @@ impl FromStr for OwnerSpec {
                 _ => Err(OwnerSpecError::BadLabel(s.to_owned())),
             },
             "unit" => {
-                const SUFFIXES: [&str; 4] = [".service", ".scope", ".socket", ".slice"];
+                if let Some(stem) = rest.strip_suffix(".socket") {
+                    return Err(OwnerSpecError::SocketUnit(s.to_owned(), stem.to_owned()));
+                }
+                const SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
                 if SUFFIXES
                     .iter()
                     .any(|x| rest.ends_with(x) && rest.len() > x.len())
@@ -495,6 +502,14 @@ mod tests {
             "unit:nginx".parse::<OwnerSpec>(),
             Err(OwnerSpecError::BadUnit("unit:nginx".into()))
         );
+        // PID 1 binds for socket units: such an owner could never bind.
+        let err = "unit:cups.socket".parse::<OwnerSpec>().unwrap_err();
+        assert_eq!(
+            err,
+            OwnerSpecError::SocketUnit("unit:cups.socket".into(), "cups".into())
+        );
+        let text = err.to_string();
+        assert!(text.contains("PID 1") && text.contains("unit:cups.service"), "{text}");
         assert_eq!(
             "docker:".parse::<OwnerSpec>(),
             Err(OwnerSpecError::Empty("docker:".into()))
