@@ -399,7 +399,7 @@ fn hostname() -> String {
 fn report_owners(metrics: &Metrics, model: &ResolvedOwners) {
     for entry in &model.ports {
         let present = entry.owners.iter().any(|o| match &o.found {
-            Found::Docker { containers, .. } => !containers.is_empty(),
+            Found::Docker { containers, .. } => containers.iter().any(|c| c.running),
             Found::Cgroup(_) | Found::Exe { .. } => true,
             Found::DockerUnreachable { .. } | Found::Missing { .. } => false,
         });

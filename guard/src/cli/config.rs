@@ -107,10 +107,18 @@ fn resolved_comments(out: &mut String, port: &ResolvedPort) {
                 proxy_exe,
                 daemon_exe,
             } => {
-                if containers.is_empty() {
+                if !containers.iter().any(|c| c.running) {
                     lines.push(format!("  {spec}: no running container matches"));
                 }
                 for c in containers {
+                    if !c.running {
+                        lines.push(format!(
+                            "  {spec}: container {} ({}) not running: its cgroup is watched for",
+                            c.name,
+                            &c.id[..c.id.len().min(12)]
+                        ));
+                        continue;
+                    }
                     let cgroup = c.cgroup.as_ref().map_or("cgroup unknown".into(), |g| {
                         format!("cgroup {} (id {})", g.path, g.id)
                     });

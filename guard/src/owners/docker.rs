@@ -16,6 +16,14 @@
 //! - **its networks' bridges** ([`DockerNetwork`]): the interfaces behind which
 //!   Docker's own DNAT targets live, including custom bridge names
 //!   (`com.docker.network.bridge.name`).
+//!
+//! Containers are known from `create` on, in every state, not only while they
+//! run: a container that binds its own ports (`--network host`) binds as soon
+//! as its process starts, before Docker reports it started. Each container
+//! carries the cgroup paths its processes will live in
+//! ([`Container::cgroup_candidates`], from the cgroup driver and parents);
+//! the owners model watches those directories and learns the cgroup the
+//! moment runc creates it, before the container's process can run.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -95,12 +103,15 @@ pub struct NetworkIp {
     pub ipv6: Option<Ipv6Addr>,
 }
 
-/// A running container, as far as port ownership goes.
+/// A container, as far as port ownership goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Container {
     pub id: String,
     /// Without Docker's leading `/`.
     pub name: String,
+    /// Running (or paused) now; a created or stopped container owns no NAT
+    /// mapping, but its cgroup is watched for.
+    pub running: bool,
     /// The init process, as seen from the host.
     pub pid: Option<u32>,
     pub cgroup: Option<CgroupRef>,
@@ -108,19 +119,111 @@ pub struct Container {
     pub labels: BTreeMap<String, String>,
     pub networks: Vec<NetworkIp>,
     pub published: Vec<Published>,
+    /// Where the container's cgroup appears when it starts (relative to the
+    /// cgroup v2 root), most likely first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_candidates: Vec<String>,
+}
+
+/// How Docker lays out container cgroups: its driver and default parent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupLayout {
+    pub systemd: bool,
+    /// dockerd's `--cgroup-parent`, when given.
+    pub daemon_parent: Option<String>,
+}
+
+/// Docker's default parents: `/docker` (cgroupfs driver), `system.slice` (systemd).
+const CGROUPFS_DEFAULT_PARENT: &str = "/docker";
+const SYSTEMD_DEFAULT_SLICE: &str = "system.slice";
+
+impl CgroupLayout {
+    /// The cgroup paths a container's processes will live in: under the
+    /// container's own parent, else the daemon's, else Docker's default, for
+    /// the driver in use (and the other driver's default, last).
+    pub fn candidates(&self, id: &str, container_parent: Option<&str>) -> Vec<String> {
+        let parents: Vec<&str> = container_parent
+            .into_iter()
+            .chain(self.daemon_parent.as_deref())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let mut out = Vec::new();
+        let cgroupfs = |parent: &str| format!("/{}/{id}", parent.trim_matches('/'));
+        let systemd = |slice: &str| format!("{}/docker-{id}.scope", slice_path(slice));
+        for parent in parents {
+            if self.systemd && parent.ends_with(".slice") {
+                out.push(systemd(parent));
+            } else {
+                out.push(cgroupfs(parent));
+            }
+        }
+        if self.systemd {
+            out.push(systemd(SYSTEMD_DEFAULT_SLICE));
+            out.push(cgroupfs(CGROUPFS_DEFAULT_PARENT));
+        } else {
+            out.push(cgroupfs(CGROUPFS_DEFAULT_PARENT));
+            out.push(systemd(SYSTEMD_DEFAULT_SLICE));
+        }
+        out.dedup();
+        out
+    }
+
+    /// The layout of the daemon `pid` reports `driver` for.
+    fn of_daemon(systemd: bool, daemon_pid: Option<u32>) -> Self {
+        let args = daemon_pid
+            .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .map(|raw| {
+                raw.split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let daemon_parent = args.iter().enumerate().find_map(|(i, a)| {
+            a.strip_prefix("--cgroup-parent=")
+                .map(str::to_owned)
+                .or_else(|| (a == "--cgroup-parent").then(|| args.get(i + 1).cloned())?)
+        });
+        Self {
+            systemd,
+            daemon_parent,
+        }
+    }
+}
+
+/// A systemd slice's directory: `a-b.slice` lives in `/a.slice/a-b.slice`.
+fn slice_path(slice: &str) -> String {
+    let stem = slice.strip_suffix(".slice").unwrap_or(slice);
+    let mut path = String::new();
+    let mut prefix = String::new();
+    for (i, part) in stem.split('-').enumerate() {
+        if i > 0 {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push('/');
+        path.push_str(&prefix);
+        path.push_str(".slice");
+    }
+    path
 }
 
 impl Container {
-    /// A container from `docker inspect`; `None` unless it is running.
-    pub fn from_inspect(c: &ContainerInspectResponse, cgroup_root: Option<&Path>) -> Option<Self> {
+    /// A container from `docker inspect`; `None` when it is being removed or dead.
+    pub fn from_inspect(
+        c: &ContainerInspectResponse,
+        cgroup_root: Option<&Path>,
+        layout: &CgroupLayout,
+    ) -> Option<Self> {
+        use bollard::models::ContainerStateStatusEnum as S;
         let state = c.state.as_ref()?;
-        if state.running != Some(true) {
+        if matches!(state.status, Some(S::REMOVING | S::DEAD)) {
             return None;
         }
+        let running = state.running == Some(true);
         let pid = state
             .pid
             .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p != 0);
+            .filter(|p| *p != 0 && running);
         let cgroup = pid
             .zip(cgroup_root)
             .and_then(|(pid, root)| CgroupRef::of_process(root, pid));
@@ -168,9 +271,18 @@ impl Container {
             .collect();
         published.sort();
         published.dedup();
+        if !running {
+            // Stale settings of a stopped container are nobody's mapping.
+            networks.clear();
+            published.clear();
+        }
+        let id = c.id.clone()?;
+        let container_parent = c.host_config.as_ref().and_then(|h| h.cgroup_parent.clone());
         Some(Self {
-            id: c.id.clone()?,
+            cgroup_candidates: layout.candidates(&id, container_parent.as_deref()),
+            id,
             name: c.name.as_deref()?.trim_start_matches('/').to_owned(),
+            running,
             pid,
             cgroup,
             labels,
@@ -180,9 +292,24 @@ impl Container {
     }
 
     pub fn publishes(&self, proto: Proto, port: u16) -> bool {
-        self.published
+        self.running
+            && self
+                .published
+                .iter()
+                .any(|p| p.proto == proto && p.host_port == port)
+    }
+
+    /// The container's cgroup: where its process lives, else the first of
+    /// its candidate paths that exists now (runc made it, the process may
+    /// not have run yet).
+    pub fn cgroup_now(&self, cgroup_root: Option<&Path>) -> Option<CgroupRef> {
+        if let Some(c) = &self.cgroup {
+            return Some(c.clone());
+        }
+        let root = cgroup_root?;
+        self.cgroup_candidates
             .iter()
-            .any(|p| p.proto == proto && p.host_port == port)
+            .find_map(|p| CgroupRef::resolve(root, p))
     }
 }
 
@@ -340,6 +467,7 @@ struct Session {
     socket: PathBuf,
     status: DockerStatus,
     daemon: Option<DockerDaemon>,
+    layout: CgroupLayout,
 }
 
 impl Session {
@@ -358,7 +486,14 @@ impl Session {
         if daemon.is_none() {
             warn!(socket = %socket.display(), "docker: the daemon's process cannot be identified: its own binds of published ports are not recognised");
         }
+        let info = docker.info().await.map_err(api)?;
+        let systemd = matches!(
+            info.cgroup_driver,
+            Some(bollard::models::SystemInfoCgroupDriverEnum::SYSTEMD)
+        );
+        let layout = CgroupLayout::of_daemon(systemd, daemon.map(|d| d.pid));
         Ok(Self {
+            layout,
             status: DockerStatus::Reachable {
                 version: version.version.unwrap_or_default(),
                 api_version: docker.client_version().to_string(),
@@ -398,11 +533,14 @@ impl Session {
         }
     }
 
-    /// Every running container.
+    /// Every container, in any state (a stopped one may start at any moment).
     async fn containers(&self, cgroup_root: Option<&Path>) -> Result<Vec<Container>, DockerError> {
         let list = self
             .docker
-            .list_containers(Some(ListContainersOptions::default()))
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..ListContainersOptions::default()
+            }))
             .await
             .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(list.len());
@@ -423,7 +561,7 @@ impl Session {
         cgroup_root: Option<&Path>,
     ) -> Result<Option<Container>, DockerError> {
         match self.docker.inspect_container(id, None).await {
-            Ok(c) => Ok(Container::from_inspect(&c, cgroup_root)),
+            Ok(c) => Ok(Container::from_inspect(&c, cgroup_root, &self.layout)),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
@@ -477,8 +615,8 @@ fn relevant_container(event: &EventMessage) -> Option<String> {
     match (event.typ?, event.action.as_deref()?) {
         (
             EventMessageTypeEnum::CONTAINER,
-            "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "rename" | "unpause"
-            | "update",
+            "create" | "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "rename"
+            | "pause" | "unpause" | "update",
         ) => actor.id.clone(),
         // The container is an attribute; the actor is the network.
         (EventMessageTypeEnum::NETWORK, "connect" | "disconnect") => {
@@ -638,7 +776,7 @@ mod tests {
 
     #[test]
     fn a_running_container_is_read_from_inspect() {
-        let c = Container::from_inspect(&inspect(true), None).unwrap();
+        let c = Container::from_inspect(&inspect(true), None, &CgroupLayout::default()).unwrap();
         assert_eq!(c.name, "web");
         assert_eq!(c.pid, None, "pid 0 is no process");
         assert_eq!(
@@ -672,8 +810,41 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_container_owns_nothing() {
-        assert_eq!(Container::from_inspect(&inspect(false), None), None);
+    fn a_stopped_container_owns_nothing_but_is_watched_for() {
+        let c = Container::from_inspect(&inspect(false), None, &CgroupLayout::default()).unwrap();
+        assert!(!c.running);
+        assert!(c.published.is_empty() && c.networks.is_empty(), "{c:?}");
+        assert!(!c.publishes(Proto::Tcp, 18080));
+        assert_eq!(c.cgroup_candidates[0], "/docker/abc");
+    }
+
+    #[test]
+    fn cgroup_candidates_follow_driver_and_parents() {
+        let fs = CgroupLayout {
+            systemd: false,
+            daemon_parent: Some("/pgtest-7".into()),
+        };
+        assert_eq!(
+            fs.candidates("abc", None),
+            [
+                "/pgtest-7/abc",
+                "/docker/abc",
+                "/system.slice/docker-abc.scope"
+            ]
+        );
+        assert_eq!(fs.candidates("abc", Some("mine/"))[0], "/mine/abc");
+        let sd = CgroupLayout {
+            systemd: true,
+            daemon_parent: None,
+        };
+        assert_eq!(
+            sd.candidates("abc", Some("web-front.slice"))[0],
+            "/web.slice/web-front.slice/docker-abc.scope"
+        );
+        assert_eq!(
+            sd.candidates("abc", None)[0],
+            "/system.slice/docker-abc.scope"
+        );
     }
 
     #[test]

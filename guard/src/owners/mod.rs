@@ -339,7 +339,11 @@ fn resolve_owner(
                 .containers
                 .iter()
                 .filter(|c| matches(c))
-                .cloned()
+                .map(|c| Container {
+                    // A starting container's cgroup exists before its process runs.
+                    cgroup: c.cgroup_now(root),
+                    ..c.clone()
+                })
                 .collect(),
             proxies: docker
                 .proxies
@@ -455,12 +459,20 @@ impl Owners {
                     () = fs_changes.next() => debug!("owners: a watched path changed"),
                     () = tx.closed() => return,
                 }
-                let model = resolve(
+                let mut model = resolve(
                     &self.policy,
                     &docker_rx.borrow_and_update(),
                     root.as_deref(),
                 );
-                fs_changes.rearm(&self.policy, &model);
+                // A directory watched only now may have filled before its watch
+                // existed (runc makes a parent and the container's cgroup in one
+                // go): look again until the watches stand still.
+                for _ in 0..MAX_REARM_ROUNDS {
+                    if !fs_changes.rearm(&self.policy, &model) {
+                        break;
+                    }
+                    model = resolve(&self.policy, &docker_rx.borrow(), root.as_deref());
+                }
                 tx.send_if_modified(|old| {
                     if **old == model {
                         return false;
@@ -473,6 +485,9 @@ impl Owners {
         (rx, task)
     }
 }
+
+/// Bound on re-resolving while new directories get watched (nesting depth).
+const MAX_REARM_ROUNDS: usize = 4;
 
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -499,6 +514,7 @@ mod tests {
         Container {
             id: format!("{name}-id"),
             name: name.into(),
+            running: true,
             pid: Some(100),
             cgroup: Some(CgroupRef {
                 path: format!("/docker/{name}"),
@@ -519,6 +535,7 @@ mod tests {
                     container_port,
                 })
                 .collect(),
+            cgroup_candidates: Vec::new(),
         }
     }
 

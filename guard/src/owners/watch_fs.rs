@@ -57,13 +57,16 @@ impl FsChanges {
             fd,
             watches: BTreeMap::new(),
         };
-        out.rearm(policy, model);
+        let _ = out.rearm(policy, model);
         out
     }
 
-    /// Watches exactly the directories `policy` and `model` need now.
-    pub fn rearm(&mut self, policy: &Policy, model: &ResolvedOwners) {
-        let Some(fd) = &self.fd else { return };
+    /// Watches exactly the directories `policy` and `model` need now. True
+    /// when a directory is watched that was not before (what it holds may have
+    /// changed unseen: resolve again).
+    pub fn rearm(&mut self, policy: &Policy, model: &ResolvedOwners) -> bool {
+        let Some(fd) = &self.fd else { return false };
+        let mut added = false;
         let wanted = directories(policy, model);
         let raw = fd.get_ref().as_raw_fd();
         self.watches.retain(|dir, wd| {
@@ -87,8 +90,10 @@ impl FsChanges {
                 debug!(dir = %dir.display(), "owners: cannot watch: {}", io::Error::last_os_error());
             } else {
                 self.watches.insert(dir, wd);
+                added = true;
             }
         }
+        added
     }
 
     /// Waits until something changed in a watched directory (forever without inotify).
@@ -142,6 +147,26 @@ fn directories(policy: &Policy, model: &ResolvedOwners) -> std::collections::BTr
                     }
                 }
                 OwnerSpec::Docker | OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. } => {}
+            }
+        }
+    }
+    // Containers that bind for themselves (`docker:NAME`, `docker-label:`, e.g.
+    // with `--network host`): where their cgroup will appear, or is (a restart
+    // makes it again).
+    if let Some(root) = root {
+        for owner in model.ports.iter().flat_map(|p| &p.owners) {
+            let (
+                OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. },
+                Found::Docker { containers, .. },
+            ) = (&owner.spec, &owner.found)
+            else {
+                continue;
+            };
+            for c in containers {
+                let paths = c.cgroup.iter().map(|g| g.path.clone());
+                for p in paths.chain(c.cgroup_candidates.iter().cloned()) {
+                    out.extend(parent_that_exists(&absolute(root, &p)));
+                }
             }
         }
     }

@@ -509,7 +509,10 @@ mod tests {
             OwnerSpecError::SocketUnit("unit:cups.socket".into(), "cups".into())
         );
         let text = err.to_string();
-        assert!(text.contains("PID 1") && text.contains("unit:cups.service"), "{text}");
+        assert!(
+            text.contains("PID 1") && text.contains("unit:cups.service"),
+            "{text}"
+        );
         assert_eq!(
             "docker:".parse::<OwnerSpec>(),
             Err(OwnerSpecError::Empty("docker:".into()))
