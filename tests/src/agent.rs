@@ -33,8 +33,31 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Self::start_in(None, &[], args)
+    }
+
+    /// [`Agent::start`] inside the network namespace `/run/netns/NETNS` as if
+    /// it were the host's (`nsenter --net`, which keeps `/sys` and so the
+    /// cgroup v2 mount; `ip netns exec` would hide it), with extra environment
+    /// (e.g. `DOCKER_HOST` of a dockerd running there).
+    pub fn start_in<I, S>(netns: Option<&str>, envs: &[(&str, &std::ffi::OsStr)], args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
-        let mut cmd = Command::new(portguard_bin());
+        let mut cmd = match netns {
+            None => Command::new(portguard_bin()),
+            Some(ns) => {
+                // nsenter execs portguard: the child's pid is the agent's.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(portguard_bin());
+                c
+            }
+        };
+        cmd.envs(envs.iter().copied());
         cmd.args(args)
             .env("PORTGUARD_LOG_FORMAT", "json")
             // Tests run agents side by side: each its own audit log and metrics port.
