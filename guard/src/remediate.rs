@@ -886,7 +886,7 @@ impl RuleGuard {
                     );
                     // Reported once per period, not on every re-inspection.
                     if self.rate_ok(st, &key) {
-                        warn!(port = finding.port, source = %finding.source, chain = %finding.chain, active = finding.active, "foreign NAT rule on a protected port ({why})");
+                        warn!(port = finding.port, source = %finding.source, chain = %finding.chain, active = finding.active, why, "foreign NAT rule on a protected port ({why})");
                         self.report(GuardReport::Observed {
                             finding: Box::new(finding),
                             why,
