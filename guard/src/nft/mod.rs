@@ -242,6 +242,10 @@ pub struct Finding {
     pub active_on: Vec<Hook>,
     /// Each hook and local address for which it is active.
     pub active_paths: Vec<ActivePath>,
+    /// Why this rule is a hijack, in words: what it does, where it sends
+    /// connections, in which kind of chain at which hook ("DNAT to
+    /// 10.42.0.2:80 in a nat chain at prerouting (iptables target DNAT)").
+    pub reason: String,
     /// Who wrote it, as far as it says.
     pub source: String,
     pub evidence: Vec<String>,
@@ -328,6 +332,12 @@ pub fn inspect_probes(
                     let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
                     let attribution =
                         classify::attribute(table, &path, comment.as_deref(), target_ip);
+                    let reason = reason(
+                        kind,
+                        target.as_deref(),
+                        &hit.how,
+                        table.chains[hit.base.1].base.as_ref(),
+                    );
                     Finding {
                         kind,
                         family: table.family,
@@ -343,6 +353,7 @@ pub fn inspect_probes(
                         active: false,
                         active_on: Vec::new(),
                         active_paths: Vec::new(),
+                        reason,
                         source: attribution.source,
                         evidence: attribution.evidence,
                         comment,
@@ -394,6 +405,31 @@ fn describe(rw: &Rewrite, port: u16) -> (FindingKind, Option<String>, Option<IpA
         ),
         Rewrite::Tproxy { addr, port: p } => (FindingKind::Tproxy, sock(*addr, *p), *addr),
         Rewrite::Opaque(what) => (FindingKind::Unclassified, Some(what.clone()), None),
+    }
+}
+
+/// Why a rule is a hijack, in words (see [`Finding::reason`]).
+fn reason(
+    kind: FindingKind,
+    target: Option<&str>,
+    how: &str,
+    base: Option<&model::BaseHook>,
+) -> String {
+    let place = base.map_or_else(
+        || "in a chain".to_owned(),
+        |b| format!("in a {} chain at {}", b.kind, b.hook),
+    );
+    let to = target.unwrap_or("a destination the rule does not state");
+    match kind {
+        FindingKind::Dnat => format!("DNAT to {to} {place} ({how})"),
+        FindingKind::Redirect => format!("REDIRECT to {to} on this host {place} ({how})"),
+        FindingKind::Tproxy => format!(
+            "TPROXY to {} {place} ({how})",
+            target.unwrap_or("a local socket on the same address and port")
+        ),
+        FindingKind::Unclassified => {
+            format!("{how} {place}: cannot be decoded, may rewrite the destination")
+        }
     }
 }
 
