@@ -225,9 +225,10 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
         l
     };
     let _ = writeln!(out, "{}", line(&header));
-    for r in &rows {
+    for (r, f) in rows.iter().zip(findings) {
         let cells: Vec<&str> = r.iter().map(String::as_str).collect();
         let _ = writeln!(out, "{}", line(&cells));
+        let _ = writeln!(out, "  why: {}", f.finding.reason);
     }
     let active = findings.iter().filter(|f| f.finding.active).count();
     let _ = writeln!(
