@@ -276,12 +276,12 @@ fn native_statements_in_raw_and_mangle_chains_are_not_hijacks() {
         "exit {code}: {findings:#?}\n{}",
         host.ruleset()
     );
-    host.sh(&format!(
+    host.sh(
         "nft -a list chain ip ips raw | sed -n 's/.*notrack # handle \\([0-9]*\\)$/\\1/p' \
-         | xargs -r -I{{}} nft delete rule ip ips raw handle {{}}
+         | xargs -r -I{} nft delete rule ip ips raw handle {}
          nft list chain ip ips raw | grep -q dup
-         ! nft list chain ip ips raw | grep -q notrack"
-    ));
+         ! nft list chain ip ips raw | grep -q notrack",
+    );
     host.assert_clean_then_control("native statements");
 }
 
