@@ -1,6 +1,8 @@
 //! `portguard check` as an operator runs it: a real ruleset in a namespace made
 //! for the test, and the Kubernetes layer naming the pod behind a foreign DNAT
-//! (against recorded k3s API answers: no API server can run here).
+//! (against recorded k3s API answers: no API server can run here). Also where
+//! no cgroup v2 hierarchy is visible (`ip netns exec` remounts `/sys`): NAT
+//! findings are still reported, and what needs cgroups is named.
 
 use std::process::Command;
 
@@ -82,4 +84,179 @@ fn clean_namespace_exits_zero() {
     let (code, v) = check(&ns, &policy, &[]);
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["findings"], serde_json::json!([]));
+}
+
+/// Where `portguard` runs under `ip netns exec NS`, `/sys` is remounted and
+/// the cgroup v2 hierarchy is not visible. The NAT finding is still listed,
+/// the exit code says "findings", and the owner kinds that could not be
+/// resolved are named (text and JSON).
+#[test]
+fn ip_netns_exec_without_cgroup2_still_reports_nat_findings() {
+    require_root();
+    let ns = NetNs::new("pg-chk-nocg");
+    let client = NetNs::new("pg-chk-nocg-c");
+    ns.link(&client, "198.51.100.1/24", "198.51.100.2/24");
+    ns.exec([
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "203.0.113.9:80",
+    ]);
+    // The premise: no cgroup2 mount where the command runs.
+    let mounts = ns.exec(["cat", "/proc/self/mountinfo"]);
+    assert!(
+        !mounts.lines().any(|l| l.contains(" - cgroup2 ")),
+        "ip netns exec left a cgroup2 mount visible, this test proves nothing here:\n{mounts}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[ports]]\nport = 80\nowner = \"docker\"\n\
+         [[ports]]\nport = 8443\nowner = \"unit:pg-web.service\"\n",
+    )
+    .unwrap();
+
+    let out = ns
+        .command([
+            portguard_bin().as_os_str(),
+            "check".as_ref(),
+            "--config".as_ref(),
+        ])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stdout: {text}\nstderr: {err}");
+    assert!(
+        text.contains("203.0.113.9:80") && text.contains("ACTIVE (prerouting)"),
+        "the DNAT is listed: {text}"
+    );
+    assert!(
+        text.contains(
+            "cgroup v2 not visible here: unit:/cgroup: owners and listener cgroups unknown"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("unit:pg-web.service tcp/8443"), "{text}");
+
+    let out = ns
+        .command([
+            portguard_bin().as_os_str(),
+            "check".as_ref(),
+            "--json".as_ref(),
+            "--config".as_ref(),
+        ])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &v["findings"][0];
+    assert_eq!(f["target"], "203.0.113.9:80", "{v:#}");
+    assert_eq!(f["active"], true, "{v:#}");
+    assert_eq!(
+        v["unknown"]["owner_kinds"],
+        serde_json::json!(["unit", "cgroup"])
+    );
+    assert_eq!(
+        v["unknown"]["unresolved_owners"],
+        serde_json::json!(["unit:pg-web.service tcp/8443"])
+    );
+    assert_eq!(v["unknown"]["listener_cgroups_unknown"], true);
+
+    // Clean is clean there too: exit 0, and still says what it could not know.
+    ns.exec(["iptables", "-t", "nat", "-F", "PREROUTING"]);
+    let out = ns
+        .command([
+            portguard_bin().as_os_str(),
+            "check".as_ref(),
+            "--config".as_ref(),
+        ])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("cgroup v2 not visible here"), "{text}");
+}
+
+/// `listeners` in a private mount namespace whose cgroup v2 mount is gone
+/// (`unshare --mount`, then `umount` there: the host's mounts are untouched).
+/// The test's own socket on a port owned by a unit is "unknown", not a
+/// stranger (exit 0), and the unit is named; with the hierarchy visible the
+/// same socket is a stranger (exit 1).
+#[test]
+fn listeners_without_cgroup2_name_what_they_cannot_know() {
+    require_root();
+    let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[[ports]]\nport = {port}\nowner = \"unit:pg-absent.service\"\n"),
+    )
+    .unwrap();
+    let me = std::process::id();
+    let holder = |v: &Value| -> Value {
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["port"] == port && h["pid"] == me)
+            .cloned()
+            .unwrap_or_else(|| panic!("this test's socket on {port} is listed: {v:#}"))
+    };
+
+    let seen = Command::new(portguard_bin())
+        .args(["listeners", "--json", "--config"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(seen.status.code(), Some(1), "{seen:?}");
+    let v: Value = serde_json::from_slice(&seen.stdout).unwrap();
+    assert_eq!(holder(&v)["ownership"], "stranger", "{v:#}");
+    assert!(v["unknown"].is_null(), "{v:#}");
+
+    // Every cgroup2 mount point, unmounted inside a private mount namespace only.
+    let script = format!(
+        "set -eu
+         for m in $(awk '/ - cgroup2 / {{print $5}}' /proc/self/mountinfo | sort -r); do umount \"$m\"; done
+         ! grep -q ' - cgroup2 ' /proc/self/mountinfo
+         exec {} listeners --json --config {}",
+        portguard_bin().display(),
+        policy.display()
+    );
+    let blind = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&blind.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&blind.stdout),
+            String::from_utf8_lossy(&blind.stderr)
+        )
+    });
+    assert_eq!(blind.status.code(), Some(0), "{v:#}");
+    assert_eq!(holder(&v)["ownership"], "unknown", "{v:#}");
+    assert_eq!(
+        v["unknown"]["unresolved_owners"],
+        serde_json::json!([format!("unit:pg-absent.service tcp/{port}")])
+    );
+    // The host still has its hierarchy.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(host.lines().any(|l| l.contains(" - cgroup2 ")), "{host}");
+    drop(sock);
 }

@@ -37,6 +37,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "tests talk HTTP to containers and probes"),
     ("conntrack", "tests ask the kernel where a connection went"),
     (
+        "ipset",
+        "a test puts an iptables SET target on a protected port",
+    ),
+    (
         "chromium",
         "the HTML report test screenshots the report in a real browser",
     ),

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{
     PolicyArgs,
-    listeners::{self, Holder},
+    listeners::{self, CgroupBlind, Holder},
 };
 use crate::{
     ebpf::Ownership,
@@ -30,8 +30,9 @@ const EXIT_FINDINGS: u8 = 1;
 pub struct CheckArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Print `{"findings":[…], "listeners":[…], "hardening":{…}, "kubernetes":{…}}`
-    /// instead of tables.
+    /// Print `{"findings":[…], "listeners":[…], "hardening":{…}, "kubernetes":{…},
+    /// "unknown":{…}}` instead of tables (`unknown`: what could not be resolved
+    /// without a visible cgroup v2 hierarchy, else null).
     #[arg(long)]
     pub json: bool,
     /// kubeconfig for naming the pods and Services behind foreign rules
@@ -78,13 +79,16 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
         eprintln!("portguard: warning: {w}");
     }
 
+    // Without a cgroup v2 hierarchy the NAT findings stand; what needs cgroups
+    // is named instead of failing the whole audit.
     let strangers: Vec<Holder> = match &owners {
-        Some(owners) => listeners::holders(&policy, owners)?
+        Some(owners) => listeners::holders(&policy, owners)
             .into_iter()
             .filter(|h| h.ownership == Ownership::Stranger)
             .collect(),
         None => Vec::new(),
     };
+    let blind = owners.as_ref().and_then(|o| CgroupBlind::of(&policy, o));
     let hardening = this_host.then(|| hardening_status(Path::new("/")));
     let cluster = if !findings.is_empty() {
         Some(runtime.block_on(cluster_view(&args, &policy, node)))
@@ -108,6 +112,7 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
             "hardening": hardening,
             "kubernetes": cluster.as_ref().map(|c| &c.state),
             "warnings": model.warnings,
+            "unknown": blind,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -121,6 +126,9 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
             && h.k3s_present
         {
             println!("k3s: {}", h.summary());
+        }
+        if let Some(b) = &blind {
+            println!("{}", b.message);
         }
     }
     Ok(if findings.is_empty() && strangers.is_empty() {
@@ -225,9 +233,10 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
         l
     };
     let _ = writeln!(out, "{}", line(&header));
-    for r in &rows {
+    for (r, f) in rows.iter().zip(findings) {
         let cells: Vec<&str> = r.iter().map(String::as_str).collect();
         let _ = writeln!(out, "{}", line(&cells));
+        let _ = writeln!(out, "  why: {}", f.finding.reason);
     }
     let active = findings.iter().filter(|f| f.finding.active).count();
     let _ = writeln!(

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 
-use super::PolicyArgs;
+use super::{PolicyArgs, listeners::CgroupBlind};
 use crate::{
     audit::{AuditHandle, AuditLog, DEFAULT_AUDIT_PATH, Rotation},
     nft::{self, InspectInput, OwnedTargets},
@@ -48,7 +48,12 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
     let owned = if args.netns.is_some() {
         OwnedTargets::docker_fallback()
     } else {
-        OwnedTargets::from_owners(&runtime.block_on(Owners::new(policy.clone()).resolve_once()))
+        let owners = runtime.block_on(Owners::new(policy.clone()).resolve_once());
+        // NAT rules need no cgroups: fix them, and name what could not be resolved.
+        if let Some(b) = CgroupBlind::of(&policy, &owners) {
+            println!("{}", b.message);
+        }
+        OwnedTargets::from_owners(&owners)
     };
     let input = InspectInput::from_policy(&policy, owned, addrs);
     let findings = nft::inspect(&model, &input);

@@ -153,6 +153,8 @@ pub struct Hit {
     pub path: Vec<usize>,
     /// The base chain the walk started from (table, chain), for its priority.
     pub base: (usize, usize),
+    /// The statement that rewrites, in words ("iptables target DNAT", "nft dnat").
+    pub how: String,
 }
 
 /// Indexes over the model, built once per inspection.
@@ -272,12 +274,15 @@ impl<'m> RulesetIndex<'m> {
     /// handles: tables are numbered in creation order, chains within a table too.
     /// iptables-legacy tables (no handle) count as the oldest.
     pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> Vec<(usize, usize)> {
-        self.base_chains(v6, |b| b.hook == hook && b.kind == "nat")
+        self.base_chains(v6, |b| b.hook == hook && b.kind == NAT_CHAIN_TYPE)
     }
 
-    /// Filter-type prerouting chains, where `tproxy` lives.
+    /// Filter-type prerouting chains (iptables' raw and mangle, nft's `type
+    /// filter`), where `tproxy` lives.
     pub fn tproxy_base_chains(&self, v6: bool) -> Vec<(usize, usize)> {
-        self.base_chains(v6, |b| b.hook == Hook::Prerouting && b.kind == "filter")
+        self.base_chains(v6, |b| {
+            b.hook == Hook::Prerouting && b.kind == FILTER_CHAIN_TYPE
+        })
     }
 
     fn base_chains(&self, v6: bool, want: impl Fn(&BaseHook) -> bool) -> Vec<(usize, usize)> {
@@ -298,6 +303,42 @@ impl<'m> RulesetIndex<'m> {
         out.sort();
         out.into_iter().map(|(.., t, c)| (t, c)).collect()
     }
+}
+
+/// Base chain types (`NFTA_CHAIN_TYPE`).
+pub const NAT_CHAIN_TYPE: &str = "nat";
+pub const FILTER_CHAIN_TYPE: &str = "filter";
+
+/// What a native statement that this code does not decode does to a new
+/// connection (none of them rewrites its destination).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeStatement {
+    /// A side effect only: the packet goes on (`dup`, `last`).
+    Continues,
+    /// May end evaluation: `queue` (to userspace: an inline IPS decides),
+    /// `synproxy` (answers the SYN itself), `fwd` (netdev: sent out elsewhere).
+    MayEnd,
+}
+
+/// Native expressions decoded as `Expr::Unknown` whose effect is known by name.
+/// `mark set`, `ct mark set`, `meta nftrace set`, `notrack`, `counter`, `log`
+/// are decoded already and never rewrite anything.
+pub fn native_statement(name: &str) -> Option<NativeStatement> {
+    match name {
+        "dup" | "last" => Some(NativeStatement::Continues),
+        "queue" | "synproxy" | "fwd" => Some(NativeStatement::MayEnd),
+        _ => None,
+    }
+}
+
+/// `min`..`max` as a prefix (`203.0.113.0/26`), or as a range when it is not one.
+fn prefix(min: IpAddr, max: IpAddr) -> String {
+    let bits = match (min, max) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (!(u32::from(a) ^ u32::from(b))).leading_ones(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (!(u128::from(a) ^ u128::from(b))).leading_ones(),
+        _ => return format!("{min}-{max}"),
+    };
+    format!("{min}/{bits}")
 }
 
 /// The kernel stops at this many nested jumps.
@@ -425,6 +466,8 @@ struct RuleEval {
     matched: Tri,
     verdicts: Vec<(Tri, Verdict)>,
     rewrite: Option<Rewrite>,
+    /// The statement behind `rewrite`, in words.
+    how: String,
     /// The rewrite (or drop, reject, source NAT) ends evaluation when it applies.
     terminal: bool,
 }
@@ -533,6 +576,7 @@ impl<'i, 'm> Walker<'i, 'm> {
                         rule: ri,
                     },
                     rw,
+                    eval.how,
                     cur,
                 );
             }
@@ -595,7 +639,19 @@ impl<'i, 'm> Walker<'i, 'm> {
 }
 
 impl Walker<'_, '_> {
-    fn record(&mut self, at: RuleRef, rewrite: Rewrite, reach: Reach) {
+    /// Whether the walk is in a nat chain (else a filter-type chain, walked for tproxy).
+    fn in_nat_chain(&self) -> bool {
+        let (ti, ci) = self.base;
+        self.idx
+            .model
+            .tables
+            .get(ti)
+            .and_then(|t| t.chains.get(ci))
+            .and_then(|c| c.base.as_ref())
+            .is_some_and(|b| b.kind == NAT_CHAIN_TYPE)
+    }
+
+    fn record(&mut self, at: RuleRef, rewrite: Rewrite, how: String, reach: Reach) {
         let path = self.stack.clone();
         let base = self.base;
         let hit = self.hits.entry(at).or_insert_with(|| Hit {
@@ -604,6 +660,7 @@ impl Walker<'_, '_> {
             reach,
             path: path.clone(),
             base,
+            how,
         });
         if reach > hit.reach {
             hit.reach = reach;
@@ -654,6 +711,7 @@ impl Walker<'_, '_> {
             matched: Tri::Yes,
             verdicts: Vec::new(),
             rewrite: None,
+            how: String::new(),
             terminal: false,
         };
         for e in exprs {
@@ -795,12 +853,14 @@ impl Walker<'_, '_> {
                     let addr = reg_addr_min.and_then(|r| read_addr(&regs, r, p.v6));
                     let port = reg_proto_min.and_then(|r| read_port(&regs, r));
                     ev.rewrite = Some(Rewrite::Dnat { addr, port });
+                    ev.how = "nft dnat statement".into();
                     ev.terminal = true;
                     break;
                 }
                 Expr::Redir { reg_proto_min, .. } => {
                     let port = reg_proto_min.and_then(|r| read_port(&regs, r));
                     ev.rewrite = Some(Rewrite::Redirect { port });
+                    ev.how = "nft redirect statement".into();
                     ev.terminal = true;
                     break;
                 }
@@ -818,6 +878,7 @@ impl Walker<'_, '_> {
                         addr: reg_addr.and_then(|r| read_addr(&regs, r, v6)),
                         port: reg_port.and_then(|r| read_port(&regs, r)),
                     });
+                    ev.how = "nft tproxy statement".into();
                 }
                 Expr::Fib {
                     dreg,
@@ -847,37 +908,68 @@ impl Walker<'_, '_> {
                 }
                 Expr::XtTarget { name, rev, info } => {
                     let v6 = self.idx.model.tables[ti].family == Family::IP6 || p.v6;
+                    let how = format!("iptables target {name}");
                     match xt::decode_target(name, *rev, info, v6) {
                         XtAction::Continue => {}
                         XtAction::Dnat { addr, port } => {
                             ev.rewrite = Some(Rewrite::Dnat { addr, port });
+                            ev.how = how;
+                            ev.terminal = true;
+                        }
+                        XtAction::Netmap { min, max } => {
+                            ev.rewrite = Some(Rewrite::Dnat {
+                                addr: xt::netmap(p.daddr, min, max),
+                                port: None,
+                            });
+                            ev.how = format!("{how} to {}", prefix(min, max));
                             ev.terminal = true;
                         }
                         XtAction::Redirect { port } => {
                             ev.rewrite = Some(Rewrite::Redirect { port });
+                            ev.how = how;
                             ev.terminal = true;
                         }
-                        XtAction::Tproxy => {
-                            ev.rewrite = Some(Rewrite::Tproxy {
+                        XtAction::Tproxy { addr, port } => {
+                            ev.rewrite = Some(Rewrite::Tproxy { addr, port });
+                            ev.how = how;
+                            ev.terminal = true;
+                        }
+                        XtAction::Rewrites(_) => {
+                            // Known to rewrite the destination, not decoded: where to is unknown.
+                            ev.rewrite = Some(Rewrite::Dnat {
                                 addr: None,
                                 port: None,
                             });
-                            ev.terminal = true;
+                            ev.how = how;
                         }
                         XtAction::Terminal => ev.terminal = true,
+                        XtAction::MayEnd => {
+                            // Queued to userspace, proxied or dropped: no rewrite.
+                            ev.verdicts = vec![(Tri::Maybe, Verdict::Drop)];
+                        }
                         XtAction::Opaque(what) => {
-                            ev.rewrite = Some(Rewrite::Opaque(what));
+                            if self.in_nat_chain() {
+                                // Only a nat chain can bind a new destination.
+                                ev.rewrite = Some(Rewrite::Opaque(what));
+                                ev.how = how;
+                            }
                             // It may end evaluation; nobody can say.
                             ev.verdicts = vec![(Tri::Maybe, Verdict::Drop)];
                         }
                     }
                 }
                 Expr::Limit => ev.matched = ev.matched.and(Tri::Maybe),
-                Expr::Unknown { .. } => {
-                    // It may be a match, and it may write any register.
-                    ev.matched = ev.matched.and(Tri::Maybe);
-                    regs = Regs::new();
-                }
+                Expr::Unknown { name } => match native_statement(name) {
+                    Some(NativeStatement::Continues) => {}
+                    Some(NativeStatement::MayEnd) => {
+                        ev.verdicts = vec![(Tri::Maybe, Verdict::Drop)];
+                    }
+                    None => {
+                        // It may be a match, and it may write any register.
+                        ev.matched = ev.matched.and(Tri::Maybe);
+                        regs = Regs::new();
+                    }
+                },
                 Expr::Reject => {
                     ev.terminal = true;
                     break;

@@ -254,6 +254,10 @@ pub struct Finding {
     pub active_on: Vec<Hook>,
     /// Each hook and local address for which it is active.
     pub active_paths: Vec<ActivePath>,
+    /// Why this rule is a hijack, in words: what it does, where it sends
+    /// connections, in which kind of chain at which hook ("DNAT to
+    /// 10.42.0.2:80 in a nat chain at prerouting (iptables target DNAT)").
+    pub reason: String,
     /// Who wrote it, as far as it says.
     pub source: String,
     pub evidence: Vec<String>,
@@ -344,6 +348,12 @@ pub fn inspect_probes(
                     let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
                     let attribution =
                         classify::attribute(table, &path, comment.as_deref(), target_ip);
+                    let reason = reason(
+                        kind,
+                        target.as_deref(),
+                        &hit.how,
+                        table.chains[hit.base.1].base.as_ref(),
+                    );
                     Finding {
                         kind,
                         family: table.family,
@@ -359,6 +369,7 @@ pub fn inspect_probes(
                         active: false,
                         active_on: Vec::new(),
                         active_paths: Vec::new(),
+                        reason,
                         source: attribution.source,
                         evidence: attribution.evidence,
                         comment,
@@ -413,6 +424,31 @@ fn describe(rw: &Rewrite, port: u16) -> (FindingKind, Option<String>, Option<IpA
     }
 }
 
+/// Why a rule is a hijack, in words (see [`Finding::reason`]).
+fn reason(
+    kind: FindingKind,
+    target: Option<&str>,
+    how: &str,
+    base: Option<&model::BaseHook>,
+) -> String {
+    let place = base.map_or_else(
+        || "in a chain".to_owned(),
+        |b| format!("in a {} chain at {}", b.kind, b.hook),
+    );
+    let to = target.unwrap_or("a destination the rule does not state");
+    match kind {
+        FindingKind::Dnat => format!("DNAT to {to} {place} ({how})"),
+        FindingKind::Redirect => format!("REDIRECT to {to} on this host {place} ({how})"),
+        FindingKind::Tproxy => format!(
+            "TPROXY to {} {place} ({how})",
+            target.unwrap_or("a local socket on the same address and port")
+        ),
+        FindingKind::Unclassified => {
+            format!("{how} {place}: cannot be decoded, may rewrite the destination")
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     #[error(transparent)]
@@ -439,5 +475,232 @@ pub fn read_with_addrs(
     match netns {
         None => read(),
         Some(ns) => netlink::in_netns(ns, read)?,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The classification end to end on hand-built models: which statements in
+    //! which chains are findings, and the reason each finding gives.
+
+    use super::{
+        model::{BaseHook, Chain, Data, Expr, Rule, Table, Verdict},
+        *,
+    };
+    use crate::policy::PortRange;
+
+    const PORT: u16 = 80;
+    const HOST: &str = "198.51.100.1";
+
+    /// `-p tcp -m tcp --dport 80` as iptables-nft writes it (`struct xt_tcp`).
+    fn tcp_dport(port: u16) -> Expr {
+        let mut info = Vec::new();
+        for p in [0, u16::MAX, port, port] {
+            info.extend_from_slice(&p.to_ne_bytes());
+        }
+        info.extend_from_slice(&[0; 4]);
+        Expr::XtMatch {
+            name: "tcp".into(),
+            rev: 0,
+            info,
+        }
+    }
+
+    fn target(name: &str, info: Vec<u8>) -> Expr {
+        Expr::XtTarget {
+            name: name.into(),
+            rev: 0,
+            info,
+        }
+    }
+
+    /// One table holding one base chain with `rules`.
+    fn model(kind: &str, priority: i32, rules: Vec<Vec<Expr>>) -> RulesetModel {
+        RulesetModel {
+            generation: None,
+            tables: vec![Table {
+                family: Family::IP,
+                name: if kind == "nat" { "nat" } else { "mangle" }.into(),
+                handle: 1,
+                origin: TableOrigin::IptablesNft,
+                chains: vec![Chain {
+                    name: "PREROUTING".into(),
+                    handle: 1,
+                    base: Some(BaseHook {
+                        hook: Hook::Prerouting,
+                        priority,
+                        kind: kind.into(),
+                        policy: Some(Verdict::Accept),
+                    }),
+                    rules: rules
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, e)| Rule::new(i as u64 + 1, e, None))
+                        .collect(),
+                }],
+                ..Table::default()
+            }],
+            warnings: Vec::new(),
+        }
+    }
+
+    fn findings(model: &RulesetModel) -> Vec<Finding> {
+        let input = InspectInput {
+            ports: vec![PortSpec {
+                proto: Proto::Tcp,
+                ports: PortRange::single(PORT),
+            }],
+            owned: OwnedTargets::docker_fallback(),
+            local_addrs: vec![LocalAddr {
+                addr: HOST.parse().unwrap(),
+                prefix_len: 24,
+                ifindex: 2,
+                ifname: "eth0".into(),
+            }],
+            internal_ifaces: INTERNAL_IFACE_PREFIXES.map(str::to_owned).to_vec(),
+        };
+        inspect(model, &input)
+    }
+
+    #[test]
+    fn non_rewriting_targets_in_raw_and_mangle_are_no_finding() {
+        for name in [
+            "NFQUEUE", "TEE", "TTL", "MARK", "CONNMARK", "SET", "HMARK", "SYNPROXY", "FROB",
+        ] {
+            for priority in [-300, -150] {
+                let m = model(
+                    "filter",
+                    priority,
+                    vec![vec![tcp_dport(PORT), target(name, vec![0; 16])]],
+                );
+                assert_eq!(findings(&m), [], "{name} at priority {priority}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_target_in_a_nat_chain_may_hijack_and_says_why() {
+        let m = model(
+            "nat",
+            -100,
+            vec![vec![tcp_dport(PORT), target("FROB", Vec::new())]],
+        );
+        let f = findings(&m);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].kind, FindingKind::Unclassified);
+        assert!(f[0].active);
+        assert_eq!(
+            f[0].reason,
+            "iptables target FROB in a nat chain at prerouting: cannot be decoded, may rewrite the destination"
+        );
+        // A known non-rewriting target in a nat chain is no finding either.
+        let m = model(
+            "nat",
+            -100,
+            vec![vec![tcp_dport(PORT), target("NFQUEUE", vec![0; 8])]],
+        );
+        assert_eq!(findings(&m), []);
+    }
+
+    #[test]
+    fn nfqueue_may_end_evaluation_so_a_later_rewrite_stays_active() {
+        // A queue ahead of a TPROXY: the TPROXY is reached by what the IPS passes on.
+        let m = model(
+            "filter",
+            -150,
+            vec![
+                vec![tcp_dport(PORT), target("NFQUEUE", vec![0; 8])],
+                vec![tcp_dport(PORT), target("TPROXY", vec![0; 16])],
+            ],
+        );
+        let f = findings(&m);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].kind, FindingKind::Tproxy);
+        assert!(f[0].active, "{f:?}");
+        assert_eq!(f[0].position, 2);
+        // REJECT surely ends evaluation: a TPROXY after it is latent.
+        let m = model(
+            "filter",
+            -150,
+            vec![
+                vec![tcp_dport(PORT), target("REJECT", vec![0; 4])],
+                vec![tcp_dport(PORT), target("TPROXY", vec![0; 16])],
+            ],
+        );
+        let f = findings(&m);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(!f[0].active, "{f:?}");
+    }
+
+    #[test]
+    fn tproxy_and_dnat_give_their_reason() {
+        let mut tproxy = vec![0u8; 16];
+        tproxy[12..14].copy_from_slice(&3128u16.to_be_bytes());
+        let m = model(
+            "filter",
+            -150,
+            vec![vec![tcp_dport(PORT), target("TPROXY", tproxy)]],
+        );
+        let f = findings(&m);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].target.as_deref(), Some(":3128"));
+        assert_eq!(
+            f[0].reason,
+            "TPROXY to :3128 in a filter chain at prerouting (iptables target TPROXY)"
+        );
+        let m = model(
+            "nat",
+            -100,
+            vec![vec![
+                tcp_dport(PORT),
+                Expr::Immediate {
+                    dreg: 1,
+                    data: Data::Value(vec![10, 42, 0, 2]),
+                },
+                Expr::Nat {
+                    kind: model::NatKind::Dnat,
+                    family: 2,
+                    reg_addr_min: Some(1),
+                    reg_addr_max: Some(1),
+                    reg_proto_min: None,
+                    reg_proto_max: None,
+                    flags: 0,
+                },
+            ]],
+        );
+        let f = findings(&m);
+        assert_eq!(
+            f[0].reason,
+            "DNAT to 10.42.0.2:80 in a nat chain at prerouting (nft dnat statement)"
+        );
+    }
+
+    #[test]
+    fn native_queue_synproxy_dup_in_a_filter_chain_are_no_finding() {
+        for name in ["queue", "synproxy", "dup", "fwd", "frobnicate"] {
+            let m = model(
+                "filter",
+                -300,
+                vec![vec![tcp_dport(PORT), Expr::Unknown { name: name.into() }]],
+            );
+            assert_eq!(findings(&m), [], "{name}");
+        }
+        // `queue` may end evaluation: it does not hide a later tproxy, nor decide it.
+        let m = model(
+            "filter",
+            -150,
+            vec![
+                vec![
+                    tcp_dport(PORT),
+                    Expr::Unknown {
+                        name: "queue".into(),
+                    },
+                ],
+                vec![tcp_dport(PORT), target("TPROXY", vec![0; 16])],
+            ],
+        );
+        let f = findings(&m);
+        assert_eq!(f.len(), 1);
+        assert!(f[0].active);
     }
 }

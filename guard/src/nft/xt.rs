@@ -2,6 +2,12 @@
 //! that matter for NAT on a port, read in host byte order as x_tables defines them
 //! (`linux/netfilter/xt_*.h`, `nf_nat.h`). What is not decoded stays opaque, and
 //! the analysis treats an opaque match as "may match".
+//!
+//! Targets are sorted by what they do to where a new connection goes
+//! ([`XT_TARGETS`]): only those that rewrite the destination (DNAT, REDIRECT,
+//! NETMAP, TPROXY, DNPT) can hijack a port. NFQUEUE, TEE, MARK and the like
+//! never do, wherever they sit; a target missing from the table is "may
+//! hijack" only in a nat chain (the analysis decides that, knowing the chain).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -141,6 +147,94 @@ fn eval_match_inner(name: &str, rev: u32, info: &[u8], probe: &Probe) -> Option<
     })
 }
 
+/// What an x_tables target does to where a new connection goes: the whole
+/// classification, by target name (revisions do not change what a target is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetClass {
+    /// Changes where the connection goes: a hijack when it is not the owner's.
+    RewritesDestination,
+    /// Ends evaluation whenever the rule matches, destination untouched
+    /// (source NAT, reject).
+    Terminal,
+    /// May end evaluation, destination untouched: the packet is queued to
+    /// userspace (NFQUEUE: an inline IPS decides), answered by a SYN proxy, or
+    /// dropped by the target's own logic.
+    MayEnd,
+    /// Marks, logs, copies, mangles other fields: the packet goes on to the next rule.
+    Continue,
+}
+
+/// Every x_tables target iptables ships (`extensions/libxt_*.c`, `libipt_*.c`,
+/// `libip6t_*.c`), plus the xtables-addons ones that rewrite a destination,
+/// sorted by what they do to where a new connection goes.
+pub const XT_TARGETS: &[(&str, TargetClass)] = {
+    use TargetClass::*;
+    &[
+        // Rewrites the destination.
+        ("DNAT", RewritesDestination),
+        ("REDIRECT", RewritesDestination),
+        // In nat PREROUTING/OUTPUT: the destination address, mapped into a prefix.
+        ("NETMAP", RewritesDestination),
+        ("TPROXY", RewritesDestination),
+        // IPv6 destination network prefix translation (mangle PREROUTING), stateless.
+        ("DNPT", RewritesDestination),
+        // xtables-addons: stateless destination rewrite (raw), destination netmap (nat).
+        ("RAWDNAT", RewritesDestination),
+        ("DNETMAP", RewritesDestination),
+        // Terminal, destination untouched.
+        ("SNAT", Terminal),
+        ("MASQUERADE", Terminal),
+        ("REJECT", Terminal),
+        // The obsolete source-NAT variant.
+        ("SAME", Terminal),
+        // Obsolete: sent the packet back with addresses swapped.
+        ("MIRROR", Terminal),
+        // May end evaluation, destination untouched.
+        ("NFQUEUE", MayEnd),
+        ("SYNPROXY", MayEnd),
+        // Drops what this cluster node does not serve.
+        ("CLUSTERIP", MayEnd),
+        // Continue.
+        ("AUDIT", Continue),
+        ("CHECKSUM", Continue),
+        ("CLASSIFY", Continue),
+        ("CONNMARK", Continue),
+        ("CONNSECMARK", Continue),
+        ("CT", Continue),
+        ("DSCP", Continue),
+        ("ECN", Continue),
+        ("HL", Continue),
+        ("HMARK", Continue),
+        ("IDLETIMER", Continue),
+        ("LED", Continue),
+        ("LOG", Continue),
+        ("MARK", Continue),
+        ("NFLOG", Continue),
+        ("NOTRACK", Continue),
+        ("RATEEST", Continue),
+        ("SECMARK", Continue),
+        ("SET", Continue),
+        // IPv6 source network prefix translation.
+        ("SNPT", Continue),
+        ("TCPMSS", Continue),
+        ("TCPOPTSTRIP", Continue),
+        // Sends a copy elsewhere; the original goes on untouched.
+        ("TEE", Continue),
+        ("TOS", Continue),
+        ("TRACE", Continue),
+        ("TTL", Continue),
+        ("ULOG", Continue),
+    ]
+};
+
+/// The class of a target, `None` for a target this table does not know.
+pub fn target_class(name: &str) -> Option<TargetClass> {
+    XT_TARGETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, class)| *class)
+}
+
 /// What an xt target does to a new connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum XtAction {
@@ -151,65 +245,404 @@ pub enum XtAction {
         addr: Option<IpAddr>,
         port: Option<u16>,
     },
+    /// NETMAP: the destination address's network part becomes `min`'s, where
+    /// `min` and `max` differ in the host part (`--to 203.0.113.0/26`).
+    Netmap {
+        min: IpAddr,
+        max: IpAddr,
+    },
     Redirect {
         port: Option<u16>,
     },
-    Tproxy,
+    /// TPROXY; `None` parts keep the packet's own (address 0, port 0).
+    Tproxy {
+        addr: Option<IpAddr>,
+        port: Option<u16>,
+    },
+    /// A known destination rewrite this code does not decode (DNPT, RAWDNAT…).
+    Rewrites(String),
     /// Terminal, but no destination rewrite (SNAT, MASQUERADE, REJECT…).
     Terminal,
-    /// A target this code cannot decode.
+    /// May end evaluation, no destination rewrite (NFQUEUE, SYNPROXY…).
+    MayEnd,
+    /// A target this code does not know, or a known rewrite whose `info` does
+    /// not decode.
     Opaque(String),
 }
+
+/// `struct xt_tproxy_target_info` (IPv4, rev 0) and `_v1` (rev 1, IPv4 or IPv6).
+const TPROXY_V0_LEN: usize = 16;
+const TPROXY_V1_LEN: usize = 28;
 
 pub fn decode_target(name: &str, rev: u32, info: &[u8], v6: bool) -> XtAction {
     match name {
         "DNAT" => nat_range(rev, info, v6)
-            .map(|(addr, port)| XtAction::Dnat { addr, port })
+            .map(|r| XtAction::Dnat {
+                addr: r.map_ips.then_some(r.min_addr),
+                port: r.min_port,
+            })
             .unwrap_or_else(|| XtAction::Opaque(format!("DNAT rev {rev}"))),
+        "NETMAP" => nat_range(rev, info, v6)
+            .filter(|r| r.map_ips && r.min_addr.is_ipv6() == r.max_addr.is_ipv6())
+            .map(|r| XtAction::Netmap {
+                min: r.min_addr,
+                max: r.max_addr,
+            })
+            .unwrap_or_else(|| XtAction::Opaque(format!("NETMAP rev {rev}"))),
         "REDIRECT" => nat_range(rev, info, v6)
-            .map(|(_, port)| XtAction::Redirect { port })
+            .map(|r| XtAction::Redirect { port: r.min_port })
             .unwrap_or_else(|| XtAction::Opaque(format!("REDIRECT rev {rev}"))),
-        "TPROXY" => XtAction::Tproxy,
-        "MARK" | "CONNMARK" | "LOG" | "NFLOG" | "TRACE" | "CT" | "NOTRACK" | "CLASSIFY"
-        | "DSCP" | "TOS" | "TCPMSS" | "CHECKSUM" | "CONNSECMARK" | "SECMARK" | "AUDIT" => {
-            XtAction::Continue
-        }
-        "SNAT" | "MASQUERADE" | "REJECT" => XtAction::Terminal,
-        other => XtAction::Opaque(other.to_owned()),
+        "TPROXY" => tproxy(rev, info, v6).unwrap_or(XtAction::Tproxy {
+            addr: None,
+            port: None,
+        }),
+        other => match target_class(other) {
+            Some(TargetClass::Continue) => XtAction::Continue,
+            Some(TargetClass::Terminal) => XtAction::Terminal,
+            Some(TargetClass::MayEnd) => XtAction::MayEnd,
+            Some(TargetClass::RewritesDestination) => XtAction::Rewrites(other.to_owned()),
+            None => XtAction::Opaque(other.to_owned()),
+        },
     }
 }
 
-/// The destination of a NAT range struct: compat (IPv4 rev 0) or `nf_nat_range[2]`.
-fn nat_range(rev: u32, info: &[u8], v6: bool) -> Option<(Option<IpAddr>, Option<u16>)> {
+/// The TPROXY destination: address 0 and port 0 mean "the packet's own".
+fn tproxy(rev: u32, info: &[u8], v6: bool) -> Option<XtAction> {
+    let (addr, port) = match rev {
+        0 if info.len() >= TPROXY_V0_LEN => (
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(info.get(8..12)?).ok()?)),
+            be16_at(info, 12)?,
+        ),
+        1 if info.len() >= TPROXY_V1_LEN => (
+            if v6 {
+                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(info.get(8..24)?).ok()?))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(info.get(8..12)?).ok()?))
+            },
+            be16_at(info, 24)?,
+        ),
+        _ => return None,
+    };
+    Some(XtAction::Tproxy {
+        addr: (!addr.is_unspecified()).then_some(addr),
+        port: (port != 0).then_some(port),
+    })
+}
+
+/// Where NETMAP sends a connection to `daddr`: the network part of `min`
+/// (the bits `min` and `max` share), the host part of `daddr`.
+pub fn netmap(daddr: IpAddr, min: IpAddr, max: IpAddr) -> Option<IpAddr> {
+    match (daddr, min, max) {
+        (IpAddr::V4(d), IpAddr::V4(lo), IpAddr::V4(hi)) => {
+            let (d, lo, hi) = (u32::from(d), u32::from(lo), u32::from(hi));
+            let net = !(lo ^ hi);
+            Some(IpAddr::V4(Ipv4Addr::from((d & !net) | (lo & net))))
+        }
+        (IpAddr::V6(d), IpAddr::V6(lo), IpAddr::V6(hi)) => {
+            let (d, lo, hi) = (u128::from(d), u128::from(lo), u128::from(hi));
+            let net = !(lo ^ hi);
+            Some(IpAddr::V6(Ipv6Addr::from((d & !net) | (lo & net))))
+        }
+        _ => None,
+    }
+}
+
+/// A decoded NAT range: the first address and port of the mapping.
+struct NatRange {
+    map_ips: bool,
+    min_addr: IpAddr,
+    max_addr: IpAddr,
+    min_port: Option<u16>,
+}
+
+/// A NAT range struct: compat (IPv4 rev 0) or `nf_nat_range[2]`.
+fn nat_range(rev: u32, info: &[u8], v6: bool) -> Option<NatRange> {
+    let addr_at = |at: usize, v6: bool| -> Option<IpAddr> {
+        Some(if v6 {
+            IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(info.get(at..at + 16)?).ok()?,
+            ))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(info.get(at..at + 4)?).ok()?,
+            ))
+        })
+    };
     if info.len() >= NAT_RANGE_LEN && (rev >= 1 || v6) {
         let flags = u32_at(info, 0)?;
-        let addr = (flags & NF_NAT_RANGE_MAP_IPS != 0).then(|| {
-            if v6 {
-                IpAddr::V6(Ipv6Addr::from(
-                    <[u8; 16]>::try_from(&info[4..20]).expect("16 bytes"),
-                ))
-            } else {
-                IpAddr::V4(Ipv4Addr::from(
-                    <[u8; 4]>::try_from(&info[4..8]).expect("4 bytes"),
-                ))
-            }
-        });
-        let port = (flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0)
-            .then(|| be16_at(info, 36))
-            .flatten();
-        Some((addr, port))
+        Some(NatRange {
+            map_ips: flags & NF_NAT_RANGE_MAP_IPS != 0,
+            min_addr: addr_at(4, v6)?,
+            max_addr: addr_at(20, v6)?,
+            min_port: (flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0)
+                .then(|| be16_at(info, 36))
+                .flatten(),
+        })
     } else if info.len() >= NAT_RANGE_COMPAT_LEN && !v6 {
         let flags = u32_at(info, 4)?;
-        let addr = (flags & NF_NAT_RANGE_MAP_IPS != 0).then(|| {
-            IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(&info[8..12]).expect("4 bytes"),
-            ))
-        });
-        let port = (flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0)
-            .then(|| be16_at(info, 16))
-            .flatten();
-        Some((addr, port))
+        Some(NatRange {
+            map_ips: flags & NF_NAT_RANGE_MAP_IPS != 0,
+            min_addr: addr_at(8, false)?,
+            max_addr: addr_at(12, false)?,
+            min_port: (flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0)
+                .then(|| be16_at(info, 16))
+                .flatten(),
+        })
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compat struct iptables writes for IPv4 DNAT/NETMAP/REDIRECT rev 0.
+    fn compat(flags: u32, min: [u8; 4], max: [u8; 4], port: u16) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&1u32.to_ne_bytes());
+        b.extend_from_slice(&flags.to_ne_bytes());
+        b.extend_from_slice(&min);
+        b.extend_from_slice(&max);
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&port.to_be_bytes());
+        b
+    }
+
+    /// `struct nf_nat_range2` (rev 2), IPv6.
+    fn range2(flags: u32, min: Ipv6Addr, max: Ipv6Addr, port: u16) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&flags.to_ne_bytes());
+        b.extend_from_slice(&min.octets());
+        b.extend_from_slice(&max.octets());
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&port.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&[0; 2]);
+        b
+    }
+
+    #[test]
+    fn every_target_iptables_ships_is_classified() {
+        use TargetClass::*;
+        // extensions/libxt_*.c, libipt_*.c, libip6t_*.c of iptables 1.8.
+        let shipped = [
+            "AUDIT",
+            "CHECKSUM",
+            "CLASSIFY",
+            "CLUSTERIP",
+            "CONNMARK",
+            "CONNSECMARK",
+            "CT",
+            "DNAT",
+            "DNPT",
+            "DSCP",
+            "ECN",
+            "HL",
+            "HMARK",
+            "IDLETIMER",
+            "LED",
+            "LOG",
+            "MARK",
+            "MASQUERADE",
+            "NETMAP",
+            "NFLOG",
+            "NFQUEUE",
+            "NOTRACK",
+            "RATEEST",
+            "REDIRECT",
+            "REJECT",
+            "SECMARK",
+            "SET",
+            "SNAT",
+            "SNPT",
+            "SYNPROXY",
+            "TCPMSS",
+            "TCPOPTSTRIP",
+            "TEE",
+            "TOS",
+            "TPROXY",
+            "TRACE",
+            "TTL",
+            "ULOG",
+        ];
+        for name in shipped {
+            assert!(target_class(name).is_some(), "{name} is not classified");
+        }
+        let rewrites: Vec<&str> = XT_TARGETS
+            .iter()
+            .filter(|(_, c)| *c == RewritesDestination)
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(
+            rewrites,
+            [
+                "DNAT", "REDIRECT", "NETMAP", "TPROXY", "DNPT", "RAWDNAT", "DNETMAP"
+            ]
+        );
+        for name in ["NFQUEUE", "SYNPROXY"] {
+            assert_eq!(target_class(name), Some(MayEnd), "{name}");
+        }
+        for name in ["SNAT", "MASQUERADE", "REJECT"] {
+            assert_eq!(target_class(name), Some(Terminal), "{name}");
+        }
+        for name in [
+            "MARK", "CONNMARK", "TTL", "HL", "TEE", "SET", "HMARK", "LOG", "NFLOG", "CT",
+            "NOTRACK", "TRACE",
+        ] {
+            assert_eq!(target_class(name), Some(Continue), "{name}");
+        }
+        assert_eq!(target_class("FROB"), None);
+        assert_eq!(target_class("mark"), None, "names are case-sensitive");
+        let mut names: Vec<&str> = XT_TARGETS.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a target is listed twice");
+    }
+
+    #[test]
+    fn non_rewriting_targets_decode_without_a_rewrite() {
+        for (name, want) in [
+            ("NFQUEUE", XtAction::MayEnd),
+            ("SYNPROXY", XtAction::MayEnd),
+            ("TEE", XtAction::Continue),
+            ("TTL", XtAction::Continue),
+            ("MARK", XtAction::Continue),
+            ("CONNMARK", XtAction::Continue),
+            ("SET", XtAction::Continue),
+            ("HMARK", XtAction::Continue),
+            ("REJECT", XtAction::Terminal),
+            ("MASQUERADE", XtAction::Terminal),
+        ] {
+            // The info bytes do not matter for these: garbage must not change the class.
+            assert_eq!(decode_target(name, 1, &[0xff; 40], false), want, "{name}");
+        }
+        assert_eq!(
+            decode_target("DNPT", 0, &[], true),
+            XtAction::Rewrites("DNPT".into())
+        );
+        assert_eq!(
+            decode_target("FROB", 0, &[], false),
+            XtAction::Opaque("FROB".into())
+        );
+    }
+
+    #[test]
+    fn dnat_netmap_redirect_decode_their_ranges() {
+        let maps_both = NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED;
+        assert_eq!(
+            decode_target(
+                "DNAT",
+                0,
+                &compat(maps_both, [10, 42, 0, 2], [10, 42, 0, 2], 80),
+                false
+            ),
+            XtAction::Dnat {
+                addr: Some("10.42.0.2".parse().unwrap()),
+                port: Some(80)
+            }
+        );
+        assert_eq!(
+            decode_target(
+                "NETMAP",
+                0,
+                &compat(NF_NAT_RANGE_MAP_IPS, [203, 0, 113, 0], [203, 0, 113, 63], 0),
+                false
+            ),
+            XtAction::Netmap {
+                min: "203.0.113.0".parse().unwrap(),
+                max: "203.0.113.63".parse().unwrap()
+            }
+        );
+        let v6 = decode_target(
+            "NETMAP",
+            2,
+            &range2(
+                NF_NAT_RANGE_MAP_IPS,
+                "2001:db8:d::".parse().unwrap(),
+                "2001:db8:d::ffff".parse().unwrap(),
+                0,
+            ),
+            true,
+        );
+        assert_eq!(
+            v6,
+            XtAction::Netmap {
+                min: "2001:db8:d::".parse().unwrap(),
+                max: "2001:db8:d::ffff".parse().unwrap()
+            }
+        );
+        // NETMAP without addresses is not something this code understands.
+        assert_eq!(
+            decode_target("NETMAP", 0, &compat(0, [0; 4], [0; 4], 0), false),
+            XtAction::Opaque("NETMAP rev 0".into())
+        );
+        assert_eq!(
+            decode_target(
+                "REDIRECT",
+                0,
+                &compat(NF_NAT_RANGE_PROTO_SPECIFIED, [0; 4], [0; 4], 8080),
+                false
+            ),
+            XtAction::Redirect { port: Some(8080) }
+        );
+        assert_eq!(
+            decode_target("DNAT", 0, &[0; 3], false),
+            XtAction::Opaque("DNAT rev 0".into())
+        );
+    }
+
+    #[test]
+    fn netmap_keeps_the_host_part() {
+        let to = |d: &str, lo: &str, hi: &str| {
+            netmap(d.parse().unwrap(), lo.parse().unwrap(), hi.parse().unwrap())
+        };
+        assert_eq!(
+            to("198.51.100.1", "203.0.113.0", "203.0.113.63"),
+            Some("203.0.113.1".parse().unwrap())
+        );
+        assert_eq!(
+            to("198.51.100.77", "203.0.113.64", "203.0.113.127"),
+            Some("203.0.113.77".parse().unwrap())
+        );
+        assert_eq!(
+            to("2001:db8:1::1", "2001:db8:d::", "2001:db8:d::ffff"),
+            Some("2001:db8:d::1".parse().unwrap())
+        );
+        assert_eq!(to("198.51.100.1", "2001:db8::", "2001:db8::ff"), None);
+    }
+
+    #[test]
+    fn tproxy_decodes_address_and_port() {
+        let mut v0 = Vec::new();
+        v0.extend_from_slice(&0u32.to_ne_bytes());
+        v0.extend_from_slice(&0u32.to_ne_bytes());
+        v0.extend_from_slice(&[127, 0, 0, 1]);
+        v0.extend_from_slice(&3128u16.to_be_bytes());
+        v0.extend_from_slice(&[0; 2]);
+        assert_eq!(
+            decode_target("TPROXY", 0, &v0, false),
+            XtAction::Tproxy {
+                addr: Some("127.0.0.1".parse().unwrap()),
+                port: Some(3128)
+            }
+        );
+        let mut v1 = vec![0u8; TPROXY_V1_LEN];
+        v1[24..26].copy_from_slice(&8080u16.to_be_bytes());
+        assert_eq!(
+            decode_target("TPROXY", 1, &v1, true),
+            XtAction::Tproxy {
+                addr: None,
+                port: Some(8080)
+            }
+        );
+        assert_eq!(
+            decode_target("TPROXY", 7, &[], false),
+            XtAction::Tproxy {
+                addr: None,
+                port: None
+            }
+        );
     }
 }
