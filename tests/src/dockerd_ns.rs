@@ -584,8 +584,24 @@ impl Footprint {
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         for &(pid, start) in &self.processes {
+            // Killed processes may stay zombies a moment, until their parent
+            // (PID 1 for the daemonized shims) reaps them; they hold nothing.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while start_time(pid) == Some(start) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
             if start_time(pid) == Some(start) {
-                left.push(format!("process {pid} still runs"));
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default();
+                let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+                left.push(format!(
+                    "process {pid} still runs: {cmdline:?} in {:?}",
+                    cgroup
+                        .lines()
+                        .find(|l| l.starts_with("0::"))
+                        .unwrap_or_default()
+                ));
             }
         }
         for ns in &self.netns {
@@ -726,11 +742,15 @@ fn collect_pids(dir: &Path, out: &mut Vec<u32>) {
 }
 
 /// A process's start time (field 22 of `/proc/PID/stat`), `None` when it is gone.
+/// Zombies count as gone: they hold nothing but their pid.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 2..].split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The cgroup v1 hierarchies' copies of `relative` (runc makes one per controller).
