@@ -38,9 +38,15 @@
 //! # What dockerd 20.10 does here (observed on this machine, Debian 12,
 //! iptables 1.8.9 nf_tables backend, runc 1.1.5, containerd 1.6.20)
 //!
-//! - Start to first API answer: about 1–2 s; a SIGTERM stop with only
-//!   `--init` containers running: about 2 s (a busybox PID 1 without `--init`
-//!   ignores SIGTERM and costs the full 10 s stop timeout).
+//! - Start to first API answer: 0.5–0.8 s fresh, 1.3–2.2 s on existing dirs
+//!   (a restart); `--restart always` containers answer within milliseconds
+//!   of the API. A SIGTERM stop takes about 1.5 s when the running containers
+//!   stop on SIGTERM (the helpers here use `--init`), 12–16 s otherwise: a
+//!   busybox PID 1 ignores SIGTERM, so dockerd waits out the 10 s stop timeout.
+//! - A SIGTERM'd dockerd stops its containers and containerd, and unmounts its
+//!   own mounts; what drop finds left over comes from a kill or a crash.
+//! - The default bridge's IPAM hands out the lowest free address: a container
+//!   removed and re-created gets its old address back unless something took it.
 //! - It writes its rules with iptables-nft: tables `ip nat` and `ip filter`
 //!   with chains `DOCKER`, `DOCKER-USER`, `DOCKER-ISOLATION-STAGE-1/2`, base
 //!   chains `PREROUTING`/`OUTPUT` (`fib daddr type local jump DOCKER`),
@@ -56,6 +62,15 @@
 //!   `iifname`, `nat OUTPUT` has no loopback exception, and `POSTROUTING`
 //!   gains `oifname "docker0" fib saddr type local masquerade` (hairpin and
 //!   `route_localnet` for loopback).
+//! - `ipv6: true` (`--ipv6 --ip6tables`, experimental in 20.10): the same
+//!   chains in `ip6 nat`/`ip6 filter`, a DNAT to the container's IPv6 address,
+//!   and without the proxy dockerd also holds `[::]:PORT`.
+//! - iptables-nft writes Docker's matches and targets as xtables-compat
+//!   expressions (`match addrtype`, `match conntrack`, `target DNAT rev 2`,
+//!   `target MASQUERADE`); nft prints them translated (`fib daddr type local`,
+//!   `dnat to …`), except that a whole `nft list ruleset` (nft 1.0.6) fails to
+//!   translate the ip6 targets once ip ones were printed ("XT target … not
+//!   found" on stderr) and prints those rules with no statement at all.
 //! - Cgroups: this host is hybrid (v1 controllers, v2 at
 //!   `/sys/fs/cgroup/unified`), so dockerd uses cgroup v1 with the cgroupfs
 //!   driver. runc 1.1 in hybrid mode also puts every container into the
