@@ -1,6 +1,7 @@
 //! Support for portguard's privileged integration tests: RAII guards for the
 //! real things the tests create (network namespaces, cgroups, agent processes,
-//! Docker images, containers and networks),
+//! Docker images, containers and networks, a dockerd of their own in a
+//! network namespace),
 //! each removed on drop, also when a test panics.
 //!
 //! Tests run as root. A test that cannot get what it needs panics with the reason:
@@ -10,6 +11,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cni;
 pub mod docker;
+pub mod dockerd_ns;
 pub mod incident;
 pub mod k8s_api;
 pub mod netns;
