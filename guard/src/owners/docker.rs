@@ -24,6 +24,13 @@
 //! ([`Container::cgroup_candidates`], from the cgroup driver and parents);
 //! the owners model watches those directories and learns the cgroup the
 //! moment runc creates it, before the container's process can run.
+//!
+//! dockerd holds a container's lock for the whole of its start, and
+//! `inspect` waits for that lock: asking `inspect` about a starting container
+//! answers only once it runs (and has bound). The container *list* reads a
+//! lock-free view, so identity (name, labels) is learned from it: for
+//! `create` events, and when a cgroup named for an unknown container appears
+//! ([`Learn`], sent by the owners model).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -39,7 +46,7 @@ use bollard::{
 };
 use futures_util::StreamExt as _;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{cgroup::CgroupRef, docker_proxy, docker_proxy::DockerProxy, exe::ExeId};
@@ -56,8 +63,9 @@ pub fn default_socket() -> PathBuf {
 /// Seconds a single API request may take (not the event stream, which is endless).
 const REQUEST_TIMEOUT_SECS: u64 = 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
-/// Short enough that owners come back soon after dockerd does.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short: while dockerd cannot be asked its ports are only observed, so the
+/// guard must be back within a second of dockerd (a refused connect costs nothing).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -288,6 +296,37 @@ impl Container {
             labels,
             networks,
             published,
+        })
+    }
+
+    /// A container's identity from the container list: name, labels and where
+    /// its cgroup will be; nothing it owns yet (it is not running as far as
+    /// this says). `inspect` fills the rest once it answers.
+    pub fn from_summary(
+        c: &bollard::models::ContainerSummary,
+        layout: &CgroupLayout,
+    ) -> Option<Self> {
+        let id = c.id.clone()?;
+        let name = c
+            .names
+            .as_ref()?
+            .first()?
+            .trim_start_matches('/')
+            .to_owned();
+        Some(Self {
+            cgroup_candidates: layout.candidates(&id, None),
+            id,
+            name,
+            running: false,
+            pid: None,
+            cgroup: None,
+            labels: c
+                .labels
+                .clone()
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
+            networks: Vec::new(),
+            published: Vec::new(),
         })
     }
 
@@ -554,6 +593,24 @@ impl Session {
         Ok(out)
     }
 
+    /// A container's identity from the lock-free list (it answers while the
+    /// container starts, when `inspect` would wait): `None` when it is gone.
+    async fn summary(&self, id: &str) -> Result<Option<Container>, DockerError> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([("id".to_owned(), vec![id.to_owned()])])),
+                ..ListContainersOptions::default()
+            }))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(list
+            .into_iter()
+            .find(|c| c.id.as_deref() == Some(id))
+            .and_then(|c| Container::from_summary(&c, &self.layout)))
+    }
+
     /// One container; `None` when it is gone or not running.
     async fn container(
         &self,
@@ -595,18 +652,40 @@ pub async fn snapshot(socket: &Path, cgroup_root: Option<&Path>) -> DockerFacts 
 enum Relevant {
     /// This container's facts: read it again.
     Container(String),
+    /// A new container: learn who it is (from the list, which a starting
+    /// container does not block).
+    Created(String),
     /// The set of networks.
     Networks,
 }
 
 /// What a Docker event is about, when it can change port ownership.
 fn relevant(event: &EventMessage) -> Option<Relevant> {
-    if event.typ? == EventMessageTypeEnum::NETWORK
-        && matches!(event.action.as_deref()?, "create" | "destroy" | "remove")
-    {
-        return Some(Relevant::Networks);
+    match (event.typ?, event.action.as_deref()?) {
+        (EventMessageTypeEnum::NETWORK, "create" | "destroy" | "remove") => {
+            return Some(Relevant::Networks);
+        }
+        (EventMessageTypeEnum::CONTAINER, "create") => {
+            return event.actor.as_ref()?.id.clone().map(Relevant::Created);
+        }
+        _ => {}
     }
     relevant_container(event).map(Relevant::Container)
+}
+
+/// A request from the owners model: a cgroup named for container `0` appeared
+/// and no container by that id is known; learn who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learn(pub String);
+
+/// The container id a cgroup directory is named for: `<64 hex>` (cgroupfs
+/// driver) or `docker-<64 hex>.scope` (systemd driver).
+pub fn container_id_of_cgroup(name: &str) -> Option<&str> {
+    let id = name
+        .strip_prefix("docker-")
+        .and_then(|n| n.strip_suffix(".scope"))
+        .unwrap_or(name);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// The container a Docker event is about, when it can change port ownership.
@@ -615,8 +694,8 @@ fn relevant_container(event: &EventMessage) -> Option<String> {
     match (event.typ?, event.action.as_deref()?) {
         (
             EventMessageTypeEnum::CONTAINER,
-            "create" | "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "rename"
-            | "pause" | "unpause" | "update",
+            "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "rename" | "pause"
+            | "unpause" | "update",
         ) => actor.id.clone(),
         // The container is an attribute; the actor is the network.
         (EventMessageTypeEnum::NETWORK, "connect" | "disconnect") => {
@@ -626,13 +705,19 @@ fn relevant_container(event: &EventMessage) -> Option<String> {
     }
 }
 
-/// Follows dockerd forever, publishing [`DockerFacts`] whenever they change.
-pub async fn follow(socket: PathBuf, cgroup_root: Option<PathBuf>, tx: watch::Sender<DockerFacts>) {
+/// Follows dockerd forever, publishing [`DockerFacts`] whenever they change,
+/// and learning the containers `learn` asks about.
+pub async fn follow(
+    socket: PathBuf,
+    cgroup_root: Option<PathBuf>,
+    tx: watch::Sender<DockerFacts>,
+    mut learn: mpsc::UnboundedReceiver<Learn>,
+) {
     let root = cgroup_root.as_deref();
     let mut backoff = BACKOFF_MIN;
     let mut down_logged = false;
     loop {
-        let result = follow_session(&socket, root, &tx, &mut || {
+        let result = follow_session(&socket, root, &tx, &mut learn, &mut || {
             if down_logged {
                 info!(socket = %socket.display(), "docker: reachable again");
             }
@@ -662,6 +747,7 @@ async fn follow_session(
     socket: &Path,
     root: Option<&Path>,
     tx: &watch::Sender<DockerFacts>,
+    learn: &mut mpsc::UnboundedReceiver<Learn>,
     connected: &mut impl FnMut(),
 ) -> Result<(), DockerError> {
     let session = Session::open(socket, REQUEST_TIMEOUT_SECS).await?;
@@ -695,16 +781,32 @@ async fn follow_session(
         until: None,
         filters: Some(filters),
     }));
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|e| session.err(e))?;
-        match relevant(&event) {
-            None => continue,
-            Some(Relevant::Networks) => {
-                debug!(action = event.action.as_deref(), "docker network event");
-                networks = session.networks().await?;
+    loop {
+        let relevant = tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { break };
+                let event = event.map_err(|e| session.err(e))?;
+                let Some(r) = relevant(&event) else { continue };
+                debug!(action = event.action.as_deref(), "docker event");
+                r
             }
-            Some(Relevant::Container(id)) => {
-                debug!(action = event.action.as_deref(), container = %id, "docker event");
+            Some(Learn(id)) = learn.recv() => {
+                if containers.contains_key(&id) {
+                    continue;
+                }
+                debug!(container = %id, "docker: a cgroup appeared for an unknown container");
+                Relevant::Created(id)
+            }
+        };
+        match relevant {
+            Relevant::Networks => networks = session.networks().await?,
+            Relevant::Created(id) => {
+                if let Some(c) = session.summary(&id).await? {
+                    // Never replace what inspect said with less.
+                    containers.entry(id).or_insert(c);
+                }
+            }
+            Relevant::Container(id) => {
                 match session.container(&id, root).await? {
                     Some(c) => containers.insert(id, c),
                     None => containers.remove(&id),
@@ -845,6 +947,18 @@ mod tests {
             sd.candidates("abc", None)[0],
             "/system.slice/docker-abc.scope"
         );
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_names() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(container_id_of_cgroup(id), Some(id));
+        assert_eq!(
+            container_id_of_cgroup(&format!("docker-{id}.scope")),
+            Some(id)
+        );
+        assert_eq!(container_id_of_cgroup("system.slice"), None);
+        assert_eq!(container_id_of_cgroup(&id[1..]), None);
     }
 
     #[test]

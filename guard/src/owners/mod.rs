@@ -433,11 +433,20 @@ impl Owners {
     pub async fn spawn(self) -> (watch::Receiver<Arc<ResolvedOwners>>, JoinHandle<()>) {
         let root = cgroup_root();
         let (docker_tx, mut docker_rx) = watch::channel(DockerFacts::new(DockerStatus::Connecting));
+        let (learn_tx, learn_rx) = tokio::sync::mpsc::unbounded_channel();
         let docker_task = tokio::spawn(docker::follow(
             self.docker_socket.clone(),
             root.clone(),
             docker_tx,
+            learn_rx,
         ));
+        // Only owners that bind for themselves need a starting container's identity.
+        let learns = self
+            .policy
+            .ports
+            .iter()
+            .flat_map(|p| &p.owner)
+            .any(|o| matches!(o, OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. }));
         // The first session's outcome, bounded: a hung dockerd must not hold the agent.
         let _ = tokio::time::timeout(
             Duration::from_secs(15),
@@ -456,7 +465,19 @@ impl Owners {
             loop {
                 tokio::select! {
                     changed = docker_rx.changed() => if changed.is_err() { return },
-                    () = fs_changes.next() => debug!("owners: a watched path changed"),
+                    created = fs_changes.next() => {
+                        debug!("owners: a watched path changed");
+                        if learns {
+                            // A container's cgroup appeared before Docker said who it
+                            // is: ask (the list answers while the container starts).
+                            let known = docker_rx.borrow();
+                            for id in created.iter().filter_map(|n| docker::container_id_of_cgroup(n)) {
+                                if !known.containers.iter().any(|c| c.id == id) {
+                                    let _ = learn_tx.send(docker::Learn(id.to_owned()));
+                                }
+                            }
+                        }
+                    }
                     () = tx.closed() => return,
                 }
                 let mut model = resolve(

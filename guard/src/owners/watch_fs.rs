@@ -96,8 +96,9 @@ impl FsChanges {
         added
     }
 
-    /// Waits until something changed in a watched directory (forever without inotify).
-    pub async fn next(&mut self) {
+    /// Waits until something changed in a watched directory (forever without
+    /// inotify); returns the names of the entries that appeared.
+    pub async fn next(&mut self) -> Vec<String> {
         let Some(fd) = &self.fd else {
             return std::future::pending().await;
         };
@@ -107,22 +108,48 @@ impl FsChanges {
             };
             let mut buf = [0u8; 4096];
             let mut got = false;
+            let mut created = Vec::new();
             loop {
                 // SAFETY: reading into our own buffer from our own fd.
                 let n = unsafe {
                     libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
                 };
-                if n <= 0 {
+                let Ok(n) = usize::try_from(n) else { break };
+                if n == 0 {
                     break;
                 }
                 got = true;
+                created.extend(created_names(&buf[..n]));
             }
             ready.clear_ready();
             if got {
-                return;
+                return created;
             }
         }
     }
+}
+
+/// `struct inotify_event`'s fixed part: wd, mask, cookie, len.
+const EVENT_HEADER: usize = 16;
+
+/// The names of entries created or moved in, from a buffer of inotify events.
+fn created_names(buf: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + EVENT_HEADER <= buf.len() {
+        let word =
+            |i: usize| u32::from_ne_bytes(buf[at + i..at + i + 4].try_into().expect("4 bytes"));
+        let (mask, len) = (word(4), word(12) as usize);
+        let Some(name) = buf.get(at + EVENT_HEADER..at + EVENT_HEADER + len) else {
+            break;
+        };
+        if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            out.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        }
+        at += EVENT_HEADER + len;
+    }
+    out
 }
 
 /// The directories whose entries decide what the filesystem owners resolve to.
@@ -192,6 +219,30 @@ fn parent_that_exists(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_entries_are_read_from_inotify_events() {
+        let mut buf = Vec::new();
+        for (mask, name) in [
+            (libc::IN_CREATE, "abc"),
+            (libc::IN_DELETE, "gone"),
+            (libc::IN_MOVED_TO, "moved-in"),
+        ] {
+            let padded = (name.len() + 1).next_multiple_of(4);
+            buf.extend_from_slice(&1i32.to_ne_bytes());
+            buf.extend_from_slice(&mask.to_ne_bytes());
+            buf.extend_from_slice(&0u32.to_ne_bytes());
+            buf.extend_from_slice(&(padded as u32).to_ne_bytes());
+            let mut n = name.as_bytes().to_vec();
+            n.resize(padded, 0);
+            buf.extend_from_slice(&n);
+        }
+        assert_eq!(created_names(&buf), ["abc", "moved-in"]);
+        assert!(
+            created_names(&buf[..10]).is_empty(),
+            "a torn header is no event"
+        );
+    }
 
     #[test]
     fn nearest_existing_parent() {
