@@ -472,3 +472,53 @@ fn pins_follow_the_publish_address_and_keep_hairpin_traffic() {
     );
     drop((lo, web));
 }
+
+/// Docker with IPv6 (`--ipv6 --ip6tables`): its `ip6 nat DOCKER` rules point
+/// behind the bridge's IPv6 subnet and are the owner's too.
+#[test]
+fn ipv6_dockers_own_rules_are_the_owners() {
+    let d = NsDockerd::start(DockerdOptions {
+        ipv6: true,
+        ..DockerdOptions::with_proxy(false)
+    });
+    let policy = PolicyFile::new("mode = \"enforce\"\n[[ports]]\nport = 80\nowner = \"docker\"\n");
+    let mut agent = start_agent(&d, &policy.0);
+    let marker = unique_name("six");
+    let web = d.httpd(&marker, "80:8080", &[]);
+    let url6 = format!("http://[{}]:80/", portguard_tests::dockerd_ns::HOST_V6);
+    for i in 0..=2 {
+        if i > 0 {
+            web.restart();
+        }
+        site_answers(&d, 80, &marker, &format!("IPv6 start #{i}"));
+        if let Err(e) = await_page(d.client().name(), &url6, &marker, SETTLE) {
+            panic!(
+                "over IPv6 after start #{i}: {e}\n{}",
+                d.netns().exec(["ip6tables-save", "-t", "nat"])
+            );
+        }
+    }
+    assert!(
+        d.netns()
+            .exec(["ip6tables", "-t", "nat", "-S", "DOCKER"])
+            .contains("DNAT"),
+        "Docker wrote an IPv6 DNAT"
+    );
+    // Control: a foreign IPv6 hijack is still removed.
+    d.netns().exec(["nft", "add", "table", "ip6", "pgforeign6"]);
+    d.netns().exec([
+        "nft",
+        "add chain ip6 pgforeign6 pre { type nat hook prerouting priority -150; }",
+    ]);
+    d.netns().exec([
+        "nft",
+        "add rule ip6 pgforeign6 pre tcp dport 80 dnat to [2001:db8:ffff::9]:80",
+    ]);
+    agent.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "foreign NAT rule removed"
+            && v["rule"].as_str().is_some_and(|r| r.contains("pgforeign6"))
+    });
+    let (status, lines, audit) = agent.stop_with_audit();
+    assert!(status.success(), "{status}");
+    assert_owner_unharmed(&lines, &audit, 1, &[]);
+}
