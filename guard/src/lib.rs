@@ -14,7 +14,7 @@ pub mod nft;
 pub mod owners;
 pub mod policy;
 pub mod probes;
-pub mod remediate;
 pub mod report;
+pub mod rules;
 pub mod service;
 pub mod sys;

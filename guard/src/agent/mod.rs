@@ -30,7 +30,7 @@ use crate::{
     owners::{Found, Owners, ResolvedOwners},
     policy::{Mode, Policy, PolicySource},
     probes::{Probe, ProbeReport, spawn_probes},
-    remediate::{GuardReport, RuleGuard},
+    rules::{GuardReport, RuleGuard},
     service::{Notifier, watchdog_interval},
     sys::{
         cgroup::{self, CgroupPaths},
@@ -305,7 +305,7 @@ const RULE_GUARD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running rule guard: its task and the switch that stops it.
 struct RuleGuardTask {
-    task: tokio::task::JoinHandle<Result<(), crate::remediate::RemediationError>>,
+    task: tokio::task::JoinHandle<Result<(), crate::rules::GuardError>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -343,7 +343,7 @@ fn spawn_rule_guard(
         cluster: Some(kube.view.clone()),
     };
     RuleGuardTask {
-        task: tokio::spawn(guard.run(stop_rx)),
+        task: tokio::spawn(guard.run_netlink(stop_rx)),
         stop,
     }
 }

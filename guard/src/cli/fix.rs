@@ -13,7 +13,7 @@ use crate::{
     nft::{self, InspectInput, OwnedTargets},
     owners::Owners,
     policy::{Mode, Policy},
-    remediate::{Action, Remediation, decide, removal_transaction},
+    rules::{Action, NetlinkBackend, decide, removal_transaction, remove_audited},
 };
 
 const EXIT_FINDINGS: u8 = 1;
@@ -102,9 +102,9 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
     let log = AuditLog::open(&args.audit_log, Rotation::default())
         .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
     let audit = AuditHandle::new(log);
-    let mut act = Remediation::open(args.netns.as_deref()).context("opening netlink")?;
+    let mut backend = NetlinkBackend::open(args.netns.as_deref()).context("opening netlink")?;
     let seqs = runtime
-        .block_on(act.remove(&audit, &remove))
+        .block_on(remove_audited(&audit, &mut backend, &remove))
         .context("removing the foreign rules")?;
     audit.flush()?;
     for (r, seq) in remove.iter().zip(seqs) {

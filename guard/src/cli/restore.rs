@@ -20,9 +20,8 @@ use crate::{
         cluster::{K3S_KUBECONFIG, choose_kubeconfig, connect},
         remove,
     },
-    nft::{self, netlink::in_netns, transaction::NftWriter},
     policy::Policy,
-    remediate::RecordedRule,
+    rules::{NetlinkBackend, RecordedRule, RulesetBackend as _},
 };
 
 #[derive(Debug, clap::Args)]
@@ -65,14 +64,10 @@ pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let rule: RecordedRule = serde_json::from_value(removed.rule.clone())
         .context("the recorded rule cannot be read back")?;
-    let model = nft::read_host_ruleset(args.netns.as_deref()).context("reading the ruleset")?;
-    let (tx, placement) = rule.restore_transaction(&model)?;
-    let commit = move || NftWriter::open().and_then(|mut w| w.commit(&tx));
-    match args.netns.as_deref() {
-        None => commit(),
-        Some(ns) => in_netns(ns, commit)?,
-    }
-    .context("putting the rule back")?;
+    let mut backend = NetlinkBackend::open(args.netns.as_deref()).context("opening netlink")?;
+    let ruleset = backend.read_blocking().context("reading the ruleset")?;
+    let (tx, placement) = rule.restore_transaction(&ruleset.model)?;
+    backend.commit(&tx).context("putting the rule back")?;
     let log = AuditLog::open(&args.audit_log, Rotation::default())
         .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
     let audit = AuditHandle::new(log);

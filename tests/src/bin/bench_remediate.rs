@@ -40,7 +40,7 @@ use portguard::{
     },
     owners::{DockerStatus, ResolvedOwners},
     policy::{Policy, PolicySource, Proto},
-    remediate::{Action, GuardReport, RuleGuard, decide, removal_transaction},
+    rules::{Action, GuardReport, RuleGuard, decide, removal_transaction},
 };
 use portguard_tests::{
     incident::{HOST4, IncidentLab, POD4, SITE, ask_here, in_ns, sh},
@@ -163,7 +163,7 @@ impl Guard {
                     legacy_poll: Duration::from_secs(5),
                     cluster: None,
                 };
-                let task = tokio::spawn(guard.run(stop_rx));
+                let task = tokio::spawn(guard.run_netlink(stop_rx));
                 let mut ready = Some(ready_tx);
                 let mut inspections = Vec::new();
                 // The first incremental inspection follows the start-up read.

@@ -1,0 +1,491 @@
+//! The rule guard's loop: one owner of the ruleset model, fed by the backend's
+//! events (ruleset changes, address changes), the owners model and the legacy
+//! tick; one method per event kind. Each event ends in [`GuardLoop::settle`]:
+//! inspect (only what the event can affect, when that is known), decide,
+//! audit and remove, then keep the pins in sync.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    backend::{BackendEvent, NetlinkBackend, RulesetBackend},
+    decide::{Action, decide},
+    error::GuardError,
+    pins::{PinSet, PinSync},
+    remove::remove_audited,
+    scope::{Scope, matched_dport},
+};
+use crate::{
+    audit::AuditHandle,
+    k8s::ClusterView,
+    nft::{
+        self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
+        TableOrigin,
+        monitor::{self, Applied, Change},
+        pin::{self, Pin},
+    },
+    owners::ResolvedOwners,
+    policy::{Policy, Proto},
+};
+
+/// Log lines about one returning rule are rate limited to one per this period.
+const RETURN_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// The rate-limit key of the "a nat chain runs ahead of the pin" warning.
+const PIN_OVERTAKEN_KEY: &str = "pin-overtaken";
+
+/// What the rule guard tells the agent loop (metrics, logs).
+#[derive(Clone, Debug)]
+pub enum GuardReport {
+    Removed {
+        port: u16,
+        proto: Proto,
+        source: String,
+        id: String,
+        seq: u64,
+        /// This rule (same place, same target) came back after a removal:
+        /// a blocked attempt of a fight (kube-proxy re-creating its rules).
+        returns: u64,
+        /// From the notification that announced it to its removal.
+        latency: Option<Duration>,
+    },
+    Observed {
+        finding: Box<Finding>,
+        why: &'static str,
+    },
+    Inspected {
+        took: Duration,
+        rules: usize,
+        full_read: bool,
+    },
+    PinSynced {
+        pins: Vec<Pin>,
+    },
+    PinOvertaken {
+        chains: Vec<pin::ChainAhead>,
+    },
+}
+
+/// Everything the rule guard needs.
+pub struct RuleGuard {
+    /// The network namespace of the guarded ruleset (none: this one). Another
+    /// namespace is not this host's Docker: its chains are recognised by shape.
+    pub netns: Option<String>,
+    pub policy: Policy,
+    pub audit: AuditHandle,
+    pub owners: watch::Receiver<Arc<ResolvedOwners>>,
+    pub reports: mpsc::Sender<GuardReport>,
+    /// How often iptables-legacy tables are re-read, while any is in use.
+    pub legacy_poll: Duration,
+    /// The Kubernetes layer's view, to name the object behind a rule's target.
+    pub cluster: Option<watch::Receiver<ClusterView>>,
+}
+
+impl RuleGuard {
+    /// Runs against the kernel, in `self.netns`, until `stop` fires.
+    pub async fn run_netlink(self, stop: watch::Receiver<bool>) -> Result<(), GuardError> {
+        let backend = NetlinkBackend::open_watching(self.netns.as_deref())?;
+        self.run(backend, stop).await
+    }
+
+    /// Runs until `stop` fires; then removes the pins (collecting every error).
+    pub async fn run<B: RulesetBackend>(
+        self,
+        backend: B,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), GuardError> {
+        let mut guard = GuardLoop::start(self, backend).await?;
+        let mut legacy = tokio::time::interval(guard.cfg.legacy_poll);
+        legacy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            let event = tokio::select! {
+                _ = stop.changed() => break Ok(()),
+                event = guard.backend.next_event(&mut guard.changes) => match event {
+                    Ok(BackendEvent::Ruleset { seen }) => Event::Ruleset { seen },
+                    Ok(BackendEvent::AddressesChanged) => Event::Addresses,
+                    Err(e) => break Err(e.into()),
+                },
+                changed = guard.cfg.owners.changed(), if guard.owners_open => match changed {
+                    Ok(()) => Event::Owners,
+                    Err(_) => Event::OwnersClosed,
+                },
+                _ = legacy.tick() => Event::LegacyTick,
+            };
+            let handled = match event {
+                Event::Ruleset { seen } => guard.on_ruleset_changes(seen).await,
+                Event::Addresses => guard.on_addresses_changed().await,
+                Event::Owners => guard.on_owners_changed().await,
+                Event::OwnersClosed => {
+                    // The owners task stopped (a reload replaces it): keep the last model.
+                    guard.owners_open = false;
+                    Ok(())
+                }
+                Event::LegacyTick => guard.on_legacy_tick().await,
+            };
+            if let Err(e) = handled {
+                break Err(e);
+            }
+        };
+        let teardown = guard.on_stop().await;
+        result.and(teardown)
+    }
+
+    fn owned_targets(&self, owners: &ResolvedOwners) -> OwnedTargets {
+        if self.netns.is_some() {
+            // Another namespace is not this host's Docker: its chain by shape.
+            OwnedTargets::docker_fallback()
+        } else {
+            OwnedTargets::from_owners(owners)
+        }
+    }
+
+    fn report(&self, r: GuardReport) {
+        // The agent loop may be slow to read: never block the hot path on it.
+        let _ = self.reports.try_send(r);
+    }
+}
+
+/// One event the loop handles.
+enum Event {
+    Ruleset { seen: Instant },
+    Addresses,
+    Owners,
+    OwnersClosed,
+    LegacyTick,
+}
+
+/// The guard's state, owned by its loop alone.
+struct GuardLoop<B> {
+    cfg: RuleGuard,
+    backend: B,
+    model: RulesetModel,
+    addrs: Vec<LocalAddr>,
+    owned: OwnedTargets,
+    pins: PinSet,
+    /// Rules removed before, by what they are (place and target), with counts.
+    returns: HashMap<String, u64>,
+    last_log: HashMap<String, Instant>,
+    /// Reused for every batch of changes.
+    changes: Vec<Change>,
+    owners_open: bool,
+}
+
+impl<B: RulesetBackend> GuardLoop<B> {
+    /// Reads the ruleset and settles it once.
+    async fn start(mut cfg: RuleGuard, mut backend: B) -> Result<Self, GuardError> {
+        let t0 = Instant::now();
+        let snapshot = backend.read().await?;
+        let owners = cfg.owners.borrow_and_update().clone();
+        let owned = cfg.owned_targets(&owners);
+        let mut guard = Self {
+            cfg,
+            backend,
+            model: snapshot.model,
+            addrs: snapshot.addrs,
+            owned,
+            pins: PinSet::default(),
+            returns: HashMap::new(),
+            last_log: HashMap::new(),
+            changes: Vec::new(),
+            owners_open: true,
+        };
+        guard.cfg.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: guard.model.rule_count(),
+            full_read: true,
+        });
+        guard.settle(None, None).await?;
+        info!(
+            event = "rule_guard_ready",
+            rules = guard.model.rule_count(),
+            netns = guard.cfg.netns.as_deref().unwrap_or("host"),
+            "rule guard ready: watching nftables changes"
+        );
+        Ok(guard)
+    }
+
+    /// nf_tables changes: applied to the model in place; a full re-read on
+    /// anything the model cannot follow (tables, chains, sets, an overrun).
+    async fn on_ruleset_changes(&mut self, seen: Instant) -> Result<(), GuardError> {
+        let mut resync = false;
+        let mut updated = false;
+        // What this batch can affect: when it only adds rules, the ports,
+        // hooks and families of those rules (see `Scope`).
+        let mut scope = Some(Scope::default());
+        for c in self.changes.drain(..) {
+            let added = match &c {
+                Change::RuleAdded { msg, .. } => Some(Some((
+                    msg.family,
+                    msg.table.clone(),
+                    msg.chain.clone(),
+                    matched_dport(msg.rule.exprs()),
+                ))),
+                // The end of a transaction changes nothing.
+                Change::Generation => None,
+                _ => Some(None),
+            };
+            match monitor::apply(&mut self.model, c) {
+                Applied::Updated => updated = true,
+                Applied::Unchanged => {}
+                Applied::Resync => resync = true,
+            }
+            // A deletion creates no foreign rule, but observe-mode reports and
+            // pins follow it: anything but an addition is inspected in full.
+            scope = match (scope, added) {
+                (scope, None) => scope,
+                (Some(s), Some(Some(rule))) => s.add(&self.model, rule),
+                _ => None,
+            };
+        }
+        if resync {
+            self.full_read().await?;
+        }
+        let scope = scope.filter(|_| !resync);
+        if resync || updated {
+            self.settle(Some(seen), scope.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    /// An address came or went: what is local changed, re-inspect.
+    async fn on_addresses_changed(&mut self) -> Result<(), GuardError> {
+        debug!(
+            event = "addresses_changed",
+            "addresses changed: re-inspecting"
+        );
+        self.addrs = self.backend.local_addresses()?;
+        self.settle(None, None).await
+    }
+
+    /// The owners model moved (a container started, stopped, moved address).
+    async fn on_owners_changed(&mut self) -> Result<(), GuardError> {
+        let owners = self.cfg.owners.borrow_and_update().clone();
+        self.owned = self.cfg.owned_targets(&owners);
+        self.settle(None, None).await
+    }
+
+    /// iptables-legacy announces nothing: re-read while it is in use (or was:
+    /// its tables went away). Otherwise one /proc read.
+    async fn on_legacy_tick(&mut self) -> Result<(), GuardError> {
+        let had = self
+            .model
+            .tables
+            .iter()
+            .any(|t| t.origin == TableOrigin::IptablesLegacy);
+        if !had && !self.backend.legacy_nat_in_use()? {
+            return Ok(());
+        }
+        self.full_read().await?;
+        self.settle(None, None).await
+    }
+
+    /// No pin outlives the agent.
+    async fn on_stop(&mut self) -> Result<(), GuardError> {
+        self.pins
+            .teardown(&self.model, &self.cfg.audit, &mut self.backend)
+            .await
+    }
+
+    async fn full_read(&mut self) -> Result<(), GuardError> {
+        let t0 = Instant::now();
+        let snapshot = self.backend.read().await?;
+        self.model = snapshot.model;
+        self.addrs = snapshot.addrs;
+        self.cfg.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: self.model.rule_count(),
+            full_read: true,
+        });
+        Ok(())
+    }
+
+    /// [`Self::reconcile`]; a transaction the kernel refused (the ruleset moved
+    /// under it: a chain deleted, a rule replaced) is retried once on a fresh
+    /// full read before it counts as an error.
+    async fn settle(
+        &mut self,
+        seen: Option<Instant>,
+        scope: Option<&Scope>,
+    ) -> Result<(), GuardError> {
+        match self.reconcile(seen, scope).await {
+            Err(GuardError::Transaction(e)) => {
+                warn!(
+                    event = "transaction_refused",
+                    error = %e,
+                    "transaction refused, re-reading the ruleset and retrying: {e}"
+                );
+                self.full_read().await?;
+                self.reconcile(seen, None).await
+            }
+            other => other,
+        }
+    }
+
+    /// Inspect, decide, act; then keep the pins in sync.
+    async fn reconcile(
+        &mut self,
+        seen: Option<Instant>,
+        scope: Option<&Scope>,
+    ) -> Result<(), GuardError> {
+        let t0 = Instant::now();
+        let mut input =
+            InspectInput::from_policy(&self.cfg.policy, self.owned.clone(), self.addrs.clone());
+        if let Some(scope) = scope {
+            // Only these ports' probes: rules that match another port cannot
+            // change what happens to them.
+            input.ports = scope
+                .ports()
+                .iter()
+                .filter(|p| input.ports.iter().any(|s| s.ports.contains(**p)))
+                .flat_map(|p| {
+                    input
+                        .ports
+                        .iter()
+                        .filter(|s| s.ports.contains(*p))
+                        .map(|s| nft::PortSpec {
+                            proto: s.proto,
+                            ports: crate::policy::PortRange::single(*p),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if input.ports.is_empty() {
+                return Ok(());
+            }
+        }
+        let (findings, owned) = match scope {
+            None => nft::inspect_with_owned(&self.model, &input),
+            Some(scope) => nft::inspect_probes(&self.model, &input, |p| scope.wants(p)),
+        };
+        self.cfg.report(GuardReport::Inspected {
+            took: t0.elapsed(),
+            rules: self.model.rule_count(),
+            full_read: false,
+        });
+        let mut remove = Vec::new();
+        for action in decide(&self.model, &findings, &self.cfg.policy) {
+            match action {
+                Action::Remove(mut rule) => {
+                    if let Some(view) = &self.cfg.cluster {
+                        rule.name_source(&view.borrow());
+                    }
+                    remove.push(rule);
+                }
+                Action::Report { finding, why } => self.observed(finding, why),
+            }
+        }
+        if !remove.is_empty() {
+            let seqs = remove_audited(&self.cfg.audit, &mut self.backend, &remove).await?;
+            let latency = seen.map(|s| s.elapsed());
+            for (rule, seq) in remove.iter().zip(seqs) {
+                // The same rule coming back: same place and same target.
+                let what = format!(
+                    "{}/{}/{}/{:?}",
+                    rule.table, rule.chain, rule.findings[0].port, rule.findings[0].target
+                );
+                let count = self.returns.entry(what.clone()).or_insert(0);
+                let returns = *count;
+                *count += 1;
+                // Apply our own deletion now; its notification is then a no-op.
+                monitor::apply(
+                    &mut self.model,
+                    Change::RuleDeleted(nft::netlink::RuleMessage {
+                        family: rule.family,
+                        table: rule.table.clone(),
+                        chain: rule.chain.clone(),
+                        position: None,
+                        rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
+                    }),
+                );
+                if self.rate_ok(&what) {
+                    info!(
+                        event = "rule_removed",
+                        port = rule.findings[0].port,
+                        source = rule.source(),
+                        k8s_source = rule.k8s_source.as_deref(),
+                        rule = %rule.id(),
+                        seq,
+                        returns,
+                        latency_us = latency.map(|l| l.as_micros() as u64),
+                        "foreign NAT rule removed"
+                    );
+                }
+                self.cfg.report(GuardReport::Removed {
+                    port: rule.findings[0].port,
+                    proto: rule.findings[0].proto,
+                    source: rule.source().to_owned(),
+                    id: rule.id(),
+                    seq,
+                    returns,
+                    latency,
+                });
+            }
+        }
+        self.sync_pins(owned, scope.is_none()).await
+    }
+
+    /// A foreign rule reported, not removed: once per period, not on every
+    /// re-inspection.
+    fn observed(&mut self, finding: Finding, why: &'static str) {
+        let key = format!(
+            "{}/{}/{}/{:?}",
+            finding.table, finding.chain, finding.port, finding.handle
+        );
+        if self.rate_ok(&key) {
+            warn!(
+                event = "rule_observed",
+                port = finding.port,
+                source = %finding.source,
+                chain = %finding.chain,
+                active = finding.active,
+                why,
+                "foreign NAT rule on a protected port ({why})"
+            );
+            self.cfg.report(GuardReport::Observed {
+                finding: Box::new(finding),
+                why,
+            });
+        }
+    }
+
+    async fn sync_pins(&mut self, owned: Vec<OwnedMapping>, full: bool) -> Result<(), GuardError> {
+        let wanted = self
+            .pins
+            .wanted(&self.cfg.policy, &self.owned, &self.addrs, owned, full);
+        let synced = self
+            .pins
+            .sync(&self.model, wanted, &self.cfg.audit, &mut self.backend)
+            .await?;
+        match synced {
+            PinSync::InSync { ahead } if !ahead.is_empty() => {
+                if self.rate_ok(PIN_OVERTAKEN_KEY) {
+                    warn!(
+                        event = "pin_overtaken",
+                        ?ahead,
+                        "a nat chain runs at or ahead of the pin's priority"
+                    );
+                }
+                self.cfg.report(GuardReport::PinOvertaken { chains: ahead });
+            }
+            PinSync::InSync { .. } | PinSync::Cleared => {}
+            PinSync::Written { pins } => self.cfg.report(GuardReport::PinSynced { pins }),
+        }
+        Ok(())
+    }
+
+    fn rate_ok(&mut self, key: &str) -> bool {
+        let now = Instant::now();
+        match self.last_log.get(key) {
+            Some(t) if now.duration_since(*t) < RETURN_LOG_PERIOD => false,
+            _ => {
+                self.last_log.insert(key.to_owned(), now);
+                true
+            }
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! The rule guard's loop on the in-memory backend: no root, no kernel. Each
+//! test starts the real [`RuleGuard::run`] against a [`MemoryBackend`], drives
+//! it through the backend's control (rules added, overruns, tables re-created,
+//! rules vanishing) and the owners channel, and checks every committed batch,
+//! the model after it, and the audit log.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use super::{
+    GuardError, GuardReport, MemoryBackend, MemoryControl, RuleGuard,
+    backend::{RulePlace, RuleTarget},
+};
+use crate::{
+    audit::{AuditHandle, AuditLog, Rotation},
+    nft::{
+        LocalAddr, RulesetModel,
+        model::Family,
+        netlink::{decode_messages, tests::sample_dump},
+        pin::{self, Pin},
+        transaction::Op,
+    },
+    owners::{
+        DockerStatus, Found, ResolvedOwner, ResolvedOwners, ResolvedPort,
+        docker::{Container, NetworkIp, Published},
+    },
+    policy::{Mode, OwnerSpec, Policy, PolicySource, PortRange, Proto},
+};
+
+/// How long a test waits for the guard to do something it must do.
+const DEADLINE: Duration = Duration::from_secs(5);
+/// How long a test waits to see that the guard does nothing.
+const QUIET: Duration = Duration::from_millis(200);
+/// The sample dump's hijack: `table ip t`, chain `pre`, handle 7.
+const TABLE: &str = "t";
+const CHAIN: &str = "pre";
+const HIJACK_HANDLE: u64 = 7;
+
+/// The sample hijack's raw expressions (`tcp dport 80 … dnat to 203.0.113.9`).
+fn hijack_exprs() -> Vec<u8> {
+    decode_messages(&sample_dump()).tables[0].chains[0].rules[0]
+        .raw_exprs()
+        .expect("read over netlink: raw")
+        .to_vec()
+}
+
+fn hijack_at() -> (Family, &'static str, &'static str) {
+    (Family::IP, TABLE, CHAIN)
+}
+
+/// A DNAT on a port nobody protects: no finding, never touched.
+fn innocent_exprs() -> Vec<u8> {
+    Pin {
+        proto: Proto::Tcp,
+        port: 8080,
+        host: None,
+        target: "203.0.113.9:8080".parse().unwrap(),
+        exclude_iif: None,
+    }
+    .expressions(false)
+}
+
+fn addr(ip: &str, prefix_len: u8, ifindex: u32, ifname: &str) -> LocalAddr {
+    LocalAddr {
+        addr: ip.parse().unwrap(),
+        prefix_len,
+        ifindex,
+        ifname: ifname.into(),
+    }
+}
+
+fn host_addrs() -> Vec<LocalAddr> {
+    vec![
+        addr("198.51.100.1", 24, 2, "eth0"),
+        addr("172.17.0.1", 16, 3, "docker0"),
+    ]
+}
+
+fn policy(pin: bool) -> Policy {
+    let mut policy = Policy::parse(
+        &format!("[[ports]]\nport = 80\nowner = \"docker\"\npin = {pin}\n"),
+        PolicySource::Embedded,
+    )
+    .expect("policy");
+    policy.mode = Mode::Enforce;
+    policy
+}
+
+/// Docker reachable; `web` publishes 80→80 from `ip`, when given.
+fn owners(ip: Option<&str>) -> ResolvedOwners {
+    let containers = ip
+        .map(|ip| Container {
+            id: "c0ffee".into(),
+            name: "web".into(),
+            running: true,
+            pid: Some(4242),
+            cgroup: None,
+            labels: BTreeMap::new(),
+            networks: vec![NetworkIp {
+                network: "bridge".into(),
+                ipv4: Some(ip.parse().unwrap()),
+                ipv6: None,
+            }],
+            published: vec![Published {
+                proto: Proto::Tcp,
+                host_ip: None,
+                host_port: 80,
+                container_port: 80,
+            }],
+            cgroup_candidates: Vec::new(),
+        })
+        .into_iter()
+        .collect();
+    ResolvedOwners {
+        docker: DockerStatus::Reachable {
+            version: "27.0".into(),
+            api_version: "1.46".into(),
+        },
+        docker_bridges: vec!["docker0".into()],
+        cgroup_root: None,
+        ports: vec![ResolvedPort {
+            proto: Proto::Tcp,
+            port: PortRange::single(80),
+            owners: vec![ResolvedOwner {
+                spec: OwnerSpec::Docker,
+                found: Found::Docker {
+                    containers,
+                    proxies: Vec::new(),
+                    proxy_exe: None,
+                    daemon_exe: None,
+                },
+            }],
+        }],
+    }
+}
+
+/// A running guard on a memory backend.
+struct Harness {
+    control: MemoryControl,
+    reports: mpsc::Receiver<GuardReport>,
+    owners: watch::Sender<Arc<ResolvedOwners>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), GuardError>>,
+    audit_path: PathBuf,
+    /// What the audit log held when each batch was committed: (batch, `rule_removed` records).
+    audit_at_commit: Arc<Mutex<Vec<(String, usize)>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn rule_removed_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|r| r["kind"] == "rule_removed")
+        .collect()
+}
+
+fn audit_kinds(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter_map(|r| r["kind"].as_str().map(str::to_owned))
+        .collect()
+}
+
+impl Harness {
+    /// `prepare` edits the ruleset before the guard starts (unannounced, as
+    /// the state the guard's first read finds).
+    fn start(
+        model: RulesetModel,
+        policy: Policy,
+        owners: ResolvedOwners,
+        prepare: impl FnOnce(&MemoryControl),
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit_path = dir.path().join("audit.jsonl");
+        let audit = AuditHandle::new(AuditLog::open(&audit_path, Rotation::default()).unwrap());
+        let (backend, control) = MemoryBackend::new(model, host_addrs());
+        prepare(&control);
+        let audit_at_commit = Arc::new(Mutex::new(Vec::new()));
+        let (seen, path) = (audit_at_commit.clone(), audit_path.clone());
+        control.on_commit(move |tx| {
+            let removed = rule_removed_records(&path).len();
+            seen.lock().unwrap().push((tx.to_string(), removed));
+        });
+        let (owners_tx, owners_rx) = watch::channel(Arc::new(owners));
+        let (reports_tx, reports) = mpsc::channel(1024);
+        let (stop, stop_rx) = watch::channel(false);
+        let guard = RuleGuard {
+            netns: None,
+            policy,
+            audit,
+            owners: owners_rx,
+            reports: reports_tx,
+            legacy_poll: Duration::from_secs(3600),
+            cluster: None,
+        };
+        let task = tokio::spawn(guard.run(backend, stop_rx));
+        Self {
+            control,
+            reports,
+            owners: owners_tx,
+            stop,
+            task,
+            audit_path,
+            audit_at_commit,
+            _dir: dir,
+        }
+    }
+
+    /// The next report `pick` accepts (others are skipped).
+    async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(GuardReport) -> Option<T>,
+    ) -> T {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let r = self.reports.recv().await.expect("the guard runs");
+                if let Some(t) = pick(r) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the guard did not report {what} within {DEADLINE:?}"))
+    }
+
+    /// The next removal: (id, returns, latency measured).
+    async fn removed(&mut self) -> (String, u64, bool) {
+        self.wait_for("a removal", |r| match r {
+            GuardReport::Removed {
+                id,
+                returns,
+                latency,
+                ..
+            } => Some((id, returns, latency.is_some())),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn pins_synced(&mut self) -> Vec<Pin> {
+        self.wait_for("pins synced", |r| match r {
+            GuardReport::PinSynced { pins } => Some(pins),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Every full read from now until `QUIET` passes without a report.
+    async fn quiet(&mut self) -> usize {
+        let mut full_reads = 0;
+        while let Ok(Some(r)) = tokio::time::timeout(QUIET, self.reports.recv()).await {
+            if matches!(
+                r,
+                GuardReport::Inspected {
+                    full_read: true,
+                    ..
+                }
+            ) {
+                full_reads += 1;
+            }
+        }
+        full_reads
+    }
+
+    fn batches(&self) -> Vec<String> {
+        self.control
+            .committed()
+            .iter()
+            .map(|c| c.tx.to_string())
+            .collect()
+    }
+
+    async fn stop(&mut self) -> Result<(), GuardError> {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(DEADLINE, &mut self.task)
+            .await
+            .expect("the guard stops")
+            .expect("the guard does not panic")
+    }
+}
+
+fn delete_batch(handle: u64) -> String {
+    format!("delete rule ip {TABLE} {CHAIN} handle {handle}\n")
+}
+
+#[tokio::test]
+async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
+    let innocent = Arc::new(Mutex::new(0));
+    let keep = innocent.clone();
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(None),
+        move |c| {
+            let (family, table, chain) = hijack_at();
+            *keep.lock().unwrap() = c.add_rule_unannounced(&RuleTarget {
+                family,
+                table,
+                chain,
+                exprs: &innocent_exprs(),
+            });
+        },
+    );
+    let innocent = *innocent.lock().unwrap();
+    let (id, returns, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"));
+    assert_eq!(returns, 0, "first time: not a return");
+    h.quiet().await;
+    // One batch, deleting only the hijack by its handle.
+    assert_eq!(h.batches(), [delete_batch(HIJACK_HANDLE)]);
+    assert_eq!(h.control.committed()[0].result, Ok(()));
+    assert_eq!(
+        h.control.handles(Family::IP, TABLE, CHAIN),
+        [innocent],
+        "the other rule in the chain stays"
+    );
+    // The audit record was on disk when the batch was committed.
+    assert_eq!(
+        *h.audit_at_commit.lock().unwrap(),
+        [(delete_batch(HIJACK_HANDLE), 1)]
+    );
+    // Recorded whole: its raw expressions, byte for byte.
+    let records = rule_removed_records(&h.audit_path);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["rule"]["handle"], HIJACK_HANDLE);
+    assert_eq!(
+        records[0]["rule"]["expressions"],
+        B64.encode(hijack_exprs()),
+        "{records:?}"
+    );
+    h.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_returning_rule_is_removed_again_and_counted() {
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(None),
+        |_| {},
+    );
+    assert_eq!(h.removed().await.1, 0);
+    for again in 1..=2 {
+        // kube-proxy writes it back: announced, a new handle.
+        let (family, table, chain) = hijack_at();
+        let handle = h.control.add_rule(&RuleTarget {
+            family,
+            table,
+            chain,
+            exprs: &hijack_exprs(),
+        });
+        assert_ne!(handle, HIJACK_HANDLE);
+        let (id, returns, latency) = h.removed().await;
+        assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{handle}"));
+        assert_eq!(returns, again, "the same rule back: a return");
+        assert!(
+            latency,
+            "removed in answer to a notification: latency measured"
+        );
+        assert!(h.control.handles(Family::IP, TABLE, CHAIN).is_empty());
+        assert_eq!(h.batches().last(), Some(&delete_batch(handle)));
+    }
+    assert_eq!(h.batches().len(), 3);
+    assert_eq!(rule_removed_records(&h.audit_path).len(), 3);
+    h.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_overrun_resyncs_and_removes_what_was_missed() {
+    let mut model = decode_messages(&sample_dump());
+    model.tables[0].chains[0].rules.clear();
+    let mut h = Harness::start(model, policy(false), owners(None), |_| {});
+    h.quiet().await;
+    assert!(h.batches().is_empty(), "a clean ruleset: nothing to do");
+    // A hijack whose notification was lost: the guard cannot know yet.
+    let (family, table, chain) = hijack_at();
+    let handle = h.control.add_rule_unannounced(&RuleTarget {
+        family,
+        table,
+        chain,
+        exprs: &hijack_exprs(),
+    });
+    h.quiet().await;
+    assert!(
+        h.batches().is_empty(),
+        "unannounced: not seen without a re-read"
+    );
+    // ENOBUFS: the guard re-reads everything and finds it.
+    h.control.overrun();
+    let (id, returns, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{handle}"));
+    assert_eq!(returns, 0);
+    assert_eq!(h.batches(), [delete_batch(handle)]);
+    assert!(h.control.handles(Family::IP, TABLE, CHAIN).is_empty());
+    h.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_recreated_table_is_read_again_and_deleted_by_its_new_handle() {
+    let mut model = decode_messages(&sample_dump());
+    model.tables[0].chains[0].rules.clear();
+    let mut h = Harness::start(model, policy(false), owners(None), |_| {});
+    h.quiet().await;
+    let (family, table, chain) = hijack_at();
+    let old = h.control.add_rule_unannounced(&RuleTarget {
+        family,
+        table,
+        chain,
+        exprs: &hijack_exprs(),
+    });
+    // `nft -f` of a saved ruleset: the same rules, new handles.
+    let renamed = h.control.recreate_table(Family::IP, TABLE);
+    let [(was, new)] = renamed.as_slice() else {
+        panic!("{renamed:?}")
+    };
+    assert_eq!(*was, old);
+    let (id, _, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{new}"));
+    assert_eq!(h.batches(), [delete_batch(*new)], "never the stale handle");
+    assert_eq!(h.control.committed()[0].result, Ok(()));
+    h.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_rule_gone_before_the_commit_is_not_an_error() {
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(None),
+        |c| {
+            // Someone else deletes it between the guard's read and its batch.
+            c.vanish_before_next_commit(RulePlace {
+                family: Family::IP,
+                table: TABLE.into(),
+                chain: CHAIN.into(),
+                handle: HIJACK_HANDLE,
+            });
+        },
+    );
+    let (id, _, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"));
+    h.quiet().await;
+    let committed = h.control.committed();
+    assert_eq!(committed.len(), 1, "no retry: gone is what was wanted");
+    assert_eq!(committed[0].result, Err(libc::ENOENT));
+    // Still guarding.
+    let (family, table, chain) = hijack_at();
+    let handle = h.control.add_rule(&RuleTarget {
+        family,
+        table,
+        chain,
+        exprs: &hijack_exprs(),
+    });
+    assert_eq!(h.removed().await.0, format!("ip/{TABLE}/{CHAIN}/{handle}"));
+    h.stop().await.expect("clean stop");
+}
+
+/// The pin rules a batch writes, as `nft` reads them.
+fn pin_rules(batch: &super::backend::Committed) -> Vec<String> {
+    batch
+        .tx
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::AddRule { table, summary, .. } if table == pin::PIN_TABLE => Some(summary.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pin_table_rules(control: &MemoryControl) -> Option<usize> {
+    let model = control.model();
+    let t = model
+        .tables
+        .iter()
+        .find(|t| t.family == Family::IP && t.name == pin::PIN_TABLE)?;
+    Some(t.chains.iter().map(|c| c.rules.len()).sum())
+}
+
+#[tokio::test]
+async fn a_pin_follows_the_owner_to_a_new_address_and_goes_with_it() {
+    let mut h = Harness::start(
+        RulesetModel::default(),
+        policy(true),
+        owners(Some("172.17.0.2")),
+        |_| {},
+    );
+    let pins = h.pins_synced().await;
+    assert_eq!(
+        pins.iter()
+            .map(|p| p.target.to_string())
+            .collect::<Vec<_>>(),
+        ["172.17.0.2:80"]
+    );
+    assert_eq!(
+        pins[0].exclude_iif.as_deref(),
+        Some("docker0"),
+        "hairpin spared"
+    );
+    let first = h.control.committed();
+    assert_eq!(first.len(), 1);
+    let rules = pin_rules(&first[0]);
+    assert_eq!(rules.len(), 2, "prerouting and output: {rules:?}");
+    assert!(
+        rules.iter().all(|r| r.ends_with("dnat to 172.17.0.2:80")),
+        "{rules:?}"
+    );
+    h.quiet().await;
+    assert_eq!(pin_table_rules(&h.control), Some(2));
+    assert_eq!(h.control.committed().len(), 1, "in sync: not written again");
+
+    // The container comes back on a new address: the table is swapped whole.
+    h.owners.send(Arc::new(owners(Some("172.17.0.3")))).unwrap();
+    let pins = h.pins_synced().await;
+    assert_eq!(pins[0].target.to_string(), "172.17.0.3:80");
+    let committed = h.control.committed();
+    let swap = committed.last().unwrap();
+    assert_eq!(swap.result, Ok(()));
+    assert!(
+        matches!(&swap.tx.ops[0], Op::DeleteTable { name, .. } if name == pin::PIN_TABLE),
+        "{}",
+        swap.tx
+    );
+    let rules = pin_rules(swap);
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert!(
+        rules.iter().all(|r| r.ends_with("dnat to 172.17.0.3:80")),
+        "{rules:?}"
+    );
+    h.quiet().await;
+    assert_eq!(pin_table_rules(&h.control), Some(2));
+
+    // The owner goes away: so does the pin.
+    h.owners.send(Arc::new(owners(None))).unwrap();
+    assert!(h.pins_synced().await.is_empty());
+    let committed = h.control.committed();
+    assert_eq!(
+        committed.last().unwrap().tx.to_string(),
+        format!("delete table ip {}\n", pin::PIN_TABLE)
+    );
+    assert_eq!(pin_table_rules(&h.control), None, "no pin table left");
+    assert_eq!(
+        audit_kinds(&h.audit_path),
+        ["pin_installed", "pin_updated", "pin_removed"]
+    );
+    h.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn stopping_removes_the_pins() {
+    let mut h = Harness::start(
+        RulesetModel::default(),
+        policy(true),
+        owners(Some("172.17.0.2")),
+        |_| {},
+    );
+    h.pins_synced().await;
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert_eq!(
+        pin_table_rules(&h.control),
+        None,
+        "no pin outlives the guard"
+    );
+    assert_eq!(
+        h.control.committed().last().unwrap().tx.to_string(),
+        format!("delete table ip {}\n", pin::PIN_TABLE)
+    );
+    assert_eq!(audit_kinds(&h.audit_path), ["pin_installed", "pin_removed"]);
+}
