@@ -317,7 +317,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 warn!(
                     event = "transaction_refused",
                     error = %e,
-                    "transaction refused, re-reading the ruleset and retrying: {e}"
+                    "transaction refused, re-reading the ruleset and retrying"
                 );
                 self.full_read().await?;
                 self.reconcile(seen, None).await
