@@ -18,3 +18,4 @@ pub mod remediate;
 pub mod report;
 pub mod service;
 pub mod sys;
+pub mod types;

@@ -12,7 +12,8 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     audit::AuditEvent,
-    policy::{Policy, ProbeSpec, Proto},
+    policy::{Policy, ProbeSpec},
+    types::Proto,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{cgroup::CgroupRef, docker_proxy, docker_proxy::DockerProxy, exe::ExeId};
-use crate::policy::Proto;
+use crate::types::Proto;
 
 /// dockerd's socket unless `DOCKER_HOST=unix://…` names another.
 pub fn default_socket() -> PathBuf {

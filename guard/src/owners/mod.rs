@@ -78,8 +78,9 @@ pub use self::{
     exe::ExeId,
 };
 use crate::{
-    policy::{OwnerSpec, Policy, PortRange, ProtectedPort, Proto},
+    policy::{OwnerSpec, Policy, ProtectedPort},
     sys,
+    types::{PortRange, Proto},
 };
 
 /// The resolved model: every policy entry with what its owners are right now.
