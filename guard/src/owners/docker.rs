@@ -719,7 +719,7 @@ pub async fn follow(
     loop {
         let result = follow_session(&socket, root, &tx, &mut learn, &mut || {
             if down_logged {
-                info!(socket = %socket.display(), "docker: reachable again");
+                info!(event = "docker_reachable", socket = %socket.display(), "docker: reachable again");
             }
             down_logged = false;
             backoff = BACKOFF_MIN;

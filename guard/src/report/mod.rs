@@ -409,5 +409,4 @@ mod tests {
         assert_eq!(r.records, 5);
         assert_eq!(r.ports[0].pin, "installed → 172.17.0.2:80");
     }
-
 }
