@@ -621,6 +621,7 @@ impl RuleGuard {
         });
         self.settle(&mut st, &mut act, None, None).await?;
         info!(
+            event = "rule_guard_ready",
             rules = st.model.rule_count(),
             netns = ns.as_deref().unwrap_or("host"),
             "rule guard ready: watching nftables changes"
@@ -886,7 +887,7 @@ impl RuleGuard {
                     );
                     // Reported once per period, not on every re-inspection.
                     if self.rate_ok(st, &key) {
-                        warn!(port = finding.port, source = %finding.source, chain = %finding.chain, active = finding.active, why, "foreign NAT rule on a protected port ({why})");
+                        warn!(event = "foreign_rule_reported", port = finding.port, source = %finding.source, chain = %finding.chain, active = finding.active, why, "foreign NAT rule on a protected port ({why})");
                         self.report(GuardReport::Observed {
                             finding: Box::new(finding),
                             why,
@@ -920,6 +921,7 @@ impl RuleGuard {
                 );
                 if self.rate_ok(st, &what) {
                     info!(
+                        event = "rule_removed",
                         port = rule.findings[0].port,
                         source = rule.source(),
                         k8s_source = rule.k8s_source.as_deref(),
@@ -1028,7 +1030,11 @@ impl RuleGuard {
             if !wanted.is_empty() && !ahead.is_empty() {
                 let key = "pin-overtaken".to_owned();
                 if self.rate_ok(st, &key) {
-                    warn!(?ahead, "a nat chain runs at or ahead of the pin's priority");
+                    warn!(
+                        event = "pin_overtaken",
+                        ?ahead,
+                        "a nat chain runs at or ahead of the pin's priority"
+                    );
                 }
                 self.report(GuardReport::PinOvertaken { chains: ahead });
             }
@@ -1077,6 +1083,7 @@ impl RuleGuard {
         act.writer
             .commit(&pin::sync_transaction(&installed, &wanted))?;
         info!(
+            event = "pins_synced",
             pins = wanted.len(),
             priority = pin::PIN_PRIORITY,
             lowest_other_nat_priority = pin::lowest_other_nat_priority(&st.model),
