@@ -163,6 +163,12 @@ fn observe_mode_reports_claims_and_removes_nothing() {
         claim["claim"].as_str().unwrap().contains("tcp/80"),
         "{claim}"
     );
+    // A reload restarts the Kubernetes layer too: its new watches see the claim afresh.
+    // SAFETY: signalling the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for_event(Duration::from_secs(10), "policy_reloaded");
+    let again = agent.wait_for_event(Duration::from_secs(20), "kube_claim");
+    assert_eq!(again["claim"], claim["claim"], "{again}");
     let (status, _, audit) = agent.stop_with_audit();
     assert!(status.success());
     assert!(

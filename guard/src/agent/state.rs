@@ -306,7 +306,7 @@ impl Agent {
             .filter(|(_, _, at)| at.elapsed() < PROBE_LINK_WINDOW)
             .map(|(id, seq, _)| (id.clone(), *seq));
         if let Some(event) = report.audit_event(foreign) {
-            warn!(event = "probe_changed", change = event.kind(), port = report.port, url = %report.url, "probe {}", event.kind());
+            warn!(event = "probe_changed", change = event.kind(), port = report.port, url = %report.url, "probe state changed");
             self.ctx.audit.record(event).await?;
         }
         Ok(())
@@ -421,7 +421,7 @@ fn apply(
     guard.apply(new)?;
     for w in &new.warnings {
         if old.is_none_or(|o| !o.warnings.contains(w)) {
-            warn!(event = "port_observed", warning = %w, "{w}");
+            warn!(event = "port_observed", reason = %w, "port observed instead of enforced");
         }
     }
     Ok(())

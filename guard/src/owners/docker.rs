@@ -727,10 +727,10 @@ pub async fn follow(
         .await;
         let Err(e) = result else { return };
         if !down_logged {
-            warn!(socket = %socket.display(), "docker: not reachable ({e}); Docker owners resolve to nothing until it is back, retrying");
+            warn!(event = "docker_unreachable", socket = %socket.display(), error = %e, "docker: not reachable; Docker owners resolve to nothing until it is back, retrying");
             down_logged = true;
         } else {
-            debug!("docker: still not reachable: {e}");
+            debug!(error = %e, "docker: still not reachable");
         }
         let mut facts = DockerFacts::new(DockerStatus::Unreachable {
             reason: e.to_string(),

@@ -533,7 +533,7 @@ const MAX_REARM_ROUNDS: usize = 4;
 
 fn cgroup_root() -> Option<PathBuf> {
     sys::cgroup::unified_root()
-        .inspect_err(|e| warn!("owners: {e}: cgroup owners resolve to nothing"))
+        .inspect_err(|e| warn!(error = %e, "owners: no cgroup v2 hierarchy: cgroup owners resolve to nothing"))
         .ok()
 }
 
