@@ -18,3 +18,4 @@ pub mod report;
 pub mod rules;
 pub mod service;
 pub mod sys;
+pub mod types;

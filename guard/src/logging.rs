@@ -31,3 +31,24 @@ pub fn init(format: LogFormat, verbose: u8) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// An error and its sources on one line (`error = %ErrorChain(&e)`), for log
+/// fields and audit records: the top-level message alone often hides the cause.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            // Some errors repeat their source in their own message.
+            if !text.contains(&s_text) {
+                text.push_str(": ");
+                text.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        f.write_str(&text)
+    }
+}

@@ -30,9 +30,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::policy::Proto;
-
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+use crate::types::Proto;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HijackLabels {

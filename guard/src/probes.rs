@@ -1,18 +1,19 @@
 //! HTTP(S) health probes of the services that own protected ports: the
 //! incident's "frontend answers with the site's name" check, continuous.
 //!
-//! A [`Probe`] checks once; [`ProbeState`] turns checks into transitions
+//! A [`HealthProbe`] checks once; [`ProbeState`] turns checks into transitions
 //! (failed, recovered), which is what the audit log records: one record per
-//! outage, not one per failed check. [`spawn_probes`] runs every probe of a
-//! policy and sends each result to the agent.
+//! outage, not one per failed check. [`HealthProbe::run`] checks on the
+//! probe's interval and sends each result to the agent.
 
 use std::time::{Duration, Instant};
 
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::sync::mpsc;
 
 use crate::{
     audit::AuditEvent,
-    policy::{Policy, ProbeSpec, Proto},
+    policy::{Policy, ProbeSpec},
+    types::Proto,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +48,14 @@ impl ProbeFailure {
 
 /// One port's probe.
 #[derive(Clone, Debug)]
-pub struct Probe {
+pub struct HealthProbe {
     pub port: u16,
     pub proto: Proto,
     pub spec: ProbeSpec,
     client: reqwest::Client,
 }
 
-impl Probe {
+impl HealthProbe {
     pub fn new(port: u16, proto: Proto, spec: ProbeSpec) -> Result<Self, ProbeError> {
         let client = reqwest::Client::builder()
             .use_rustls_tls()
@@ -214,34 +215,30 @@ impl ProbeReport {
     }
 }
 
-/// Runs each probe on its interval until the set is dropped; every check is
-/// sent to `reports` (metrics want each, the audit log only the changes).
-pub fn spawn_probes(probes: Vec<Probe>, reports: mpsc::Sender<ProbeReport>) -> JoinSet<()> {
-    let mut set = JoinSet::new();
-    for probe in probes {
-        let reports = reports.clone();
-        set.spawn(async move {
-            let mut state = ProbeState::default();
-            let mut tick = tokio::time::interval(probe.spec.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let result = probe.check().await;
-                let change = state.observe(&result, Instant::now());
-                let report = ProbeReport {
-                    port: probe.port,
-                    proto: probe.proto,
-                    url: probe.spec.url.clone(),
-                    result,
-                    change,
-                };
-                if reports.send(report).await.is_err() {
-                    break;
-                }
+impl HealthProbe {
+    /// Checks on the probe's interval, sending every result to `reports`
+    /// (metrics want each, the audit log only the changes). Runs until dropped
+    /// or until `reports` closes; the caller runs it where it runs its tasks.
+    pub async fn run<E: From<ProbeReport>>(self, reports: mpsc::Sender<E>) {
+        let mut state = ProbeState::default();
+        let mut tick = tokio::time::interval(self.spec.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let result = self.check().await;
+            let change = state.observe(&result, Instant::now());
+            let report = ProbeReport {
+                port: self.port,
+                proto: self.proto,
+                url: self.spec.url.clone(),
+                result,
+                change,
+            };
+            if reports.send(report.into()).await.is_err() {
+                return;
             }
-        });
+        }
     }
-    set
 }
 
 #[cfg(test)]
@@ -327,8 +324,8 @@ mod tests {
         }
     }
 
-    fn probe(spec: ProbeSpec) -> Probe {
-        Probe::new(443, Proto::Tcp, spec).unwrap()
+    fn probe(spec: ProbeSpec) -> HealthProbe {
+        HealthProbe::new(443, Proto::Tcp, spec).unwrap()
     }
 
     #[tokio::test]
@@ -444,13 +441,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spawned_probes_report_each_check() {
+    async fn a_running_probe_reports_each_check() {
         let ok = server(200, "Example Shop", Duration::ZERO, false).await;
         let mut spec = spec(format!("http://{ok}/"));
         spec.interval = Duration::from_millis(100);
         spec.timeout = Duration::from_millis(100);
         let (tx, mut rx) = mpsc::channel(8);
-        let _set = spawn_probes(vec![probe(spec)], tx);
+        let _task = tokio::spawn(probe(spec).run::<ProbeReport>(tx));
         for _ in 0..3 {
             let report = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await

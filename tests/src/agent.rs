@@ -13,6 +13,11 @@ use serde_json::Value;
 
 use crate::portguard_bin;
 
+/// Whether a JSON log line carries `event = NAME`.
+pub fn is_event(v: &Value, name: &str) -> bool {
+    v["event"] == name
+}
+
 #[derive(Debug)]
 pub struct Agent {
     child: Child,
@@ -27,7 +32,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `portguard ARGS` with JSON logs and waits for "agent ready".
+    /// Starts `portguard ARGS` with JSON logs and waits for `event = "agent_ready"`.
     pub fn start<I, S>(args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -85,11 +90,7 @@ impl Agent {
             seen: Vec::new(),
             unmatched: Default::default(),
         };
-        agent.wait_for(Duration::from_secs(20), |v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("agent ready"))
-        });
+        agent.wait_for_event(Duration::from_secs(20), "agent_ready");
         agent
     }
 
@@ -100,6 +101,12 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for a log line with `event = NAME` (the structured field the agent
+    /// sets on every line a test waits on; messages may be reworded freely).
+    pub fn wait_for_event(&mut self, timeout: Duration, name: &str) -> Value {
+        self.wait_for(timeout, |v| is_event(v, name))
     }
 
     /// Waits for a JSON log line matching `pred`; panics with every line seen on timeout.

@@ -66,9 +66,7 @@ fn agent_removes_packaged_traefik_and_audits_every_object_first() {
     let ns = NetNs::new("pg-k8s");
     let mut agent = start_agent(&policy, &cgroup, &ns, &kubeconfig);
     for _ in 0..4 {
-        agent.wait_for(Duration::from_secs(20), |v| {
-            v["message"] == "Kubernetes object removed (recorded whole)"
-        });
+        agent.wait_for_event(Duration::from_secs(20), "kube_object_removed");
     }
     assert_eq!(
         api.paths_of("DELETE"),
@@ -160,13 +158,17 @@ fn observe_mode_reports_claims_and_removes_nothing() {
     let cgroup = Cgroup::new("pg-k8s-obs");
     let ns = NetNs::new("pg-k8s-obs");
     let mut agent = start_agent(&policy, &cgroup, &ns, &kubeconfig);
-    let claim = agent.wait_for(Duration::from_secs(20), |v| {
-        v["message"] == "a Kubernetes object claims a protected port"
-    });
+    let claim = agent.wait_for_event(Duration::from_secs(20), "kube_claim");
     assert!(
         claim["claim"].as_str().unwrap().contains("tcp/80"),
         "{claim}"
     );
+    // A reload restarts the Kubernetes layer too: its new watches see the claim afresh.
+    // SAFETY: signalling the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for_event(Duration::from_secs(10), "policy_reloaded");
+    let again = agent.wait_for_event(Duration::from_secs(20), "kube_claim");
+    assert_eq!(again["claim"], claim["claim"], "{again}");
     let (status, _, audit) = agent.stop_with_audit();
     assert!(status.success());
     assert!(

@@ -61,7 +61,7 @@ fn probe(cg: &Cgroup, args: &[&str]) -> (u32, Value) {
 
 fn bind_event(agent: &mut Agent, pid: u32, port: u16) -> Value {
     agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"] == "bind to protected port" && v["tgid"] == pid && v["port"] == port
+        v["event"] == "bind" && v["tgid"] == pid && v["port"] == port
     })
 }
 
@@ -159,7 +159,7 @@ fn udp_on_a_tcp_port_is_not_guarded_and_other_ports_pass() {
     let stopped: Value = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["message"] == "agent stopped: programs detached")
+        .find(|v| v["event"] == "agent_stopped")
         .expect("stop line");
     assert_eq!(stopped["host_binds"], 0, "no protected bind happened");
 }
@@ -295,16 +295,9 @@ fn owners_changed_at_runtime_take_effect_without_restart() {
     .unwrap();
     // SAFETY: signalling the agent we started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    let rejected = agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("policy reload rejected"))
-    });
+    let rejected = agent.wait_for_event(Duration::from_secs(5), "policy_rejected");
     assert!(
-        rejected["message"]
-            .as_str()
-            .unwrap()
-            .contains("out of range"),
+        rejected["error"].as_str().unwrap().contains("out of range"),
         "{rejected}"
     );
     let (_, still) = probe(&newcomer, &["--addr", "127.0.0.1", "--port", &p]);
@@ -319,9 +312,7 @@ fn owners_changed_at_runtime_take_effect_without_restart() {
     )
     .unwrap();
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"] == "policy reloaded"
-    });
+    agent.wait_for_event(Duration::from_secs(5), "policy_reloaded");
     let (pid, after) = probe(&newcomer, &["--addr", "127.0.0.1", "--port", &p]);
     assert_eq!(after["ok"], true, "the new owner may bind after the reload");
     assert_eq!(bind_event(&mut agent, pid, port)["verdict"], "owner");
@@ -461,7 +452,7 @@ fn docker_proxy_may_bind_a_docker_owned_port_before_any_container_runs() {
         ]),
     );
     let ev = agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"] == "bind to protected port" && v["tgid"] == proxy.id()
+        v["event"] == "bind" && v["tgid"] == proxy.id()
     });
     // "owner": the kernel let the bind through (without dockerd's status pipe
     // on fd 3 the proxy stops right after, which does not matter here).

@@ -90,9 +90,7 @@ fn start_agent(d: &NsDockerd, policy: &Path) -> Agent {
             policy.as_os_str(),
         ],
     );
-    agent.wait_for(Duration::from_secs(20), |v| {
-        v["message"] == "rule guard ready: watching nftables changes"
-    });
+    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     agent
 }
 
@@ -175,7 +173,7 @@ fn binds_of(lines: &[String], port: u16) -> Vec<(String, String)> {
     lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["message"] == "bind to protected port")
+        .filter(|v| v["event"] == "bind")
         .filter(|v| v["port"].as_u64() == Some(u64::from(port)))
         .map(|v| {
             (
@@ -237,17 +235,13 @@ fn lifecycle(userland_proxy: bool) {
     site_answers(&d, 80, &marker, "a dockerd restart");
     // While dockerd could not be asked, its ports were observed, not enforced;
     // the guard is back once the agent reconnects.
-    agent.wait_for(Duration::from_secs(10), |v| {
-        v["message"] == "docker: reachable again"
-    });
+    agent.wait_for_event(Duration::from_secs(10), "docker_reachable");
     web.restart();
     site_answers(&d, 80, &marker, "docker restart after the dockerd restart");
 
     // Controls: the guard was enforcing the whole time.
     foreign_hijack(&d, 80);
-    let v = agent.wait_for(Duration::from_secs(10), |v| {
-        v["message"] == "foreign NAT rule removed"
-    });
+    let v = agent.wait_for_event(Duration::from_secs(10), "rule_removed");
     assert_eq!(
         v["rule"].as_str().map(|r| r.contains("pgforeign")),
         Some(true),
@@ -338,10 +332,7 @@ fn a_custom_bridge_name_is_dockers_and_dockers_chain_is_never_touched() {
         "9",
     ]);
     let v = agent.wait_for(Duration::from_secs(10), |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("foreign NAT rule on a protected port"))
-            && v["chain"] == "DOCKER"
+        v["event"] == "foreign_rule_reported" && v["chain"] == "DOCKER"
     });
     assert_eq!(
         v["why"], "in a chain Docker manages: reported, never removed",
@@ -431,8 +422,7 @@ fn pins_follow_the_publish_address_and_keep_hairpin_traffic() {
     let marker = unique_name("public");
     let web = d.httpd(&marker, "80:8080", &[]);
     agent.wait_for(SETTLE, |v| {
-        v["message"] == "pins in sync: ahead of every other nat chain present"
-            && v["pins"].as_u64() == Some(2)
+        v["event"] == "pins_synced" && v["pins"].as_u64() == Some(2)
     });
     if let Err(e) = await_page(d.netns().name(), "http://127.0.0.1:8081/", &local, SETTLE) {
         panic!(

@@ -124,12 +124,13 @@ fn a_published_container_is_resolved_and_followed_through_events() {
     let port = free_port();
     let web = Container::httpd(&image, &format!("127.0.0.1:{port}:8080"), &[]);
     let rt = runtime();
-    let (mut rx, task) = rt.block_on(
+    let (mut rx, follow) = rt.block_on(
         Owners::new(policy(&format!(
             "[[ports]]\nport = {port}\nowner = \"docker\"\n"
         )))
-        .spawn(),
+        .start(),
     );
+    let task = rt.spawn(follow);
 
     // Resolved: container, IP, cgroup, published port, docker-proxy, NAT target.
     let (model, _) = wait_model(&rt, &mut rx, "container up", Instant::now(), |m| {
@@ -237,12 +238,13 @@ fn network_connect_and_disconnect_update_addresses() {
     let net = Network::create();
     let rt = runtime();
     let name = web.name().to_owned();
-    let (mut rx, task) = rt.block_on(
+    let (mut rx, follow) = rt.block_on(
         Owners::new(policy(&format!(
             "[[ports]]\nport = {port}\nowner = \"docker:{name}\"\n"
         )))
-        .spawn(),
+        .start(),
     );
+    let task = rt.spawn(follow);
     let on = |m: &Arc<ResolvedOwners>, network: &str| {
         find(m, &web).is_some_and(|r| r.networks.iter().any(|n| n.network == network))
     };
@@ -313,13 +315,14 @@ fn docker_going_away_is_a_state_and_owners_come_back() {
     let socket = SocketForward::path_for_test();
     assert!(!Path::new(&socket).exists());
     let rt = runtime();
-    let (mut rx, task) = rt.block_on(
+    let (mut rx, follow) = rt.block_on(
         Owners::new(policy(&format!(
             "[[ports]]\nport = {port}\nowner = \"docker\"\n"
         )))
         .docker_socket(&socket)
-        .spawn(),
+        .start(),
     );
+    let task = rt.spawn(follow);
     {
         let model = rx.borrow();
         let DockerStatus::Unreachable { reason } = &model.docker else {

@@ -34,14 +34,12 @@ fn start_agent(lab: &IncidentLab, cgroup: &Cgroup) -> Agent {
         "--config".as_ref(),
         lab.policy.as_os_str(),
     ]);
-    agent.wait_for(Duration::from_secs(20), |v| {
-        v["message"] == "rule guard ready: watching nftables changes"
-    });
+    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     agent
 }
 
 fn removed(v: &Value) -> bool {
-    v["message"] == "foreign NAT rule removed"
+    v["event"] == "rule_removed"
 }
 
 #[test]
@@ -405,9 +403,7 @@ fn pin_follows_the_owner_reports_chains_ahead_and_goes_with_the_owner() {
         "nft add table ip early
          nft 'add chain ip early pre { type nat hook prerouting priority -199; }'",
     );
-    agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"] == "a nat chain runs at or ahead of the pin's priority"
-    });
+    agent.wait_for_event(Duration::from_secs(5), "pin_overtaken");
 
     // The owner goes away: so does the pin.
     sh(&lab.h, "iptables -t nat -F DOCKER");
@@ -465,18 +461,17 @@ fn legacy_iptables_rules_are_polled_once_in_use_and_reported() {
         "--legacy-poll".as_ref(),
         "1".as_ref(),
     ]);
-    agent.wait_for(Duration::from_secs(20), |v| {
-        v["message"] == "rule guard ready: watching nftables changes"
-    });
+    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     // x_tables announces nothing: the agent finds it by polling, once in use.
     sh(
         &lab.h,
         "iptables-legacy -t nat -A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 203.0.113.130:80",
     );
     let v = agent.wait_for(Duration::from_secs(5), |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("iptables-legacy rule: not removable over netlink"))
+        v["event"] == "foreign_rule_reported"
+            && v["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("iptables-legacy rule: not removable over netlink"))
     });
     assert_eq!(v["port"], 80, "{v}");
     let _ = lab
@@ -493,12 +488,8 @@ fn a_policy_reload_restarts_the_rule_guard_which_keeps_guarding() {
     let mut agent = start_agent(&lab, &cgroup);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    agent.wait_for(Duration::from_secs(10), |v| {
-        v["message"] == "policy reloaded"
-    });
-    agent.wait_for(Duration::from_secs(10), |v| {
-        v["message"] == "rule guard ready: watching nftables changes"
-    });
+    agent.wait_for_event(Duration::from_secs(10), "policy_reloaded");
+    agent.wait_for_event(Duration::from_secs(10), "rule_guard_ready");
     wait_ruleset(&lab, "pinned again after the reload", |r| {
         r.contains("table ip portguard")
     });

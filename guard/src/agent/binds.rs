@@ -1,10 +1,9 @@
 //! Source: the bind guard's ring buffer. Translates kernel events into
-//! [`BindRecord`]s, logs them, counts them and hands strangers' binds to the
-//! audit writer; decides nothing.
+//! [`BindRecord`]s, logs them (`event = "bind"`), counts them and hands
+//! strangers' binds to the agent for the audit log; decides nothing.
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -12,6 +11,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use super::events::{AgentEvent, SourceError};
 use crate::{
     audit::{AuditEvent, BindAttempt},
     ebpf::{BindRecord, KernelLogger, read_bind_event},
@@ -28,22 +28,25 @@ pub struct BindSource {
     pub host_cookie: u64,
     pub cgroups: CgroupPaths,
     pub metrics: Arc<Metrics>,
-    /// Strangers' binds for the audit log; full means the writer lags: counted, never silent.
-    pub audit: mpsc::Sender<AuditEvent>,
+    /// Strangers' binds for the audit log; full means the agent lags: counted, never silent.
+    pub events: mpsc::Sender<AgentEvent>,
 }
 
 impl BindSource {
-    pub async fn run(mut self, events: RingBuf<MapData>) -> anyhow::Result<()> {
+    pub async fn run(mut self, events: RingBuf<MapData>) -> Result<(), SourceError> {
+        let poll = |source| SourceError::Poll {
+            what: "bind ring buffer",
+            source,
+        };
         // SAFETY: the ring buffer owns its map fd and keeps it open until dropped with the AsyncFd.
         let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-            .map_err(std::io::Error::from)
-            .context("polling the bind ring buffer")?;
+            .map_err(|e| poll(e.into()))?;
         let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         let mut audit_lost = 0u64;
         loop {
             tokio::select! {
                 ready = fd.readable_mut() => {
-                    let mut ready = ready?;
+                    let mut ready = ready.map_err(poll)?;
                     self.drain(ready.get_inner_mut(), &mut audit_lost);
                     ready.clear_ready();
                 }
@@ -74,10 +77,11 @@ impl BindSource {
                 "observed" => AuditEvent::BindObserved(attempt(&rec, proto)),
                 _ => continue,
             };
-            if self.audit.try_send(event).is_err() {
+            if self.events.try_send(AgentEvent::Bind(event)).is_err() {
                 *audit_lost += 1;
                 if audit_lost.is_power_of_two() {
                     warn!(
+                        event = "bind_records_lost",
                         lost = *audit_lost,
                         "audit writer lags: bind records not written"
                     );
@@ -103,6 +107,7 @@ fn attempt(rec: &BindRecord, proto: Proto) -> BindAttempt {
 fn log_bind(rec: &BindRecord) {
     info!(
         target: "portguard::bind",
+        event = "bind",
         pid = rec.pid,
         tgid = rec.tgid,
         uid = rec.uid,
@@ -128,13 +133,16 @@ fn log_bind(rec: &BindRecord) {
 }
 
 /// The kernel programs' own log lines (aya-log), forwarded into `tracing`.
-pub async fn read_kernel_log(logger: KernelLogger) -> anyhow::Result<()> {
+pub async fn read_kernel_log(logger: KernelLogger) -> Result<(), SourceError> {
+    let poll = |source| SourceError::Poll {
+        what: "kernel log ring buffer",
+        source,
+    };
     // SAFETY: the logger owns its ring buffer's fd and keeps it open until dropped.
     let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(std::io::Error::from)
-        .context("polling the kernel log ring buffer")?;
+        .map_err(|e| poll(e.into()))?;
     loop {
-        let mut ready = fd.readable_mut().await?;
+        let mut ready = fd.readable_mut().await.map_err(poll)?;
         ready.get_inner_mut().flush();
         ready.clear_ready();
     }

@@ -1,18 +1,22 @@
-//! Source and actor for the Kubernetes layer: watches who claims a protected
-//! port, and under `on_claim = "remove"` removes the cause (k3s's packaged
-//! Traefik, or objects the policy names), each object audited whole first.
+//! The Kubernetes layer: watches who claims a protected port, and under
+//! `on_claim = "remove"` removes the cause (k3s's packaged Traefik, or objects
+//! the policy names), each object audited whole first.
+//!
+//! Started in one place ([`start`]): the kubeconfig is chosen and connected
+//! once, and that one attempt's outcome is what the layer says (off, failing,
+//! watching). Its tasks run on the layer's tracker and stop with its token.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, convert::Infallible};
 
 use kube::Client;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use super::{layers::LayerContext, supervisor::Layer};
 use crate::{
-    audit::{AuditEvent, AuditHandle, K8sObjectRecord},
+    audit::{AuditError, AuditEvent, AuditHandle, K8sObjectRecord},
     k8s::{
-        self, ClusterState, ClusterView, NodeIdentity, PortClaim, RecordedObject, RemovalStep,
-        cluster::{self as kcluster, K3S_KUBECONFIG},
+        self, ClusterState, ClusterView, PortClaim, RecordedObject, RemovalStep,
         remove::{self, plan_for_claim},
     },
     policy::{KubernetesPolicy, Mode, Policy},
@@ -21,59 +25,35 @@ use crate::{
 /// The running layer: its view (for naming pods behind DNAT targets) and tasks.
 pub struct KubeLayer {
     pub view: watch::Receiver<ClusterView>,
-    _watch: k8s::ClusterWatch,
-    actor: Option<JoinHandle<()>>,
+    pub layer: Layer,
 }
 
-impl Drop for KubeLayer {
-    fn drop(&mut self) {
-        if let Some(t) = &self.actor {
-            t.abort();
-        }
-    }
-}
-
-/// Starts the watches, and the remover when the policy asks for removals.
+/// Connects once, starts the watches, and the remover when there is a client.
 /// Never fails: without a kubeconfig, or with a broken one, the layer says so
 /// and the other layers keep guarding.
-pub async fn start(
-    kubeconfig_flag: Option<&Path>,
-    policy: &Policy,
-    node: NodeIdentity,
-    audit: AuditHandle,
-) -> KubeLayer {
-    let choice = kcluster::choose_kubeconfig(
-        kubeconfig_flag,
-        &policy.kubernetes,
-        Path::new(K3S_KUBECONFIG),
-    );
-    let client = match &choice {
-        Some(c) => kcluster::connect(c.path()).await.ok(),
-        None => None,
-    };
-    let Some(client) = client else {
-        // k8s::start says why (no kubeconfig, or it cannot connect) and keeps a fixed view.
-        let watch = k8s::start(kubeconfig_flag, policy, node).await;
-        return KubeLayer {
-            view: watch.view.clone(),
-            _watch: watch,
-            actor: None,
-        };
-    };
-    info!("Kubernetes layer: watching Services and Pods");
-    let watch = k8s::spawn_watches(client.clone(), node, policy.ports.clone());
-    let actor = tokio::spawn(act_on_claims(
-        client,
-        watch.view.clone(),
-        policy.kubernetes.clone(),
-        policy.mode == Mode::Enforce,
-        audit,
-    ));
-    KubeLayer {
-        view: watch.view.clone(),
-        _watch: watch,
-        actor: Some(actor),
+pub async fn start(ctx: &LayerContext, policy: &Policy) -> KubeLayer {
+    let layer = ctx.layer("kubernetes");
+    let connection = k8s::cluster::open(ctx.config.kubeconfig.as_deref(), &policy.kubernetes).await;
+    let (view, follow) = k8s::watch_connection(&connection, ctx.node.clone(), policy.ports.clone());
+    if let Some(follow) = follow {
+        layer.spawn("kube-watches", async move {
+            follow.await;
+            Ok::<_, Infallible>(())
+        });
     }
+    if let Ok(connection) = connection {
+        layer.spawn(
+            "kube-claims",
+            act_on_claims(
+                connection.client,
+                view.clone(),
+                policy.kubernetes.clone(),
+                policy.mode == Mode::Enforce,
+                ctx.audit.clone(),
+            ),
+        );
+    }
+    KubeLayer { view, layer }
 }
 
 /// Reports each claim once when it appears; removes its cause when the policy says so.
@@ -84,7 +64,7 @@ async fn act_on_claims(
     policy: KubernetesPolicy,
     enforce: bool,
     audit: AuditHandle,
-) {
+) -> Result<(), Infallible> {
     let mut known: BTreeSet<PortClaim> = BTreeSet::new();
     let mut last_state: Option<String> = None;
     loop {
@@ -95,36 +75,42 @@ async fn act_on_claims(
         let state_text = format!("{state:?}");
         if last_state.as_ref() != Some(&state_text) {
             match &state {
-                ClusterState::Failing { error } => {
-                    warn!(%error, "Kubernetes layer failing: other layers keep guarding")
+                ClusterState::Failing { error } => warn!(
+                    event = "kube_failing",
+                    %error,
+                    "Kubernetes layer failing: other layers keep guarding"
+                ),
+                ClusterState::Watching => {
+                    info!(event = "kube_in_sync", "Kubernetes layer: in sync")
                 }
-                ClusterState::Watching => info!("Kubernetes layer: in sync"),
                 _ => {}
             }
             last_state = Some(state_text);
         }
         let current: BTreeSet<PortClaim> = claims.into_iter().collect();
         for claim in current.difference(&known) {
-            warn!(claim = %claim, "a Kubernetes object claims a protected port");
+            warn!(event = "kube_claim", claim = %claim, "a Kubernetes object claims a protected port");
             // Observe mode changes nothing, in the cluster either.
             if let Some(plan) = plan_for_claim(claim, &policy).filter(|_| enforce) {
-                info!(reason = %plan.reason, "removing the source of the claim");
+                info!(event = "kube_removing", reason = %plan.reason, "removing the source of the claim");
                 let recorder = |rec: &RecordedObject| record_removal(&audit, rec);
                 match remove::remove(&client, &plan, recorder).await {
                     Ok(steps) => steps.iter().for_each(log_step),
-                    Err(e) => error!(error = %e, "removal plan could not start"),
+                    Err(e) => {
+                        error!(event = "kube_removal_failed", error = %e, "removal plan could not start")
+                    }
                 }
             }
         }
         known = current;
         if view.changed().await.is_err() {
-            return;
+            return Ok(());
         }
     }
 }
 
 /// The audit record, durable before the object is deleted.
-fn record_removal(audit: &AuditHandle, rec: &RecordedObject) -> Result<(), String> {
+fn record_removal(audit: &AuditHandle, rec: &RecordedObject) -> Result<(), AuditError> {
     let m = &rec.manifest;
     let event = AuditEvent::K8sObjectRemoved(K8sObjectRecord {
         finding: None,
@@ -135,22 +121,22 @@ fn record_removal(audit: &AuditHandle, rec: &RecordedObject) -> Result<(), Strin
         manifest: m.clone(),
     });
     // The remover's callback is synchronous; the append blocks on fdatasync.
-    tokio::task::block_in_place(|| audit.record_blocking(event))
-        .map(drop)
-        .map_err(|e| e.to_string())
+    tokio::task::block_in_place(|| audit.record_blocking(event)).map(drop)
 }
 
 fn log_step(step: &RemovalStep) {
     match step {
         RemovalStep::Removed { recorded } => {
-            info!(object = %recorded.object, "Kubernetes object removed (recorded whole)")
+            info!(event = "kube_object_removed", object = %recorded.object, "Kubernetes object removed (recorded whole)")
         }
-        RemovalStep::AlreadyGone { object } => info!(object = %object, "already gone"),
+        RemovalStep::AlreadyGone { object } => {
+            info!(event = "kube_object_gone", object = %object, "already gone")
+        }
         RemovalStep::Failed { object, error, .. } => {
-            error!(object = %object, %error, "Kubernetes object not removed")
+            error!(event = "kube_object_not_removed", object = %object, %error, "Kubernetes object not removed")
         }
         RemovalStep::NotRecorded { object, error } => {
-            error!(object = %object, %error, "not removed: the audit record could not be written")
+            error!(event = "kube_object_not_recorded", object = %object, %error, "not removed: the audit record could not be written")
         }
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::policy::Proto;
+use crate::types::Proto;
 
 /// One line of the audit log: a sequence number, a time, and what happened.
 ///

@@ -212,7 +212,8 @@ mod tests {
     use super::*;
     use crate::{
         owners::{DockerFacts, resolve},
-        policy::{Mode, OwnerSpec, PolicySource, PortRange, ProtectedPort, Proto},
+        policy::{Mode, OwnerSpec, PolicySource, ProtectedPort},
+        types::{PortRange, Proto},
     };
 
     fn owner() -> impl Strategy<Value = OwnerSpec> {

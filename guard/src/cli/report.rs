@@ -9,7 +9,8 @@ use super::PolicyArgs;
 use crate::{
     audit::{AuditTrail, DEFAULT_AUDIT_PATH},
     policy::Policy,
-    report::{Report, parse_duration, render_html, render_table},
+    report::{Report, render_html, render_table},
+    types::parse_duration,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -24,9 +25,11 @@ pub enum Format {
 pub struct ReportArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Only records from the last DURATION (30m, 24h, 7d, 2w).
+    /// Only records from the last DURATION: a whole number and a unit
+    /// (ms, s, m or min, h, d, w), like 30m, 24h, 7d or 2w; the policy's
+    /// probe intervals use the same units.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub since: Option<time::Duration>,
+    pub since: Option<std::time::Duration>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Write here instead of stdout.

@@ -145,7 +145,8 @@ mod tests {
     use super::*;
     use crate::{
         owners::{CgroupRef, DockerStatus, ExeId, ResolvedOwner, ResolvedPort},
-        policy::{OwnerSpec, PolicySource, Proto},
+        policy::{OwnerSpec, PolicySource},
+        types::Proto,
     };
 
     fn policy(text: &str) -> Policy {

@@ -204,13 +204,24 @@ impl<'a> Btf<'a> {
     }
 }
 
-/// Reads the running kernel's offsets from `/sys/kernel/btf/vmlinux`.
-pub fn running_kernel_exe_offsets() -> Result<ExeOffsets, String> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Why the running kernel's offsets are unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelBtfError {
+    #[error("reading {VMLINUX_BTF}")]
+    Read(#[source] std::io::Error),
+    #[error("{VMLINUX_BTF}")]
+    Parse(#[source] BtfError),
+}
+
+/// Reads the running kernel's offsets from [`VMLINUX_BTF`].
+pub fn running_kernel_exe_offsets() -> Result<ExeOffsets, KernelBtfError> {
+    let data = std::fs::read(VMLINUX_BTF).map_err(KernelBtfError::Read)?;
     Btf::parse(&data)
         .and_then(|btf| btf.exe_offsets())
-        .map_err(|e| e.to_string())
+        .map_err(KernelBtfError::Parse)
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ impl BindGuard {
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             Err(e) => {
-                tracing::debug!("kernel-side logging unavailable: {e}");
+                tracing::debug!(error = %e, "kernel-side logging unavailable");
                 None
             }
         };

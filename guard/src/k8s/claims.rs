@@ -12,7 +12,10 @@ use std::{
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use serde::Serialize;
 
-use crate::policy::{KubeKind, KubeObjectName, ProtectedPort, Proto};
+use crate::{
+    policy::{KubeKind, KubeObjectName, ProtectedPort},
+    types::Proto,
+};
 
 /// Labels k3s's ServiceLB (klipper-lb) puts on its svclb pods: the Service they serve.
 pub const SVCLB_SVCNAME_LABEL: &str = "svccontroller.k3s.cattle.io/svcname";

@@ -149,6 +149,26 @@ fn chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// A client, and the kubeconfig it was built from.
+#[derive(Clone)]
+pub struct Connection {
+    pub kubeconfig: KubeconfigChoice,
+    pub client: Client,
+}
+
+/// Chooses the kubeconfig ([`choose_kubeconfig`] with k3s's default) and builds
+/// its client: the one attempt whose outcome every caller reports. Without any
+/// kubeconfig the error is [`ClusterError::NoKubeconfig`] (the layer is off).
+pub async fn open(
+    flag: Option<&Path>,
+    policy: &KubernetesPolicy,
+) -> Result<Connection, ClusterError> {
+    let kubeconfig = choose_kubeconfig(flag, policy, Path::new(K3S_KUBECONFIG))
+        .ok_or(ClusterError::NoKubeconfig)?;
+    let client = connect(kubeconfig.path()).await?;
+    Ok(Connection { kubeconfig, client })
+}
+
 /// Builds a client from a kubeconfig file (its current context). Does not talk to
 /// the server: [`probe`] does.
 pub async fn connect(kubeconfig: &Path) -> Result<Client, ClusterError> {

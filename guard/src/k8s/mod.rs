@@ -16,8 +16,11 @@ pub mod remove;
 pub mod watch;
 
 pub use claims::{ClaimVia, NodeIdentity, PortClaim};
-pub use cluster::{ClusterError, KubeconfigChoice};
+pub use cluster::{ClusterError, Connection, KubeconfigChoice};
 pub use harden::{HardeningStatus, hardening_status};
 pub use pod_index::{K8sSource, PodIndex};
 pub use remove::{RecordedObject, RemovalPlan, RemovalStep};
-pub use watch::{ClusterState, ClusterView, ClusterWatch, spawn_watches, start};
+pub use watch::{
+    ClusterState, ClusterView, ClusterWatch, Follow, spawn_watches, start, watch_connection,
+    watches,
+};

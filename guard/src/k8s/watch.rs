@@ -6,7 +6,7 @@
 //! (not only this node's) because a kube-proxy DNAT may target a pod elsewhere and
 //! the finding should still name it; claims only count pods on this node.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, pin::Pin};
 
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     claims::{NodeIdentity, PortClaim, claims},
-    cluster::{self, ClusterError, K3S_KUBECONFIG},
+    cluster::{self, ClusterError, Connection},
     pod_index::{K8sSource, PodIndex},
 };
 use crate::policy::{Policy, ProtectedPort};
@@ -76,22 +76,19 @@ impl ClusterView {
     }
 }
 
-/// The running watches; dropping it stops them.
+/// The running watches on their own task (one-shot commands and tests; the
+/// agent runs [`watches`] on its task tracker); dropping it stops them.
 pub struct ClusterWatch {
     pub view: watch::Receiver<ClusterView>,
     task: Option<JoinHandle<()>>,
-    /// Keeps a fixed view's channel open (layer off, or no client).
-    _fixed: Option<watch::Sender<ClusterView>>,
 }
 
 impl ClusterWatch {
-    /// A view that never changes: the layer is off or could not start.
-    pub fn fixed(view: ClusterView) -> Self {
-        let (tx, rx) = watch::channel(view);
+    /// Spawns `follow` when there is one (None: the view is fixed).
+    pub fn new(view: watch::Receiver<ClusterView>, follow: Option<Follow>) -> Self {
         Self {
-            view: rx,
-            task: None,
-            _fixed: Some(tx),
+            view,
+            task: follow.map(tokio::spawn),
         }
     }
 }
@@ -104,38 +101,77 @@ impl Drop for ClusterWatch {
     }
 }
 
-/// The whole Kubernetes layer for the agent: picks the kubeconfig (`--kubeconfig`,
-/// else the policy's, else k3s's when it exists), connects and starts the watches.
-/// Never fails: without a kubeconfig the layer is off and says so once; a bad
-/// kubeconfig is a `Failing` state. Either way the other layers keep guarding.
+/// The watches for one-shot commands (`check`): picks the kubeconfig
+/// (`--kubeconfig`, else the policy's, else k3s's when it exists), connects and
+/// starts the watches. Never fails; see [`watch_connection`].
 pub async fn start(
     kubeconfig_flag: Option<&Path>,
     policy: &Policy,
     node: NodeIdentity,
 ) -> ClusterWatch {
-    let Some(choice) = cluster::choose_kubeconfig(
-        kubeconfig_flag,
-        &policy.kubernetes,
-        Path::new(K3S_KUBECONFIG),
-    ) else {
-        let reason = ClusterError::NoKubeconfig.to_string();
-        info!("{reason}");
-        return ClusterWatch::fixed(ClusterView::off(reason));
-    };
-    match cluster::connect(choice.path()).await {
-        Ok(client) => {
-            info!(kubeconfig = %choice, "Kubernetes layer: watching Services and Pods");
-            spawn_watches(client, node, policy.ports.clone())
+    let connection = cluster::open(kubeconfig_flag, &policy.kubernetes).await;
+    let (view, follow) = watch_connection(&connection, node, policy.ports.clone());
+    ClusterWatch::new(view, follow)
+}
+
+/// The view for one attempt to connect ([`cluster::open`]), and the future
+/// that keeps it current (None: the view is fixed). Without a kubeconfig the
+/// layer is off and says so once; a bad kubeconfig is a `Failing` state said
+/// once. Either way the other layers keep guarding. The caller runs the future
+/// where it runs its tasks; dropping it stops the watches.
+pub fn watch_connection(
+    connection: &Result<Connection, ClusterError>,
+    node: NodeIdentity,
+    ports: Vec<ProtectedPort>,
+) -> (watch::Receiver<ClusterView>, Option<Follow>) {
+    let fixed = |view: ClusterView| (watch::channel(view).1, None);
+    match connection {
+        Ok(c) => {
+            info!(
+                event = "kube_watching",
+                kubeconfig = %c.kubeconfig,
+                "Kubernetes layer: watching Services and Pods"
+            );
+            let (view, follow) = watches(c.client.clone(), node, ports);
+            (view, Some(follow))
+        }
+        Err(ClusterError::NoKubeconfig) => {
+            let reason = ClusterError::NoKubeconfig.to_string();
+            info!(event = "kube_off", %reason, "Kubernetes layer off");
+            fixed(ClusterView::off(reason))
         }
         Err(error) => {
-            warn!(%error, "Kubernetes layer cannot start: other layers keep guarding");
-            ClusterWatch::fixed(ClusterView {
-                state: ClusterState::Failing { error },
+            warn!(
+                event = "kube_failing",
+                %error,
+                "Kubernetes layer cannot start: other layers keep guarding"
+            );
+            fixed(ClusterView {
+                state: ClusterState::Failing {
+                    error: error.clone(),
+                },
                 claims: Vec::new(),
                 pods: PodIndex::default(),
             })
         }
     }
+}
+
+/// The Service and Pod watches, as a future to run.
+pub type Follow = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The Service and Pod watches as a future, and the view they feed.
+pub fn watches(
+    client: Client,
+    node: NodeIdentity,
+    ports: Vec<ProtectedPort>,
+) -> (watch::Receiver<ClusterView>, Follow) {
+    let (tx, view) = watch::channel(ClusterView {
+        state: ClusterState::Syncing,
+        claims: Vec::new(),
+        pods: PodIndex::default(),
+    });
+    (view, Box::pin(follow(client, node, ports, tx)))
 }
 
 /// Starts the Service and Pod watches on the current runtime.
@@ -144,17 +180,8 @@ pub fn spawn_watches(
     node: NodeIdentity,
     ports: Vec<ProtectedPort>,
 ) -> ClusterWatch {
-    let (tx, view) = watch::channel(ClusterView {
-        state: ClusterState::Syncing,
-        claims: Vec::new(),
-        pods: PodIndex::default(),
-    });
-    let task = tokio::spawn(follow(client, node, ports, tx));
-    ClusterWatch {
-        view,
-        task: Some(task),
-        _fixed: None,
-    }
+    let (view, follow) = watches(client, node, ports);
+    ClusterWatch::new(view, Some(follow))
 }
 
 // Boxed: a Pod event is kilobytes, a Service event a fraction of that.

@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{cgroup::CgroupRef, docker_proxy, docker_proxy::DockerProxy, exe::ExeId};
-use crate::policy::Proto;
+use crate::types::Proto;
 
 /// dockerd's socket unless `DOCKER_HOST=unix://…` names another.
 pub fn default_socket() -> PathBuf {
@@ -719,7 +719,7 @@ pub async fn follow(
     loop {
         let result = follow_session(&socket, root, &tx, &mut learn, &mut || {
             if down_logged {
-                info!(socket = %socket.display(), "docker: reachable again");
+                info!(event = "docker_reachable", socket = %socket.display(), "docker: reachable again");
             }
             down_logged = false;
             backoff = BACKOFF_MIN;
@@ -727,10 +727,10 @@ pub async fn follow(
         .await;
         let Err(e) = result else { return };
         if !down_logged {
-            warn!(socket = %socket.display(), "docker: not reachable ({e}); Docker owners resolve to nothing until it is back, retrying");
+            warn!(event = "docker_unreachable", socket = %socket.display(), error = %e, "docker: not reachable; Docker owners resolve to nothing until it is back, retrying");
             down_logged = true;
         } else {
-            debug!("docker: still not reachable: {e}");
+            debug!(error = %e, "docker: still not reachable");
         }
         let mut facts = DockerFacts::new(DockerStatus::Unreachable {
             reason: e.to_string(),

@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::{cgroup::CgroupRef, exe::ExeId};
-use crate::policy::Proto;
+use crate::types::Proto;
 
 /// One running docker-proxy and what it forwards.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -18,7 +18,8 @@
 //! ```no_run
 //! # async fn agent(policy: portguard::policy::Policy) {
 //! use portguard::owners::Owners;
-//! let (mut owners, _task) = Owners::new(policy).spawn().await;
+//! let (mut owners, follow) = Owners::new(policy).start().await;
+//! tokio::spawn(follow); // the agent runs it on its task tracker instead
 //! loop {
 //!     let model = owners.borrow_and_update().clone(); // Arc<ResolvedOwners>: cheap
 //!     for allowed in model.bind_owners() {
@@ -65,8 +66,9 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt as _;
 use serde::Serialize;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 pub use self::{
@@ -78,8 +80,9 @@ pub use self::{
     exe::ExeId,
 };
 use crate::{
-    policy::{OwnerSpec, Policy, PortRange, ProtectedPort, Proto},
+    policy::{OwnerSpec, Policy, ProtectedPort},
     sys,
+    types::{PortRange, Proto},
 };
 
 /// The resolved model: every policy entry with what its owners are right now.
@@ -428,18 +431,30 @@ impl Owners {
     }
 
     /// Starts resolving live. Returns once the first model is complete (dockerd
-    /// answered or failed to); the receiver then sees every change, and only
-    /// changes. Dropping every receiver ends the task; so does aborting it.
-    pub async fn spawn(self) -> (watch::Receiver<Arc<ResolvedOwners>>, JoinHandle<()>) {
+    /// answered or failed to) with the receiver, which then sees every change
+    /// and only changes, and the future that keeps it current. The caller runs
+    /// that future where it runs its tasks; dropping it stops everything this
+    /// started (nothing here spawns). It ends by itself only when every
+    /// receiver is gone.
+    pub async fn start(
+        self,
+    ) -> (
+        watch::Receiver<Arc<ResolvedOwners>>,
+        impl Future<Output = ()> + Send + 'static,
+    ) {
         let root = cgroup_root();
         let (docker_tx, mut docker_rx) = watch::channel(DockerFacts::new(DockerStatus::Connecting));
         let (learn_tx, learn_rx) = tokio::sync::mpsc::unbounded_channel();
-        let docker_task = tokio::spawn(docker::follow(
-            self.docker_socket.clone(),
-            root.clone(),
-            docker_tx,
-            learn_rx,
-        ));
+        // Fused: it may end during the first wait, and is polled again after.
+        let mut docker = Box::pin(
+            docker::follow(
+                self.docker_socket.clone(),
+                root.clone(),
+                docker_tx,
+                learn_rx,
+            )
+            .fuse(),
+        );
         // Only owners that bind for themselves need a starting container's identity.
         let learns = self
             .policy
@@ -448,22 +463,25 @@ impl Owners {
             .flat_map(|p| &p.owner)
             .any(|o| matches!(o, OwnerSpec::DockerName(_) | OwnerSpec::DockerLabel { .. }));
         // The first session's outcome, bounded: a hung dockerd must not hold the agent.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(15),
-            docker_rx.wait_for(|f| f.status != DockerStatus::Connecting),
-        )
-        .await;
+        tokio::select! {
+            () = &mut docker => {}
+            _ = tokio::time::timeout(
+                FIRST_DOCKER_ANSWER,
+                docker_rx.wait_for(|f| f.status != DockerStatus::Connecting),
+            ) => {}
+        }
         let first = resolve(
             &self.policy,
             &docker_rx.borrow_and_update(),
             root.as_deref(),
         );
         let (tx, rx) = watch::channel(Arc::new(first));
-        let task = tokio::spawn(async move {
-            let _abort_docker = AbortOnDrop(docker_task);
+        let follow = async move {
             let mut fs_changes = watch_fs::FsChanges::new(&self.policy, &tx.borrow());
             loop {
                 tokio::select! {
+                    // Docker's follower only ends with its channel: so does this.
+                    () = &mut docker => return,
                     changed = docker_rx.changed() => if changed.is_err() { return },
                     created = fs_changes.next() => {
                         debug!("owners: a watched path changed");
@@ -502,25 +520,20 @@ impl Owners {
                     true
                 });
             }
-        });
-        (rx, task)
+        };
+        (rx, follow)
     }
 }
+
+/// How long the agent's start waits for dockerd's first answer.
+const FIRST_DOCKER_ANSWER: Duration = Duration::from_secs(15);
 
 /// Bound on re-resolving while new directories get watched (nesting depth).
 const MAX_REARM_ROUNDS: usize = 4;
 
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn cgroup_root() -> Option<PathBuf> {
     sys::cgroup::unified_root()
-        .inspect_err(|e| warn!("owners: {e}: cgroup owners resolve to nothing"))
+        .inspect_err(|e| warn!(error = %e, "owners: no cgroup v2 hierarchy: cgroup owners resolve to nothing"))
         .ok()
 }
 
@@ -705,10 +718,11 @@ mod tests {
         let p = policy(&format!(
             "[[ports]]\nport = 80\nowner = \"cgroup:/{name}\"\n"
         ));
-        let (mut rx, task) = Owners::new(p)
+        let (mut rx, follow) = Owners::new(p)
             .docker_socket("/nonexistent/portguard/docker.sock")
-            .spawn()
+            .start()
             .await;
+        let task = tokio::spawn(follow);
         let id_of = |m: &ResolvedOwners| m.bind_owners().next().unwrap().cgroups.first().copied();
         assert_eq!(id_of(&rx.borrow_and_update()), None, "absent at first");
         let wait = |rx: &mut watch::Receiver<Arc<ResolvedOwners>>, want: u64| {

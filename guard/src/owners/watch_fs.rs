@@ -37,8 +37,8 @@ impl FsChanges {
         let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         let fd = if raw < 0 {
             warn!(
-                "owners: inotify unavailable ({}): unit, exe and cgroup owners are read only when Docker changes",
-                io::Error::last_os_error()
+                error = %io::Error::last_os_error(),
+                "owners: inotify unavailable: unit, exe and cgroup owners are read only when Docker changes"
             );
             None
         } else {
@@ -50,7 +50,7 @@ impl FsChanges {
                     tokio::io::Interest::READABLE,
                 )
             }
-            .inspect_err(|e| warn!("owners: cannot poll inotify: {e}"))
+            .inspect_err(|e| warn!(error = %e, "owners: cannot poll inotify"))
             .ok()
         };
         let mut out = Self {
@@ -87,7 +87,7 @@ impl FsChanges {
             // SAFETY: valid fd and NUL-terminated path.
             let wd = unsafe { libc::inotify_add_watch(raw, c.as_ptr(), MASK) };
             if wd < 0 {
-                debug!(dir = %dir.display(), "owners: cannot watch: {}", io::Error::last_os_error());
+                debug!(dir = %dir.display(), error = %io::Error::last_os_error(), "owners: cannot watch");
             } else {
                 self.watches.insert(dir, wd);
                 added = true;

@@ -9,6 +9,8 @@ mod parse;
 
 pub use model::{
     KubeKind, KubeObjectName, KubeObjectNameError, KubernetesPolicy, MetricsSpec, Mode, OnClaim,
-    OwnerSpec, Policy, PortRange, ProbeSpec, ProtectedPort, Proto,
+    OwnerSpec, Policy, ProbeSpec, ProtectedPort,
 };
+// The policy's fields speak the leaf vocabulary; re-exported for its readers.
+pub use crate::types::{PortRange, Proto};
 pub use parse::{DEFAULT_POLICY_PATH, DEFAULT_POLICY_TOML, PolicyError, PolicySource};

@@ -2,7 +2,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+use crate::types::{self, DEFAULT_METRICS_ADDR, PortRange, Proto};
 
 /// What the agent does about a stranger.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -21,83 +23,6 @@ impl fmt::Display for Mode {
             Self::Enforce => "enforce",
             Self::Observe => "observe",
         })
-    }
-}
-
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    #[default]
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    /// The IP protocol number the kernel uses.
-    pub fn ip_proto(self) -> u8 {
-        match self {
-            Self::Tcp => guard_common::IPPROTO_TCP,
-            Self::Udp => guard_common::IPPROTO_UDP,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-/// An inclusive port range; a single port has `start == end`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-}
-
-impl PortRange {
-    pub fn single(port: u16) -> Self {
-        Self {
-            start: port,
-            end: port,
-        }
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        (self.start..=self.end).contains(&port)
-    }
-
-    pub fn overlaps(&self, other: &Self) -> bool {
-        self.start <= other.end && other.start <= self.end
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = u16> + use<> {
-        self.start..=self.end
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}-{}", self.start, self.end)
-        }
-    }
-}
-
-impl Serialize for PortRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.start == self.end {
-            s.serialize_u16(self.start)
-        } else {
-            s.collect_str(self)
-        }
     }
 }
 
@@ -258,7 +183,7 @@ impl Default for MetricsSpec {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen: crate::metrics::DEFAULT_METRICS_ADDR
+            listen: DEFAULT_METRICS_ADDR
                 .parse()
                 .expect("the default metrics address parses"),
             allow_remote: false,
@@ -268,11 +193,7 @@ impl Default for MetricsSpec {
 
 /// Durations print the way the policy writes them: `10s`, `250ms`.
 fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    if d.subsec_millis() == 0 {
-        s.collect_str(&format_args!("{}s", d.as_secs()))
-    } else {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
-    }
+    s.serialize_str(&types::format_duration(*d))
 }
 
 /// What the agent does about a Kubernetes object that claims a protected port.
@@ -544,16 +465,5 @@ mod tests {
             "Kube-System/service/traefik".parse::<KubeObjectName>(),
             Err(KubeObjectNameError::Name(..))
         ));
-    }
-
-    #[test]
-    fn ranges_overlap_inclusively() {
-        let a = PortRange {
-            start: 8000,
-            end: 8099,
-        };
-        assert!(a.overlaps(&PortRange::single(8099)));
-        assert!(!a.overlaps(&PortRange::single(8100)));
-        assert!(a.contains(8000));
     }
 }

@@ -13,9 +13,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{
-    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OwnerSpec, Policy, PortRange,
-    ProbeSpec, ProtectedPort, Proto,
+    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OwnerSpec, Policy, ProbeSpec,
+    ProtectedPort,
 };
+use crate::types::{PortRange, Proto, parse_duration};
 
 pub const DEFAULT_POLICY_PATH: &str = "/etc/portguard/config.toml";
 /// Used when no policy file exists: tcp/80 and tcp/443 owned by Docker.
@@ -392,25 +393,18 @@ fn parse_probe(raw: Spanned<RawProbe>) -> Result<ProbeSpec, Invalid> {
     })
 }
 
-/// `250ms`, `10s`, `2m`; at least 100 ms.
+/// Shortest probe interval or timeout the policy accepts.
+const MIN_PROBE_DURATION: Duration = Duration::from_millis(100);
+
+/// A probe's interval or timeout ([`parse_duration`]'s syntax); at least 100 ms.
 fn parse_interval(value: &Spanned<String>) -> Result<Duration, Invalid> {
-    let s = value.get_ref().trim();
-    let bad = || {
-        (
+    let d = parse_duration(value.get_ref()).map_err(|e| (value.span(), e.to_string()))?;
+    if d < MIN_PROBE_DURATION {
+        let s = value.get_ref().trim();
+        return Err((
             value.span(),
-            format!("duration {s:?}: expected a number and ms, s or m, like \"10s\""),
-        )
-    };
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let n: u64 = s[..split].parse().map_err(|_| bad())?;
-    let d = match &s[split..] {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(bad()),
-    };
-    if d < Duration::from_millis(100) {
-        return Err((value.span(), format!("duration {s:?} is below 100ms")));
+            format!("duration {s:?} is below {MIN_PROBE_DURATION:?}"),
+        ));
     }
     Ok(d)
 }
@@ -734,7 +728,7 @@ url = "http://127.0.0.1/api/health"
             err(&format!(
                 "{port}url = \"http://127.0.0.1/\"\ninterval = \"10\"\n"
             ))
-            .contains("expected a number and ms, s or m")
+            .contains("expected a whole number and ms, s, m (or min), h, d or w")
         );
         assert!(
             err(&format!("{port}url = \"http://127.0.0.1/\"\nretries = 3\n"))

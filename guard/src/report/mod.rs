@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use html::render_html;
 use serde::Serialize;
 pub use table::render_table;
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::{
     audit::{AuditEvent, AuditRecord, AuditTrail},
-    policy::{Policy, Proto},
+    policy::Policy,
+    types::Proto,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -289,34 +290,10 @@ fn timeline(
     }
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("duration {0:?}: expected a number and a unit, like 30m, 24h, 7d or 2w")]
-pub struct BadDuration(pub String);
-
-/// `90s`, `30m`, `24h`, `7d`, `2w`.
-pub fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
-    let bad = || BadDuration(s.to_owned());
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (n, unit) = s.split_at(split);
-    let n: i64 = n.parse().map_err(|_| bad())?;
-    let unit_seconds = match unit {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(unit_seconds)
-        .map(Duration::seconds)
-        .ok_or_else(bad)
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use time::macros::datetime;
+    use time::{Duration, macros::datetime};
 
     use super::*;
     use crate::{
@@ -431,16 +408,5 @@ mod tests {
         assert_eq!(r.hijacks.len(), 1);
         assert_eq!(r.records, 5);
         assert_eq!(r.ports[0].pin, "installed → 172.17.0.2:80");
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::seconds(90)));
-        assert_eq!(parse_duration("30m"), Ok(Duration::minutes(30)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::days(7)));
-        assert_eq!(parse_duration("2w"), Ok(Duration::weeks(2)));
-        assert!(parse_duration("7").is_err());
-        assert!(parse_duration("d").is_err());
-        assert!(parse_duration("3y").is_err());
     }
 }

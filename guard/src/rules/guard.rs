@@ -438,7 +438,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
         );
         if self.rate_ok(&key) {
             warn!(
-                event = "rule_observed",
+                event = "foreign_rule_reported",
                 port = finding.port,
                 source = %finding.source,
                 chain = %finding.chain,

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::policy::Proto;
+use crate::types::Proto;
 
 /// TCP_LISTEN in /proc/net/tcp's `st` column; UDP sockets bound to a port show 07 (CLOSE).
 const TCP_LISTEN: u8 = 0x0A;
