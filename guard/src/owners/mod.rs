@@ -178,6 +178,43 @@ impl ResolvedOwners {
     pub fn nat_targets(&self) -> impl Iterator<Item = NatTarget> + '_ {
         self.ports.iter().flat_map(ResolvedPort::nat_targets)
     }
+
+    /// What the nftables inspector needs from this model: every published
+    /// mapping (legitimate NAT targets and pins), Docker's bridges, and whether
+    /// Docker answered.
+    pub fn owned_targets(&self) -> crate::nft::OwnedTargets {
+        let mut owned = crate::nft::OwnedTargets {
+            docker_known: matches!(self.docker, DockerStatus::Reachable { .. }),
+            docker_bridges: self.docker_bridges.iter().cloned().collect(),
+            ..crate::nft::OwnedTargets::default()
+        };
+        for nat in self.nat_targets() {
+            owned.publish(nat.mapping());
+        }
+        owned
+    }
+}
+
+impl NatTarget {
+    /// The mapping alone, as nft knows it (without the container's name).
+    pub fn mapping(&self) -> crate::nft::PublishedMapping {
+        crate::nft::PublishedMapping {
+            proto: self.proto,
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            container_ip: self.container_ip,
+            container_port: self.container_port,
+        }
+    }
+}
+
+impl crate::nft::OwnedTargets {
+    /// The owners' own mappings from the live owners model: the former home of
+    /// [`ResolvedOwners::owned_targets`], kept here (owners knows nft, never the
+    /// reverse) until guard/src/remediate.rs calls that instead.
+    pub fn from_owners(model: &ResolvedOwners) -> Self {
+        model.owned_targets()
+    }
 }
 
 impl ResolvedPort {
