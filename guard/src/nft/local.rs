@@ -16,8 +16,6 @@ use crate::sys::{
     uapi::{NLM_F_DUMP, NLM_F_REQUEST, RTM_NEWADDR},
 };
 
-/// Room for one dump datagram.
-const RECV_BUF: usize = 64 * 1024;
 /// The sequence number of the one request a dump socket sends.
 const DUMP_SEQ: u32 = 1;
 
@@ -45,7 +43,7 @@ pub fn local_addresses() -> io::Result<Vec<LocalAddr>> {
     req.serialize(&mut bytes);
     netlink::send(&sock, &bytes)?;
     let mut out = Vec::new();
-    let mut buf = Vec::with_capacity(RECV_BUF);
+    let mut buf = Vec::with_capacity(netlink::RECV_BUF);
     loop {
         netlink::recv(&sock, &mut buf)?;
         for m in Messages::new(&buf) {

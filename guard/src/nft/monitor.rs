@@ -31,8 +31,6 @@ use crate::sys::{
 const MONITOR_RCVBUF: usize = 16 * 1024 * 1024;
 /// Room for one notification datagram of the ruleset monitor.
 const RULESET_RECV_BUF: usize = 256 * 1024;
-/// Room for one address notification datagram.
-const ADDRESS_RECV_BUF: usize = 64 * 1024;
 
 /// One change the kernel announced.
 #[derive(Debug)]
@@ -215,7 +213,7 @@ impl AddressMonitor {
         )?;
         Ok(Self {
             sock,
-            buf: Vec::with_capacity(ADDRESS_RECV_BUF),
+            buf: Vec::with_capacity(nl::RECV_BUF),
         })
     }
 

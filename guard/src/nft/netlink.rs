@@ -43,8 +43,7 @@ use crate::sys::{
 /// convention, not a kernel number).
 const UDATA_RULE_COMMENT: u8 = 0;
 
-/// Room for one dump datagram; the kernel sends at most 32 KiB per read.
-const RECV_BUF: usize = 64 * 1024;
+/// The socket's receive buffer: a burst of dump datagrams fits while the decoder works.
 const SOCKET_RCVBUF: usize = 4 * 1024 * 1024;
 /// How many times a read raced by a ruleset change is repeated.
 const CONSISTENT_READ_ATTEMPTS: usize = 5;
@@ -156,7 +155,7 @@ impl NftSocket {
                 .spare
                 .as_ref()
                 .and_then(|r| r.try_recv().ok())
-                .unwrap_or_else(|| Vec::with_capacity(RECV_BUF));
+                .unwrap_or_else(|| Vec::with_capacity(nl::RECV_BUF));
             nl::recv(&self.sock, &mut buf).map_err(|source| ReadError::Io { what, source })?;
             let mut msgs = Vec::new();
             let mut done = false;

@@ -213,8 +213,6 @@ impl Pin {
     }
 }
 
-/// `IFNAMSIZ`: an interface name register value, NUL-padded.
-
 fn be(v: u32) -> Vec<u8> {
     v.to_be_bytes().to_vec()
 }

@@ -28,8 +28,6 @@ use crate::sys::{
     },
 };
 
-/// Room for the kernel's answers to a batch, one datagram at a time.
-const RECV_BUF: usize = 64 * 1024;
 /// How long to wait for the kernel's answers to a batch.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -358,7 +356,7 @@ impl NftWriter {
         Ok(Self {
             sock,
             seq: std::process::id().wrapping_mul(7919),
-            buf: Vec::with_capacity(RECV_BUF),
+            buf: Vec::with_capacity(nl::RECV_BUF),
         })
     }
 

@@ -20,6 +20,10 @@ use netlink_sys::SocketAddr;
 
 use super::uapi::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN};
 
+/// Room for one received datagram: the kernel sends at most 32 KiB per dump
+/// read (notifications of the ruleset monitor use a bigger buffer).
+pub const RECV_BUF: usize = 64 * 1024;
+
 /// A malformed datagram: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed netlink datagram at byte {offset}: {what}")]

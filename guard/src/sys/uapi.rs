@@ -7,8 +7,6 @@
 //! here, each under the kernel header it comes from. No other module of
 //! `guard/src` defines a kernel constant.
 
-#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-
 // <linux/netlink.h> (netlink-packet-core, libc)
 pub use netlink_packet_core::{
     NLA_F_NESTED, NLA_HEADER_SIZE as NLA_HDRLEN, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_APPEND,
