@@ -10,9 +10,7 @@ use tokio::{
 };
 
 use super::supervisor::TaskFailure;
-use crate::{
-    audit::AuditEvent, owners::ResolvedOwners, probes::ProbeReport, rules::GuardReport,
-};
+use crate::{audit::AuditEvent, owners::ResolvedOwners, probes::ProbeReport, rules::GuardReport};
 
 /// Queue from every source to the agent's loop. Bind records share it and are
 /// the only ones dropped (counted) when it is full; the others wait.

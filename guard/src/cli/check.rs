@@ -20,7 +20,7 @@ use crate::{
     ebpf::Ownership,
     k8s::{self, ClusterState, ClusterView, K8sSource, NodeIdentity, hardening_status},
     nft::{self, Finding, InspectInput, OwnedTargets},
-    owners::Owners,
+    owners::{Owners, ResolvedOwners},
     policy::Policy,
 };
 
@@ -68,7 +68,7 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let owners = this_host.then(|| runtime.block_on(Owners::new(policy.clone()).resolve_once()));
     let owned = owners
         .as_ref()
-        .map_or_else(OwnedTargets::docker_fallback, OwnedTargets::from_owners);
+        .map_or_else(OwnedTargets::docker_fallback, ResolvedOwners::owned_targets);
     let node = NodeIdentity {
         name: hostname(),
         addresses: addrs.iter().map(|a| a.addr).collect(),

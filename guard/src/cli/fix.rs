@@ -53,7 +53,7 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
         if let Some(b) = CgroupBlind::of(&policy, &owners) {
             println!("{}", b.message);
         }
-        OwnedTargets::from_owners(&owners)
+        owners.owned_targets()
     };
     let input = InspectInput::from_policy(&policy, owned, addrs);
     let findings = nft::inspect(&model, &input);

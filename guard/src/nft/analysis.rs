@@ -19,44 +19,15 @@ use super::{
     model::{
         BaseHook, CmpOp, Data, Expr, Family, Hook, NatKind, PayloadBase, RulesetModel, Set, Verdict,
     },
+    packet::{ProbePacket, Tri},
     xt::{self, XtAction},
 };
-
-/// Three-valued match result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tri {
-    Yes,
-    No,
-    Maybe,
-}
-
-impl Tri {
-    pub fn and(self, other: Self) -> Self {
-        match (self, other) {
-            (Self::No, _) | (_, Self::No) => Self::No,
-            (Self::Yes, Self::Yes) => Self::Yes,
-            _ => Self::Maybe,
-        }
-    }
-
-    pub fn negate(self) -> Self {
-        match self {
-            Self::Yes => Self::No,
-            Self::No => Self::Yes,
-            Self::Maybe => Self::Maybe,
-        }
-    }
-
-    pub fn negate_if(self, cond: bool) -> Self {
-        if cond { self.negate() } else { self }
-    }
-}
-
-impl From<bool> for Tri {
-    fn from(b: bool) -> Self {
-        if b { Self::Yes } else { Self::No }
-    }
-}
+use crate::sys::uapi::{
+    ETH_P_IP, ETH_P_IPV6, IFNAMSIZ, NF_CT_STATE_NEW_BIT, NFT_CT_DIRECTION, NFT_CT_STATE,
+    NFT_FIB_RESULT_ADDRTYPE, NFT_META_IIF, NFT_META_IIFNAME, NFT_META_L4PROTO, NFT_META_NFPROTO,
+    NFT_META_OIF, NFT_META_OIFNAME, NFT_META_PROTOCOL, NFT_REG_VERDICT, NFTA_FIB_F_DADDR,
+    NFTA_FIB_F_IIF, NFTA_FIB_F_OIF, NFTA_FIB_F_PRESENT, RTN_LOCAL,
+};
 
 /// How surely the probe reaches a point of the ruleset. Ordered: weakest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,47 +44,6 @@ pub enum Reach {
 impl Reach {
     fn weaken(self) -> Self {
         self.min(Self::Possible)
-    }
-}
-
-/// A new connection to a protected port on a local address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Probe {
-    pub hook: Hook,
-    pub v6: bool,
-    pub l4proto: u8,
-    pub dport: u16,
-    pub daddr: IpAddr,
-    /// The interface the connection arrives on (prerouting).
-    pub iifname: Option<String>,
-    pub iifindex: u32,
-}
-
-impl Probe {
-    /// The first bytes of the network header, `None` where the probe does not fix them.
-    fn network_byte(&self, at: usize) -> Option<u8> {
-        match (self.v6, self.daddr) {
-            (false, IpAddr::V4(d)) => match at {
-                0 => Some(0x45),
-                9 => Some(self.l4proto),
-                16..20 => Some(d.octets()[at - 16]),
-                _ => None,
-            },
-            (true, IpAddr::V6(d)) => match at {
-                6 => Some(self.l4proto),
-                24..40 => Some(d.octets()[at - 24]),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
-    fn transport_byte(&self, at: usize) -> Option<u8> {
-        match at {
-            2 => Some((self.dport >> 8) as u8),
-            3 => Some(self.dport as u8),
-            _ => None,
-        }
     }
 }
 
@@ -345,29 +275,9 @@ fn prefix(min: IpAddr, max: IpAddr) -> String {
 const MAX_JUMP_DEPTH: usize = 16;
 /// Room in the register file: 16 × 32-bit registers (regs 1–4 alias 8–23).
 const REG_BYTES: usize = 64;
-const NFT_REG_VERDICT: u32 = 0;
-const RTN_LOCAL: u32 = 2;
-const IFNAMSIZ: usize = 16;
 // NFT_META_*
-const META_PROTOCOL: u32 = 1;
-const META_IIF: u32 = 4;
-const META_OIF: u32 = 5;
-const META_IIFNAME: u32 = 6;
-const META_OIFNAME: u32 = 7;
-const META_NFPROTO: u32 = 15;
-const META_L4PROTO: u32 = 16;
 // NFT_FIB_*
-const FIB_RESULT_ADDRTYPE: u32 = 3;
-const FIB_F_DADDR: u32 = 1 << 1;
-const FIB_F_IIF: u32 = 1 << 3;
-const FIB_F_OIF: u32 = 1 << 4;
-const FIB_F_PRESENT: u32 = 1 << 5;
 // NFT_CT_*
-const CT_STATE: u32 = 0;
-const CT_DIRECTION: u32 = 1;
-const CT_STATE_NEW: u32 = 1 << (2 + 1);
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The byte offset of a kernel register number in the 32-bit register file.
@@ -475,7 +385,7 @@ struct RuleEval {
 /// Walks one probe through the ruleset.
 pub struct Walker<'i, 'm> {
     idx: &'i RulesetIndex<'m>,
-    probe: &'i Probe,
+    probe: &'i ProbePacket,
     hits: HashMap<RuleRef, Hit>,
     memo: HashMap<(usize, usize, Reach), (Reach, bool)>,
     stack: Vec<usize>,
@@ -492,7 +402,7 @@ struct Flow {
 }
 
 impl<'i, 'm> Walker<'i, 'm> {
-    pub fn new(idx: &'i RulesetIndex<'m>, probe: &'i Probe) -> Self {
+    pub fn new(idx: &'i RulesetIndex<'m>, probe: &'i ProbePacket) -> Self {
         Self {
             idx,
             probe,
@@ -689,17 +599,17 @@ impl Walker<'_, '_> {
         let known = |b: &[u8]| RegBytes::from_fn(b.len(), |i| Some(b[i]));
         let input = p.hook == Hook::Prerouting;
         match key {
-            META_L4PROTO => known(&[p.l4proto]),
-            META_NFPROTO => known(&[if p.v6 { 10 } else { 2 }]),
-            META_PROTOCOL => known(&(if p.v6 { ETH_P_IPV6 } else { ETH_P_IP }).to_be_bytes()),
-            META_IIFNAME if input => name(p.iifname.as_deref()),
-            META_IIFNAME => name(Some("")),
-            META_OIFNAME if input => name(Some("")),
-            META_OIFNAME => name(Some("lo")),
-            META_IIF if input && p.iifindex != 0 => known(&p.iifindex.to_ne_bytes()),
-            META_IIF if !input => known(&0u32.to_ne_bytes()),
-            META_OIF if input => known(&0u32.to_ne_bytes()),
-            META_OIF => known(&LOOPBACK_IFINDEX.to_ne_bytes()),
+            NFT_META_L4PROTO => known(&[p.l4proto]),
+            NFT_META_NFPROTO => known(&[if p.v6 { 10 } else { 2 }]),
+            NFT_META_PROTOCOL => known(&(if p.v6 { ETH_P_IPV6 } else { ETH_P_IP }).to_be_bytes()),
+            NFT_META_IIFNAME if input => name(p.iifname.as_deref()),
+            NFT_META_IIFNAME => name(Some("")),
+            NFT_META_OIFNAME if input => name(Some("")),
+            NFT_META_OIFNAME => name(Some("lo")),
+            NFT_META_IIF if input && p.iifindex != 0 => known(&p.iifindex.to_ne_bytes()),
+            NFT_META_IIF if !input => known(&0u32.to_ne_bytes()),
+            NFT_META_OIF if input => known(&0u32.to_ne_bytes()),
+            NFT_META_OIF => known(&LOOPBACK_IFINDEX.to_ne_bytes()),
             _ => RegBytes::unknown(4),
         }
     }
@@ -885,9 +795,9 @@ impl Walker<'_, '_> {
                     result,
                     flags,
                 } => {
-                    let exact = *result == FIB_RESULT_ADDRTYPE
-                        && flags & FIB_F_DADDR != 0
-                        && flags & (FIB_F_IIF | FIB_F_OIF | FIB_F_PRESENT) == 0;
+                    let exact = *result == NFT_FIB_RESULT_ADDRTYPE
+                        && flags & NFTA_FIB_F_DADDR != 0
+                        && flags & (NFTA_FIB_F_IIF | NFTA_FIB_F_OIF | NFTA_FIB_F_PRESENT) == 0;
                     if exact {
                         regs.store_known(*dreg, &RTN_LOCAL.to_ne_bytes());
                     } else {
@@ -899,8 +809,8 @@ impl Walker<'_, '_> {
                     dreg: Some(dreg),
                     ..
                 } => match *key {
-                    CT_STATE => regs.store_known(*dreg, &CT_STATE_NEW.to_ne_bytes()),
-                    CT_DIRECTION => regs.store_known(*dreg, &[0]),
+                    NFT_CT_STATE => regs.store_known(*dreg, &NF_CT_STATE_NEW_BIT.to_ne_bytes()),
+                    NFT_CT_DIRECTION => regs.store_known(*dreg, &[0]),
                     _ => regs.store(*dreg, &[None; 16]),
                 },
                 Expr::XtMatch { name, rev, info } => {

@@ -3,14 +3,10 @@
 //! Tolerant by construction: a truncated attribute ends the iteration and is
 //! reported as an error item, it never panics.
 
-/// `NLA_F_NESTED | NLA_F_NET_BYTEORDER`: flags in `nla_type`, not part of the type.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-pub const NLA_HDRLEN: usize = 4;
-pub const NLA_F_NESTED: u16 = 0x8000;
-
-pub const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
+pub use crate::sys::netlink::align4;
+pub use crate::sys::uapi::{NLA_F_NESTED, NLA_HDRLEN};
+// Strips the flags (`NLA_F_NESTED | NLA_F_NET_BYTEORDER`) off `nla_type`.
+use crate::sys::uapi::NLA_TYPE_MASK;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed netlink attribute at byte {offset}: {what}")]

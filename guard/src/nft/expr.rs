@@ -4,89 +4,200 @@
 //! Shaped so it could go upstream into `netlink-packet-netfilter`: one function
 //! per expression, attributes by their kernel names, nothing portguard-specific.
 //! An expression that does not decode becomes `Expr::Unknown { name }`.
+//!
+//! The expression types live here, with their codec; [`super::model`] holds
+//! them in rules and re-exports them.
 
-use super::{
-    attr::{Attrs, be_i32, be_u32, string},
-    model::{CmpOp, Data, Expr, NatKind, PayloadBase, Verdict},
+use super::attr::{Attrs, be_i32, be_u32, string};
+use crate::sys::uapi::{
+    NF_ACCEPT, NF_DROP, NFT_BREAK, NFT_CONTINUE, NFT_GOTO, NFT_JUMP, NFT_RETURN,
 };
+use crate::sys::uapi::{
+    NFT_BITWISE_BOOL, NFT_CMP_EQ, NFT_CMP_GT, NFT_CMP_GTE, NFT_CMP_LT, NFT_CMP_LTE, NFT_CMP_NEQ,
+    NFT_LOOKUP_F_INV, NFT_NAT_SNAT, NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER,
+    NFT_PAYLOAD_TRANSPORT_HEADER, NFT_RANGE_NEQ, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN,
+    NFTA_BITWISE_MASK, NFTA_BITWISE_OP, NFTA_BITWISE_SREG, NFTA_BITWISE_XOR, NFTA_CMP_DATA,
+    NFTA_CMP_OP, NFTA_CMP_SREG, NFTA_CT_DIRECTION, NFTA_CT_DREG, NFTA_CT_KEY, NFTA_DATA_VALUE,
+    NFTA_DATA_VERDICT, NFTA_DYNSET_OP, NFTA_DYNSET_SET_NAME, NFTA_FIB_DREG, NFTA_FIB_FLAGS,
+    NFTA_FIB_RESULT, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LOOKUP_DREG, NFTA_LOOKUP_FLAGS,
+    NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_META_DREG, NFTA_META_KEY, NFTA_META_SREG,
+    NFTA_NAT_FAMILY, NFTA_NAT_FLAGS, NFTA_NAT_REG_ADDR_MAX, NFTA_NAT_REG_ADDR_MIN,
+    NFTA_NAT_REG_PROTO_MAX, NFTA_NAT_REG_PROTO_MIN, NFTA_NAT_TYPE, NFTA_PAYLOAD_BASE,
+    NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_LEN, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_SREG,
+    NFTA_RANGE_FROM_DATA, NFTA_RANGE_OP, NFTA_RANGE_SREG, NFTA_RANGE_TO_DATA, NFTA_REDIR_FLAGS,
+    NFTA_REDIR_REG_PROTO_MAX, NFTA_REDIR_REG_PROTO_MIN, NFTA_TPROXY_FAMILY, NFTA_TPROXY_REG_ADDR,
+    NFTA_TPROXY_REG_PORT, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NFTA_XT_INFO, NFTA_XT_NAME,
+    NFTA_XT_REV,
+};
+pub use crate::sys::uapi::{NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM};
 
-// NFTA_LIST_* / NFTA_EXPR_*
-pub const NFTA_LIST_ELEM: u16 = 1;
-pub const NFTA_EXPR_NAME: u16 = 1;
-pub const NFTA_EXPR_DATA: u16 = 2;
-// NFTA_DATA_* / NFTA_VERDICT_*
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
-// payload
-const NFTA_PAYLOAD_DREG: u16 = 1;
-const NFTA_PAYLOAD_BASE: u16 = 2;
-const NFTA_PAYLOAD_OFFSET: u16 = 3;
-const NFTA_PAYLOAD_LEN: u16 = 4;
-const NFTA_PAYLOAD_SREG: u16 = 5;
-// meta
-const NFTA_META_DREG: u16 = 1;
-const NFTA_META_KEY: u16 = 2;
-const NFTA_META_SREG: u16 = 3;
-// cmp
-const NFTA_CMP_SREG: u16 = 1;
-const NFTA_CMP_OP: u16 = 2;
-const NFTA_CMP_DATA: u16 = 3;
-// range
-const NFTA_RANGE_SREG: u16 = 1;
-const NFTA_RANGE_OP: u16 = 2;
-const NFTA_RANGE_FROM_DATA: u16 = 3;
-const NFTA_RANGE_TO_DATA: u16 = 4;
-// bitwise
-const NFTA_BITWISE_SREG: u16 = 1;
-const NFTA_BITWISE_DREG: u16 = 2;
-const NFTA_BITWISE_LEN: u16 = 3;
-const NFTA_BITWISE_MASK: u16 = 4;
-const NFTA_BITWISE_XOR: u16 = 5;
-const NFTA_BITWISE_OP: u16 = 6;
-const NFT_BITWISE_BOOL: u32 = 0;
-// immediate
-const NFTA_IMMEDIATE_DREG: u16 = 1;
-const NFTA_IMMEDIATE_DATA: u16 = 2;
-// lookup
-const NFTA_LOOKUP_SET: u16 = 1;
-const NFTA_LOOKUP_SREG: u16 = 2;
-const NFTA_LOOKUP_DREG: u16 = 3;
-const NFTA_LOOKUP_FLAGS: u16 = 5;
-const NFT_LOOKUP_F_INV: u32 = 1;
-// nat
-const NFTA_NAT_TYPE: u16 = 1;
-const NFTA_NAT_FAMILY: u16 = 2;
-const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
-const NFTA_NAT_REG_ADDR_MAX: u16 = 4;
-const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
-const NFTA_NAT_REG_PROTO_MAX: u16 = 6;
-const NFTA_NAT_FLAGS: u16 = 7;
-const NFT_NAT_SNAT: u32 = 0;
-// redir
-const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
-const NFTA_REDIR_REG_PROTO_MAX: u16 = 2;
-const NFTA_REDIR_FLAGS: u16 = 3;
-// tproxy
-const NFTA_TPROXY_FAMILY: u16 = 1;
-const NFTA_TPROXY_REG_ADDR: u16 = 2;
-const NFTA_TPROXY_REG_PORT: u16 = 3;
-// fib
-const NFTA_FIB_DREG: u16 = 1;
-const NFTA_FIB_RESULT: u16 = 2;
-const NFTA_FIB_FLAGS: u16 = 3;
-// ct
-const NFTA_CT_DREG: u16 = 1;
-const NFTA_CT_KEY: u16 = 2;
-const NFTA_CT_DIRECTION: u16 = 3;
-// dynset
-const NFTA_DYNSET_SET_NAME: u16 = 1;
-const NFTA_DYNSET_OP: u16 = 3;
-// match / target (xt)
-const NFTA_XT_NAME: u16 = 1;
-const NFTA_XT_REV: u16 = 2;
-const NFTA_XT_INFO: u16 = 3;
+/// A verdict, as in `nft_verdict`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Drop,
+    Accept,
+    Continue,
+    Break,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// A code this model does not name (queue, stolen…).
+    Other(i32),
+}
+
+impl Verdict {
+    pub fn from_code(code: i32, chain: Option<String>) -> Self {
+        match (code, chain) {
+            (NF_DROP, _) => Self::Drop,
+            (NF_ACCEPT, _) => Self::Accept,
+            (NFT_CONTINUE, _) => Self::Continue,
+            (NFT_BREAK, _) => Self::Break,
+            (NFT_RETURN, _) => Self::Return,
+            (NFT_JUMP, Some(c)) => Self::Jump(c),
+            (NFT_GOTO, Some(c)) => Self::Goto(c),
+            (code, _) => Self::Other(code),
+        }
+    }
+}
+
+/// `nft_data`: a value or a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Data {
+    Value(Vec<u8>),
+    Verdict(Verdict),
+}
+
+/// Where a payload expression reads (`NFT_PAYLOAD_*_HEADER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadBase {
+    LinkLayer,
+    Network,
+    Transport,
+    Other(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    Snat,
+    Dnat,
+}
+
+/// One expression of a rule. Registers are kept as the kernel numbers them
+/// (0 verdict, 1–4 the 16-byte registers, 8–23 the 32-bit ones).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Payload {
+        base: PayloadBase,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// A payload write (mangling); harmless for reachability.
+    PayloadSet,
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    /// `meta set …`: a statement, no match.
+    MetaSet {
+        key: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: CmpOp,
+        data: Vec<u8>,
+    },
+    Range {
+        sreg: u32,
+        negate: bool,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+    /// Boolean bitwise: `dreg = (sreg & mask) ^ xor`. Shifts decode as `Unknown`.
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Immediate {
+        dreg: u32,
+        data: Data,
+    },
+    Lookup {
+        set: String,
+        sreg: u32,
+        dreg: Option<u32>,
+        invert: bool,
+    },
+    Nat {
+        kind: NatKind,
+        /// `NFPROTO_IPV4`/`NFPROTO_IPV6` (2/10).
+        family: u32,
+        reg_addr_min: Option<u32>,
+        reg_addr_max: Option<u32>,
+        reg_proto_min: Option<u32>,
+        reg_proto_max: Option<u32>,
+        flags: u32,
+    },
+    Redir {
+        reg_proto_min: Option<u32>,
+        reg_proto_max: Option<u32>,
+        flags: u32,
+    },
+    Masq,
+    Tproxy {
+        family: u32,
+        reg_addr: Option<u32>,
+        reg_port: Option<u32>,
+    },
+    Fib {
+        dreg: u32,
+        result: u32,
+        flags: u32,
+    },
+    Ct {
+        key: u32,
+        dreg: Option<u32>,
+        direction: Option<u8>,
+    },
+    Counter,
+    Log,
+    Limit,
+    Reject,
+    Notrack,
+    Dynset {
+        set: String,
+        op: u32,
+    },
+    /// An iptables match (`xt`), with its raw `info` struct in host byte order.
+    XtMatch {
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    /// An iptables target (`xt`): DNAT, REDIRECT, MARK…
+    XtTarget {
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    /// Anything this model does not decode, kept by name.
+    Unknown {
+        name: String,
+    },
+}
 
 /// A whole `NFTA_RULE_EXPRESSIONS` list; what does not decode stays as `Unknown`.
 pub fn decode_list(list: &[u8]) -> Vec<Expr> {
@@ -163,9 +274,9 @@ pub fn decode(name: &str, data: &[u8]) -> Option<Expr> {
             } else {
                 Expr::Payload {
                     base: match u32_of(&a, NFTA_PAYLOAD_BASE)? {
-                        0 => PayloadBase::LinkLayer,
-                        1 => PayloadBase::Network,
-                        2 => PayloadBase::Transport,
+                        NFT_PAYLOAD_LL_HEADER => PayloadBase::LinkLayer,
+                        NFT_PAYLOAD_NETWORK_HEADER => PayloadBase::Network,
+                        NFT_PAYLOAD_TRANSPORT_HEADER => PayloadBase::Transport,
                         n => PayloadBase::Other(n),
                     },
                     offset: u32_of(&a, NFTA_PAYLOAD_OFFSET)?,
@@ -187,19 +298,19 @@ pub fn decode(name: &str, data: &[u8]) -> Option<Expr> {
         "cmp" => Expr::Cmp {
             sreg: u32_of(&a, NFTA_CMP_SREG)?,
             op: match u32_of(&a, NFTA_CMP_OP)? {
-                0 => CmpOp::Eq,
-                1 => CmpOp::Neq,
-                2 => CmpOp::Lt,
-                3 => CmpOp::Lte,
-                4 => CmpOp::Gt,
-                5 => CmpOp::Gte,
+                NFT_CMP_EQ => CmpOp::Eq,
+                NFT_CMP_NEQ => CmpOp::Neq,
+                NFT_CMP_LT => CmpOp::Lt,
+                NFT_CMP_LTE => CmpOp::Lte,
+                NFT_CMP_GT => CmpOp::Gt,
+                NFT_CMP_GTE => CmpOp::Gte,
                 _ => return None,
             },
             data: value(get(&a, NFTA_CMP_DATA)?)?,
         },
         "range" => Expr::Range {
             sreg: u32_of(&a, NFTA_RANGE_SREG)?,
-            negate: u32_of(&a, NFTA_RANGE_OP)? == 1,
+            negate: u32_of(&a, NFTA_RANGE_OP)? == NFT_RANGE_NEQ,
             from: value(get(&a, NFTA_RANGE_FROM_DATA)?)?,
             to: value(get(&a, NFTA_RANGE_TO_DATA)?)?,
         },

@@ -10,21 +10,13 @@ use super::model::{
     BaseHook, Chain, CmpOp, Data, Expr, Family, Hook, NatKind, PayloadBase, Rule, RulesetModel,
     Table, TableOrigin, Verdict,
 };
+use crate::sys::uapi::{
+    NF_IP_PRI_NAT_DST, NF_IP_PRI_NAT_SRC, NFPROTO_IPV4, NFPROTO_IPV6, NFT_FIB_RESULT_ADDRTYPE,
+    NFT_META_IIFNAME, NFT_META_L4PROTO, NFT_META_OIFNAME, NFT_REG_1, NFT_REG_2, NFTA_FIB_F_DADDR,
+    RTN_LOCAL, XT_MULTI_PORTS,
+};
 
 /// `NF_IP_PRI_NAT_DST` / `NF_IP_PRI_NAT_SRC`.
-const PRI_NAT_DST: i32 = -100;
-const PRI_NAT_SRC: i32 = 100;
-const META_L4PROTO: u32 = 16;
-const META_IIFNAME: u32 = 6;
-const META_OIFNAME: u32 = 7;
-const FIB_RESULT_ADDRTYPE: u32 = 3;
-const FIB_F_DADDR: u32 = 1 << 1;
-const RTN_LOCAL: u32 = 2;
-const REG_1: u32 = 1;
-const REG_2: u32 = 2;
-const NFPROTO_IPV4: u32 = 2;
-const NFPROTO_IPV6: u32 = 10;
-const XT_MULTI_PORTS: usize = 15;
 const XT_MULTIPORT_V1_LEN: usize = 48;
 
 /// Whether an iptables-legacy nat table (v4 or v6) exists in the calling
@@ -137,10 +129,10 @@ pub fn parse_save(text: &str, family: Family) -> Table {
 
 fn builtin_hook(name: &str) -> Option<(Hook, i32)> {
     match name {
-        "PREROUTING" => Some((Hook::Prerouting, PRI_NAT_DST)),
-        "OUTPUT" => Some((Hook::Output, PRI_NAT_DST)),
-        "INPUT" => Some((Hook::Input, PRI_NAT_SRC)),
-        "POSTROUTING" => Some((Hook::Postrouting, PRI_NAT_SRC)),
+        "PREROUTING" => Some((Hook::Prerouting, NF_IP_PRI_NAT_DST)),
+        "OUTPUT" => Some((Hook::Output, NF_IP_PRI_NAT_DST)),
+        "INPUT" => Some((Hook::Input, NF_IP_PRI_NAT_SRC)),
+        "POSTROUTING" => Some((Hook::Postrouting, NF_IP_PRI_NAT_SRC)),
         _ => None,
     }
 }
@@ -217,10 +209,10 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
                 match p {
                     Some(p) => {
                         exprs.push(Expr::Meta {
-                            key: META_L4PROTO,
-                            dreg: REG_1,
+                            key: NFT_META_L4PROTO,
+                            dreg: NFT_REG_1,
                         });
-                        exprs.push(cmp(REG_1, neg, vec![p]));
+                        exprs.push(cmp(NFT_REG_1, neg, vec![p]));
                     }
                     None => exprs.push(unknown("-p")),
                 }
@@ -238,7 +230,7 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
                             base: PayloadBase::Network,
                             offset,
                             len: len as u32,
-                            dreg: REG_1,
+                            dreg: NFT_REG_1,
                         });
                         let mask: Vec<u8> = (0..len)
                             .map(|b| {
@@ -247,14 +239,14 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
                             })
                             .collect();
                         exprs.push(Expr::Bitwise {
-                            sreg: REG_1,
-                            dreg: REG_1,
+                            sreg: NFT_REG_1,
+                            dreg: NFT_REG_1,
                             len: len as u32,
                             xor: vec![0; len],
                             mask: mask.clone(),
                         });
                         let masked = bytes.iter().zip(&mask).map(|(b, m)| b & m).collect();
-                        exprs.push(cmp(REG_1, neg, masked));
+                        exprs.push(cmp(NFT_REG_1, neg, masked));
                     }
                     None => exprs.push(unknown("-d")),
                 }
@@ -262,17 +254,20 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
             }
             "-i" | "--in-interface" | "-o" | "--out-interface" => {
                 let key = if tok.starts_with("-i") || tok == "--in-interface" {
-                    META_IIFNAME
+                    NFT_META_IIFNAME
                 } else {
-                    META_OIFNAME
+                    NFT_META_OIFNAME
                 };
                 let name = arg(i);
                 let mut data = name.trim_end_matches('+').as_bytes().to_vec();
                 if !name.ends_with('+') {
                     data.push(0);
                 }
-                exprs.push(Expr::Meta { key, dreg: REG_1 });
-                exprs.push(cmp(REG_1, neg, data));
+                exprs.push(Expr::Meta {
+                    key,
+                    dreg: NFT_REG_1,
+                });
+                exprs.push(cmp(NFT_REG_1, neg, data));
                 i += 2;
             }
             "--dport" | "--destination-port" => {
@@ -281,14 +276,14 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
                     base: PayloadBase::Transport,
                     offset: 2,
                     len: 2,
-                    dreg: REG_1,
+                    dreg: NFT_REG_1,
                 });
                 match (lo, hi) {
                     (Some(lo), Some(hi)) if lo == hi => {
-                        exprs.push(cmp(REG_1, neg, lo.to_be_bytes().to_vec()))
+                        exprs.push(cmp(NFT_REG_1, neg, lo.to_be_bytes().to_vec()))
                     }
                     (Some(lo), Some(hi)) => exprs.push(Expr::Range {
-                        sreg: REG_1,
+                        sreg: NFT_REG_1,
                         negate: neg,
                         from: lo.to_be_bytes().to_vec(),
                         to: hi.to_be_bytes().to_vec(),
@@ -304,11 +299,11 @@ fn parse_rule(t: &[String], family: Family, chains: &[String]) -> Rule {
             "--dst-type" => {
                 if arg(i) == "LOCAL" {
                     exprs.push(Expr::Fib {
-                        dreg: REG_1,
-                        result: FIB_RESULT_ADDRTYPE,
-                        flags: FIB_F_DADDR,
+                        dreg: NFT_REG_1,
+                        result: NFT_FIB_RESULT_ADDRTYPE,
+                        flags: NFTA_FIB_F_DADDR,
                     });
-                    exprs.push(cmp(REG_1, neg, RTN_LOCAL.to_ne_bytes().to_vec()));
+                    exprs.push(cmp(NFT_REG_1, neg, RTN_LOCAL.to_ne_bytes().to_vec()));
                 } else {
                     exprs.push(unknown("--dst-type"));
                 }
@@ -401,22 +396,22 @@ fn target(
                     IpAddr::V6(a) => a.octets().to_vec(),
                 };
                 exprs.push(Expr::Immediate {
-                    dreg: REG_1,
+                    dreg: NFT_REG_1,
                     data: Data::Value(b),
                 });
-                nat_addr = Some(REG_1);
+                nat_addr = Some(NFT_REG_1);
             }
             let mut nat_port = None;
             if let Some(p) = port {
                 exprs.push(Expr::Immediate {
-                    dreg: REG_2,
+                    dreg: NFT_REG_2,
                     data: Data::Value(p.to_be_bytes().to_vec()),
                 });
-                nat_port = Some(REG_2);
+                nat_port = Some(NFT_REG_2);
             }
             exprs.push(Expr::Nat {
                 kind: NatKind::Dnat,
-                family: if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 },
+                family: u32::from(if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }),
                 reg_addr_min: nat_addr,
                 reg_addr_max: nat_addr,
                 reg_proto_min: nat_port,
@@ -429,10 +424,10 @@ fn target(
             let mut reg = None;
             if let Some(p) = port {
                 exprs.push(Expr::Immediate {
-                    dreg: REG_1,
+                    dreg: NFT_REG_1,
                     data: Data::Value(p.to_be_bytes().to_vec()),
                 });
-                reg = Some(REG_1);
+                reg = Some(NFT_REG_1);
             }
             exprs.push(Expr::Redir {
                 reg_proto_min: reg,
@@ -571,7 +566,7 @@ COMMIT
             Some(Expr::XtTarget { name, .. }) if name == "FROB"
         ));
         let pre = t.chain("PREROUTING").unwrap();
-        assert_eq!(pre.base.as_ref().unwrap().priority, PRI_NAT_DST);
+        assert_eq!(pre.base.as_ref().unwrap().priority, NF_IP_PRI_NAT_DST);
         assert!(matches!(
             pre.rules[0].exprs().last(),
             Some(Expr::Immediate { data: Data::Verdict(Verdict::Jump(c)), .. }) if c == "DOCKER"

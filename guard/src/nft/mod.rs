@@ -29,6 +29,7 @@ pub mod local;
 pub mod model;
 pub mod monitor;
 pub mod netlink;
+pub mod packet;
 pub mod pin;
 pub mod transaction;
 pub mod xt;
@@ -41,14 +42,12 @@ use std::{
 
 use serde::Serialize;
 
-pub use analysis::{Probe, Reach, Rewrite, RulesetIndex};
+pub use analysis::{Reach, Rewrite, RulesetIndex};
 pub use local::LocalAddr;
 pub use model::{Family, Hook, RulesetModel, TableOrigin};
+pub use packet::{ProbePacket, Tri};
 
-use crate::{
-    owners::{DockerStatus, ResolvedOwners},
-    policy::{Policy, PortRange, Proto},
-};
+use crate::policy::{Policy, PortRange, Proto};
 
 /// Interfaces a probe never arrives on from outside: container and pod bridges,
 /// veths, overlay devices. Traffic to the host's own ports arrives elsewhere.
@@ -62,8 +61,9 @@ pub const MAX_PROBED_PORTS_PER_ENTRY: usize = 1024;
 /// new connections there.
 ///
 /// Two sources, both always used:
-/// - the live owners model ([`Self::from_owners`]): each published port's
-///   container address and port, and the host address it is published on;
+/// - the live owners model (`ResolvedOwners::owned_targets`, in `owners`):
+///   each published port's container address and port, and the host address
+///   it is published on;
 /// - the place the owner manages: a DNAT in one of Docker's own chains
 ///   ([`classify::docker_managed`]) to an address behind one of Docker's
 ///   bridges is Docker's, whether or not the model knows the container yet.
@@ -74,7 +74,7 @@ pub const MAX_PROBED_PORTS_PER_ENTRY: usize = 1024;
 pub struct OwnedTargets {
     pub targets: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
     /// Every published mapping of the model, with its host address (pins).
-    pub published: Vec<crate::owners::NatTarget>,
+    pub published: Vec<PublishedMapping>,
     /// Docker's bridge interfaces as the owners model names them (custom
     /// names included); `docker*` and `br-*` always count.
     pub docker_bridges: BTreeSet<String>,
@@ -90,27 +90,31 @@ impl OwnedTargets {
         Self::default()
     }
 
-    /// The owners' own mappings from the live owners model.
-    pub fn from_owners(model: &ResolvedOwners) -> Self {
-        let mut owned = Self {
-            docker_known: matches!(model.docker, DockerStatus::Reachable { .. }),
-            docker_bridges: model.docker_bridges.iter().cloned().collect(),
-            ..Self::default()
-        };
-        for nat in model.nat_targets() {
-            owned.insert(
-                nat.proto,
-                nat.host_port,
-                SocketAddr::new(nat.container_ip, nat.container_port),
-            );
-            owned.published.push(nat);
-        }
-        owned
+    /// Records one of the owner's published mappings (a target and a pin).
+    pub fn publish(&mut self, mapping: PublishedMapping) {
+        self.insert(
+            mapping.proto,
+            mapping.host_port,
+            SocketAddr::new(mapping.container_ip, mapping.container_port),
+        );
+        self.published.push(mapping);
     }
 
     pub fn insert(&mut self, proto: Proto, port: u16, target: SocketAddr) {
         self.targets.entry((proto, port)).or_default().push(target);
     }
+}
+
+/// An owner's published mapping as nft needs it: connections to
+/// `host_ip:host_port` go to `container_ip:container_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PublishedMapping {
+    pub proto: Proto,
+    /// `None`: every host address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_ip: IpAddr,
+    pub container_port: u16,
 }
 
 /// One protected port range.
@@ -159,7 +163,7 @@ impl InspectInput {
 
     /// Every probe: each protected port × each local address, from outside
     /// (prerouting, on the interface holding the address) and from this host (output).
-    pub fn probes(&self) -> Vec<(Proto, Probe)> {
+    pub fn probes(&self) -> Vec<(Proto, ProbePacket)> {
         let mut out = Vec::new();
         for spec in &self.ports {
             for port in spec.ports.iter().take(MAX_PROBED_PORTS_PER_ENTRY) {
@@ -170,7 +174,7 @@ impl InspectInput {
                     {
                         continue;
                     }
-                    let base = Probe {
+                    let base = ProbePacket {
                         hook: Hook::Prerouting,
                         v6: la.addr.is_ipv6(),
                         l4proto: spec.proto.ip_proto(),
@@ -185,7 +189,7 @@ impl InspectInput {
                     if seen_output.insert(la.addr) {
                         out.push((
                             spec.proto,
-                            Probe {
+                            ProbePacket {
                                 hook: Hook::Output,
                                 iifname: None,
                                 iifindex: 0,
@@ -299,7 +303,7 @@ pub fn inspect_with_owned(
 pub fn inspect_probes(
     model: &RulesetModel,
     input: &InspectInput,
-    wanted: impl Fn(&Probe) -> bool,
+    wanted: impl Fn(&ProbePacket) -> bool,
 ) -> (Vec<Finding>, Vec<OwnedMapping>) {
     let idx = RulesetIndex::new(model);
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
@@ -467,15 +471,11 @@ pub fn read_host_ruleset(netns: Option<&str>) -> Result<RulesetModel, InspectErr
 pub fn read_with_addrs(
     netns: Option<&str>,
 ) -> Result<(RulesetModel, Vec<LocalAddr>), InspectError> {
-    let read = || -> Result<(RulesetModel, Vec<LocalAddr>), InspectError> {
+    crate::sys::netns::run_in(netns, || {
         let mut model = netlink::read_ruleset()?;
         legacy::add_legacy_tables(&mut model);
         Ok((model, local::local_addresses()?))
-    };
-    match netns {
-        None => read(),
-        Some(ns) => netlink::in_netns(ns, read)?,
-    }
+    })?
 }
 
 #[cfg(test)]

@@ -10,17 +10,26 @@ use std::{
 
 use serde::Serialize;
 
+// The expressions are the codec's types: this model holds them, the codec
+// (`expr`) neither knows nor imports the model.
+pub use super::expr::{CmpOp, Data, Expr, NatKind, PayloadBase, Verdict};
+use crate::sys::uapi::{
+    NF_INET_FORWARD, NF_INET_INGRESS, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING,
+    NF_INET_PRE_ROUTING, NFPROTO_ARP, NFPROTO_BRIDGE, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6,
+    NFPROTO_NETDEV,
+};
+
 /// `NFPROTO_*`: the family of a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Family(pub u8);
 
 impl Family {
-    pub const INET: Self = Self(1);
-    pub const IP: Self = Self(2);
-    pub const ARP: Self = Self(3);
-    pub const NETDEV: Self = Self(5);
-    pub const BRIDGE: Self = Self(7);
-    pub const IP6: Self = Self(10);
+    pub const INET: Self = Self(NFPROTO_INET);
+    pub const IP: Self = Self(NFPROTO_IPV4);
+    pub const ARP: Self = Self(NFPROTO_ARP);
+    pub const NETDEV: Self = Self(NFPROTO_NETDEV);
+    pub const BRIDGE: Self = Self(NFPROTO_BRIDGE);
+    pub const IP6: Self = Self(NFPROTO_IPV6);
 
     /// Whether chains of this family see IPv4 (`v6 == false`) or IPv6 packets.
     pub fn sees(self, v6: bool) -> bool {
@@ -124,12 +133,12 @@ pub enum Hook {
 impl Hook {
     pub fn from_raw(n: u32) -> Self {
         match n {
-            0 => Self::Prerouting,
-            1 => Self::Input,
-            2 => Self::Forward,
-            3 => Self::Output,
-            4 => Self::Postrouting,
-            5 => Self::Ingress,
+            NF_INET_PRE_ROUTING => Self::Prerouting,
+            NF_INET_LOCAL_IN => Self::Input,
+            NF_INET_FORWARD => Self::Forward,
+            NF_INET_LOCAL_OUT => Self::Output,
+            NF_INET_POST_ROUTING => Self::Postrouting,
+            NF_INET_INGRESS => Self::Ingress,
             n => Self::Other(n),
         }
     }
@@ -255,202 +264,24 @@ impl fmt::Debug for RawExprs {
     }
 }
 
-/// A verdict, as in `nft_verdict`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    Drop,
-    Accept,
-    Continue,
-    Break,
-    Return,
-    Jump(String),
-    Goto(String),
-    /// A code this model does not name (queue, stolen…).
-    Other(i32),
-}
-
-impl Verdict {
-    pub const NF_DROP: i32 = 0;
-    pub const NF_ACCEPT: i32 = 1;
-    pub const NFT_CONTINUE: i32 = -1;
-    pub const NFT_BREAK: i32 = -2;
-    pub const NFT_JUMP: i32 = -3;
-    pub const NFT_GOTO: i32 = -4;
-    pub const NFT_RETURN: i32 = -5;
-
-    pub fn from_code(code: i32, chain: Option<String>) -> Self {
-        match (code, chain) {
-            (Self::NF_DROP, _) => Self::Drop,
-            (Self::NF_ACCEPT, _) => Self::Accept,
-            (Self::NFT_CONTINUE, _) => Self::Continue,
-            (Self::NFT_BREAK, _) => Self::Break,
-            (Self::NFT_RETURN, _) => Self::Return,
-            (Self::NFT_JUMP, Some(c)) => Self::Jump(c),
-            (Self::NFT_GOTO, Some(c)) => Self::Goto(c),
-            (code, _) => Self::Other(code),
-        }
-    }
-}
-
-/// `nft_data`: a value or a verdict.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Data {
-    Value(Vec<u8>),
-    Verdict(Verdict),
-}
-
-/// Where a payload expression reads (`NFT_PAYLOAD_*_HEADER`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PayloadBase {
-    LinkLayer,
-    Network,
-    Transport,
-    Other(u32),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CmpOp {
-    Eq,
-    Neq,
-    Lt,
-    Lte,
-    Gt,
-    Gte,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NatKind {
-    Snat,
-    Dnat,
-}
-
-/// One expression of a rule. Registers are kept as the kernel numbers them
-/// (0 verdict, 1–4 the 16-byte registers, 8–23 the 32-bit ones).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Expr {
-    Payload {
-        base: PayloadBase,
-        offset: u32,
-        len: u32,
-        dreg: u32,
-    },
-    /// A payload write (mangling); harmless for reachability.
-    PayloadSet,
-    Meta {
-        key: u32,
-        dreg: u32,
-    },
-    /// `meta set …`: a statement, no match.
-    MetaSet {
-        key: u32,
-    },
-    Cmp {
-        sreg: u32,
-        op: CmpOp,
-        data: Vec<u8>,
-    },
-    Range {
-        sreg: u32,
-        negate: bool,
-        from: Vec<u8>,
-        to: Vec<u8>,
-    },
-    /// Boolean bitwise: `dreg = (sreg & mask) ^ xor`. Shifts decode as `Unknown`.
-    Bitwise {
-        sreg: u32,
-        dreg: u32,
-        len: u32,
-        mask: Vec<u8>,
-        xor: Vec<u8>,
-    },
-    Immediate {
-        dreg: u32,
-        data: Data,
-    },
-    Lookup {
-        set: String,
-        sreg: u32,
-        dreg: Option<u32>,
-        invert: bool,
-    },
-    Nat {
-        kind: NatKind,
-        /// `NFPROTO_IPV4`/`NFPROTO_IPV6` (2/10).
-        family: u32,
-        reg_addr_min: Option<u32>,
-        reg_addr_max: Option<u32>,
-        reg_proto_min: Option<u32>,
-        reg_proto_max: Option<u32>,
-        flags: u32,
-    },
-    Redir {
-        reg_proto_min: Option<u32>,
-        reg_proto_max: Option<u32>,
-        flags: u32,
-    },
-    Masq,
-    Tproxy {
-        family: u32,
-        reg_addr: Option<u32>,
-        reg_port: Option<u32>,
-    },
-    Fib {
-        dreg: u32,
-        result: u32,
-        flags: u32,
-    },
-    Ct {
-        key: u32,
-        dreg: Option<u32>,
-        direction: Option<u8>,
-    },
-    Counter,
-    Log,
-    Limit,
-    Reject,
-    Notrack,
-    Dynset {
-        set: String,
-        op: u32,
-    },
-    /// An iptables match (`xt`), with its raw `info` struct in host byte order.
-    XtMatch {
-        name: String,
-        rev: u32,
-        info: Vec<u8>,
-    },
-    /// An iptables target (`xt`): DNAT, REDIRECT, MARK…
-    XtTarget {
-        name: String,
-        rev: u32,
-        info: Vec<u8>,
-    },
-    /// Anything this model does not decode, kept by name.
-    Unknown {
-        name: String,
-    },
-}
-
-/// `NFT_SET_*` flags.
+/// `NFT_SET_*` flags, by their short names.
 pub mod set_flags {
-    pub const ANONYMOUS: u32 = 0x1;
-    pub const CONSTANT: u32 = 0x2;
-    pub const INTERVAL: u32 = 0x4;
-    pub const MAP: u32 = 0x8;
-    pub const TIMEOUT: u32 = 0x10;
-    pub const EVAL: u32 = 0x20;
-    pub const OBJECT: u32 = 0x40;
-    pub const CONCAT: u32 = 0x80;
+    pub use crate::sys::uapi::{
+        NFT_SET_ANONYMOUS as ANONYMOUS, NFT_SET_CONCAT as CONCAT, NFT_SET_CONSTANT as CONSTANT,
+        NFT_SET_EVAL as EVAL, NFT_SET_INTERVAL as INTERVAL, NFT_SET_MAP as MAP,
+        NFT_SET_OBJECT as OBJECT, NFT_SET_TIMEOUT as TIMEOUT,
+    };
 }
 
-/// `NFT_SET_ELEM_*` flags.
+/// `NFT_SET_ELEM_*` flags, by their short names.
 pub mod elem_flags {
-    pub const INTERVAL_END: u32 = 0x1;
-    pub const CATCHALL: u32 = 0x4;
+    pub use crate::sys::uapi::{
+        NFT_SET_ELEM_CATCHALL as CATCHALL, NFT_SET_ELEM_INTERVAL_END as INTERVAL_END,
+    };
 }
 
 /// `NFT_DATA_VERDICT`: the data type of a verdict map.
-pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+pub use crate::sys::uapi::NFT_DATA_VERDICT;
 
 #[derive(Clone, Debug, Default)]
 pub struct Set {

@@ -9,31 +9,28 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, RawFd},
     sync::Arc,
 };
 
 use super::{
-    attr,
     model::{Family, RulesetModel},
-    netlink::{
-        self, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE,
-        NLMSG_HDRLEN, RuleMessage, open_netlink,
+    netlink::{self, RuleMessage},
+};
+use crate::sys::{
+    netlink::{self as nl, Body, Messages, Socket},
+    uapi::{
+        NFGENMSG_LEN, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_NEWGEN,
+        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR, RTMGRP_IPV4_IFADDR,
+        RTMGRP_IPV6_IFADDR,
     },
 };
 
-const NFNLGRP_NFTABLES: libc::c_int = 7;
-const SOL_NETLINK: libc::c_int = 270;
-const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
-const NFT_MSG_DELRULE: u16 = 8;
-const NLM_F_APPEND: u16 = 0x800;
-const NFGENMSG_LEN: usize = 4;
 /// Notification socket buffer (SO_RCVBUFFORCE as root): a burst of kube-proxy
 /// changes fits; beyond it ENOBUFS triggers a full re-read.
-const MONITOR_RCVBUF: libc::c_int = 16 * 1024 * 1024;
-const NETLINK_ROUTE: libc::c_int = 0;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const MONITOR_RCVBUF: usize = 16 * 1024 * 1024;
+/// Room for one notification datagram of the ruleset monitor.
+const RULESET_RECV_BUF: usize = 256 * 1024;
 
 /// One change the kernel announced.
 #[derive(Debug)]
@@ -54,164 +51,86 @@ pub enum Change {
     Overrun,
 }
 
-fn netlink_socket(protocol: libc::c_int, rcvbuf: libc::c_int) -> io::Result<OwnedFd> {
-    let fd = open_netlink(protocol, libc::SOCK_NONBLOCK)?;
-    let size = rcvbuf;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: an int-sized option on our socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const size).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-    }
-    Ok(fd)
-}
-
-/// Binds a netlink socket (the kernel picks the port id) to `groups`.
-fn bind(fd: &OwnedFd, groups: u32) -> io::Result<()> {
-    // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    sa.nl_groups = groups;
-    // SAFETY: binding our socket to a valid sockaddr_nl.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads every datagram waiting on a non-blocking socket; `Ok(None)` when none is.
-fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        // SAFETY: receiving into our own buffer.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(err),
-        }
-    }
-}
-
 /// A subscription to nf_tables change notifications in the network namespace
 /// of the thread that opened it. Non-blocking: poll its fd, then [`Self::drain`].
 pub struct RulesetMonitor {
-    fd: OwnedFd,
+    sock: Socket,
     buf: Vec<u8>,
 }
 
 impl AsRawFd for RulesetMonitor {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.as_raw_fd()
     }
 }
 
 impl RulesetMonitor {
     pub fn open() -> io::Result<Self> {
-        Self::open_with_buffer(MONITOR_RCVBUF)
+        Self::open_with_buffer(MONITOR_RCVBUF as libc::c_int)
     }
 
     /// With a receive buffer of `bytes` (tests use a small one to overflow it).
     pub fn open_with_buffer(bytes: libc::c_int) -> io::Result<Self> {
-        let fd = netlink_socket(NETLINK_NETFILTER, bytes)?;
-        // Multicast is delivered to bound sockets only.
-        bind(&fd, 0)?;
-        let group = NFNLGRP_NFTABLES;
-        // SAFETY: an int-sized option on our socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                SOL_NETLINK,
-                NETLINK_ADD_MEMBERSHIP,
-                (&raw const group).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let sock = nl::subscribe(
+            libc::NETLINK_NETFILTER,
+            0,
+            &[NFNLGRP_NFTABLES],
+            usize::try_from(bytes).unwrap_or(0),
+        )?;
         Ok(Self {
-            fd,
-            buf: vec![0; 256 * 1024],
+            sock,
+            buf: Vec::with_capacity(RULESET_RECV_BUF),
         })
     }
 
     /// Every change waiting on the socket, in order, appended to `out`.
     pub fn drain(&mut self, out: &mut Vec<Change>) -> io::Result<()> {
         loop {
-            let n = match recv(self.fd.as_raw_fd(), &mut self.buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => return Ok(()),
+            match nl::recv(&self.sock, &mut self.buf) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     out.push(Change::Overrun);
                     continue;
                 }
                 Err(e) => return Err(e),
-            };
-            let buf = Arc::new(self.buf[..n].to_vec());
+            }
+            let buf = Arc::new(self.buf.clone());
             parse(&buf, out);
         }
     }
 }
 
-/// The changes in one notification datagram.
+/// The changes in one notification datagram (a malformed tail is dropped).
 pub fn parse(buf: &Arc<Vec<u8>>, out: &mut Vec<Change>) {
-    let mut pos = 0;
-    while pos + NLMSG_HDRLEN + NFGENMSG_LEN <= buf.len() {
-        let h = &buf[pos..];
-        let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
-        let ty = u16::from_ne_bytes([h[4], h[5]]);
-        let flags = u16::from_ne_bytes([h[6], h[7]]);
-        if len < NLMSG_HDRLEN + NFGENMSG_LEN || pos + len > buf.len() {
-            break;
+    for m in Messages::new(buf).map_while(Result::ok) {
+        let Body::Data(p) = m.body else { continue };
+        if m.ty >> 8 != NFNL_SUBSYS_NFTABLES || p.len() < NFGENMSG_LEN {
+            continue;
         }
-        if ty >> 8 == NFNL_SUBSYS_NFTABLES {
-            let msg = ty & 0xff;
-            let family = buf[pos + NLMSG_HDRLEN];
-            let range = pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len;
-            match msg {
-                NFT_MSG_NEWGEN => out.push(Change::Generation),
-                NFT_MSG_NEWRULE | NFT_MSG_DELRULE => {
-                    match netlink::decode_rule(buf, family, range) {
-                        Some(rule) if msg == NFT_MSG_NEWRULE => out.push(Change::RuleAdded {
-                            msg: rule,
-                            appended: flags & NLM_F_APPEND != 0,
-                        }),
-                        Some(rule) => out.push(Change::RuleDeleted(rule)),
-                        None => out.push(Change::Structural {
-                            msg,
-                            family: Family(family),
-                        }),
-                    }
-                }
-                // Trace events (17) say nothing about the ruleset.
-                17 => {}
-                _ => out.push(Change::Structural {
+        let msg = m.ty & 0xff;
+        let family = p[0];
+        let range = m.payload.start + NFGENMSG_LEN..m.payload.end;
+        match msg {
+            NFT_MSG_NEWGEN => out.push(Change::Generation),
+            NFT_MSG_NEWRULE | NFT_MSG_DELRULE => match netlink::decode_rule(buf, family, range) {
+                Some(rule) if msg == NFT_MSG_NEWRULE => out.push(Change::RuleAdded {
+                    msg: rule,
+                    appended: m.flags & NLM_F_APPEND != 0,
+                }),
+                Some(rule) => out.push(Change::RuleDeleted(rule)),
+                None => out.push(Change::Structural {
                     msg,
                     family: Family(family),
                 }),
-            }
+            },
+            // Trace events say nothing about the ruleset.
+            NFT_MSG_TRACE => {}
+            _ => out.push(Change::Structural {
+                msg,
+                family: Family(family),
+            }),
         }
-        pos += attr::align4(len);
     }
 }
 
@@ -274,23 +193,27 @@ pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
 /// network namespace of the thread that opened it. Any datagram means "re-read
 /// the addresses".
 pub struct AddressMonitor {
-    fd: OwnedFd,
+    sock: Socket,
     buf: Vec<u8>,
 }
 
 impl AsRawFd for AddressMonitor {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.as_raw_fd()
     }
 }
 
 impl AddressMonitor {
     pub fn open() -> io::Result<Self> {
-        let fd = netlink_socket(NETLINK_ROUTE, MONITOR_RCVBUF)?;
-        bind(&fd, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
+        let sock = nl::subscribe(
+            libc::NETLINK_ROUTE,
+            RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+            &[],
+            MONITOR_RCVBUF,
+        )?;
         Ok(Self {
-            fd,
-            buf: vec![0; 64 * 1024],
+            sock,
+            buf: Vec::with_capacity(nl::RECV_BUF),
         })
     }
 
@@ -298,9 +221,15 @@ impl AddressMonitor {
     pub fn changed(&mut self) -> io::Result<bool> {
         let mut any = false;
         loop {
-            match recv(self.fd.as_raw_fd(), &mut self.buf) {
-                Ok(Some(_)) => any = true,
-                Ok(None) => return Ok(any),
+            match nl::recv(&self.sock, &mut self.buf) {
+                // An address added or removed; anything malformed counts too
+                // (re-reading the addresses is never wrong).
+                Ok(true) => {
+                    any |= Messages::new(&self.buf).any(|m| {
+                        m.is_err() || m.is_ok_and(|m| matches!(m.ty, RTM_NEWADDR | RTM_DELADDR))
+                    });
+                }
+                Ok(false) => return Ok(any),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
                 Err(e) => return Err(e),
             }

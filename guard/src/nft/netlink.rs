@@ -7,7 +7,6 @@ use std::{
     collections::HashMap,
     io,
     ops::Range,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,78 +19,32 @@ use super::{
         Table, TableOrigin, Verdict,
     },
 };
+pub use crate::sys::netns::in_netns;
+use crate::sys::{
+    netlink::{self as nl, Body, Messages, Socket},
+    uapi::{
+        NFGENMSG_LEN, NFNL_SUBSYS_NFTABLES, NFPROTO_UNSPEC, NFT_MSG_GETCHAIN, NFT_MSG_GETGEN,
+        NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN,
+        NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE,
+        NFTA_CHAIN_HANDLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
+        NFTA_CHAIN_TYPE, NFTA_GEN_ID, NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN,
+        NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION, NFTA_RULE_TABLE,
+        NFTA_RULE_USERDATA, NFTA_SET_DATA_LEN, NFTA_SET_DATA_TYPE, NFTA_SET_DESC,
+        NFTA_SET_DESC_CONCAT, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY,
+        NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+        NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_FIELD_LEN, NFTA_SET_FLAGS, NFTA_SET_HANDLE,
+        NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_TABLE_FLAGS,
+        NFTA_TABLE_HANDLE, NFTA_TABLE_NAME, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+        NLMSG_HDRLEN,
+    },
+};
 
-pub(crate) const NETLINK_NETFILTER: libc::c_int = 12;
-pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFPROTO_UNSPEC: u8 = 0;
-
-pub(crate) const NLMSG_HDRLEN: usize = 16;
-pub(crate) const NFGENMSG_LEN: usize = 4;
-pub(crate) const NLMSG_ERROR: u16 = 2;
-pub(crate) const NLMSG_DONE: u16 = 3;
-pub(crate) const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-
-pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
-pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
-pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
-pub(crate) const NFT_MSG_GETCHAIN: u16 = 4;
-pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
-pub(crate) const NFT_MSG_GETRULE: u16 = 7;
-pub(crate) const NFT_MSG_NEWSET: u16 = 9;
-pub(crate) const NFT_MSG_GETSET: u16 = 10;
-pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
-pub(crate) const NFT_MSG_GETSETELEM: u16 = 13;
-pub(crate) const NFT_MSG_NEWGEN: u16 = 15;
-pub(crate) const NFT_MSG_GETGEN: u16 = 16;
-
-pub(crate) const NFTA_TABLE_NAME: u16 = 1;
-pub(crate) const NFTA_TABLE_FLAGS: u16 = 2;
-pub(crate) const NFTA_TABLE_HANDLE: u16 = 4;
-
-pub(crate) const NFTA_CHAIN_TABLE: u16 = 1;
-pub(crate) const NFTA_CHAIN_HANDLE: u16 = 2;
-pub(crate) const NFTA_CHAIN_NAME: u16 = 3;
-pub(crate) const NFTA_CHAIN_HOOK: u16 = 4;
-pub(crate) const NFTA_CHAIN_POLICY: u16 = 5;
-pub(crate) const NFTA_CHAIN_TYPE: u16 = 7;
-pub(crate) const NFTA_HOOK_HOOKNUM: u16 = 1;
-pub(crate) const NFTA_HOOK_PRIORITY: u16 = 2;
-
-pub(crate) const NFTA_RULE_TABLE: u16 = 1;
-pub(crate) const NFTA_RULE_CHAIN: u16 = 2;
-pub(crate) const NFTA_RULE_HANDLE: u16 = 3;
-pub(crate) const NFTA_RULE_EXPRESSIONS: u16 = 4;
-pub(crate) const NFTA_RULE_USERDATA: u16 = 7;
-/// `NFTNL_UDATA_RULE_COMMENT` in the rule's userdata TLVs (libnftnl's convention).
+/// `NFTNL_UDATA_RULE_COMMENT` in the rule's userdata TLVs (libnftnl's
+/// convention, not a kernel number).
 const UDATA_RULE_COMMENT: u8 = 0;
 
-pub(crate) const NFTA_SET_TABLE: u16 = 1;
-pub(crate) const NFTA_SET_NAME: u16 = 2;
-pub(crate) const NFTA_SET_FLAGS: u16 = 3;
-pub(crate) const NFTA_SET_KEY_TYPE: u16 = 4;
-pub(crate) const NFTA_SET_KEY_LEN: u16 = 5;
-pub(crate) const NFTA_SET_DATA_TYPE: u16 = 6;
-pub(crate) const NFTA_SET_DATA_LEN: u16 = 7;
-pub(crate) const NFTA_SET_DESC: u16 = 9;
-pub(crate) const NFTA_SET_HANDLE: u16 = 16;
-pub(crate) const NFTA_SET_DESC_CONCAT: u16 = 2;
-pub(crate) const NFTA_SET_FIELD_LEN: u16 = 1;
-
-pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-pub(crate) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
-pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
-pub(crate) const NFTA_SET_ELEM_FLAGS: u16 = 3;
-pub(crate) const NFTA_SET_ELEM_KEY_END: u16 = 10;
-
-pub(crate) const NFTA_GEN_ID: u16 = 1;
-
-/// Room for one dump datagram; the kernel sends at most 32 KiB per read.
-pub(crate) const RECV_BUF: usize = 64 * 1024;
-pub(crate) const SOCKET_RCVBUF: libc::c_int = 4 * 1024 * 1024;
+/// The socket's receive buffer: a burst of dump datagrams fits while the decoder works.
+const SOCKET_RCVBUF: usize = 4 * 1024 * 1024;
 /// How many times a read raced by a ruleset change is repeated.
 const CONSISTENT_READ_ATTEMPTS: usize = 5;
 /// Names of the tables iptables-nft creates.
@@ -143,47 +96,19 @@ struct Chunk {
 
 /// A `NETLINK_NETFILTER` socket, in the network namespace of the thread that opened it.
 pub struct NftSocket {
-    fd: OwnedFd,
+    sock: Socket,
     seq: u32,
     /// Buffers the decoder has finished with, for the next datagrams.
     spare: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
 }
 
-/// A raw netlink socket of `protocol` in the calling thread's network namespace
-/// (it stays there), close-on-exec, plus `extra_flags` (e.g. `SOCK_NONBLOCK`).
-pub(crate) fn open_netlink(protocol: libc::c_int, extra_flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | extra_flags,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl NftSocket {
     pub fn open() -> Result<Self, ReadError> {
-        let fd = open_netlink(NETLINK_NETFILTER, 0).map_err(ReadError::Socket)?;
+        let sock = nl::open(libc::NETLINK_NETFILTER).map_err(ReadError::Socket)?;
         // A bigger receive buffer; best effort.
-        let rcvbuf = SOCKET_RCVBUF;
-        // SAFETY: a valid fd and an int-sized option value.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&raw const rcvbuf).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        nl::set_receive_buffer(&sock, SOCKET_RCVBUF);
         Ok(Self {
-            fd,
+            sock,
             seq: 1,
             spare: None,
         })
@@ -199,21 +124,19 @@ impl NftSocket {
         self.seq = self.seq.wrapping_add(1);
         let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
         let mut b = Vec::with_capacity(len);
-        b.extend_from_slice(&(len as u32).to_ne_bytes());
-        b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
-        b.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        b.extend_from_slice(&self.seq.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes());
+        nl::put_header(
+            &mut b,
+            len,
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | flags,
+            self.seq,
+        );
         b.extend_from_slice(&[family, 0, 0, 0]);
         b.extend_from_slice(attrs);
-        // SAFETY: sending our own buffer on our socket (the kernel is the default peer).
-        let rc = unsafe { libc::send(self.fd.as_raw_fd(), b.as_ptr().cast(), b.len(), 0) };
-        if rc < 0 {
-            return Err(ReadError::Io {
-                what: "send",
-                source: io::Error::last_os_error(),
-            });
-        }
+        nl::send(&self.sock, &b).map_err(|source| ReadError::Io {
+            what: "send",
+            source,
+        })?;
         Ok(self.seq)
     }
 
@@ -232,74 +155,35 @@ impl NftSocket {
                 .spare
                 .as_ref()
                 .and_then(|r| r.try_recv().ok())
-                .unwrap_or_else(|| Vec::with_capacity(RECV_BUF));
-            buf.clear();
-            // SAFETY: receiving into the spare capacity of our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.capacity(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ReadError::Io { what, source: err });
-            }
-            // SAFETY: the kernel initialised the first n bytes.
-            unsafe { buf.set_len(n as usize) };
-            let n = buf.len();
+                .unwrap_or_else(|| Vec::with_capacity(nl::RECV_BUF));
+            nl::recv(&self.sock, &mut buf).map_err(|source| ReadError::Io { what, source })?;
             let mut msgs = Vec::new();
             let mut done = false;
-            let mut pos = 0;
-            while pos + NLMSG_HDRLEN <= n && !done {
-                let h = &buf[pos..];
-                let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes([h[4], h[5]]);
-                let flags = u16::from_ne_bytes([h[6], h[7]]);
-                let mseq = u32::from_ne_bytes(h[8..12].try_into().expect("4 bytes"));
-                if len < NLMSG_HDRLEN || pos + len > n {
-                    return Err(ReadError::Io {
-                        what,
-                        source: io::Error::new(io::ErrorKind::InvalidData, "truncated message"),
-                    });
-                }
-                let next = pos + attr::align4(len);
-                if mseq != seq {
-                    pos = next;
+            for m in Messages::new(&buf) {
+                let m = m.map_err(|e| ReadError::Io {
+                    what,
+                    source: e.into(),
+                })?;
+                if m.seq != seq {
                     continue;
                 }
-                interrupted |= flags & NLM_F_DUMP_INTR != 0;
-                match ty {
-                    NLMSG_DONE => done = true,
-                    NLMSG_ERROR => {
-                        let code = h
-                            .get(16..20)
-                            .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                            .unwrap_or(0);
-                        if code != 0 {
-                            return Err(ReadError::Kernel {
-                                what,
-                                source: io::Error::from_raw_os_error(-code),
-                            });
-                        }
-                        done = true;
-                    }
-                    _ if len >= NLMSG_HDRLEN + NFGENMSG_LEN => {
+                interrupted |= m.flags & NLM_F_DUMP_INTR != 0;
+                match m.body {
+                    Body::Done | Body::Ack => done = true,
+                    Body::Error(source) => return Err(ReadError::Kernel { what, source }),
+                    Body::Data(p) if p.len() >= NFGENMSG_LEN => {
                         msgs.push(RawMsg {
-                            msg: ty & 0xff,
-                            family: buf[pos + NLMSG_HDRLEN],
-                            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
+                            msg: m.ty & 0xff,
+                            family: p[0],
+                            range: m.payload.start + NFGENMSG_LEN..m.payload.end,
                         });
                         done = !dump;
                     }
-                    _ => {}
+                    Body::Data(_) => {}
                 }
-                pos = next;
+                if done {
+                    break;
+                }
             }
             if !msgs.is_empty() {
                 sink(Chunk { buf, msgs });
@@ -442,22 +326,17 @@ impl NftSocket {
 /// tests, fuzzing and recorded dumps. Never fails: what does not parse ends the
 /// buffer or becomes a warning.
 pub fn decode_messages(bytes: &[u8]) -> RulesetModel {
-    let mut msgs = Vec::new();
-    let mut pos = 0;
-    while pos + NLMSG_HDRLEN <= bytes.len() {
-        let h = &bytes[pos..];
-        let len = u32::from_ne_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
-        let ty = u16::from_ne_bytes([h[4], h[5]]);
-        if len < NLMSG_HDRLEN + NFGENMSG_LEN || pos + len > bytes.len() {
-            break;
-        }
-        msgs.push(RawMsg {
-            msg: ty & 0xff,
-            family: bytes[pos + NLMSG_HDRLEN],
-            range: pos + NLMSG_HDRLEN + NFGENMSG_LEN..pos + len,
-        });
-        pos += attr::align4(len);
-    }
+    let msgs = Messages::new(bytes)
+        .map_while(Result::ok)
+        .filter_map(|m| match m.body {
+            Body::Data(p) if p.len() >= NFGENMSG_LEN => Some(RawMsg {
+                msg: m.ty & 0xff,
+                family: p[0],
+                range: m.payload.start + NFGENMSG_LEN..m.payload.end,
+            }),
+            _ => None,
+        })
+        .collect();
     let mut d = Decoder::default();
     d.feed_chunk(Chunk {
         buf: bytes.to_vec(),
@@ -470,11 +349,7 @@ pub fn decode_messages(bytes: &[u8]) -> RulesetModel {
 pub fn encode_message(msg: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
     let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
     let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(&(len as u32).to_ne_bytes());
-    b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
-    b.extend_from_slice(&0u16.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
+    nl::put_header(&mut b, len, (NFNL_SUBSYS_NFTABLES << 8) | msg, 0, 0);
     b.extend_from_slice(&[family, 0, 0, 0]);
     b.extend_from_slice(attrs);
     b.resize(attr::align4(b.len()), 0);
@@ -743,8 +618,6 @@ fn table_origin(t: &Table) -> TableOrigin {
     }
 }
 
-pub(crate) const NFTA_RULE_POSITION: u16 = 6;
-
 /// One rule as a `NFT_MSG_NEWRULE`/`NFT_MSG_DELRULE` message carries it (a dump
 /// or a change notification).
 #[derive(Debug)]
@@ -803,32 +676,6 @@ fn udata_comment(mut b: &[u8]) -> Option<String> {
         b = &b[2 + len..];
     }
     None
-}
-
-/// Runs `f` on a thread inside the network namespace `/run/netns/NAME` (or a
-/// path): sockets opened there stay in that namespace.
-pub fn in_netns<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<T> {
-    let path = if name.starts_with('/') {
-        name.into()
-    } else {
-        format!("/run/netns/{name}")
-    };
-    let file = std::fs::File::open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {path}: {e}")))?;
-    let handle = std::thread::spawn(move || {
-        // SAFETY: setns on this thread only, with a namespace fd we hold.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(f())
-    });
-    handle
-        .join()
-        .map_err(|_| io::Error::other("the namespace thread panicked"))?
 }
 
 #[cfg(test)]

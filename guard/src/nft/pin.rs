@@ -35,6 +35,14 @@ use super::{
     transaction::{Op, Placement, Transaction},
 };
 use crate::policy::Proto;
+use crate::sys::uapi::{
+    IFNAMSIZ, NFT_CMP_EQ, NFT_CMP_NEQ, NFT_FIB_RESULT_ADDRTYPE, NFT_META_IIFNAME, NFT_META_L4PROTO,
+    NFT_NAT_DNAT, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER, NFT_REG_1, NFT_REG_2,
+    NFTA_CMP_DATA, NFTA_CMP_OP, NFTA_CMP_SREG, NFTA_DATA_VALUE, NFTA_FIB_DREG, NFTA_FIB_F_DADDR,
+    NFTA_FIB_FLAGS, NFTA_FIB_RESULT, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_META_DREG,
+    NFTA_META_KEY, NFTA_NAT_FAMILY, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN, NFTA_NAT_TYPE,
+    NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_LEN, NFTA_PAYLOAD_OFFSET, RTN_LOCAL,
+};
 
 /// portguard's own table (one per family in use: `ip`, `ip6`).
 pub const PIN_TABLE: &str = "portguard";
@@ -107,69 +115,73 @@ impl Pin {
             &mut list,
             "meta",
             &[
-                (NFTA_META_DREG, be(REG1)),
-                (NFTA_META_KEY, be(META_L4PROTO)),
+                (NFTA_META_DREG, be(NFT_REG_1)),
+                (NFTA_META_KEY, be(NFT_META_L4PROTO)),
             ],
         );
-        push_cmp(&mut list, CMP_EQ, &[self.proto.ip_proto()]);
+        push_cmp(&mut list, NFT_CMP_EQ, &[self.proto.ip_proto()]);
         // th dport == port
         push(
             &mut list,
             "payload",
             &[
-                (NFTA_PAYLOAD_DREG, be(REG1)),
-                (NFTA_PAYLOAD_BASE, be(PAYLOAD_TRANSPORT)),
+                (NFTA_PAYLOAD_DREG, be(NFT_REG_1)),
+                (NFTA_PAYLOAD_BASE, be(NFT_PAYLOAD_TRANSPORT_HEADER)),
                 (NFTA_PAYLOAD_OFFSET, be(2)),
                 (NFTA_PAYLOAD_LEN, be(2)),
             ],
         );
-        push_cmp(&mut list, CMP_EQ, &self.port.to_be_bytes());
+        push_cmp(&mut list, NFT_CMP_EQ, &self.port.to_be_bytes());
         if let (Some(iif), false) = (&self.exclude_iif, output) {
             // meta iifname != "bridge"
             push(
                 &mut list,
                 "meta",
                 &[
-                    (NFTA_META_DREG, be(REG1)),
-                    (NFTA_META_KEY, be(META_IIFNAME)),
+                    (NFTA_META_DREG, be(NFT_REG_1)),
+                    (NFTA_META_KEY, be(NFT_META_IIFNAME)),
                 ],
             );
-            push_cmp(&mut list, CMP_NEQ, &ifname_bytes(iif));
+            push_cmp(&mut list, NFT_CMP_NEQ, &ifname_bytes(iif));
         }
         let (daddr_offset, daddr_len) = if v6 { (24, 16) } else { (16, 4) };
         match self.host {
             Some(host) => {
                 push_daddr_load(&mut list, daddr_offset, daddr_len);
-                push_cmp(&mut list, CMP_EQ, &ip_bytes(host));
+                push_cmp(&mut list, NFT_CMP_EQ, &ip_bytes(host));
             }
             None => {
                 if output {
                     // Not to loopback: Docker's own OUTPUT rule leaves it alone too.
                     if v6 {
                         push_daddr_load(&mut list, daddr_offset, daddr_len);
-                        push_cmp(&mut list, CMP_NEQ, &ip_bytes("::1".parse().expect("ip")));
+                        push_cmp(
+                            &mut list,
+                            NFT_CMP_NEQ,
+                            &ip_bytes("::1".parse().expect("ip")),
+                        );
                     } else {
                         push_daddr_load(&mut list, daddr_offset, 1);
-                        push_cmp(&mut list, CMP_NEQ, &[127]);
+                        push_cmp(&mut list, NFT_CMP_NEQ, &[127]);
                     }
                 }
                 push(
                     &mut list,
                     "fib",
                     &[
-                        (NFTA_FIB_DREG, be(REG1)),
-                        (NFTA_FIB_RESULT, be(FIB_RESULT_ADDRTYPE)),
-                        (NFTA_FIB_FLAGS, be(FIB_F_DADDR)),
+                        (NFTA_FIB_DREG, be(NFT_REG_1)),
+                        (NFTA_FIB_RESULT, be(NFT_FIB_RESULT_ADDRTYPE)),
+                        (NFTA_FIB_FLAGS, be(NFTA_FIB_F_DADDR)),
                     ],
                 );
-                push_cmp(&mut list, CMP_EQ, &RTN_LOCAL.to_ne_bytes());
+                push_cmp(&mut list, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
             }
         }
         push(
             &mut list,
             "immediate",
             &[
-                (NFTA_IMMEDIATE_DREG, be(REG1)),
+                (NFTA_IMMEDIATE_DREG, be(NFT_REG_1)),
                 (
                     NFTA_IMMEDIATE_DATA | NLA_F_NESTED,
                     value(&ip_bytes(self.target.ip())),
@@ -180,7 +192,7 @@ impl Pin {
             &mut list,
             "immediate",
             &[
-                (NFTA_IMMEDIATE_DREG, be(REG2)),
+                (NFTA_IMMEDIATE_DREG, be(NFT_REG_2)),
                 (
                     NFTA_IMMEDIATE_DATA | NLA_F_NESTED,
                     value(&self.target.port().to_be_bytes()),
@@ -191,49 +203,15 @@ impl Pin {
             &mut list,
             "nat",
             &[
-                (NFTA_NAT_TYPE, be(NAT_DNAT)),
+                (NFTA_NAT_TYPE, be(NFT_NAT_DNAT)),
                 (NFTA_NAT_FAMILY, be(u32::from(self.family().0))),
-                (NFTA_NAT_REG_ADDR_MIN, be(REG1)),
-                (NFTA_NAT_REG_PROTO_MIN, be(REG2)),
+                (NFTA_NAT_REG_ADDR_MIN, be(NFT_REG_1)),
+                (NFTA_NAT_REG_PROTO_MIN, be(NFT_REG_2)),
             ],
         );
         list
     }
 }
-
-const NFTA_META_DREG: u16 = 1;
-const NFTA_META_KEY: u16 = 2;
-const META_L4PROTO: u32 = 16;
-const META_IIFNAME: u32 = 6;
-/// `IFNAMSIZ`: an interface name register value, NUL-padded.
-const IFNAMSIZ: usize = 16;
-const NFTA_CMP_SREG: u16 = 1;
-const NFTA_CMP_OP: u16 = 2;
-const NFTA_CMP_DATA: u16 = 3;
-const CMP_EQ: u32 = 0;
-const CMP_NEQ: u32 = 1;
-const NFTA_PAYLOAD_DREG: u16 = 1;
-const NFTA_PAYLOAD_BASE: u16 = 2;
-const NFTA_PAYLOAD_OFFSET: u16 = 3;
-const NFTA_PAYLOAD_LEN: u16 = 4;
-const PAYLOAD_NETWORK: u32 = 1;
-const PAYLOAD_TRANSPORT: u32 = 2;
-const NFTA_FIB_DREG: u16 = 1;
-const NFTA_FIB_RESULT: u16 = 2;
-const NFTA_FIB_FLAGS: u16 = 3;
-const FIB_RESULT_ADDRTYPE: u32 = 3;
-const FIB_F_DADDR: u32 = 2;
-const RTN_LOCAL: u32 = 2;
-const NFTA_IMMEDIATE_DREG: u16 = 1;
-const NFTA_IMMEDIATE_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_NAT_TYPE: u16 = 1;
-const NFTA_NAT_FAMILY: u16 = 2;
-const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
-const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
-const NAT_DNAT: u32 = 1;
-const REG1: u32 = 1;
-const REG2: u32 = 2;
 
 fn be(v: u32) -> Vec<u8> {
     v.to_be_bytes().to_vec()
@@ -275,7 +253,7 @@ fn push_cmp(list: &mut Vec<u8>, op: u32, data: &[u8]) {
         list,
         "cmp",
         &[
-            (NFTA_CMP_SREG, be(REG1)),
+            (NFTA_CMP_SREG, be(NFT_REG_1)),
             (NFTA_CMP_OP, be(op)),
             (NFTA_CMP_DATA | NLA_F_NESTED, value(data)),
         ],
@@ -287,8 +265,8 @@ fn push_daddr_load(list: &mut Vec<u8>, offset: u32, len: u32) {
         list,
         "payload",
         &[
-            (NFTA_PAYLOAD_DREG, be(REG1)),
-            (NFTA_PAYLOAD_BASE, be(PAYLOAD_NETWORK)),
+            (NFTA_PAYLOAD_DREG, be(NFT_REG_1)),
+            (NFTA_PAYLOAD_BASE, be(NFT_PAYLOAD_NETWORK_HEADER)),
             (NFTA_PAYLOAD_OFFSET, be(offset)),
             (NFTA_PAYLOAD_LEN, be(len)),
         ],

@@ -7,37 +7,26 @@
 //! re-created from their raw `NFTA_RULE_EXPRESSIONS` (byte for byte what the
 //! kernel dumped), at a position named by a neighbour's handle.
 
-use std::{
-    fmt, io,
-    os::fd::{AsRawFd as _, OwnedFd},
-    time::Duration,
-};
+use std::{fmt, io, os::fd::AsRawFd as _, time::Duration};
 
 use super::{
     attr::{self, NLA_F_NESTED},
     model::{Family, Hook},
-    netlink::{
-        NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
-        NFT_MSG_NEWTABLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
-        NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN,
-        NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION, NFTA_RULE_TABLE,
-        NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLMSG_ERROR, NLMSG_HDRLEN,
+};
+use crate::sys::{
+    netlink::{self as nl, Body, Messages, Socket},
+    uapi::{
+        NF_ACCEPT, NF_INET_FORWARD, NF_INET_INGRESS, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
+        NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, NFGENMSG_LEN, NFNL_MSG_BATCH_BEGIN,
+        NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_DELTABLE,
+        NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME,
+        NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM,
+        NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_COMPAT, NFTA_RULE_COMPAT_FLAGS,
+        NFTA_RULE_COMPAT_PROTO, NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION,
+        NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLM_F_ACK,
+        NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_HDRLEN,
     },
 };
-
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_DELRULE: u16 = 8;
-const NFTA_RULE_COMPAT: u16 = 5;
-const NFTA_RULE_COMPAT_PROTO: u16 = 1;
-const NFTA_RULE_COMPAT_FLAGS: u16 = 2;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_APPEND: u16 = 0x800;
-const NLM_F_CREATE: u16 = 0x400;
-const NF_ACCEPT: u32 = 1;
 
 /// How long to wait for the kernel's answers to a batch.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -233,16 +222,17 @@ impl Op {
 
 fn hook_number(hook: Hook) -> u32 {
     match hook {
-        Hook::Prerouting => 0,
-        Hook::Input => 1,
-        Hook::Forward => 2,
-        Hook::Output => 3,
-        Hook::Postrouting => 4,
-        Hook::Ingress => 5,
+        Hook::Prerouting => NF_INET_PRE_ROUTING,
+        Hook::Input => NF_INET_LOCAL_IN,
+        Hook::Forward => NF_INET_FORWARD,
+        Hook::Output => NF_INET_LOCAL_OUT,
+        Hook::Postrouting => NF_INET_POST_ROUTING,
+        Hook::Ingress => NF_INET_INGRESS,
         Hook::Other(n) => n,
     }
 }
 
+/// Appends one nfnetlink message (`nlmsghdr`, `nfgenmsg`, attributes), padded.
 fn put_message(
     out: &mut Vec<u8>,
     ty: u16,
@@ -252,12 +242,8 @@ fn put_message(
     res_id: u16,
     attrs: &[u8],
 ) {
-    let len = NLMSG_HDRLEN + 4 + attrs.len();
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&ty.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    nl::put_header(out, len, ty, flags, seq);
     out.push(family);
     out.push(0);
     out.extend_from_slice(&res_id.to_be_bytes());
@@ -359,19 +345,18 @@ impl TransactionError {
 /// A `NETLINK_NETFILTER` socket that commits transactions, in the network
 /// namespace of the thread that opened it.
 pub struct NftWriter {
-    fd: OwnedFd,
+    sock: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl NftWriter {
     pub fn open() -> Result<Self, TransactionError> {
-        let fd =
-            super::netlink::open_netlink(NETLINK_NETFILTER, 0).map_err(TransactionError::Socket)?;
+        let sock = nl::open(libc::NETLINK_NETFILTER).map_err(TransactionError::Socket)?;
         Ok(Self {
-            fd,
+            sock,
             seq: std::process::id().wrapping_mul(7919),
-            buf: vec![0; 64 * 1024],
+            buf: Vec::with_capacity(nl::RECV_BUF),
         })
     }
 
@@ -383,14 +368,10 @@ impl NftWriter {
         let first = self.seq;
         self.seq = self.seq.wrapping_add(tx.ops.len() as u32 + 2);
         let bytes = tx.encode(first);
-        // SAFETY: our own buffer on our socket; the kernel is the default peer.
-        let rc = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-        if rc < 0 {
-            return Err(TransactionError::Io {
-                what: "send",
-                source: io::Error::last_os_error(),
-            });
-        }
+        nl::send(&self.sock, &bytes).map_err(|source| TransactionError::Io {
+            what: "send",
+            source,
+        })?;
         let mut answered = vec![false; tx.ops.len()];
         let mut failures = Vec::new();
         while answered.iter().any(|a| !a) {
@@ -403,51 +384,28 @@ impl NftWriter {
                     answered.iter().filter(|a| !**a).count(),
                 ));
             }
-            // SAFETY: receiving into our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
+            nl::recv(&self.sock, &mut self.buf).map_err(|source| TransactionError::Io {
+                what: "recv",
+                source,
+            })?;
+            // A malformed tail ends the datagram; what was answered counts.
+            for m in Messages::new(&self.buf).map_while(Result::ok) {
+                let index = m.seq.wrapping_sub(first).wrapping_sub(1) as usize;
+                if index >= tx.ops.len() {
                     continue;
                 }
-                return Err(TransactionError::Io {
-                    what: "recv",
-                    source: err,
-                });
-            }
-            let b = &self.buf[..n as usize];
-            let mut pos = 0;
-            while pos + NLMSG_HDRLEN <= b.len() {
-                let len = u32::from_ne_bytes(b[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes([b[pos + 4], b[pos + 5]]);
-                let seq = u32::from_ne_bytes(b[pos + 8..pos + 12].try_into().expect("4 bytes"));
-                if len < NLMSG_HDRLEN || pos + len > b.len() {
-                    break;
-                }
-                let index = seq.wrapping_sub(first).wrapping_sub(1) as usize;
-                if ty == NLMSG_ERROR && index < tx.ops.len() && len >= NLMSG_HDRLEN + 4 {
-                    answered[index] = true;
-                    let code = i32::from_ne_bytes(
-                        b[pos + NLMSG_HDRLEN..pos + NLMSG_HDRLEN + 4]
-                            .try_into()
-                            .expect("4 bytes"),
-                    );
-                    if code != 0 {
+                match m.body {
+                    Body::Ack => answered[index] = true,
+                    Body::Error(error) => {
+                        answered[index] = true;
                         failures.push(OpFailure {
                             index,
                             op: tx.ops[index].to_string(),
-                            error: io::Error::from_raw_os_error(-code),
+                            error,
                         });
                     }
+                    Body::Done | Body::Data(_) => {}
                 }
-                pos += attr::align4(len);
             }
         }
         if failures.is_empty() {
@@ -459,7 +417,7 @@ impl NftWriter {
 
     fn readable(&self, timeout: Duration) -> Result<bool, TransactionError> {
         let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+            fd: self.sock.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };

@@ -11,24 +11,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::analysis::{Probe, Tri};
+use super::packet::{ProbePacket, Tri};
+use crate::sys::uapi::{
+    NF_CT_STATE_NEW_BIT, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
+    XT_ADDRTYPE_INVERT_DEST, XT_ADDRTYPE_INVERT_SOURCE, XT_ADDRTYPE_LOCAL, XT_MAX_COMMENT_LEN,
+    XT_MULTI_PORTS, XT_MULTIPORT_DESTINATION, XT_MULTIPORT_EITHER, XT_MULTIPORT_SOURCE,
+    XT_TCP_INV_DSTPT, XT_UDP_INV_DSTPT,
+};
 
-const XT_ADDRTYPE_LOCAL: u16 = 1 << 2;
-const XT_ADDRTYPE_INVERT_SOURCE: u32 = 0x1;
-const XT_ADDRTYPE_INVERT_DEST: u32 = 0x2;
-const XT_TCP_INV_DSTPT: u8 = 0x02;
-const XT_UDP_INV_DSTPT: u8 = 0x02;
-const XT_MULTIPORT_SOURCE: u8 = 0;
-const XT_MULTIPORT_DESTINATION: u8 = 1;
-const XT_MULTIPORT_EITHER: u8 = 2;
-const XT_MULTI_PORTS: usize = 15;
-const XT_STATE_NEW: u32 = 1 << (2 + 1);
-const NF_NAT_RANGE_MAP_IPS: u32 = 1;
-const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 /// `struct nf_nat_ipv4_multi_range_compat` (20 bytes) versus `struct nf_nat_range` (40+).
 const NAT_RANGE_COMPAT_LEN: usize = 20;
 const NAT_RANGE_LEN: usize = 40;
-const XT_COMMENT_MAX: usize = 256;
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -45,18 +38,18 @@ fn be16_at(b: &[u8], at: usize) -> Option<u16> {
 /// The text of an `-m comment` match.
 pub fn comment(name: &str, info: &[u8]) -> Option<String> {
     (name == "comment").then(|| {
-        let b = &info[..info.len().min(XT_COMMENT_MAX)];
+        let b = &info[..info.len().min(XT_MAX_COMMENT_LEN)];
         let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
         String::from_utf8_lossy(&b[..end]).into_owned()
     })
 }
 
 /// Whether an xt match matches the probe packet.
-pub fn eval_match(name: &str, rev: u32, info: &[u8], probe: &Probe) -> Tri {
+pub fn eval_match(name: &str, rev: u32, info: &[u8], probe: &ProbePacket) -> Tri {
     eval_match_inner(name, rev, info, probe).unwrap_or(Tri::Maybe)
 }
 
-fn eval_match_inner(name: &str, rev: u32, info: &[u8], probe: &Probe) -> Option<Tri> {
+fn eval_match_inner(name: &str, rev: u32, info: &[u8], probe: &ProbePacket) -> Option<Tri> {
     Some(match name {
         "comment" => Tri::Yes,
         "addrtype" => {
@@ -142,7 +135,7 @@ fn eval_match_inner(name: &str, rev: u32, info: &[u8], probe: &Probe) -> Option<
                 _ => Tri::Maybe,
             }
         }
-        "state" => Tri::from(u32_at(info, 0)? & XT_STATE_NEW != 0),
+        "state" => Tri::from(u32_at(info, 0)? & NF_CT_STATE_NEW_BIT != 0),
         _ => Tri::Maybe,
     })
 }

@@ -181,6 +181,34 @@ impl ResolvedOwners {
     pub fn nat_targets(&self) -> impl Iterator<Item = NatTarget> + '_ {
         self.ports.iter().flat_map(ResolvedPort::nat_targets)
     }
+
+    /// What the nftables inspector needs from this model: every published
+    /// mapping (legitimate NAT targets and pins), Docker's bridges, and whether
+    /// Docker answered.
+    pub fn owned_targets(&self) -> crate::nft::OwnedTargets {
+        let mut owned = crate::nft::OwnedTargets {
+            docker_known: matches!(self.docker, DockerStatus::Reachable { .. }),
+            docker_bridges: self.docker_bridges.iter().cloned().collect(),
+            ..crate::nft::OwnedTargets::default()
+        };
+        for nat in self.nat_targets() {
+            owned.publish(nat.mapping());
+        }
+        owned
+    }
+}
+
+impl NatTarget {
+    /// The mapping alone, as nft knows it (without the container's name).
+    pub fn mapping(&self) -> crate::nft::PublishedMapping {
+        crate::nft::PublishedMapping {
+            proto: self.proto,
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            container_ip: self.container_ip,
+            container_port: self.container_port,
+        }
+    }
 }
 
 impl ResolvedPort {

@@ -96,16 +96,7 @@ struct Watch {
     addresses: AsyncFd<AddressMonitor>,
 }
 
-/// Runs `f` in `netns` (or here).
-fn in_netns<T: Send + 'static>(
-    netns: Option<&str>,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<T> {
-    match netns {
-        None => Ok(f()),
-        Some(ns) => nft::netlink::in_netns(ns, f),
-    }
-}
+use crate::sys::netns::run_in as in_netns;
 
 impl NetlinkBackend {
     /// Reads and commits only (`portguard fix`, `restore`): no subscription.

@@ -140,7 +140,7 @@ impl RuleGuard {
             // Another namespace is not this host's Docker: its chain by shape.
             OwnedTargets::docker_fallback()
         } else {
-            OwnedTargets::from_owners(owners)
+            owners.owned_targets()
         }
     }
 

@@ -57,7 +57,7 @@ impl Scope {
     }
 
     /// Whether a probe can meet one of the added rules.
-    pub fn wants(&self, probe: &nft::Probe) -> bool {
+    pub fn wants(&self, probe: &nft::ProbePacket) -> bool {
         self.ports.contains(&probe.dport)
             && (self.any_hook || self.hooks.contains(&(probe.hook, probe.v6)))
     }
@@ -93,13 +93,13 @@ pub fn matched_dport(exprs: &[Expr]) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::nft::{
-        Probe,
+        ProbePacket,
         model::Hook,
         netlink::{decode_messages, tests::sample_dump},
     };
 
-    fn probe(hook: Hook, v6: bool, dport: u16) -> Probe {
-        Probe {
+    fn probe(hook: Hook, v6: bool, dport: u16) -> ProbePacket {
+        ProbePacket {
             hook,
             v6,
             l4proto: 6,
