@@ -4,6 +4,7 @@
 
 mod bench;
 mod dockerd;
+mod lint;
 mod setup;
 mod sh;
 mod test;
@@ -33,7 +34,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up if needed, start the services the tests need, run every test.
+    /// Formatting and clippy (warnings are errors), the kernel crate included.
+    Lint,
+    /// Set up if needed, lint, start the services the tests need, run every test.
     Test {
         /// Only tests whose name contains this (passed to the test harness).
         filter: Option<String>,
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::setup(),
         Command::Run { args } => run(args),
+        Command::Lint => lint::lint(),
         Command::Test { filter } => test::test(filter.as_deref()),
         Command::Deb => deb().map(|_| ()),
         Command::Bench { which } => bench::bench(which),

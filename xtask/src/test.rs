@@ -7,6 +7,8 @@ use crate::{dockerd, setup, sh};
 pub fn test(filter: Option<&str>) -> anyhow::Result<()> {
     setup::setup()?;
     sh::require_root("the integration tests")?;
+    // A lint fails the run like a failing test (fmt, clippy -D warnings, the BPF crate too).
+    crate::lint::lint()?;
     // The agent binary the integration tests start.
     sh::cargo(&["build", "--workspace", "--exclude", "guard-ebpf"])?;
     // The packaging test unpacks the real .deb.
