@@ -34,7 +34,7 @@ pub fn init(format: LogFormat, verbose: u8) {
 
 /// An error and its sources on one line (`error = %ErrorChain(&e)`), for log
 /// fields and audit records: the top-level message alone often hides the cause.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'a));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -136,17 +136,7 @@ impl ClusterError {
 /// The error and its sources on one line: kube's top-level messages alone
 /// ("ServiceError: client error (Connect)") hide the useful part.
 fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
+    crate::logging::ErrorChain(err).to_string()
 }
 
 /// A client, and the kubeconfig it was built from.
