@@ -4,6 +4,16 @@
 //! The HTTP side is a small HTTP/1.1 responder on tokio: three GET routes,
 //! one request per connection. A scraper needs nothing more, and it keeps a
 //! server framework out of a root daemon.
+//!
+//! The server is bounded, because anyone on the host can connect to it and
+//! the agent's descriptors are shared with its netlink sockets: at most
+//! [`MAX_CONNECTIONS`] connections are served at once (a connection beyond
+//! that is closed the moment it is accepted, so it holds a descriptor for
+//! microseconds and costs no task), the request head must arrive within
+//! [`HEADER_TIMEOUT`], a connection that sends nothing for [`IDLE_TIMEOUT`]
+//! is closed, and a whole exchange is cut off after [`REQUEST_TIMEOUT`]. Idle
+//! connections therefore cannot exhaust descriptors or tasks, and a scraper
+//! gets through as soon as an idle slot times out.
 
 use std::{
     net::SocketAddr,
@@ -27,8 +37,23 @@ use prometheus_client::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
-use tracing::debug;
+use tracing::{debug, warn};
+
+/// Connections served at once; more are closed as soon as they are accepted.
+/// A scraper uses one; the rest is headroom for curl and a second scraper.
+pub const MAX_CONNECTIONS: usize = 32;
+/// The whole request head must arrive within this long after the accept.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole exchange (head, answer, write) is cut off after this long.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request head accepted (answered 431 beyond).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// The pause after a failed accept (EMFILE and friends), so the loop doesn't spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 use crate::types::Proto;
 
@@ -236,18 +261,58 @@ pub enum MetricsError {
     },
 }
 
+/// The server's bounds; [`Limits::default`] is the named constants above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
+
 /// The listening endpoint. [`Self::serve`] runs until its task is dropped or aborted.
 #[derive(Debug)]
 pub struct MetricsEndpoint {
     listener: TcpListener,
+    limits: Limits,
+    slots: Arc<Semaphore>,
 }
 
 impl MetricsEndpoint {
     pub async fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
+        Self::bind_with(addr, Limits::default()).await
+    }
+
+    /// [`Self::bind`] with other bounds (tests use short timeouts).
+    pub async fn bind_with(addr: SocketAddr, limits: Limits) -> Result<Self, MetricsError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| MetricsError::Bind { addr, source })?;
-        Ok(Self { listener })
+        Ok(Self {
+            listener,
+            limits,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+        })
+    }
+
+    /// How many connections are being served; the handle stays valid while
+    /// [`Self::serve`] runs.
+    pub fn connections(&self) -> ConnectionCount {
+        ConnectionCount {
+            slots: self.slots.clone(),
+            max: self.limits.max_connections,
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -256,44 +321,98 @@ impl MetricsEndpoint {
             .expect("a bound listener has an address")
     }
 
-    /// Answers scrapes forever; each connection on its own task.
+    /// Answers scrapes forever; each connection on its own task, at most
+    /// [`Limits::max_connections`] of them at once.
     pub async fn serve(self, metrics: Arc<Metrics>, health: Arc<Health>) {
+        let mut refused: u64 = 0;
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends pass; don't spin on them.
-                    debug!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    debug!(event = "metrics_accept_failed", error = %e, "metrics accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
-            let (metrics, health) = (metrics.clone(), health.clone());
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                // Every slot is taken: close at once (the drop), no task, no
+                // buffer. Logged at 1, 2, 4, 8, ... refusals, not once each.
+                refused += 1;
+                if refused.is_power_of_two() {
+                    warn!(
+                        event = "metrics_connection_refused",
+                        %peer,
+                        refused,
+                        max_connections = self.limits.max_connections,
+                        "metrics endpoint at its connection cap; closing new connections"
+                    );
+                }
+                drop(stream);
+                continue;
+            };
+            let (metrics, health, limits) = (metrics.clone(), health.clone(), self.limits);
             tokio::spawn(async move {
                 let answer = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    answer(stream, &metrics, &health),
+                    limits.request_timeout,
+                    answer(stream, &metrics, &health, &limits),
                 )
                 .await;
                 if !matches!(answer, Ok(Ok(()))) {
-                    debug!(%peer, "metrics request failed or timed out");
+                    debug!(
+                        event = "metrics_request_failed",
+                        %peer,
+                        "metrics request failed or timed out"
+                    );
                 }
+                drop(slot);
             });
         }
     }
 }
 
-/// Reads one request head and answers it; the connection then closes.
-async fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+/// How many connections the endpoint serves now (see [`MetricsEndpoint::connections`]).
+#[derive(Clone, Debug)]
+pub struct ConnectionCount {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionCount {
+    pub fn get(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+/// Reads one request head (within the idle and header timeouts) and answers
+/// it; the connection then closes.
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    health: &Health,
+    limits: &Limits,
+) -> std::io::Result<()> {
+    let deadline = tokio::time::Instant::now() + limits.header_timeout;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
+        // Each read must bring something within the idle timeout, and all of
+        // them together must end by the header deadline.
+        let wait = limits
+            .idle_timeout
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let Ok(read) = tokio::time::timeout(wait, stream.read(&mut buf)).await else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request head not received in time",
+            ));
+        };
+        let n = read?;
         if n == 0 {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
-        if head.len() > 16 * 1024 {
+        if head.len() > MAX_HEAD_BYTES {
             return respond(
                 &mut stream,
                 "431 Request Header Fields Too Large",
@@ -443,6 +562,142 @@ mod tests {
         health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await.0, 200);
         assert_eq!(get(addr, "/nope").await.0, 404);
+        server.abort();
+    }
+
+    /// Idle connections opened by the flood test.
+    const FLOOD: usize = 2_000;
+
+    /// Raises this process's soft descriptor limit so the test itself can
+    /// hold [`FLOOD`] connections (the server's side must not need it).
+    fn raise_nofile(want: u64) {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into a valid, owned struct.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        if lim.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        // SAFETY: setrlimit reads one valid rlimit; raising the hard limit
+        // needs CAP_SYS_RESOURCE, and without it the soft limit goes to the hard.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            let capped = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) };
+        }
+    }
+
+    fn open_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// A GET that may find its connection closed (the cap): None then.
+    async fn try_get(addr: SocketAddr, path: &str) -> Option<u16> {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.get(9..12)?.parse().ok()
+    }
+
+    /// Retries [`try_get`] until it is answered, for at most `within`.
+    async fn get_eventually(addr: SocketAddr, path: &str, within: Duration) -> u16 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = try_get(addr, path).await {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} not answered within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cannot_exhaust_the_endpoint() {
+        raise_nofile(FLOOD as u64 + 1_024);
+        let limits = Limits {
+            max_connections: 16,
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(5),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
+        health.set_ready(true);
+        let endpoint = MetricsEndpoint::bind_with("127.0.0.1:0".parse().unwrap(), limits)
+            .await
+            .unwrap();
+        let addr = endpoint.local_addr();
+        let served = endpoint.connections();
+        let server = tokio::spawn(endpoint.serve(metrics, health));
+        let runtime = tokio::runtime::Handle::current().metrics();
+        let (tasks_before, fds_before) = (runtime.num_alive_tasks(), open_descriptors());
+
+        // The flood: connections that never send a byte, all held open by
+        // the client. Let the server run between connects so it accepts.
+        let mut idle = Vec::with_capacity(FLOOD);
+        let mut most_served = 0;
+        let mut most_tasks = 0;
+        for _ in 0..FLOOD {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+            tokio::task::yield_now().await;
+            most_served = most_served.max(served.get());
+            most_tasks = most_tasks.max(runtime.num_alive_tasks());
+        }
+        assert!(
+            most_served <= limits.max_connections,
+            "{most_served} served at once"
+        );
+        assert!(
+            most_tasks <= tasks_before + limits.max_connections,
+            "{most_tasks} tasks alive (before the flood: {tasks_before})"
+        );
+        // The server side holds about the cap; the rest of the descriptors
+        // are the client's. Other tests run in this process and open
+        // descriptors too, hence the slack (without the cap it would be
+        // about FLOOD).
+        const OTHER_TESTS_SLACK: usize = 64;
+        let server_fds = open_descriptors().saturating_sub(fds_before + idle.len());
+        assert!(
+            server_fds <= limits.max_connections + OTHER_TESTS_SLACK,
+            "{server_fds} descriptors held by the server"
+        );
+
+        // While every idle connection is still open on the client side, a
+        // scrape and a readiness check get through once idle slots time out.
+        let within = limits.idle_timeout * 10;
+        assert_eq!(get_eventually(addr, "/metrics", within).await, 200);
+        assert_eq!(get_eventually(addr, "/readyz", within).await, 200);
+        assert!(served.get() <= limits.max_connections);
+        assert_eq!(idle.len(), FLOOD);
+
+        // A slow sender (bytes, but never a full head) is cut off by the
+        // header timeout even though it is never idle for long.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut closed = false;
+        while started.elapsed() < limits.header_timeout * 3 {
+            if slow.write_all(b"X").await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(limits.idle_timeout / 3).await;
+        }
+        assert!(closed, "a trickling request head was not cut off");
         server.abort();
     }
 }

@@ -5,6 +5,11 @@
 //! (failed, recovered), which is what the audit log records: one record per
 //! outage, not one per failed check. [`HealthProbe::run`] checks on the
 //! probe's interval and sends each result to the agent.
+//!
+//! A probed service is not trusted to be small: at most [`MAX_BODY_BYTES`] of
+//! a response body are read, and a larger body (or an endless one) is a
+//! failed check ([`ProbeFailure::BodyTooLarge`]), not an allocation that grows
+//! until the agent is killed.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +20,11 @@ use crate::{
     policy::{Policy, ProbeSpec},
     types::Proto,
 };
+
+/// The most of a response body a probe reads: a health page is kilobytes, so
+/// one megabyte is generous, and it bounds what a hostile service can make
+/// the agent hold.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("probe {url}: cannot build an HTTP client: {source}")]
@@ -30,6 +40,8 @@ pub enum ProbeFailure {
     Status { got: u16, want: u16 },
     #[error("status {status} but the body lacks {want:?}")]
     Body { status: u16, want: String },
+    #[error("status {status} but the body is larger than {limit} bytes")]
+    BodyTooLarge { status: u16, limit: usize },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -40,7 +52,7 @@ impl ProbeFailure {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Status { got, .. } => Some(*got),
-            Self::Body { status, .. } => Some(*status),
+            Self::Body { status, .. } | Self::BodyTooLarge { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -110,7 +122,7 @@ impl HealthProbe {
             });
         }
         if let Some(want) = &self.spec.expect_body {
-            let body = response.text().await.map_err(|e| self.failure(&e))?;
+            let body = self.read_body(response, status).await?;
             if !body.contains(want.as_str()) {
                 return Err(ProbeFailure::Body {
                     status,
@@ -119,6 +131,33 @@ impl HealthProbe {
             }
         }
         Ok(status)
+    }
+
+    /// The body, read chunk by chunk up to [`MAX_BODY_BYTES`]; beyond that
+    /// (announced by Content-Length or found while reading) the check fails.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        status: u16,
+    ) -> Result<String, ProbeFailure> {
+        let too_large = ProbeFailure::BodyTooLarge {
+            status,
+            limit: MAX_BODY_BYTES,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+        {
+            return Err(too_large);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.failure(&e))? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_large);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     fn failure(&self, e: &reqwest::Error) -> ProbeFailure {
@@ -351,6 +390,61 @@ mod tests {
             failure.to_string(),
             "status 200 but the body lacks \"Example Shop\""
         );
+    }
+
+    /// A loopback server that answers 200 and then sends body bytes forever
+    /// (no length, so the client can only stop by itself).
+    async fn endless_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let head =
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n";
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_a_failed_probe_not_an_oom() {
+        let endless = endless_server().await;
+        let mut spec = spec(format!("http://{endless}/"));
+        // Long enough that the size limit, not the timeout, ends the check.
+        spec.timeout = Duration::from_secs(30);
+        let started = Instant::now();
+        let got = probe(spec).check().await;
+        assert_eq!(
+            got,
+            Err(ProbeFailure::BodyTooLarge {
+                status: 200,
+                limit: MAX_BODY_BYTES
+            })
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(got.unwrap_err().status(), Some(200));
+
+        // An announced length beyond the limit fails without reading.
+        let big = "x".repeat(MAX_BODY_BYTES + 1).leak();
+        let announced = server(200, big, Duration::ZERO, false).await;
+        assert!(matches!(
+            probe(spec_for(announced)).check().await,
+            Err(ProbeFailure::BodyTooLarge { .. })
+        ));
+    }
+
+    fn spec_for(addr: SocketAddr) -> ProbeSpec {
+        spec(format!("http://{addr}/"))
     }
 
     #[tokio::test]

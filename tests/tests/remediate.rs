@@ -362,6 +362,33 @@ fn pin_not_one_new_connection_reaches_the_pod() {
     assert!(!ruleset.contains("table ip portguard"), "{ruleset}");
 }
 
+#[test]
+fn pin_table_dies_with_the_agent_even_on_sigkill() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let agent = start_agent(&lab, &cgroup);
+    // (Whether `nft` prints the owner flag depends on its version; the
+    // kill below is the proof.)
+    let table = lab.h.exec(["nft", "list", "table", "ip", "portguard"]);
+    assert!(table.contains("dnat to 203.0.113.2:80"), "{table}");
+
+    // No chance to tear anything down: the kernel must do it, because the
+    // table belongs to the agent's netlink socket.
+    let pid = agent.pid() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: signalling and reaping our own child (the agent, exec'd by nsenter).
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGKILL), 0);
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+    }
+    assert!(libc::WIFSIGNALED(status), "{status:#x}");
+    // Right after: read once, no polling.
+    let ruleset = lab.ruleset();
+    assert!(!ruleset.contains("table ip portguard"), "{ruleset}");
+    drop(agent);
+}
+
 /// Polls `nft list ruleset` of the lab's host until `pred` holds.
 fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -96,6 +96,9 @@ pub struct Table {
     pub name: String,
     pub handle: u64,
     pub flags: u32,
+    /// `NFTA_TABLE_OWNER`: the port id of the netlink socket that owns the
+    /// table (set only when the table has `NFT_TABLE_F_OWNER`).
+    pub owner: Option<u32>,
     pub origin: TableOrigin,
     pub chains: Vec<Chain>,
     pub sets: Vec<Set>,

@@ -34,8 +34,8 @@ use crate::sys::{
         NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
         NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_FIELD_LEN, NFTA_SET_FLAGS, NFTA_SET_HANDLE,
         NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_TABLE_FLAGS,
-        NFTA_TABLE_HANDLE, NFTA_TABLE_NAME, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
-        NLMSG_HDRLEN,
+        NFTA_TABLE_HANDLE, NFTA_TABLE_NAME, NFTA_TABLE_OWNER, NLM_F_DUMP, NLM_F_DUMP_INTR,
+        NLM_F_REQUEST, NLMSG_HDRLEN,
     },
 };
 
@@ -419,6 +419,7 @@ impl Decoder {
                     name,
                     handle: get(NFTA_TABLE_HANDLE).and_then(be_u64).unwrap_or(0),
                     flags: get(NFTA_TABLE_FLAGS).and_then(be_u32).unwrap_or(0),
+                    owner: get(NFTA_TABLE_OWNER).and_then(be_u32),
                     ..Table::default()
                 });
             }
@@ -828,6 +829,32 @@ pub(crate) mod tests {
         assert!(findings[0].active);
         assert_eq!(findings[0].target.as_deref(), Some("203.0.113.9:80"));
         assert_eq!(findings[0].handle, Some(7));
+    }
+
+    #[test]
+    fn an_owned_table_carries_its_owner_port_id() {
+        let family = Family::IP.0;
+        let mut dump = encode_message(
+            NFT_MSG_NEWTABLE,
+            family,
+            &nest(&[
+                (NFTA_TABLE_NAME, s("portguard")),
+                (
+                    NFTA_TABLE_FLAGS,
+                    crate::sys::uapi::NFT_TABLE_F_OWNER.to_be_bytes().to_vec(),
+                ),
+                (NFTA_TABLE_OWNER, 4242u32.to_be_bytes().to_vec()),
+            ]),
+        );
+        dump.extend(encode_message(
+            NFT_MSG_NEWTABLE,
+            family,
+            &nest(&[(NFTA_TABLE_NAME, s("nat"))]),
+        ));
+        let model = decode_messages(&dump);
+        assert_eq!(model.tables[0].owner, Some(4242));
+        assert_eq!(model.tables[0].flags, crate::sys::uapi::NFT_TABLE_F_OWNER);
+        assert_eq!(model.tables[1].owner, None);
     }
 
     #[test]

@@ -300,9 +300,12 @@ pub fn sync_transaction(installed: &[Family], pins: &[Pin]) -> Transaction {
         if of_family.is_empty() {
             continue;
         }
+        // Owned by the committing socket (the agent's long-lived writer):
+        // however the agent dies, the kernel removes the pins with it.
         tx.push(Op::AddTable {
             family,
             name: PIN_TABLE.into(),
+            owner: true,
         });
         for (chain, hook) in [
             (PIN_PREROUTING_CHAIN, Hook::Prerouting),
@@ -424,7 +427,9 @@ mod tests {
         let tx = sync_transaction(&[Family::IP], &[pin]);
         let text = tx.to_string();
         assert!(
-            text.starts_with("delete table ip portguard\nadd table ip portguard\n"),
+            text.starts_with(
+                "delete table ip portguard\nadd table ip portguard { flags owner; }\n"
+            ),
             "{text}"
         );
         assert!(text.contains("priority -199"), "{text}");

@@ -19,8 +19,8 @@ use crate::sys::{
         NF_ACCEPT, NF_INET_FORWARD, NF_INET_INGRESS, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
         NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, NFGENMSG_LEN, NFNL_MSG_BATCH_BEGIN,
         NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_DELTABLE,
-        NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME,
-        NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM,
+        NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_TABLE_F_OWNER, NFTA_CHAIN_HOOK,
+        NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM,
         NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_COMPAT, NFTA_RULE_COMPAT_FLAGS,
         NFTA_RULE_COMPAT_PROTO, NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION,
         NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLM_F_ACK,
@@ -69,6 +69,10 @@ pub enum Op {
     AddTable {
         family: Family,
         name: String,
+        /// `NFT_TABLE_F_OWNER`: the table belongs to the committing socket and
+        /// the kernel deletes it when that socket closes (never with
+        /// `NFT_TABLE_F_PERSIST`).
+        owner: bool,
     },
     AddNatChain {
         family: Family,
@@ -114,7 +118,16 @@ impl fmt::Display for Op {
                     exprs.len()
                 )
             }
-            Self::AddTable { family, name } => write!(f, "add table {family} {name}"),
+            Self::AddTable {
+                family,
+                name,
+                owner: false,
+            } => write!(f, "add table {family} {name}"),
+            Self::AddTable {
+                family,
+                name,
+                owner: true,
+            } => write!(f, "add table {family} {name} {{ flags owner; }}"),
             Self::AddNatChain {
                 family,
                 table,
@@ -181,9 +194,14 @@ impl Op {
                 }
                 (NFT_MSG_NEWRULE, *family, flags)
             }
-            Self::AddTable { family, name } => {
+            Self::AddTable {
+                family,
+                name,
+                owner,
+            } => {
                 attr::put_str(&mut a, NFTA_TABLE_NAME, name);
-                attr::put(&mut a, NFTA_TABLE_FLAGS, &0u32.to_be_bytes());
+                let flags = if *owner { NFT_TABLE_F_OWNER } else { 0 };
+                attr::put(&mut a, NFTA_TABLE_FLAGS, &flags.to_be_bytes());
                 (NFT_MSG_NEWTABLE, *family, NLM_F_CREATE)
             }
             Self::AddNatChain {
@@ -456,6 +474,7 @@ mod tests {
         .push(Op::AddTable {
             family: Family::IP6,
             name: "portguard".into(),
+            owner: true,
         });
         let b = tx.encode(100);
         let mut pos = 0;
@@ -468,6 +487,18 @@ mod tests {
             if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE {
                 let attrs: Vec<_> = Attrs::new(&b[pos + 20..pos + len]).flatten().collect();
                 assert_eq!(attrs[2], (NFTA_RULE_HANDLE, &42u64.to_be_bytes()[..]));
+            }
+            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
+                // An owned table, never a persistent one.
+                let attrs: Vec<_> = Attrs::new(&b[pos + 20..pos + len]).flatten().collect();
+                let flags = attrs
+                    .iter()
+                    .find(|(t, _)| *t == NFTA_TABLE_FLAGS)
+                    .unwrap()
+                    .1;
+                let flags = u32::from_be_bytes(flags.try_into().unwrap());
+                assert_eq!(flags, NFT_TABLE_F_OWNER);
+                assert_eq!(flags & crate::sys::uapi::NFT_TABLE_F_PERSIST, 0);
             }
             pos += attr::align4(len);
         }
@@ -482,7 +513,7 @@ mod tests {
         );
         assert_eq!(
             tx.to_string(),
-            "delete rule ip nat CNI-HOSTPORT-DNAT handle 42\nadd table ip6 portguard\n"
+            "delete rule ip nat CNI-HOSTPORT-DNAT handle 42\nadd table ip6 portguard { flags owner; }\n"
         );
     }
 }

@@ -144,6 +144,13 @@ pub const NFTA_VERDICT_CHAIN: u16 = 2;
 pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_TABLE_FLAGS: u16 = 2;
 pub const NFTA_TABLE_HANDLE: u16 = 4;
+/// The netlink port id of the socket that owns the table (with `NFT_TABLE_F_OWNER`).
+pub const NFTA_TABLE_OWNER: u16 = 7;
+/// Table flag: the table lives only as long as the netlink socket that
+/// created it; the kernel deletes it when that socket closes.
+pub const NFT_TABLE_F_OWNER: u32 = 0x2;
+/// Table flag: an owned table outlives its socket. portguard never sets it.
+pub const NFT_TABLE_F_PERSIST: u32 = 0x4;
 pub const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_HANDLE: u16 = 2;
 pub const NFTA_CHAIN_NAME: u16 = 3;

@@ -329,7 +329,7 @@ fn apply_op(
                 .insert(index, raw_rule(handle(), exprs, userdata.as_deref()));
             announced.push(rule_added(*family, table, c, index));
         }
-        Op::AddTable { family, name } => {
+        Op::AddTable { family, name, .. } => {
             if find_table(model, *family, name).is_none() {
                 model.tables.push(Table {
                     family: *family,
