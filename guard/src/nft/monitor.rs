@@ -6,6 +6,13 @@
 //! and the handle of the rule it follows). Anything else (tables, chains, sets,
 //! elements) asks for a full re-read, and so does an overflowing socket
 //! (`ENOBUFS`): a change is never missed, at worst re-read.
+//!
+//! Every committed batch ends with `NFT_MSG_NEWGEN`, which names the
+//! generation the batch created ([`Change::Generation`]). The subscription is
+//! opened before the first dump, so a batch may be both in the dump and in the
+//! stream: the caller applies a batch only when its generation is newer than
+//! the model's ([`is_newer`]), and [`apply`] never puts a second rule with one
+//! handle into a chain.
 
 use std::{
     io,
@@ -14,6 +21,7 @@ use std::{
 };
 
 use super::{
+    attr::{Attrs, be_u32},
     model::{Family, RulesetModel},
     netlink::{self, RuleMessage},
 };
@@ -21,8 +29,8 @@ use crate::sys::{
     netlink::{self as nl, Body, Messages, Socket},
     uapi::{
         NFGENMSG_LEN, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_NEWGEN,
-        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR, RTMGRP_IPV4_IFADDR,
-        RTMGRP_IPV6_IFADDR,
+        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NFTA_GEN_ID, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR,
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR,
     },
 };
 
@@ -40,8 +48,9 @@ pub enum Change {
         appended: bool,
     },
     RuleDeleted(RuleMessage),
-    /// The end of one committed transaction (`NFT_MSG_NEWGEN`).
-    Generation,
+    /// The end of one committed transaction (`NFT_MSG_NEWGEN`), with the
+    /// generation it created (`NFTA_GEN_ID`, when the message carries it).
+    Generation(Option<u32>),
     /// A table, chain, set or element changed: re-read the ruleset.
     Structural {
         msg: u16,
@@ -112,7 +121,12 @@ pub fn parse(buf: &Arc<Vec<u8>>, out: &mut Vec<Change>) {
         let family = p[0];
         let range = m.payload.start + NFGENMSG_LEN..m.payload.end;
         match msg {
-            NFT_MSG_NEWGEN => out.push(Change::Generation),
+            NFT_MSG_NEWGEN => out.push(Change::Generation(
+                Attrs::new(&buf[range])
+                    .flatten()
+                    .find(|(t, _)| *t == NFTA_GEN_ID)
+                    .and_then(|(_, p)| be_u32(p)),
+            )),
             NFT_MSG_NEWRULE | NFT_MSG_DELRULE => match netlink::decode_rule(buf, family, range) {
                 Some(rule) if msg == NFT_MSG_NEWRULE => out.push(Change::RuleAdded {
                     msg: rule,
@@ -144,10 +158,27 @@ pub enum Applied {
     Resync,
 }
 
-/// Applies one change to the model in place.
+/// Whether generation `generation` comes after `than` (serial number
+/// arithmetic: the kernel's counter wraps). Unknown generations count as newer:
+/// applying a change twice is harmless ([`apply`] keeps handles unique),
+/// dropping one is not.
+pub fn is_newer(generation: Option<u32>, than: Option<u32>) -> bool {
+    match (generation, than) {
+        (Some(g), Some(than)) => (g.wrapping_sub(than) as i32) > 0,
+        _ => true,
+    }
+}
+
+/// Applies one change to the model in place. A generation marker moves the
+/// model's generation on.
 pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
     match change {
-        Change::Generation => Applied::Unchanged,
+        Change::Generation(generation) => {
+            if generation.is_some() {
+                model.generation = generation;
+            }
+            Applied::Unchanged
+        }
         Change::Structural { .. } | Change::Overrun => Applied::Resync,
         Change::RuleAdded { msg, appended } => {
             let Some(chain) = model
@@ -158,6 +189,15 @@ pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
             else {
                 return Applied::Resync;
             };
+            // One handle, one rule: a rule the model holds already (a dump
+            // and a notification of the same batch) is not added twice.
+            if let Some(held) = chain.rules.iter().find(|r| r.handle == msg.rule.handle) {
+                return if held.raw_exprs().is_some() && held.raw_exprs() == msg.rule.raw_exprs() {
+                    Applied::Unchanged
+                } else {
+                    Applied::Resync
+                };
+            }
             let at = match msg.position {
                 Some(prev) => match chain.rules.iter().position(|r| r.handle == prev) {
                     Some(i) => i + 1,
@@ -305,7 +345,10 @@ mod tests {
         assert_eq!(apply(&mut model, del(7)), Applied::Unchanged);
         assert_eq!(handles(&model), vec![9, 10, 8]);
         assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
-        assert_eq!(apply(&mut model, Change::Generation), Applied::Unchanged);
+        assert_eq!(
+            apply(&mut model, Change::Generation(None)),
+            Applied::Unchanged
+        );
     }
 
     #[test]
