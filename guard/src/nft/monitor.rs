@@ -352,6 +352,65 @@ mod tests {
     }
 
     #[test]
+    fn a_handle_the_chain_holds_is_never_added_twice() {
+        let mut model = decode_messages(&sample_dump());
+        let held = model.tables[0].chains[0].rules[0].clone();
+        // The same rule (a dump and a notification of one batch): nothing to do.
+        let again = Change::RuleAdded {
+            msg: RuleMessage {
+                family: Family::IP,
+                table: "t".into(),
+                chain: "pre".into(),
+                position: None,
+                rule: held,
+            },
+            appended: true,
+        };
+        assert_eq!(apply(&mut model, again), Applied::Unchanged);
+        // Another rule under a handle the model holds: the model is stale, re-read.
+        assert_eq!(apply(&mut model, added(7, None, true)), Applied::Resync);
+        assert_eq!(handles(&model), vec![7]);
+    }
+
+    #[test]
+    fn only_newer_generations_are_applied_and_a_generation_moves_the_model_on() {
+        assert!(is_newer(Some(5), Some(4)));
+        assert!(!is_newer(Some(4), Some(4)), "in the dump already");
+        assert!(!is_newer(Some(3), Some(4)));
+        // The counter wraps.
+        assert!(is_newer(Some(1), Some(u32::MAX)));
+        assert!(!is_newer(Some(u32::MAX), Some(1)));
+        // Unknown: applied (a duplicate is harmless, a lost change is not).
+        assert!(is_newer(None, Some(4)) && is_newer(Some(4), None));
+        let mut model = decode_messages(&sample_dump());
+        assert_eq!(
+            apply(&mut model, Change::Generation(Some(9))),
+            Applied::Unchanged
+        );
+        assert_eq!(model.generation, Some(9));
+    }
+
+    #[test]
+    fn a_newgen_notification_carries_its_generation() {
+        let mut buf = Vec::new();
+        let mut attrs = Vec::new();
+        crate::nft::attr::put(&mut attrs, NFTA_GEN_ID, &42u32.to_be_bytes());
+        let len = crate::sys::uapi::NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+        nl::put_header(
+            &mut buf,
+            len,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN,
+            0,
+            1,
+        );
+        buf.extend_from_slice(&[0, 0, 0, 0]);
+        buf.extend_from_slice(&attrs);
+        let mut out = Vec::new();
+        parse(&Arc::new(buf), &mut out);
+        assert!(matches!(out[..], [Change::Generation(Some(42))]), "{out:?}");
+    }
+
+    #[test]
     fn a_notification_datagram_is_parsed_into_changes() {
         // A dump's NEWRULE message reads the same as a notification's.
         let buf = Arc::new(sample_dump());

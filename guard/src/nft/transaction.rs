@@ -535,4 +535,26 @@ mod tests {
             "delete rule ip nat CNI-HOSTPORT-DNAT handle 42\nadd table ip6 portguard\n"
         );
     }
+
+    #[test]
+    fn a_batch_decided_on_a_generation_carries_it_in_its_begin_message() {
+        let mut tx = Transaction::new();
+        tx.push(Op::DeleteTable {
+            family: Family::IP,
+            name: "portguard".into(),
+        });
+        let unchecked = tx.encode(1);
+        let len = u32::from_ne_bytes(unchecked[0..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            len,
+            NLMSG_HDRLEN + NFGENMSG_LEN,
+            "no generation: no attribute"
+        );
+        let b = tx.at_generation(Some(77)).encode(1);
+        let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
+        let attrs: Vec<_> = Attrs::new(&b[NLMSG_HDRLEN + NFGENMSG_LEN..len])
+            .flatten()
+            .collect();
+        assert_eq!(attrs, [(NFNL_BATCH_GENID, &77u32.to_be_bytes()[..])]);
+    }
 }

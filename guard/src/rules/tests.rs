@@ -265,6 +265,20 @@ impl Harness {
         .await
     }
 
+    /// The number of rules the guard's model holds, at its next inspection
+    /// that is not a full read.
+    async fn inspected_rules(&mut self) -> usize {
+        self.wait_for("an inspection", |r| match r {
+            GuardReport::Inspected {
+                rules,
+                full_read: false,
+                ..
+            } => Some(rules),
+            _ => None,
+        })
+        .await
+    }
+
     /// Every full read from now until `QUIET` passes without a report.
     async fn quiet(&mut self) -> usize {
         let mut full_reads = 0;
@@ -609,6 +623,14 @@ async fn a_notification_already_in_the_dump_adds_no_ghost_rule() {
     assert_eq!(h.batches(), [delete_batch(hijack)], "removed once");
     assert_eq!(h.control.handles(Family::IP, TABLE, CHAIN), [innocent]);
     assert_eq!(rule_removed_records(&h.audit_path).len(), 1);
+    // The guard's model holds the innocent rule once (an address change makes
+    // it inspect, and report how many rules it holds).
+    h.control.set_addresses(host_addrs());
+    assert_eq!(
+        h.inspected_rules().await,
+        1,
+        "no duplicate of the innocent rule"
+    );
     // Still following changes: a new hijack is removed (and is no return of a ghost).
     let again = h.control.add_rule(&hijack_target(&hijack_exprs()));
     let (id, returns, _) = h.removed().await;
