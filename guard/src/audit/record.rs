@@ -97,7 +97,13 @@ pub enum AuditEvent {
     BindObserved(BindAttempt),
     BindDenied(BindAttempt),
     RuleFound(ForeignRuleRecord),
-    /// Written before the rule is deleted.
+    /// Written (durably) before the rule is deleted: the intent, whole. Not a
+    /// removal: the batch may still be refused (the ruleset moved, the rule
+    /// was gone). A `rule_removed` with the same rule follows once the kernel
+    /// confirmed the deletion.
+    RuleRemoving(ForeignRuleRecord),
+    /// Written once the kernel confirmed the deletion; `portguard restore`
+    /// takes its `seq`.
     RuleRemoved(ForeignRuleRecord),
     RuleRestored {
         /// The `rule_removed` record this undoes.
@@ -169,6 +175,7 @@ impl AuditEvent {
             Self::BindObserved(_) => "bind_observed",
             Self::BindDenied(_) => "bind_denied",
             Self::RuleFound(_) => "rule_found",
+            Self::RuleRemoving(_) => "rule_removing",
             Self::RuleRemoved(_) => "rule_removed",
             Self::RuleRestored { .. } => "rule_restored",
             Self::PinInstalled { .. } => "pin_installed",
@@ -186,7 +193,9 @@ impl AuditEvent {
     pub fn port(&self) -> Option<(u16, Proto)> {
         match self {
             Self::BindObserved(b) | Self::BindDenied(b) => Some((b.port, b.proto)),
-            Self::RuleFound(r) | Self::RuleRemoved(r) => Some((r.port, r.proto)),
+            Self::RuleFound(r) | Self::RuleRemoving(r) | Self::RuleRemoved(r) => {
+                Some((r.port, r.proto))
+            }
             Self::RuleRestored { port, proto, .. }
             | Self::PinInstalled { port, proto, .. }
             | Self::PinUpdated { port, proto, .. }

@@ -1,6 +1,8 @@
 //! `portguard fix [--dry-run]`: the one-shot version of `run`'s remediation.
 //! Every foreign rule on a protected port is recorded whole in the audit log,
-//! then all are deleted by handle in one atomic transaction.
+//! then all are deleted by handle in one atomic transaction, checked against
+//! the generation they were judged on: if the ruleset moved meanwhile (the
+//! Docker lookups take a while), it is read and judged again.
 //! Exit 0 clean, 1 findings fixed (or, with `--dry-run`, found), 2 error.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -13,10 +15,16 @@ use crate::{
     nft::{self, InspectInput, OwnedTargets},
     owners::Owners,
     policy::{Mode, Policy},
-    rules::{Action, NetlinkBackend, decide, removal_transaction, remove_audited},
+    rules::{
+        Action, GuardError, NetlinkBackend, decide, removal_transaction, remove::generation_moved,
+        remove_audited,
+    },
 };
 
 const EXIT_FINDINGS: u8 = 1;
+/// How many times the ruleset is read and judged again when it moved between
+/// the read and the commit.
+const MAX_ATTEMPTS: usize = 5;
 
 #[derive(Debug, clap::Args)]
 pub struct FixArgs {
@@ -43,8 +51,6 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (model, addrs) =
-        nft::read_with_addrs(args.netns.as_deref()).context("reading the ruleset")?;
     let owned = if args.netns.is_some() {
         OwnedTargets::docker_fallback()
     } else {
@@ -55,7 +61,32 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
         }
         owners.owned_targets()
     };
-    let input = InspectInput::from_policy(&policy, owned, addrs);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match fix_once(&args, &policy, &owned, &runtime) {
+            Err(e)
+                if attempt < MAX_ATTEMPTS
+                    && e.downcast_ref::<GuardError>().is_some_and(generation_moved) =>
+            {
+                println!("# the ruleset moved while deciding: reading it again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Reads, judges and removes once (see the module doc).
+fn fix_once(
+    args: &FixArgs,
+    policy: &Policy,
+    owned: &OwnedTargets,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<ExitCode> {
+    let policy = policy.clone();
+    let (model, addrs) =
+        nft::read_with_addrs(args.netns.as_deref()).context("reading the ruleset")?;
+    let input = InspectInput::from_policy(&policy, owned.clone(), addrs);
     let findings = nft::inspect(&model, &input);
     let mut remove = Vec::new();
     for action in decide(&model, &findings, &policy) {
@@ -103,12 +134,19 @@ pub fn main(args: FixArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
     let audit = AuditHandle::new(log);
     let mut backend = NetlinkBackend::open(args.netns.as_deref()).context("opening netlink")?;
-    let seqs = runtime
-        .block_on(remove_audited(&audit, &mut backend, &remove))
-        .context("removing the foreign rules")?;
+    let removal = runtime.block_on(remove_audited(
+        &audit,
+        &mut backend,
+        &remove,
+        model.generation,
+    ));
     audit.flush()?;
-    for (r, seq) in remove.iter().zip(seqs) {
+    let removal = removal.context("removing the foreign rules")?;
+    for (r, seq) in &removal.removed {
         println!("removed {} (restore with: portguard restore {seq})", r.id());
+    }
+    for r in &removal.vanished {
+        println!("gone before it could be removed (not by us): {}", r.id());
     }
     Ok(ExitCode::from(EXIT_FINDINGS))
 }

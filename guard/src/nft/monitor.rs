@@ -6,6 +6,13 @@
 //! and the handle of the rule it follows). Anything else (tables, chains, sets,
 //! elements) asks for a full re-read, and so does an overflowing socket
 //! (`ENOBUFS`): a change is never missed, at worst re-read.
+//!
+//! Every committed batch ends with `NFT_MSG_NEWGEN`, which names the
+//! generation the batch created ([`Change::Generation`]). The subscription is
+//! opened before the first dump, so a batch may be both in the dump and in the
+//! stream: the caller applies a batch only when its generation is newer than
+//! the model's ([`is_newer`]), and [`apply`] never puts a second rule with one
+//! handle into a chain.
 
 use std::{
     io,
@@ -14,6 +21,7 @@ use std::{
 };
 
 use super::{
+    attr::{Attrs, be_u32},
     model::{Family, RulesetModel},
     netlink::{self, RuleMessage},
 };
@@ -21,8 +29,8 @@ use crate::sys::{
     netlink::{self as nl, Body, Messages, Socket},
     uapi::{
         NFGENMSG_LEN, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_NEWGEN,
-        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR, RTMGRP_IPV4_IFADDR,
-        RTMGRP_IPV6_IFADDR,
+        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NFTA_GEN_ID, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR,
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR,
     },
 };
 
@@ -40,8 +48,9 @@ pub enum Change {
         appended: bool,
     },
     RuleDeleted(RuleMessage),
-    /// The end of one committed transaction (`NFT_MSG_NEWGEN`).
-    Generation,
+    /// The end of one committed transaction (`NFT_MSG_NEWGEN`), with the
+    /// generation it created (`NFTA_GEN_ID`, when the message carries it).
+    Generation(Option<u32>),
     /// A table, chain, set or element changed: re-read the ruleset.
     Structural {
         msg: u16,
@@ -112,7 +121,12 @@ pub fn parse(buf: &Arc<Vec<u8>>, out: &mut Vec<Change>) {
         let family = p[0];
         let range = m.payload.start + NFGENMSG_LEN..m.payload.end;
         match msg {
-            NFT_MSG_NEWGEN => out.push(Change::Generation),
+            NFT_MSG_NEWGEN => out.push(Change::Generation(
+                Attrs::new(&buf[range])
+                    .flatten()
+                    .find(|(t, _)| *t == NFTA_GEN_ID)
+                    .and_then(|(_, p)| be_u32(p)),
+            )),
             NFT_MSG_NEWRULE | NFT_MSG_DELRULE => match netlink::decode_rule(buf, family, range) {
                 Some(rule) if msg == NFT_MSG_NEWRULE => out.push(Change::RuleAdded {
                     msg: rule,
@@ -144,10 +158,27 @@ pub enum Applied {
     Resync,
 }
 
-/// Applies one change to the model in place.
+/// Whether generation `generation` comes after `than` (serial number
+/// arithmetic: the kernel's counter wraps). Unknown generations count as newer:
+/// applying a change twice is harmless ([`apply`] keeps handles unique),
+/// dropping one is not.
+pub fn is_newer(generation: Option<u32>, than: Option<u32>) -> bool {
+    match (generation, than) {
+        (Some(g), Some(than)) => (g.wrapping_sub(than) as i32) > 0,
+        _ => true,
+    }
+}
+
+/// Applies one change to the model in place. A generation marker moves the
+/// model's generation on.
 pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
     match change {
-        Change::Generation => Applied::Unchanged,
+        Change::Generation(generation) => {
+            if generation.is_some() {
+                model.generation = generation;
+            }
+            Applied::Unchanged
+        }
         Change::Structural { .. } | Change::Overrun => Applied::Resync,
         Change::RuleAdded { msg, appended } => {
             let Some(chain) = model
@@ -158,6 +189,15 @@ pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
             else {
                 return Applied::Resync;
             };
+            // One handle, one rule: a rule the model holds already (a dump
+            // and a notification of the same batch) is not added twice.
+            if let Some(held) = chain.rules.iter().find(|r| r.handle == msg.rule.handle) {
+                return if held.raw_exprs().is_some() && held.raw_exprs() == msg.rule.raw_exprs() {
+                    Applied::Unchanged
+                } else {
+                    Applied::Resync
+                };
+            }
             let at = match msg.position {
                 Some(prev) => match chain.rules.iter().position(|r| r.handle == prev) {
                     Some(i) => i + 1,
@@ -305,7 +345,69 @@ mod tests {
         assert_eq!(apply(&mut model, del(7)), Applied::Unchanged);
         assert_eq!(handles(&model), vec![9, 10, 8]);
         assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
-        assert_eq!(apply(&mut model, Change::Generation), Applied::Unchanged);
+        assert_eq!(
+            apply(&mut model, Change::Generation(None)),
+            Applied::Unchanged
+        );
+    }
+
+    #[test]
+    fn a_handle_the_chain_holds_is_never_added_twice() {
+        let mut model = decode_messages(&sample_dump());
+        let held = model.tables[0].chains[0].rules[0].clone();
+        // The same rule (a dump and a notification of one batch): nothing to do.
+        let again = Change::RuleAdded {
+            msg: RuleMessage {
+                family: Family::IP,
+                table: "t".into(),
+                chain: "pre".into(),
+                position: None,
+                rule: held,
+            },
+            appended: true,
+        };
+        assert_eq!(apply(&mut model, again), Applied::Unchanged);
+        // Another rule under a handle the model holds: the model is stale, re-read.
+        assert_eq!(apply(&mut model, added(7, None, true)), Applied::Resync);
+        assert_eq!(handles(&model), vec![7]);
+    }
+
+    #[test]
+    fn only_newer_generations_are_applied_and_a_generation_moves_the_model_on() {
+        assert!(is_newer(Some(5), Some(4)));
+        assert!(!is_newer(Some(4), Some(4)), "in the dump already");
+        assert!(!is_newer(Some(3), Some(4)));
+        // The counter wraps.
+        assert!(is_newer(Some(1), Some(u32::MAX)));
+        assert!(!is_newer(Some(u32::MAX), Some(1)));
+        // Unknown: applied (a duplicate is harmless, a lost change is not).
+        assert!(is_newer(None, Some(4)) && is_newer(Some(4), None));
+        let mut model = decode_messages(&sample_dump());
+        assert_eq!(
+            apply(&mut model, Change::Generation(Some(9))),
+            Applied::Unchanged
+        );
+        assert_eq!(model.generation, Some(9));
+    }
+
+    #[test]
+    fn a_newgen_notification_carries_its_generation() {
+        let mut buf = Vec::new();
+        let mut attrs = Vec::new();
+        crate::nft::attr::put(&mut attrs, NFTA_GEN_ID, &42u32.to_be_bytes());
+        let len = crate::sys::uapi::NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+        nl::put_header(
+            &mut buf,
+            len,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN,
+            0,
+            1,
+        );
+        buf.extend_from_slice(&[0, 0, 0, 0]);
+        buf.extend_from_slice(&attrs);
+        let mut out = Vec::new();
+        parse(&Arc::new(buf), &mut out);
+        assert!(matches!(out[..], [Change::Generation(Some(42))]), "{out:?}");
     }
 
     #[test]

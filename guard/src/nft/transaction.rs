@@ -3,6 +3,13 @@
 //! [`Transaction`] takes effect or none does; each message asks for an ACK and
 //! every error the kernel reports is collected with the operation it belongs to.
 //!
+//! A batch may carry the ruleset generation it was decided on
+//! ([`Transaction::generation`], `NFNL_BATCH_GENID`): if the ruleset moved
+//! since, the kernel refuses it whole with `ERESTART`
+//! ([`TransactionError::GenerationMoved`]) instead of applying a handle that
+//! may now name another rule (a table re-created by `iptables-nft-restore`
+//! starts its handles again).
+//!
 //! Rules are deleted by handle, so no other rule is touched; rules are
 //! re-created from their raw `NFTA_RULE_EXPRESSIONS` (byte for byte what the
 //! kernel dumped), at a position named by a neighbour's handle.
@@ -16,15 +23,15 @@ use super::{
 use crate::sys::{
     netlink::{self as nl, Body, Messages, Socket},
     uapi::{
-        NF_ACCEPT, NF_INET_FORWARD, NF_INET_INGRESS, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
-        NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, NFGENMSG_LEN, NFNL_MSG_BATCH_BEGIN,
-        NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_DELTABLE,
-        NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_TABLE_F_OWNER, NFTA_CHAIN_HOOK,
-        NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM,
-        NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_COMPAT, NFTA_RULE_COMPAT_FLAGS,
-        NFTA_RULE_COMPAT_PROTO, NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE, NFTA_RULE_POSITION,
-        NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLM_F_ACK,
-        NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_HDRLEN,
+        ERESTART, NF_ACCEPT, NF_INET_FORWARD, NF_INET_INGRESS, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
+        NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, NFGENMSG_LEN, NFNL_BATCH_GENID,
+        NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE,
+        NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_TABLE_F_OWNER,
+        NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE,
+        NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_COMPAT,
+        NFTA_RULE_COMPAT_FLAGS, NFTA_RULE_COMPAT_PROTO, NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE,
+        NFTA_RULE_POSITION, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME,
+        NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_HDRLEN,
     },
 };
 
@@ -273,6 +280,9 @@ fn put_message(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transaction {
     pub ops: Vec<Op>,
+    /// The nf_tables generation the batch was decided on: the kernel refuses
+    /// it (`ERESTART`) when the ruleset moved since. `None`: unchecked.
+    pub generation: Option<u32>,
 }
 
 impl Transaction {
@@ -289,10 +299,20 @@ impl Transaction {
         self.ops.is_empty()
     }
 
+    /// Checked against `generation` (see [`Self::generation`]).
+    pub fn at_generation(mut self, generation: Option<u32>) -> Self {
+        self.generation = generation;
+        self
+    }
+
     /// The whole batch as bytes: begin, one message per operation (sequence
     /// numbers `first_seq + 1…`), end.
     pub fn encode(&self, first_seq: u32) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.ops.len() * 128);
+        let mut begin = Vec::new();
+        if let Some(generation) = self.generation {
+            attr::put(&mut begin, NFNL_BATCH_GENID, &generation.to_be_bytes());
+        }
         put_message(
             &mut out,
             NFNL_MSG_BATCH_BEGIN,
@@ -300,7 +320,7 @@ impl Transaction {
             first_seq,
             0,
             NFNL_SUBSYS_NFTABLES,
-            &[],
+            &begin,
         );
         for (i, op) in self.ops.iter().enumerate() {
             op.encode(first_seq + 1 + i as u32, &mut out);
@@ -350,6 +370,13 @@ pub enum TransactionError {
     Rejected { failures: Vec<OpFailure> },
     #[error("no answer from the kernel for {0} operation(s) of the transaction")]
     NoAnswer(usize),
+    /// The ruleset is no longer at the generation the batch was decided on
+    /// (`ERESTART`): nothing applied; read again and decide again.
+    #[error("the ruleset moved since generation {decided_on} (nothing applied)")]
+    GenerationMoved { decided_on: u32 },
+    /// The kernel refused the batch itself (its `NFNL_MSG_BATCH_BEGIN`).
+    #[error("the kernel refused the batch: {0}")]
+    Batch(#[source] io::Error),
 }
 
 impl TransactionError {
@@ -357,6 +384,18 @@ impl TransactionError {
     pub fn all_missing(&self) -> bool {
         matches!(self, Self::Rejected { failures } if !failures.is_empty()
             && failures.iter().all(|f| f.error.raw_os_error() == Some(libc::ENOENT)))
+    }
+
+    /// Whether some failure says an object is gone (`ENOENT`): with a batch of
+    /// deletions, one missing rule aborts them all.
+    pub fn any_missing(&self) -> bool {
+        matches!(self, Self::Rejected { failures }
+            if failures.iter().any(|f| f.error.raw_os_error() == Some(libc::ENOENT)))
+    }
+
+    /// Whether the ruleset moved since the batch was decided (`ERESTART`).
+    pub fn generation_moved(&self) -> bool {
+        matches!(self, Self::GenerationMoved { .. })
     }
 }
 
@@ -408,6 +447,17 @@ impl NftWriter {
             })?;
             // A malformed tail ends the datagram; what was answered counts.
             for m in Messages::new(&self.buf).map_while(Result::ok) {
+                // The batch itself refused (its begin message): nothing applied.
+                if m.seq == first
+                    && let Body::Error(error) = m.body
+                {
+                    return Err(match (error.raw_os_error(), tx.generation) {
+                        (Some(ERESTART), Some(decided_on)) => {
+                            TransactionError::GenerationMoved { decided_on }
+                        }
+                        _ => TransactionError::Batch(error),
+                    });
+                }
                 let index = m.seq.wrapping_sub(first).wrapping_sub(1) as usize;
                 if index >= tx.ops.len() {
                     continue;
@@ -515,5 +565,27 @@ mod tests {
             tx.to_string(),
             "delete rule ip nat CNI-HOSTPORT-DNAT handle 42\nadd table ip6 portguard { flags owner; }\n"
         );
+    }
+
+    #[test]
+    fn a_batch_decided_on_a_generation_carries_it_in_its_begin_message() {
+        let mut tx = Transaction::new();
+        tx.push(Op::DeleteTable {
+            family: Family::IP,
+            name: "portguard".into(),
+        });
+        let unchecked = tx.encode(1);
+        let len = u32::from_ne_bytes(unchecked[0..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            len,
+            NLMSG_HDRLEN + NFGENMSG_LEN,
+            "no generation: no attribute"
+        );
+        let b = tx.at_generation(Some(77)).encode(1);
+        let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
+        let attrs: Vec<_> = Attrs::new(&b[NLMSG_HDRLEN + NFGENMSG_LEN..len])
+            .flatten()
+            .collect();
+        assert_eq!(attrs, [(NFNL_BATCH_GENID, &77u32.to_be_bytes()[..])]);
     }
 }

@@ -3,6 +3,14 @@
 //! tick; one method per event kind. Each event ends in [`GuardLoop::settle`]:
 //! inspect (only what the event can affect, when that is known), decide,
 //! audit and remove, then keep the pins in sync.
+//!
+//! The model carries the nf_tables generation it is at: the dump's, moved on
+//! by each batch of notifications applied (a batch ends with the `NEWGEN` that
+//! names its generation; its changes are held until then). A batch not newer
+//! than the model is already in it (the subscription opens before the dump)
+//! and is dropped. Removals are committed against the model's generation: if
+//! the ruleset moved since, the kernel refuses them (`ERESTART`) and the guard
+//! reads and decides again.
 
 use std::{
     collections::HashMap,
@@ -18,7 +26,7 @@ use super::{
     decide::{Action, decide},
     error::GuardError,
     pins::{PinSet, PinSync},
-    remove::remove_audited,
+    remove::{generation_moved, remove_audited},
     scope::{Scope, matched_dport},
 };
 use crate::{
@@ -36,6 +44,10 @@ use crate::{
 
 /// Log lines about one returning rule are rate limited to one per this period.
 const RETURN_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// How many times in a row the guard reads and decides again because the
+/// ruleset moved before its batch (`ERESTART`); then it waits for the next
+/// change (whose notification brings it back here).
+const MAX_GENERATION_RETRIES: usize = 8;
 /// The rate-limit key of the "a nat chain runs ahead of the pin" warning.
 const PIN_OVERTAKEN_KEY: &str = "pin-overtaken";
 
@@ -172,6 +184,8 @@ struct GuardLoop<B> {
     last_log: HashMap<String, Instant>,
     /// Reused for every batch of changes.
     changes: Vec<Change>,
+    /// Changes of a batch whose `NEWGEN` has not arrived yet.
+    held: Vec<Change>,
     owners_open: bool,
 }
 
@@ -192,6 +206,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             returns: HashMap::new(),
             last_log: HashMap::new(),
             changes: Vec::new(),
+            held: Vec::new(),
             owners_open: true,
         };
         guard.cfg.report(GuardReport::Inspected {
@@ -209,39 +224,45 @@ impl<B: RulesetBackend> GuardLoop<B> {
         Ok(guard)
     }
 
-    /// nf_tables changes: applied to the model in place; a full re-read on
-    /// anything the model cannot follow (tables, chains, sets, an overrun).
+    /// nf_tables changes: applied to the model in place, one batch at a time
+    /// once its `NEWGEN` arrives, and only when newer than the model; a full
+    /// re-read on anything the model cannot follow (tables, chains, sets, an
+    /// overrun).
     async fn on_ruleset_changes(&mut self, seen: Instant) -> Result<(), GuardError> {
         let mut resync = false;
         let mut updated = false;
         // What this batch can affect: when it only adds rules, the ports,
         // hooks and families of those rules (see `Scope`).
         let mut scope = Some(Scope::default());
-        for c in self.changes.drain(..) {
-            let added = match &c {
-                Change::RuleAdded { msg, .. } => Some(Some((
-                    msg.family,
-                    msg.table.clone(),
-                    msg.chain.clone(),
-                    matched_dport(msg.rule.exprs()),
-                ))),
-                // The end of a transaction changes nothing.
-                Change::Generation => None,
-                _ => Some(None),
-            };
-            match monitor::apply(&mut self.model, c) {
-                Applied::Updated => updated = true,
-                Applied::Unchanged => {}
-                Applied::Resync => resync = true,
+        let mut changes = std::mem::take(&mut self.changes);
+        for c in changes.drain(..) {
+            match c {
+                Change::Generation(generation) => {
+                    if monitor::is_newer(generation, self.model.generation) {
+                        for held in std::mem::take(&mut self.held) {
+                            self.apply_change(held, &mut scope, &mut updated, &mut resync);
+                        }
+                        monitor::apply(&mut self.model, Change::Generation(generation));
+                    } else if !self.held.is_empty() {
+                        debug!(
+                            event = "changes_already_read",
+                            changes = self.held.len(),
+                            generation,
+                            model_generation = self.model.generation,
+                            "notified changes already in the model: dropped"
+                        );
+                        self.held.clear();
+                    }
+                }
+                // Changes were lost: the re-read covers what is held.
+                Change::Overrun => {
+                    self.held.clear();
+                    resync = true;
+                }
+                c => self.held.push(c),
             }
-            // A deletion creates no foreign rule, but observe-mode reports and
-            // pins follow it: anything but an addition is inspected in full.
-            scope = match (scope, added) {
-                (scope, None) => scope,
-                (Some(s), Some(Some(rule))) => s.add(&self.model, rule),
-                _ => None,
-            };
         }
+        self.changes = changes;
         if resync {
             self.full_read().await?;
         }
@@ -250,6 +271,36 @@ impl<B: RulesetBackend> GuardLoop<B> {
             self.settle(Some(seen), scope.as_ref()).await?;
         }
         Ok(())
+    }
+
+    /// One change of a batch newer than the model.
+    fn apply_change(
+        &mut self,
+        c: Change,
+        scope: &mut Option<Scope>,
+        updated: &mut bool,
+        resync: &mut bool,
+    ) {
+        let added = match &c {
+            Change::RuleAdded { msg, .. } => Some((
+                msg.family,
+                msg.table.clone(),
+                msg.chain.clone(),
+                matched_dport(msg.rule.exprs()),
+            )),
+            _ => None,
+        };
+        match monitor::apply(&mut self.model, c) {
+            Applied::Updated => *updated = true,
+            Applied::Unchanged => {}
+            Applied::Resync => *resync = true,
+        }
+        // A deletion creates no foreign rule, but observe-mode reports and
+        // pins follow it: anything but an addition is inspected in full.
+        *scope = match (scope.take(), added) {
+            (Some(s), Some(rule)) => s.add(&self.model, rule),
+            _ => None,
+        };
     }
 
     /// An address came or went: what is local changed, re-inspect.
@@ -304,25 +355,49 @@ impl<B: RulesetBackend> GuardLoop<B> {
         Ok(())
     }
 
-    /// [`Self::reconcile`]; a transaction the kernel refused (the ruleset moved
-    /// under it: a chain deleted, a rule replaced) is retried once on a fresh
-    /// full read before it counts as an error.
+    /// [`Self::reconcile`]. When the ruleset moved between the model and the
+    /// batch (`ERESTART`: nothing applied), the guard reads and decides again
+    /// (no error: nothing was removed, nothing recorded as removed). Any other
+    /// refusal is retried once on a fresh full read before it counts as an
+    /// error.
     async fn settle(
         &mut self,
         seen: Option<Instant>,
         scope: Option<&Scope>,
     ) -> Result<(), GuardError> {
-        match self.reconcile(seen, scope).await {
-            Err(GuardError::Transaction(e)) => {
-                warn!(
-                    event = "transaction_refused",
-                    error = %e,
-                    "transaction refused, re-reading the ruleset and retrying"
-                );
-                self.full_read().await?;
-                self.reconcile(seen, None).await
+        let mut scope = scope;
+        let mut restarts = 0;
+        loop {
+            match self.reconcile(seen, scope).await {
+                Err(e) if generation_moved(&e) => {
+                    restarts += 1;
+                    if restarts > MAX_GENERATION_RETRIES {
+                        // The notification of what moved it brings us back.
+                        warn!(
+                            event = "generation_busy",
+                            restarts, "the ruleset keeps moving: deciding again on its next change"
+                        );
+                        return Ok(());
+                    }
+                    debug!(
+                        event = "generation_moved",
+                        error = %e,
+                        "the ruleset moved before the batch: reading and deciding again"
+                    );
+                    self.full_read().await?;
+                    scope = None;
+                }
+                Err(GuardError::Transaction(e)) => {
+                    warn!(
+                        event = "transaction_refused",
+                        error = %e,
+                        "transaction refused, re-reading the ruleset and retrying"
+                    );
+                    self.full_read().await?;
+                    return self.reconcile(seen, None).await;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -380,9 +455,25 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         if !remove.is_empty() {
-            let seqs = remove_audited(&self.cfg.audit, &mut self.backend, &remove).await?;
+            let removal = remove_audited(
+                &self.cfg.audit,
+                &mut self.backend,
+                &remove,
+                self.model.generation,
+            )
+            .await?;
+            if let Some(snapshot) = removal.reread {
+                // Read again after a rule went missing: the model was stale.
+                self.model = snapshot.model;
+                self.addrs = snapshot.addrs;
+            }
+            // Our batch moved the generation on by one: its own notification
+            // (the deletions applied below) is then not newer than the model.
+            if removal.generation.is_some() {
+                self.model.generation = removal.generation;
+            }
             let latency = seen.map(|s| s.elapsed());
-            for (rule, seq) in remove.iter().zip(seqs) {
+            for (rule, seq) in removal.removed {
                 // The same rule coming back: same place and same target.
                 let what = format!(
                     "{}/{}/{}/{:?}",

@@ -152,18 +152,23 @@ struct Harness {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), GuardError>>,
     audit_path: PathBuf,
-    /// What the audit log held when each batch was committed: (batch, `rule_removed` records).
+    /// What the audit log held when each batch was committed: (batch,
+    /// `rule_removing` intents).
     audit_at_commit: Arc<Mutex<Vec<(String, usize)>>>,
     _dir: tempfile::TempDir,
 }
 
-fn rule_removed_records(path: &Path) -> Vec<serde_json::Value> {
+fn records_of(path: &Path, kind: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-        .filter(|r| r["kind"] == "rule_removed")
+        .filter(|r| r["kind"] == kind)
         .collect()
+}
+
+fn rule_removed_records(path: &Path) -> Vec<serde_json::Value> {
+    records_of(path, "rule_removed")
 }
 
 fn audit_kinds(path: &Path) -> Vec<String> {
@@ -192,8 +197,8 @@ impl Harness {
         let audit_at_commit = Arc::new(Mutex::new(Vec::new()));
         let (seen, path) = (audit_at_commit.clone(), audit_path.clone());
         control.on_commit(move |tx| {
-            let removed = rule_removed_records(&path).len();
-            seen.lock().unwrap().push((tx.to_string(), removed));
+            let intents = records_of(&path, "rule_removing").len();
+            seen.lock().unwrap().push((tx.to_string(), intents));
         });
         let (owners_tx, owners_rx) = watch::channel(Arc::new(owners));
         let (reports_tx, reports) = mpsc::channel(1024);
@@ -255,6 +260,20 @@ impl Harness {
     async fn pins_synced(&mut self) -> Vec<Pin> {
         self.wait_for("pins synced", |r| match r {
             GuardReport::PinSynced { pins } => Some(pins),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The number of rules the guard's model holds, at its next inspection
+    /// that is not a full read.
+    async fn inspected_rules(&mut self) -> usize {
+        self.wait_for("an inspection", |r| match r {
+            GuardReport::Inspected {
+                rules,
+                full_read: false,
+                ..
+            } => Some(rules),
             _ => None,
         })
         .await
@@ -329,20 +348,29 @@ async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
         [innocent],
         "the other rule in the chain stays"
     );
-    // The audit record was on disk when the batch was committed.
+    // The intent was on disk when the batch was committed, whole.
     assert_eq!(
         *h.audit_at_commit.lock().unwrap(),
         [(delete_batch(HIJACK_HANDLE), 1)]
     );
-    // Recorded whole: its raw expressions, byte for byte.
-    let records = rule_removed_records(&h.audit_path);
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0]["rule"]["handle"], HIJACK_HANDLE);
+    // Then the confirmed removal, whole again (what `restore` takes): its
+    // raw expressions, byte for byte.
     assert_eq!(
-        records[0]["rule"]["expressions"],
-        B64.encode(hijack_exprs()),
-        "{records:?}"
+        audit_kinds(&h.audit_path),
+        ["rule_removing", "rule_removed"]
     );
+    for records in [
+        records_of(&h.audit_path, "rule_removing"),
+        rule_removed_records(&h.audit_path),
+    ] {
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0]["rule"]["handle"], HIJACK_HANDLE);
+        assert_eq!(
+            records[0]["rule"]["expressions"],
+            B64.encode(hijack_exprs()),
+            "{records:?}"
+        );
+    }
     h.stop().await.expect("clean stop");
 }
 
@@ -436,37 +464,181 @@ async fn a_recreated_table_is_read_again_and_deleted_by_its_new_handle() {
     h.stop().await.expect("clean stop");
 }
 
+fn place(handle: u64) -> RulePlace {
+    RulePlace {
+        family: Family::IP,
+        table: TABLE.into(),
+        chain: CHAIN.into(),
+        handle,
+    }
+}
+
+fn hijack_target(exprs: &[u8]) -> RuleTarget<'_> {
+    let (family, table, chain) = hijack_at();
+    RuleTarget {
+        family,
+        table,
+        chain,
+        exprs,
+    }
+}
+
+/// The results of every committed batch.
+fn results(control: &MemoryControl) -> Vec<Result<(), i32>> {
+    control.committed().iter().map(|c| c.result).collect()
+}
+
 #[tokio::test]
-async fn a_rule_gone_before_the_commit_is_not_an_error() {
+async fn a_rule_gone_before_the_commit_is_not_an_error_and_not_recorded_removed() {
     let mut h = Harness::start(
         decode_messages(&sample_dump()),
         policy(false),
         owners(None),
         |c| {
             // Someone else deletes it between the guard's read and its batch.
-            c.vanish_before_next_commit(RulePlace {
-                family: Family::IP,
-                table: TABLE.into(),
-                chain: CHAIN.into(),
-                handle: HIJACK_HANDLE,
-            });
+            c.vanish_before_next_commit(place(HIJACK_HANDLE));
         },
     );
-    let (id, _, _) = h.removed().await;
-    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"));
     h.quiet().await;
-    let committed = h.control.committed();
-    assert_eq!(committed.len(), 1, "no retry: gone is what was wanted");
-    assert_eq!(committed[0].result, Err(libc::ENOENT));
+    // The ruleset moved: refused whole, read again, nothing left to do.
+    assert_eq!(results(&h.control), [Err(crate::sys::uapi::ERESTART)]);
+    assert_eq!(audit_kinds(&h.audit_path), ["rule_removing"]);
+    assert!(
+        rule_removed_records(&h.audit_path).is_empty(),
+        "not removed by us"
+    );
     // Still guarding.
-    let (family, table, chain) = hijack_at();
-    let handle = h.control.add_rule(&RuleTarget {
-        family,
-        table,
-        chain,
-        exprs: &hijack_exprs(),
-    });
+    let handle = h.control.add_rule(&hijack_target(&hijack_exprs()));
     assert_eq!(h.removed().await.0, format!("ip/{TABLE}/{CHAIN}/{handle}"));
+    h.stop().await.expect("clean stop");
+}
+
+/// Race: the table is re-created (`iptables-nft-restore` without
+/// `--noflush`) between the guard's read and its commit, its handles started
+/// again: the hijack's old handle now names somebody's new rule.
+#[tokio::test]
+async fn a_table_recreated_before_the_commit_keeps_the_new_rule_with_the_reused_handle() {
+    for hijack_still_there in [true, false] {
+        let mut h = Harness::start(
+            decode_messages(&sample_dump()),
+            policy(false),
+            owners(None),
+            move |c| {
+                c.before_next_commit(move |c| {
+                    let mut rules = vec![(CHAIN, HIJACK_HANDLE, innocent_exprs())];
+                    if hijack_still_there {
+                        rules.push((CHAIN, HIJACK_HANDLE + 1, hijack_exprs()));
+                    }
+                    c.recreate_table_as(Family::IP, TABLE, &rules);
+                });
+            },
+        );
+        h.quiet().await;
+        let handles = h.control.handles(Family::IP, TABLE, CHAIN);
+        assert_eq!(
+            handles,
+            [HIJACK_HANDLE],
+            "the innocent rule with the reused handle survives \
+             (hijack still there: {hijack_still_there})"
+        );
+        let removed = rule_removed_records(&h.audit_path);
+        if hijack_still_there {
+            assert_eq!(
+                results(&h.control),
+                [Err(crate::sys::uapi::ERESTART), Ok(())]
+            );
+            assert_eq!(h.batches()[1], delete_batch(HIJACK_HANDLE + 1));
+            assert_eq!(removed.len(), 1);
+            assert_eq!(removed[0]["rule"]["handle"], HIJACK_HANDLE + 1);
+        } else {
+            assert_eq!(results(&h.control), [Err(crate::sys::uapi::ERESTART)]);
+            assert!(removed.is_empty(), "{removed:?}");
+        }
+        h.stop().await.expect("clean stop");
+    }
+}
+
+/// Race: one rule of a batch vanishes, another is a live hijack; a batch is
+/// all or nothing. With the generation check (the kernel refuses the moved
+/// batch) and without it (an older kernel: `ENOENT` aborts the batch), the
+/// hijack is removed and only it is recorded as removed.
+#[tokio::test]
+async fn a_vanished_rule_does_not_hide_a_live_hijack_in_the_same_batch() {
+    for generation_checked in [true, false] {
+        let second = Arc::new(Mutex::new(0));
+        let keep = second.clone();
+        let mut h = Harness::start(
+            decode_messages(&sample_dump()),
+            policy(false),
+            owners(None),
+            move |c| {
+                c.set_generation_checked(generation_checked);
+                *keep.lock().unwrap() = c.add_rule_unannounced(&hijack_target(&hijack_exprs()));
+                c.vanish_before_next_commit(place(HIJACK_HANDLE));
+            },
+        );
+        let second = *second.lock().unwrap();
+        let (id, returns, _) = h.removed().await;
+        assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{second}"));
+        assert_eq!(returns, 0);
+        h.quiet().await;
+        assert!(
+            h.control.handles(Family::IP, TABLE, CHAIN).is_empty(),
+            "the live hijack is gone (generation checked: {generation_checked})"
+        );
+        let expected_first = if generation_checked {
+            crate::sys::uapi::ERESTART
+        } else {
+            libc::ENOENT
+        };
+        assert_eq!(results(&h.control), [Err(expected_first), Ok(())]);
+        assert_eq!(h.batches()[1], delete_batch(second));
+        let removed = rule_removed_records(&h.audit_path);
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert_eq!(removed[0]["rule"]["handle"], second);
+        h.stop().await.expect("clean stop");
+    }
+}
+
+/// Race: the subscription opens before the dump, so a rule added just before
+/// is in the dump and announced as well: applied once, no ghost (no second
+/// removal, no fake return).
+#[tokio::test]
+async fn a_notification_already_in_the_dump_adds_no_ghost_rule() {
+    let mut model = decode_messages(&sample_dump());
+    model.tables[0].chains[0].rules.clear();
+    let handles = Arc::new(Mutex::new((0, 0)));
+    let keep = handles.clone();
+    let mut h = Harness::start(model, policy(false), owners(None), move |c| {
+        // Announced (still pending when the guard reads): in both.
+        let innocent = c.add_rule(&hijack_target(&innocent_exprs()));
+        let hijack = c.add_rule(&hijack_target(&hijack_exprs()));
+        *keep.lock().unwrap() = (innocent, hijack);
+    });
+    let (innocent, hijack) = *handles.lock().unwrap();
+    let (id, returns, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{hijack}"));
+    assert_eq!(returns, 0);
+    h.quiet().await;
+    assert_eq!(h.batches(), [delete_batch(hijack)], "removed once");
+    assert_eq!(h.control.handles(Family::IP, TABLE, CHAIN), [innocent]);
+    assert_eq!(rule_removed_records(&h.audit_path).len(), 1);
+    // The guard's model holds the innocent rule once (an address change makes
+    // it inspect, and report how many rules it holds).
+    h.control.set_addresses(host_addrs());
+    assert_eq!(
+        h.inspected_rules().await,
+        1,
+        "no duplicate of the innocent rule"
+    );
+    // Still following changes: a new hijack is removed (and is no return of a ghost).
+    let again = h.control.add_rule(&hijack_target(&hijack_exprs()));
+    let (id, returns, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{again}"));
+    assert_eq!(returns, 1, "the same rule back once");
+    h.quiet().await;
+    assert_eq!(h.batches().len(), 2);
+    assert_eq!(h.control.handles(Family::IP, TABLE, CHAIN), [innocent]);
     h.stop().await.expect("clean stop");
 }
 

@@ -29,6 +29,12 @@ pub const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
 pub const NFNL_MSG_BATCH_BEGIN: u16 = libc::NFNL_MSG_BATCH_BEGIN as u16;
 pub const NFNL_MSG_BATCH_END: u16 = libc::NFNL_MSG_BATCH_END as u16;
 pub const NFNLGRP_NFTABLES: u32 = libc::NFNLGRP_NFTABLES as u32;
+/// `NFNL_BATCH_GENID` (`enum nfnl_batch_attributes`): the generation a batch
+/// was decided on, an attribute of `NFNL_MSG_BATCH_BEGIN`; not in libc.
+pub const NFNL_BATCH_GENID: u16 = 1;
+/// What the kernel answers a batch whose `NFNL_BATCH_GENID` is not the current
+/// generation (`<asm-generic/errno.h>`).
+pub const ERESTART: i32 = libc::ERESTART;
 /// `sizeof(struct nfgenmsg)` (family, version, res_id); not in libc.
 pub const NFGENMSG_LEN: usize = 4;
 

@@ -8,10 +8,16 @@
 //! `DELRULE`, table and chain messages, then `NEWGEN`), so the guard's
 //! incremental path runs as it does against the kernel.
 //!
+//! Like the kernel, it refuses a batch decided on another generation
+//! ([`Transaction::generation`]) with `ERESTART`; every change another program
+//! makes moves the generation on.
+//!
 //! A test drives it through a [`MemoryControl`]: it adds rules as another
 //! program would (announced, or unannounced behind an overrun), re-creates a
-//! table with new handles, makes a rule vanish just before the next commit,
-//! changes the addresses, and inspects every committed batch.
+//! table with new handles (or with handles started again, as the kernel does
+//! for a table deleted and created again), makes a rule vanish or anything
+//! else happen just before the next commit, changes the addresses, and
+//! inspects every committed batch.
 
 use std::{
     io,
@@ -29,6 +35,7 @@ use crate::nft::{
     netlink::RuleMessage,
     transaction::{Op, OpFailure, Placement, Transaction, TransactionError},
 };
+use crate::sys::uapi::ERESTART;
 
 /// `NFT_MSG_*` numbers of the structural messages the model announces
 /// (`linux/netfilter/nf_tables.h`, `enum nf_tables_msg_types`).
@@ -51,6 +58,9 @@ pub struct Committed {
 /// Called with each batch before it is applied (a test looks at the world as
 /// it is at that moment, e.g. the audit log).
 type CommitWitness = Box<dyn FnMut(&Transaction) + Send>;
+/// Runs once, just before the next batch is applied: another program acting
+/// between the guard's read and its commit.
+type BeforeCommit = Box<dyn FnOnce(&MemoryControl) + Send>;
 
 struct State {
     model: RulesetModel,
@@ -65,6 +75,10 @@ struct State {
     /// Rules deleted (announced) just before the next commit is applied.
     vanish: Vec<RulePlace>,
     witness: Option<CommitWitness>,
+    before_commit: Option<BeforeCommit>,
+    /// Whether a batch's generation is checked (a kernel before
+    /// `NFNL_BATCH_GENID` ignores it).
+    generation_checked: bool,
 }
 
 struct Shared {
@@ -128,6 +142,8 @@ impl MemoryBackend {
                 committed: Vec::new(),
                 vanish: Vec::new(),
                 witness: None,
+                before_commit: None,
+                generation_checked: true,
             }),
             wake: Notify::new(),
         });
@@ -187,11 +203,31 @@ impl RulesetBackend for MemoryBackend {
         if let Some(witness) = &mut st.witness {
             witness(tx);
         }
+        if let Some(before) = st.before_commit.take() {
+            drop(st);
+            before(&MemoryControl {
+                shared: self.shared.clone(),
+            });
+            st = self.shared.lock();
+        }
         for place in std::mem::take(&mut st.vanish) {
             st.delete_rule(&place, true);
         }
         if tx.is_empty() {
             return Ok(());
+        }
+        // Decided on another generation: the kernel refuses it whole.
+        if let Some(decided_on) = tx.generation
+            && st.generation_checked
+            && decided_on != st.generation
+        {
+            let generation = st.generation;
+            st.committed.push(Committed {
+                tx: tx.clone(),
+                generation,
+                result: Err(ERESTART),
+            });
+            return Err(TransactionError::GenerationMoved { decided_on });
         }
         // Atomic: checked on a copy, applied only when every operation succeeds.
         let mut trial = st.model.clone();
@@ -217,7 +253,7 @@ impl RulesetBackend for MemoryBackend {
         st.model = trial;
         st.next_handle = next_handle;
         st.generation += 1;
-        announced.push(Change::Generation);
+        announced.push(Change::Generation(Some(st.generation)));
         st.pending.append(&mut announced);
         let generation = st.generation;
         st.committed.push(Committed {
@@ -392,7 +428,7 @@ impl State {
     fn announce(&mut self, mut changes: Vec<Change>) {
         self.generation += 1;
         if !changes.is_empty() {
-            changes.push(Change::Generation);
+            changes.push(Change::Generation(Some(self.generation)));
             self.pending.append(&mut changes);
         }
     }
@@ -507,6 +543,58 @@ impl MemoryControl {
             st.announce(changes);
             renamed
         })
+    }
+
+    /// The table is deleted and created again by a program that starts its
+    /// handles again (`iptables-nft-restore` without `--noflush`: the kernel
+    /// numbers a new table's objects from 1): its chains keep their hooks,
+    /// and hold exactly `rules` (chain, handle, raw expressions), in order.
+    /// Announced as the kernel does, in one generation.
+    pub fn recreate_table_as(&self, family: Family, name: &str, rules: &[(&str, u64, Vec<u8>)]) {
+        self.edit(|st| {
+            let mut changes = vec![
+                Change::Structural {
+                    msg: NFT_MSG_DELTABLE,
+                    family,
+                },
+                Change::Structural {
+                    msg: NFT_MSG_NEWTABLE,
+                    family,
+                },
+            ];
+            let table = find_table(&mut st.model, family, name)
+                .expect("MemoryControl::recreate_table_as: the table exists");
+            for chain in &mut table.chains {
+                chain.rules.clear();
+                changes.push(Change::Structural {
+                    msg: NFT_MSG_NEWCHAIN,
+                    family,
+                });
+            }
+            for (chain, handle, exprs) in rules {
+                let c = table
+                    .chains
+                    .iter_mut()
+                    .find(|c| c.name == *chain)
+                    .expect("MemoryControl::recreate_table_as: the chain exists");
+                c.rules.push(raw_rule(*handle, exprs, None));
+                changes.push(rule_added(family, name, c, c.rules.len() - 1));
+            }
+            st.announce(changes);
+        })
+    }
+
+    /// `act` runs once, just before the next batch is applied (after the
+    /// witness): what another program does between the guard's read and its
+    /// commit. It may use this control.
+    pub fn before_next_commit(&self, act: impl FnOnce(&MemoryControl) + Send + 'static) {
+        self.shared.lock().before_commit = Some(Box::new(act));
+    }
+
+    /// Whether batches are checked against their generation (true, as the
+    /// kernel does since `NFNL_BATCH_GENID`; false: an older kernel).
+    pub fn set_generation_checked(&self, checked: bool) {
+        self.edit(|st| st.generation_checked = checked);
     }
 
     /// The local addresses change (announced).
