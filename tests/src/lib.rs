@@ -93,6 +93,31 @@ pub fn portguard_bin() -> PathBuf {
     candidate
 }
 
+/// `portguard check --json --netns NS --config POLICY EXTRA…`: the exit code and
+/// the JSON document it printed; panics with stdout and stderr when it printed
+/// no JSON.
+pub fn check_json(
+    netns: &str,
+    policy: &std::path::Path,
+    extra: &[&str],
+) -> (i32, serde_json::Value) {
+    let out = Command::new(portguard_bin())
+        .args(["check", "--json", "--netns", netns, "--config"])
+        .arg(policy)
+        .args(extra)
+        .output()
+        .expect("run portguard check");
+    let code = out.status.code().unwrap_or(-1);
+    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check printed no JSON ({e}), exit {code}: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, doc)
+}
+
 /// A helper binary of this crate (see `src/bin/`), built alongside the tests.
 pub fn helper_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

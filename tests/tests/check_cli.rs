@@ -7,6 +7,7 @@
 use std::process::Command;
 
 use portguard_tests::{
+    check_json,
     k8s_api::{RecordedApi, watched_routes},
     netns::NetNs,
     portguard_bin, require_root,
@@ -14,20 +15,7 @@ use portguard_tests::{
 use serde_json::Value;
 
 fn check(ns: &NetNs, policy: &std::path::Path, extra: &[&str]) -> (i32, Value) {
-    let out = Command::new(portguard_bin())
-        .args(["check", "--json", "--netns", ns.name(), "--config"])
-        .arg(policy)
-        .args(extra)
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {} stderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap(), v)
+    check_json(ns.name(), policy, extra)
 }
 
 #[test]

@@ -95,19 +95,7 @@ impl Host {
 
     /// `portguard check --json --netns h`: exit code and findings.
     fn check(&self) -> (i32, Vec<Value>) {
-        let out = Command::new(portguard_bin())
-            .args(["check", "--json", "--netns", self.h.name(), "--config"])
-            .arg(&self.policy)
-            .output()
-            .expect("run portguard check");
-        let code = out.status.code().unwrap_or(-1);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let doc: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!(
-                "check printed no JSON ({e}), exit {code}: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        let (code, doc) = portguard_tests::check_json(self.h.name(), &self.policy, &[]);
         (code, doc["findings"].as_array().expect("findings").clone())
     }
 

@@ -205,25 +205,13 @@ impl Lab {
 
     /// `portguard check --json` on the host namespace: exit code and findings.
     fn check(&self) -> (i32, Vec<Value>) {
-        let out = Command::new(portguard_bin())
-            .args(["check", "--json", "--netns", self.h.name(), "--config"])
-            .arg(&self.policy)
-            .output()
-            .expect("run portguard check");
-        let code = out.status.code().unwrap_or(-1);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            code == 0 || code == 1,
-            "check failed ({code}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let doc: Value = serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("check printed no JSON ({e}): {stdout}"));
+        let (code, doc) = portguard_tests::check_json(self.h.name(), &self.policy, &[]);
+        assert!(code == 0 || code == 1, "check failed ({code}): {doc}");
         let findings = doc["findings"].as_array().expect("findings").clone();
         assert_eq!(
             code == 1,
             !findings.is_empty(),
-            "exit code {code} with {stdout}"
+            "exit code {code} with {doc}"
         );
         (code, findings)
     }
