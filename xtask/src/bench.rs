@@ -2,6 +2,7 @@
 
 use std::{
     fmt::Write as _,
+    path::Path,
     process::{Command, Stdio},
     time::Instant,
 };
@@ -23,9 +24,20 @@ pub enum Which {
     Remediate,
 }
 
-pub fn bench(which: Which) -> anyhow::Result<()> {
+pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
     setup::setup()?;
     sh::require_root("the benchmarks")?;
+    if let Some(bin) = baseline {
+        anyhow::ensure!(
+            matches!(which, Which::Inspect),
+            "--baseline is for `bench inspect` only"
+        );
+        anyhow::ensure!(
+            bin.is_file(),
+            "--baseline {}: no such file (build it with `cargo build --release -p portguard --example bench_inspect` in a worktree of the other commit)",
+            bin.display()
+        );
+    }
     match which {
         Which::Bind => sh::cargo(&[
             "run",
@@ -36,7 +48,7 @@ pub fn bench(which: Which) -> anyhow::Result<()> {
             "--bin",
             "bench_bind",
         ]),
-        Which::Inspect => inspect(),
+        Which::Inspect => inspect(baseline),
         Which::Remediate => sh::cargo(&[
             "run",
             "--quiet",
@@ -55,7 +67,7 @@ const RULES_PER_SERVICE: usize = 8;
 const SIZES: [(&str, usize); 3] = [("1k", 1_000), ("10k", 10_000), ("40k", 40_000)];
 const SINGLE_CHAIN_RULES: usize = 50_000;
 
-fn inspect() -> anyhow::Result<()> {
+fn inspect(baseline: Option<&Path>) -> anyhow::Result<()> {
     sh::require_root("bench inspect (it makes network namespaces)")?;
     sh::cargo(&[
         "build",
@@ -69,12 +81,41 @@ fn inspect() -> anyhow::Result<()> {
     for (label, rules) in SIZES {
         let ns = BenchNs::new(label)?;
         ns.load(&kube_proxy_rules(rules))?;
-        ns.measure(&bin, &format!("kube_{label}"), true)?;
+        match baseline {
+            None => ns.measure(&bin, &format!("kube_{label}"), true)?,
+            Some(base) => ns.versus(&bin, base, &format!("kube_{label}"))?,
+        }
     }
     let ns = BenchNs::new("chain50k")?;
     ns.load(&single_chain(SINGLE_CHAIN_RULES))?;
-    ns.measure(&bin, "single_chain_50k", false)?;
+    match baseline {
+        None => ns.measure(&bin, "single_chain_50k", false)?,
+        Some(base) => ns.versus(&bin, base, "single_chain_50k")?,
+    }
     Ok(())
+}
+
+/// Runs of each binary in `--baseline` mode, alternating (this tree first),
+/// so that a noisy neighbour hits both sides alike.
+const BASELINE_RUNS: usize = 5;
+/// The figures compared against the baseline (each a median of its run).
+const COMPARED: [&str; 3] = ["raw_dump", "full", "analysis"];
+
+/// `name value` pairs of one `bench_inspect` run's output.
+fn figures(stdout: &str) -> Vec<(String, f64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (name, value) = (it.next()?, it.next()?.parse().ok()?);
+            Some((name.to_owned(), value))
+        })
+        .collect()
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// A network namespace for one ruleset, deleted on drop (with its ruleset).
@@ -119,12 +160,7 @@ impl BenchNs {
         Ok(())
     }
 
-    fn measure(
-        &self,
-        bin: &std::path::Path,
-        label: &str,
-        with_nft_json: bool,
-    ) -> anyhow::Result<()> {
+    fn measure(&self, bin: &Path, label: &str, with_nft_json: bool) -> anyhow::Result<()> {
         let status = Command::new(bin)
             .args(["--netns", &self.0, "--label", label])
             .status()
@@ -141,6 +177,49 @@ impl BenchNs {
                 "inspect_{label}_nft_json_list {:.2} ms",
                 t.elapsed().as_secs_f64() * 1000.0
             );
+        }
+        Ok(())
+    }
+}
+
+impl BenchNs {
+    /// One `bench_inspect` run; its figures.
+    fn run(&self, bin: &Path, label: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        let out = Command::new(bin)
+            .args(["--netns", &self.0, "--label", label])
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("{}", bin.display()))?;
+        anyhow::ensure!(out.status.success(), "{} failed", bin.display());
+        Ok(figures(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// This tree's inspector against `base` on the same ruleset, interleaved:
+    /// for each compared figure the median over the runs of each side, and
+    /// their ratio (this tree / baseline).
+    fn versus(&self, bin: &Path, base: &Path, label: &str) -> anyhow::Result<()> {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..BASELINE_RUNS {
+            ours.push(self.run(bin, label)?);
+            theirs.push(self.run(base, label)?);
+        }
+        let pick = |runs: &[Vec<(String, f64)>], name: &str| -> anyhow::Result<f64> {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
+                .collect();
+            anyhow::ensure!(
+                values.len() == runs.len(),
+                "figure {name} missing from a run"
+            );
+            Ok(median_of(values))
+        };
+        for what in COMPARED {
+            let name = format!("inspect_{label}_{what}");
+            let (a, b) = (pick(&ours, &name)?, pick(&theirs, &name)?);
+            println!("{name} {a:.2} ms");
+            println!("{name}_baseline {b:.2} ms");
+            println!("{name}_vs_baseline {:.2} ratio", a / b);
         }
         Ok(())
     }

@@ -47,6 +47,13 @@ enum Command {
     Bench {
         #[arg(value_enum)]
         which: bench::Which,
+        /// `inspect` only: a `bench_inspect` binary built from another commit
+        /// (e.g. `git worktree add ../old REV && cargo build --release -p
+        /// portguard --example bench_inspect` there). It runs on the same
+        /// namespaces, interleaved with this tree's, and each figure gets a
+        /// `_vs_baseline` ratio (above 1: this tree is slower).
+        #[arg(long, value_name = "BIN")]
+        baseline: Option<std::path::PathBuf>,
     },
 }
 
@@ -58,7 +65,7 @@ fn main() -> ExitCode {
         Command::Lint => lint::lint(),
         Command::Test { filter } => test::test(filter.as_deref()),
         Command::Deb => deb().map(|_| ()),
-        Command::Bench { which } => bench::bench(which),
+        Command::Bench { which, baseline } => bench::bench(which, baseline.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
