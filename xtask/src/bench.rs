@@ -29,12 +29,12 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
     sh::require_root("the benchmarks")?;
     if let Some(bin) = baseline {
         anyhow::ensure!(
-            matches!(which, Which::Inspect),
-            "--baseline is for `bench inspect` only"
+            !matches!(which, Which::Bind),
+            "--baseline is for `bench inspect` and `bench remediate`"
         );
         anyhow::ensure!(
             bin.is_file(),
-            "--baseline {}: no such file (build it with `cargo build --release -p portguard --example bench_inspect` in a worktree of the other commit)",
+            "--baseline {}: no such file (in a worktree of the other commit: `cargo build --release -p portguard --example bench_inspect` for inspect, `cargo build --release -p portguard-tests --bin bench_remediate` for remediate)",
             bin.display()
         );
     }
@@ -49,16 +49,71 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
             "bench_bind",
         ]),
         Which::Inspect => inspect(baseline),
-        Which::Remediate => sh::cargo(&[
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "portguard-tests",
-            "--bin",
-            "bench_remediate",
-        ]),
+        Which::Remediate => match baseline {
+            None => sh::cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "portguard-tests",
+                "--bin",
+                "bench_remediate",
+            ]),
+            Some(base) => remediate_versus(base),
+        },
     }
+}
+
+/// Runs of each `bench_remediate` in `--baseline` mode, alternating.
+const REMEDIATE_BASELINE_RUNS: usize = 3;
+
+/// This tree's `bench_remediate` against another commit's, alternating runs;
+/// every figure in microseconds or percent: the median over the runs of each
+/// side and their ratio (this tree / baseline).
+fn remediate_versus(base: &Path) -> anyhow::Result<()> {
+    sh::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "portguard-tests",
+        "--bin",
+        "bench_remediate",
+    ])?;
+    let ours = sh::workspace_root().join("target/release/bench_remediate");
+    let run = |bin: &Path| -> anyhow::Result<Vec<Figure>> {
+        let out = Command::new(bin)
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("{}", bin.display()))?;
+        anyhow::ensure!(out.status.success(), "{} failed", bin.display());
+        Ok(figures(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..REMEDIATE_BASELINE_RUNS {
+        a.push(run(&ours)?);
+        b.push(run(base)?);
+    }
+    for Figure { name, unit, .. } in &a[0] {
+        if !matches!(unit.as_str(), "us" | "%") {
+            continue;
+        }
+        let pick = |runs: &[Vec<Figure>]| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|f| &f.name == name).map(|f| f.value))
+                .collect();
+            (v.len() == runs.len()).then(|| median_of(v))
+        };
+        let (Some(x), Some(y)) = (pick(&a), pick(&b)) else {
+            continue;
+        };
+        println!("{name} {x:.3} {unit}");
+        println!("{name}_baseline {y:.3} {unit}");
+        if y > 0.0 {
+            println!("{name}_vs_baseline {:.2} ratio", x / y);
+        }
+    }
+    Ok(())
 }
 
 /// Rules per generated service: the KUBE-SERVICES match, two in KUBE-SVC, two
@@ -101,14 +156,25 @@ const BASELINE_RUNS: usize = 5;
 /// The figures compared against the baseline (each a median of its run).
 const COMPARED: [&str; 3] = ["raw_dump", "full", "analysis"];
 
-/// `name value` pairs of one `bench_inspect` run's output.
-fn figures(stdout: &str) -> Vec<(String, f64)> {
+/// One `name value unit` line of a benchmark's output.
+struct Figure {
+    name: String,
+    value: f64,
+    unit: String,
+}
+
+/// The figures of one benchmark run's output.
+fn figures(stdout: &str) -> Vec<Figure> {
     stdout
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let (name, value) = (it.next()?, it.next()?.parse().ok()?);
-            Some((name.to_owned(), value))
+            Some(Figure {
+                name: name.to_owned(),
+                value,
+                unit: it.next().unwrap_or_default().to_owned(),
+            })
         })
         .collect()
 }
@@ -184,7 +250,7 @@ impl BenchNs {
 
 impl BenchNs {
     /// One `bench_inspect` run; its figures.
-    fn run(&self, bin: &Path, label: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    fn run(&self, bin: &Path, label: &str) -> anyhow::Result<Vec<Figure>> {
         let out = Command::new(bin)
             .args(["--netns", &self.0, "--label", label])
             .stderr(Stdio::inherit())
@@ -203,10 +269,10 @@ impl BenchNs {
             ours.push(self.run(bin, label)?);
             theirs.push(self.run(base, label)?);
         }
-        let pick = |runs: &[Vec<(String, f64)>], name: &str| -> anyhow::Result<f64> {
+        let pick = |runs: &[Vec<Figure>], name: &str| -> anyhow::Result<f64> {
             let values: Vec<f64> = runs
                 .iter()
-                .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
+                .filter_map(|r| r.iter().find(|f| f.name == name).map(|f| f.value))
                 .collect();
             anyhow::ensure!(
                 values.len() == runs.len(),

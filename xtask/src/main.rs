@@ -47,11 +47,12 @@ enum Command {
     Bench {
         #[arg(value_enum)]
         which: bench::Which,
-        /// `inspect` only: a `bench_inspect` binary built from another commit
-        /// (e.g. `git worktree add ../old REV && cargo build --release -p
-        /// portguard --example bench_inspect` there). It runs on the same
-        /// namespaces, interleaved with this tree's, and each figure gets a
-        /// `_vs_baseline` ratio (above 1: this tree is slower).
+        /// `inspect` and `remediate`: the same benchmark built from another
+        /// commit, run alternately with this tree's (inspect: on the same
+        /// namespaces); each figure gets a `_vs_baseline` ratio (above 1: this
+        /// tree is slower). Build it in a worktree of that commit: `cargo build
+        /// --release -p portguard --example bench_inspect` (target/release/examples/)
+        /// or `cargo build --release -p portguard-tests --bin bench_remediate`.
         #[arg(long, value_name = "BIN")]
         baseline: Option<std::path::PathBuf>,
     },
