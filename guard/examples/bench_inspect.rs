@@ -77,6 +77,7 @@ fn main() {
                     .iter()
                     .map(|s| (*s).to_owned())
                     .collect(),
+                own_pins: None,
             };
             let t1 = Instant::now();
             let found = nft::inspect(&model, &input);

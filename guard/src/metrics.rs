@@ -90,6 +90,8 @@ pub struct Metrics {
     probe_up: Family<ProbeLabels, Gauge>,
     owner_present: Family<PortLabels, Gauge>,
     audit_records: Counter,
+    foreign_pin_tables: Gauge,
+    pins_withheld: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,6 +115,8 @@ impl Metrics {
             probe_up: Family::default(),
             owner_present: Family::default(),
             audit_records: Counter::default(),
+            foreign_pin_tables: Gauge::default(),
+            pins_withheld: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -160,7 +164,25 @@ impl Metrics {
             "Records appended to the audit log",
             m.audit_records.clone(),
         );
+        registry.register(
+            "foreign_pin_tables",
+            "Tables named `portguard` that are not this agent's (left alone)",
+            m.foreign_pin_tables.clone(),
+        );
+        registry.register(
+            "pins_withheld",
+            "Wanted pins not installed because another table holds the pin table's name",
+            m.pins_withheld.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Other programs' tables named like the pin table, and the pins they keep out.
+    pub fn foreign_pin_tables(&self, tables: usize, withheld: usize) {
+        self.foreign_pin_tables
+            .set(i64::try_from(tables).unwrap_or(i64::MAX));
+        self.pins_withheld
+            .set(i64::try_from(withheld).unwrap_or(i64::MAX));
     }
 
     pub fn hijack_detected(&self, port: u16, source: &str) {

@@ -389,6 +389,58 @@ fn pin_table_dies_with_the_agent_even_on_sigkill() {
     drop(agent);
 }
 
+#[test]
+fn a_foreign_portguard_table_is_judged_reported_and_never_deleted() {
+    let lab = IncidentLab::new(true);
+    lab.docker();
+    // Someone else's `table ip portguard` (no owner flag: anyone's, or one an
+    // older portguard left), holding a hijack of port 80.
+    sh(
+        &lab.h,
+        "nft add table ip portguard
+         nft 'add chain ip portguard theirs { type nat hook prerouting priority -150; }'
+         nft add rule ip portguard theirs tcp dport 80 dnat to 203.0.113.130:80",
+    );
+    // `check` judges it like any table: the name protects nothing.
+    let (code, doc) = portguard_tests::check_json(lab.h.name(), &lab.policy, &[]);
+    let findings = doc["findings"].as_array().expect("findings");
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["table"] == "portguard" && f["target"] == "203.0.113.130:80"),
+        "exit {code}: {doc:#}"
+    );
+    // Make it innocent: the agent must leave the table itself alone.
+    sh(
+        &lab.h,
+        "nft flush chain ip portguard theirs
+         nft add rule ip portguard theirs tcp dport 22 counter",
+    );
+    let theirs = lab.h.exec(["nft", "list", "table", "ip", "portguard"]);
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    let reported = agent.wait_for_event(Duration::from_secs(10), "foreign_pin_table");
+    assert!(
+        reported["pins_withheld"].as_u64() >= Some(1),
+        "the ip pins are withheld: {reported}"
+    );
+    // Hijacked meanwhile: still removed (the pin is withheld, the guard is not).
+    lab.hijack();
+    agent.wait_for(Duration::from_secs(10), removed);
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    assert_eq!(
+        lab.h.exec(["nft", "list", "table", "ip", "portguard"]),
+        theirs,
+        "their table, untouched after the agent came and went"
+    );
+    assert!(
+        !audit.iter().any(|r| r["kind"] == "pin_installed"),
+        "no pin written over their table: {audit:?}"
+    );
+}
+
 /// Polls `nft list ruleset` of the lab's host until `pred` holds.
 fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -391,6 +391,9 @@ fn report_rules(metrics: &Metrics, report: GuardReport) {
             metrics.hijack_detected(finding.port, &finding.source);
         }
         GuardReport::Inspected { took, .. } => metrics.ruleset_inspected(took),
+        GuardReport::ForeignPinTables { tables, withheld } => {
+            metrics.foreign_pin_tables(tables.len(), withheld.len());
+        }
         GuardReport::PinSynced { .. } | GuardReport::PinOvertaken { .. } => {}
     }
 }

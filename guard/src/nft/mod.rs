@@ -133,6 +133,11 @@ pub struct InspectInput {
     pub local_addrs: Vec<LocalAddr>,
     /// Name prefixes of interfaces connections from outside do not arrive on.
     pub internal_ifaces: Vec<String>,
+    /// The netlink port id owning the calling agent's pin tables: those are
+    /// skipped (the rule guard keeps them itself). None (`check`, `fix`):
+    /// no table is skipped; a pin that sends a connection where the owner's
+    /// own rule does is the owner's mapping, as any such copy is.
+    pub own_pins: Option<u32>,
 }
 
 impl InspectInput {
@@ -152,6 +157,7 @@ impl InspectInput {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            own_pins: None,
         }
     }
 
@@ -309,12 +315,26 @@ pub fn inspect_probes(
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
     let mut owned = BTreeSet::new();
     for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
-        for hit in analysis::Walker::new(&idx, &probe).run() {
+        let hits = analysis::Walker::new(&idx, &probe).run();
+        let dnat_target = |rw: &Rewrite| match rw {
+            Rewrite::Dnat {
+                addr: Some(addr),
+                port,
+            } => Some(SocketAddr::new(*addr, port.unwrap_or(probe.dport))),
+            _ => None,
+        };
+        // Where the owner's own rules send this connection (met shadowed or not).
+        let mut owner_targets = Vec::new();
+        let mut foreign = Vec::new();
+        for hit in hits {
             let table = &model.tables[hit.at.table];
-            let chain = &table.chains[hit.at.chain];
-            if pin::is_pin_table(table) {
+            if input
+                .own_pins
+                .is_some_and(|port_id| pin::is_pin_table(table, port_id))
+            {
                 continue;
             }
+            let chain = &table.chains[hit.at.chain];
             if classify::is_owned(
                 &hit.rewrite,
                 proto,
@@ -324,20 +344,27 @@ pub fn inspect_probes(
                 &input.owned,
                 &input.local_addrs,
             ) {
-                if let Rewrite::Dnat {
-                    addr: Some(addr),
-                    port,
-                } = hit.rewrite
-                {
+                if let Some(target) = dnat_target(&hit.rewrite) {
+                    owner_targets.push(target);
                     owned.insert(OwnedMapping {
                         proto,
                         port: probe.dport,
-                        target: SocketAddr::new(addr, port.unwrap_or(probe.dport)),
+                        target,
                         daddr: probe.daddr,
                     });
                 }
+            } else {
+                foreign.push(hit);
+            }
+        }
+        for hit in foreign {
+            // A copy of the owner's mapping for this very connection (a pin,
+            // or anyone's rule to the same place) takes nothing from it.
+            if dnat_target(&hit.rewrite).is_some_and(|t| owner_targets.contains(&t)) {
                 continue;
             }
+            let table = &model.tables[hit.at.table];
+            let chain = &table.chains[hit.at.chain];
             let rule = &chain.rules[hit.at.rule];
             let active = hit.reach > Reach::Shadowed;
             let f = found
@@ -484,7 +511,7 @@ mod tests {
     //! which chains are findings, and the reason each finding gives.
 
     use super::{
-        model::{BaseHook, Chain, Data, Expr, Rule, Table, Verdict},
+        model::{BaseHook, Chain, Data, Expr, NatKind, Rule, Table, Verdict},
         *,
     };
     use crate::policy::PortRange;
@@ -558,8 +585,116 @@ mod tests {
                 ifname: "eth0".into(),
             }],
             internal_ifaces: INTERNAL_IFACE_PREFIXES.map(str::to_owned).to_vec(),
+            own_pins: None,
         };
         inspect(model, &input)
+    }
+
+    /// `nft add rule … tcp dport PORT dnat to ip:port` as expressions.
+    fn nft_dnat(ip: [u8; 4], port: u16) -> Vec<Expr> {
+        vec![
+            tcp_dport(PORT),
+            Expr::Immediate {
+                dreg: 1,
+                data: Data::Value(ip.to_vec()),
+            },
+            Expr::Immediate {
+                dreg: 2,
+                data: Data::Value(port.to_be_bytes().to_vec()),
+            },
+            Expr::Nat {
+                kind: NatKind::Dnat,
+                family: 2,
+                reg_addr_min: Some(1),
+                reg_addr_max: None,
+                reg_proto_min: Some(2),
+                reg_proto_max: None,
+                flags: 0,
+            },
+        ]
+    }
+
+    /// Docker's DNAT of PORT to 172.17.0.2:80 (iptables-nft `nat DOCKER`,
+    /// behind docker0) plus a `table ip portguard` at -199 holding `pin`,
+    /// owned by netlink port `owner`.
+    fn pinned(pin: Vec<Expr>, owner: Option<u32>) -> (RulesetModel, InspectInput) {
+        let mut m = model("nat", -100, Vec::new());
+        let nat = &mut m.tables[0];
+        nat.chains[0].name = "DOCKER".into();
+        nat.chains[0].rules = vec![Rule::new(1, nft_dnat([172, 17, 0, 2], 80), None)];
+        m.tables.push(Table {
+            family: Family::IP,
+            name: pin::PIN_TABLE.into(),
+            handle: 2,
+            owner,
+            origin: TableOrigin::Nft,
+            chains: vec![Chain {
+                name: pin::PIN_PREROUTING_CHAIN.into(),
+                handle: 1,
+                base: Some(BaseHook {
+                    hook: Hook::Prerouting,
+                    priority: pin::PIN_PRIORITY,
+                    kind: "nat".into(),
+                    policy: Some(Verdict::Accept),
+                }),
+                rules: vec![Rule::new(1, pin, None)],
+            }],
+            ..Table::default()
+        });
+        let input = InspectInput {
+            ports: vec![PortSpec {
+                proto: Proto::Tcp,
+                ports: PortRange::single(PORT),
+            }],
+            owned: OwnedTargets::docker_fallback(),
+            local_addrs: vec![
+                LocalAddr {
+                    addr: HOST.parse().unwrap(),
+                    prefix_len: 24,
+                    ifindex: 2,
+                    ifname: "eth0".into(),
+                },
+                LocalAddr {
+                    addr: "172.17.0.1".parse().unwrap(),
+                    prefix_len: 16,
+                    ifindex: 3,
+                    ifname: "docker0".into(),
+                },
+            ],
+            internal_ifaces: INTERNAL_IFACE_PREFIXES.map(str::to_owned).to_vec(),
+            own_pins: None,
+        };
+        (m, input)
+    }
+
+    #[test]
+    fn a_pin_table_is_judged_by_what_it_does_not_by_its_name() {
+        // The owner's mapping copied (what a pin does): no finding, whoever's table.
+        let (m, input) = pinned(nft_dnat([172, 17, 0, 2], 80), Some(4242));
+        assert_eq!(inspect(&m, &input), []);
+        // A table called `portguard` that sends the port elsewhere is a hijack
+        // like any other: the name protects nothing.
+        let (m, input) = pinned(nft_dnat([10, 42, 0, 2], 80), None);
+        let f = inspect(&m, &input);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (f[0].table.as_str(), f[0].target.as_deref(), f[0].active),
+            (pin::PIN_TABLE, Some("10.42.0.2:80"), true)
+        );
+        // The agent skips only the table its own socket owns.
+        let (m, mut input) = pinned(nft_dnat([10, 42, 0, 2], 80), Some(4242));
+        input.own_pins = Some(4242);
+        assert_eq!(
+            inspect(&m, &input),
+            [],
+            "our own (stale) pin: the pin sync's business"
+        );
+        input.own_pins = Some(77);
+        assert_eq!(
+            inspect(&m, &input).len(),
+            1,
+            "another socket's table is judged"
+        );
     }
 
     #[test]

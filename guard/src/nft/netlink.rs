@@ -808,6 +808,7 @@ pub(crate) mod tests {
                 ifname: "eth0".into(),
             }],
             internal_ifaces: vec!["docker".into()],
+            own_pins: None,
         }
     }
 

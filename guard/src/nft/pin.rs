@@ -12,6 +12,17 @@
 //! Installed and updated as one transaction that deletes the table and writes it
 //! whole again (an atomic swap), removed as one transaction.
 //!
+//! Whose table: the pin table is created with `NFT_TABLE_F_OWNER` through the
+//! agent's writer socket, so the kernel records that socket's netlink port id
+//! as its owner and deletes it when the socket closes. A table is the agent's
+//! own only by that id ([`is_pin_table`]), never by its name: any other table
+//! called `portguard` (another program's, one left by an older portguard
+//! without the flag, a second agent's) is a [`ForeignPinTable`], reported and
+//! never deleted or written to; its family gets no pin while it is there.
+//! Deletions name the table instance by handle, and the table is created
+//! exclusively, so a table of that name appearing between read and commit
+//! fails the batch instead of being deleted or adopted.
+//!
 //! A pin never widens exposure and never breaks the owner's own paths:
 //! - it matches the host address the owner published on (`-p 127.0.0.1:80:80`
 //!   pins `127.0.0.1` only), every local address only for a publish on all;
@@ -51,9 +62,57 @@ pub const PIN_OUTPUT_CHAIN: &str = "pin_output";
 /// The earliest priority the kernel accepts for a nat chain.
 pub const PIN_PRIORITY: i32 = -199;
 
-/// Whether a table is portguard's own pin table.
-pub fn is_pin_table(table: &Table) -> bool {
+/// Whether a table has the pin table's name and family (anyone's).
+pub fn has_pin_name(table: &Table) -> bool {
     table.name == PIN_TABLE && matches!(table.family, Family::IP | Family::IP6)
+}
+
+/// Whether a table is the pin table of the agent writing from netlink port
+/// `ours`: the name, and owned by that port.
+pub fn is_pin_table(table: &Table, ours: u32) -> bool {
+    has_pin_name(table) && table.owner == Some(ours)
+}
+
+/// A table named like the pin table that is not this agent's.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ForeignPinTable {
+    pub family: Family,
+    pub handle: u64,
+    /// The netlink port id owning it (`flags owner`), or none.
+    pub owner: Option<u32>,
+}
+
+/// The pin-named tables of a ruleset, split by whose they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinTables {
+    /// This agent's, (family, handle).
+    pub ours: Vec<(Family, u64)>,
+    pub foreign: Vec<ForeignPinTable>,
+}
+
+impl PinTables {
+    /// The pin-named tables of `model`, for the agent writing from port `ours`.
+    pub fn of(model: &RulesetModel, ours: u32) -> Self {
+        let mut out = Self::default();
+        for t in model.tables.iter().filter(|t| has_pin_name(t)) {
+            if is_pin_table(t, ours) {
+                out.ours.push((t.family, t.handle));
+            } else {
+                out.foreign.push(ForeignPinTable {
+                    family: t.family,
+                    handle: t.handle,
+                    owner: t.owner,
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether another table holds the pin table's name in `family`: no pin
+    /// can be installed there.
+    pub fn blocked(&self, family: Family) -> bool {
+        self.foreign.iter().any(|f| f.family == family)
+    }
 }
 
 /// One pinned mapping: new connections to `port` on a local address (or `host`
@@ -72,7 +131,8 @@ pub struct Pin {
 }
 
 impl Pin {
-    fn family(&self) -> Family {
+    /// The family of the pin table holding it (its target's).
+    pub fn family(&self) -> Family {
         if self.target.is_ipv6() {
             Family::IP6
         } else {
@@ -273,26 +333,18 @@ fn push_daddr_load(list: &mut Vec<u8>, offset: u32, len: u32) {
     );
 }
 
-/// The families whose pin table exists in `model`.
-pub fn installed_families(model: &RulesetModel) -> Vec<Family> {
-    model
-        .tables
-        .iter()
-        .filter(|t| is_pin_table(t))
-        .map(|t| t.family)
-        .collect()
-}
-
-/// One transaction that makes the pin tables hold exactly `pins`: the tables of
-/// `installed` families are deleted and written again whole (an atomic swap, so
-/// no new connection ever meets a half-written pin); a family left without pins
-/// loses its table.
-pub fn sync_transaction(installed: &[Family], pins: &[Pin]) -> Transaction {
+/// One transaction that makes the pin tables hold exactly `pins`: this
+/// agent's `installed` tables (family, handle) are deleted by handle and
+/// written again whole (an atomic swap, so no new connection ever meets a
+/// half-written pin); a family left without pins loses its table. The caller
+/// leaves out pins of a family another table of that name blocks.
+pub fn sync_transaction(installed: &[(Family, u64)], pins: &[Pin]) -> Transaction {
     let mut tx = Transaction::new();
-    for family in installed {
+    for (family, handle) in installed {
         tx.push(Op::DeleteTable {
             family: *family,
             name: PIN_TABLE.into(),
+            handle: Some(*handle),
         });
     }
     for family in [Family::IP, Family::IP6] {
@@ -358,10 +410,11 @@ pub struct ChainAhead {
     pub priority: i32,
 }
 
-/// Every other nat base chain on prerouting/output not behind the pin.
-pub fn chains_not_behind(model: &RulesetModel) -> Vec<ChainAhead> {
+/// Every other nat base chain on prerouting/output not behind the pin (of the
+/// agent writing from port `ours`).
+pub fn chains_not_behind(model: &RulesetModel, ours: u32) -> Vec<ChainAhead> {
     let mut out = Vec::new();
-    for t in model.tables.iter().filter(|t| !is_pin_table(t)) {
+    for t in model.tables.iter().filter(|t| !is_pin_table(t, ours)) {
         for c in &t.chains {
             let Some(b) = &c.base else { continue };
             if b.kind == "nat"
@@ -383,11 +436,11 @@ pub fn chains_not_behind(model: &RulesetModel) -> Vec<ChainAhead> {
 
 /// The lowest priority of the other nat chains (for "ahead of every other nat
 /// chain present: lowest other is N").
-pub fn lowest_other_nat_priority(model: &RulesetModel) -> Option<i32> {
+pub fn lowest_other_nat_priority(model: &RulesetModel, ours: u32) -> Option<i32> {
     model
         .tables
         .iter()
-        .filter(|t| !is_pin_table(t))
+        .filter(|t| !is_pin_table(t, ours))
         .flat_map(|t| &t.chains)
         .filter_map(|c| c.base.as_ref())
         .filter(|b| b.kind == "nat" && matches!(b.hook, Hook::Prerouting | Hook::Output))
@@ -395,8 +448,8 @@ pub fn lowest_other_nat_priority(model: &RulesetModel) -> Option<i32> {
         .min()
 }
 
-/// One transaction that removes every pin table.
-pub fn teardown_transaction(installed: &[Family]) -> Transaction {
+/// One transaction that removes this agent's `installed` pin tables.
+pub fn teardown_transaction(installed: &[(Family, u64)]) -> Transaction {
     sync_transaction(installed, &[])
 }
 
@@ -424,16 +477,14 @@ mod tests {
             !exprs.iter().any(|e| matches!(e, Expr::Unknown { .. })),
             "{exprs:?}"
         );
-        let tx = sync_transaction(&[Family::IP], &[pin]);
+        let tx = sync_transaction(&[(Family::IP, 7)], &[pin]);
         let text = tx.to_string();
         assert!(
-            text.starts_with(
-                "delete table ip portguard\nadd table ip portguard { flags owner; }\n"
-            ),
+            text.starts_with("delete table ip handle 7\nadd table ip portguard { flags owner; }\n"),
             "{text}"
         );
         assert!(text.contains("priority -199"), "{text}");
-        assert_eq!(teardown_transaction(&[Family::IP]).ops.len(), 1);
+        assert_eq!(teardown_transaction(&[(Family::IP, 7)]).ops.len(), 1);
     }
 
     #[test]
@@ -469,6 +520,45 @@ mod tests {
         );
         let text = sync_transaction(&[], &[pin]).to_string();
         assert!(text.contains("iifname != \"docker0\""), "{text}");
+    }
+
+    fn table(name: &str, family: Family, handle: u64, owner: Option<u32>) -> Table {
+        Table {
+            name: name.into(),
+            family,
+            handle,
+            owner,
+            ..Table::default()
+        }
+    }
+
+    #[test]
+    fn only_a_table_owned_by_our_port_is_ours() {
+        let model = RulesetModel {
+            tables: vec![
+                table(PIN_TABLE, Family::IP, 1, Some(4242)),
+                table(PIN_TABLE, Family::IP6, 2, None),
+                table(PIN_TABLE, Family::INET, 3, None),
+                table("nat", Family::IP, 4, Some(4242)),
+            ],
+            ..RulesetModel::default()
+        };
+        let ours = PinTables::of(&model, 4242);
+        assert_eq!(ours.ours, vec![(Family::IP, 1)]);
+        assert_eq!(
+            ours.foreign,
+            vec![ForeignPinTable {
+                family: Family::IP6,
+                handle: 2,
+                owner: None
+            }],
+            "an unowned ip6 portguard is someone else's; inet is not a pin family"
+        );
+        assert!(ours.blocked(Family::IP6) && !ours.blocked(Family::IP));
+        let other = PinTables::of(&model, 77);
+        assert!(other.ours.is_empty(), "another agent's table is not ours");
+        assert_eq!(other.foreign.len(), 2);
+        assert!(other.blocked(Family::IP));
     }
 
     #[test]

@@ -30,8 +30,9 @@ use crate::sys::{
         NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE, NFTA_CHAIN_TYPE,
         NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_COMPAT,
         NFTA_RULE_COMPAT_FLAGS, NFTA_RULE_COMPAT_PROTO, NFTA_RULE_EXPRESSIONS, NFTA_RULE_HANDLE,
-        NFTA_RULE_POSITION, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME,
-        NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_HDRLEN,
+        NFTA_RULE_POSITION, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_TABLE_FLAGS,
+        NFTA_TABLE_HANDLE, NFTA_TABLE_NAME, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL,
+        NLM_F_REQUEST, NLMSG_HDRLEN,
     },
 };
 
@@ -78,7 +79,9 @@ pub enum Op {
         name: String,
         /// `NFT_TABLE_F_OWNER`: the table belongs to the committing socket and
         /// the kernel deletes it when that socket closes (never with
-        /// `NFT_TABLE_F_PERSIST`).
+        /// `NFT_TABLE_F_PERSIST`). An owned table is created exclusively
+        /// (`NLM_F_EXCL`): a table of that name already there (anyone's) fails
+        /// the batch instead of being adopted or updated.
         owner: bool,
     },
     AddNatChain {
@@ -91,6 +94,10 @@ pub enum Op {
     DeleteTable {
         family: Family,
         name: String,
+        /// The handle of the table instance meant (`NFTA_TABLE_HANDLE`): a table
+        /// of the same name created since (someone else's) is left alone and
+        /// the batch fails with `ENOENT`.
+        handle: Option<u64>,
     },
 }
 
@@ -145,7 +152,16 @@ impl fmt::Display for Op {
                 f,
                 "add chain {family} {table} {name} {{ type nat hook {hook} priority {priority}; policy accept; }}"
             ),
-            Self::DeleteTable { family, name } => write!(f, "delete table {family} {name}"),
+            Self::DeleteTable {
+                family,
+                name,
+                handle: None,
+            } => write!(f, "delete table {family} {name}"),
+            Self::DeleteTable {
+                family,
+                handle: Some(h),
+                ..
+            } => write!(f, "delete table {family} handle {h}"),
         }
     }
 }
@@ -209,7 +225,12 @@ impl Op {
                 attr::put_str(&mut a, NFTA_TABLE_NAME, name);
                 let flags = if *owner { NFT_TABLE_F_OWNER } else { 0 };
                 attr::put(&mut a, NFTA_TABLE_FLAGS, &flags.to_be_bytes());
-                (NFT_MSG_NEWTABLE, *family, NLM_F_CREATE)
+                let create = if *owner {
+                    NLM_F_CREATE | NLM_F_EXCL
+                } else {
+                    NLM_F_CREATE
+                };
+                (NFT_MSG_NEWTABLE, *family, create)
             }
             Self::AddNatChain {
                 family,
@@ -228,8 +249,15 @@ impl Op {
                 attr::put_str(&mut a, NFTA_CHAIN_TYPE, "nat");
                 (NFT_MSG_NEWCHAIN, *family, NLM_F_CREATE)
             }
-            Self::DeleteTable { family, name } => {
-                attr::put_str(&mut a, NFTA_TABLE_NAME, name);
+            Self::DeleteTable {
+                family,
+                name,
+                handle,
+            } => {
+                match handle {
+                    Some(h) => attr::put(&mut a, NFTA_TABLE_HANDLE, &h.to_be_bytes()),
+                    None => attr::put_str(&mut a, NFTA_TABLE_NAME, name),
+                }
                 (NFT_MSG_DELTABLE, *family, 0)
             }
         };
@@ -403,18 +431,33 @@ impl TransactionError {
 /// namespace of the thread that opened it.
 pub struct NftWriter {
     sock: Socket,
+    /// The socket's netlink port id: a table created with `owner` belongs to it.
+    port_id: u32,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl NftWriter {
     pub fn open() -> Result<Self, TransactionError> {
-        let sock = nl::open(libc::NETLINK_NETFILTER).map_err(TransactionError::Socket)?;
+        let mut sock = nl::open(libc::NETLINK_NETFILTER).map_err(TransactionError::Socket)?;
+        // Bound now (the kernel picks the port id) rather than on the first
+        // send, so the id that owned tables carry is known before any commit.
+        let port_id = sock
+            .bind_auto()
+            .map_err(TransactionError::Socket)?
+            .port_number();
         Ok(Self {
             sock,
+            port_id,
             seq: std::process::id().wrapping_mul(7919),
             buf: Vec::with_capacity(nl::RECV_BUF),
         })
+    }
+
+    /// The netlink port id of this socket: the owner (`NFTA_TABLE_OWNER`) of
+    /// every table it creates with `owner`.
+    pub fn port_id(&self) -> u32 {
+        self.port_id
     }
 
     /// Commits `tx` atomically: `Ok` once the kernel acknowledged every operation.
@@ -567,12 +610,64 @@ mod tests {
         );
     }
 
+    /// The messages of an encoded batch between begin and end: (flags, attributes).
+    fn messages(b: &[u8]) -> Vec<(u16, Vec<(u16, Vec<u8>)>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + NLMSG_HDRLEN <= b.len() {
+            let len = u32::from_ne_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            let flags = u16::from_ne_bytes(b[at + 6..at + 8].try_into().unwrap());
+            let attrs = Attrs::new(&b[at + NLMSG_HDRLEN + NFGENMSG_LEN..at + len])
+                .flatten()
+                .map(|(t, v)| (t, v.to_vec()))
+                .collect();
+            out.push((flags, attrs));
+            at += (len + 3) & !3;
+        }
+        out
+    }
+
+    #[test]
+    fn a_table_is_deleted_by_its_handle_and_an_owned_one_created_exclusively() {
+        let mut tx = Transaction::new();
+        tx.push(Op::DeleteTable {
+            family: Family::IP,
+            name: "portguard".into(),
+            handle: Some(9),
+        });
+        tx.push(Op::AddTable {
+            family: Family::IP,
+            name: "portguard".into(),
+            owner: true,
+        });
+        assert_eq!(
+            tx.to_string(),
+            "delete table ip handle 9\nadd table ip portguard { flags owner; }\n"
+        );
+        let msgs = messages(&tx.encode(1));
+        assert_eq!(msgs.len(), 4, "begin, two operations, end");
+        let (_, delete) = &msgs[1];
+        assert_eq!(
+            delete,
+            &[(NFTA_TABLE_HANDLE, 9u64.to_be_bytes().to_vec())],
+            "the instance by handle, not whatever table has the name"
+        );
+        let (flags, add) = &msgs[2];
+        assert_eq!(
+            flags & NLM_F_EXCL,
+            NLM_F_EXCL,
+            "never adopt an existing table"
+        );
+        assert!(add.contains(&(NFTA_TABLE_FLAGS, NFT_TABLE_F_OWNER.to_be_bytes().to_vec())));
+    }
+
     #[test]
     fn a_batch_decided_on_a_generation_carries_it_in_its_begin_message() {
         let mut tx = Transaction::new();
         tx.push(Op::DeleteTable {
             family: Family::IP,
             name: "portguard".into(),
+            handle: Some(3),
         });
         let unchecked = tx.encode(1);
         let len = u32::from_ne_bytes(unchecked[0..4].try_into().unwrap()) as usize;

@@ -80,6 +80,11 @@ pub trait RulesetBackend: Send {
 
     /// Commits `tx` atomically: every operation or none.
     fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError>;
+
+    /// The netlink port id `commit` writes from: the owner of the tables it
+    /// creates with `owner` (the pin tables), and how the guard tells its
+    /// own pin table from anyone else's table of that name.
+    fn port_id(&self) -> u32;
 }
 
 /// The kernel: nf_tables over netlink, in this network namespace or in
@@ -189,6 +194,10 @@ impl RulesetBackend for NetlinkBackend {
 
     fn legacy_nat_in_use(&mut self) -> Result<bool, BackendError> {
         Ok(in_netns(self.netns.as_deref(), nft::legacy::nat_in_use)?)
+    }
+
+    fn port_id(&self) -> u32 {
+        self.writer.port_id()
     }
 
     fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError> {

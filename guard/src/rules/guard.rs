@@ -81,6 +81,12 @@ pub enum GuardReport {
     PinOvertaken {
         chains: Vec<pin::ChainAhead>,
     },
+    /// Other tables hold the pin table's name (none: they went away): left
+    /// alone, and their families get no pin meanwhile.
+    ForeignPinTables {
+        tables: Vec<pin::ForeignPinTable>,
+        withheld: Vec<Pin>,
+    },
 }
 
 /// Everything the rule guard needs.
@@ -410,6 +416,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
         let t0 = Instant::now();
         let mut input =
             InspectInput::from_policy(&self.cfg.policy, self.owned.clone(), self.addrs.clone());
+        // The guard keeps its own pins; everything else, pin-named or not, is judged.
+        input.own_pins = Some(self.backend.port_id());
         if let Some(scope) = scope {
             // Only these ports' probes: rules that match another port cannot
             // change what happens to them.
@@ -548,6 +556,30 @@ impl<B: RulesetBackend> GuardLoop<B> {
         let wanted = self
             .pins
             .wanted(&self.cfg.policy, &self.owned, &self.addrs, owned, full);
+        if let Some(foreign) =
+            self.pins
+                .foreign_tables(&self.model, &wanted, self.backend.port_id())
+        {
+            if foreign.tables.is_empty() {
+                info!(
+                    event = "foreign_pin_table_gone",
+                    "no other table holds the pin table's name any more: pins can be installed"
+                );
+            } else {
+                warn!(
+                    event = "foreign_pin_table",
+                    tables = ?foreign.tables,
+                    pins_withheld = foreign.withheld.len(),
+                    "a table named `portguard` that is not this agent's: left alone (never deleted); \
+                     no pin in its family while it is there. If it is a leftover, delete it \
+                     yourself (`nft delete table <family> portguard`)"
+                );
+            }
+            self.cfg.report(GuardReport::ForeignPinTables {
+                tables: foreign.tables,
+                withheld: foreign.withheld,
+            });
+        }
         let synced = self
             .pins
             .sync(&self.model, wanted, &self.cfg.audit, &mut self.backend)

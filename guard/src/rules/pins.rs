@@ -15,7 +15,7 @@ use crate::{
     nft::{
         self, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
         model::Family,
-        pin::{self, ChainAhead, Pin},
+        pin::{self, ChainAhead, ForeignPinTable, Pin, PinTables},
     },
     policy::{Mode, Policy, Proto},
 };
@@ -32,6 +32,17 @@ pub struct PinSet {
     pins: Vec<Pin>,
     /// Pins learned from the owner's own DNAT rules: kept while the rule is shadowed.
     learned: BTreeSet<OwnedMapping>,
+    /// Other tables named like the pin table, as last reported.
+    foreign: Vec<ForeignPinTable>,
+}
+
+/// Tables named like the pin table that are not this agent's, and the pins
+/// they keep out, when that changed since the last sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignPinTables {
+    pub tables: Vec<ForeignPinTable>,
+    /// Wanted pins of the families those tables block: not installed.
+    pub withheld: Vec<Pin>,
 }
 
 /// What [`PinSet::sync`] did.
@@ -116,8 +127,32 @@ impl PinSet {
         pins.into_iter().collect()
     }
 
-    /// Makes the pin tables hold exactly `wanted`: each installed, updated or
-    /// removed pin is audited, then the tables are rewritten in one batch.
+    /// Another program's tables named like the pin table in `model`, and the
+    /// `wanted` pins they keep out; `Some` only when that changed since the
+    /// last call (to report it once).
+    pub fn foreign_tables(
+        &mut self,
+        model: &RulesetModel,
+        wanted: &[Pin],
+        ours: u32,
+    ) -> Option<ForeignPinTables> {
+        let tables = PinTables::of(model, ours).foreign;
+        if tables == self.foreign {
+            return None;
+        }
+        self.foreign.clone_from(&tables);
+        let withheld = wanted
+            .iter()
+            .filter(|p| tables.iter().any(|t| t.family == p.family()))
+            .cloned()
+            .collect();
+        Some(ForeignPinTables { tables, withheld })
+    }
+
+    /// Makes this agent's pin tables hold exactly `wanted`: each installed,
+    /// updated or removed pin is audited, then the tables are rewritten in one
+    /// batch, decided on the model's generation. A family in which another
+    /// table holds the pin table's name gets no pin (see `nft::pin`).
     pub async fn sync<B: RulesetBackend>(
         &mut self,
         model: &RulesetModel,
@@ -125,13 +160,19 @@ impl PinSet {
         audit: &AuditHandle,
         backend: &mut B,
     ) -> Result<PinSync, GuardError> {
-        let installed = pin::installed_families(model);
-        let intact = pins_intact(model, &wanted);
+        let ours = backend.port_id();
+        let tables = PinTables::of(model, ours);
+        let wanted: Vec<Pin> = wanted
+            .into_iter()
+            .filter(|p| !tables.blocked(p.family()))
+            .collect();
+        let installed = tables.ours;
+        let intact = pins_intact(model, &wanted, ours);
         if wanted == self.pins && intact {
             let ahead = if wanted.is_empty() {
                 Vec::new()
             } else {
-                pin::chains_not_behind(model)
+                pin::chains_not_behind(model, ours)
             };
             return Ok(PinSync::InSync { ahead });
         }
@@ -175,12 +216,13 @@ impl PinSet {
                 })
                 .await?;
         }
-        backend.commit(&pin::sync_transaction(&installed, &wanted))?;
+        backend
+            .commit(&pin::sync_transaction(&installed, &wanted).at_generation(model.generation))?;
         info!(
             event = "pins_synced",
             pins = wanted.len(),
             priority = pin::PIN_PRIORITY,
-            lowest_other_nat_priority = pin::lowest_other_nat_priority(model),
+            lowest_other_nat_priority = pin::lowest_other_nat_priority(model, ours),
             "pins in sync: ahead of every other nat chain present"
         );
         self.pins.clone_from(&wanted);
@@ -198,7 +240,7 @@ impl PinSet {
         audit: &AuditHandle,
         backend: &mut B,
     ) -> Result<(), GuardError> {
-        let installed = pin::installed_families(model);
+        let installed = PinTables::of(model, backend.port_id()).ours;
         if installed.is_empty() && self.pins.is_empty() {
             return Ok(());
         }
@@ -215,8 +257,11 @@ impl PinSet {
                 errors.push(e.to_string());
             }
         }
-        for family in installed {
-            if let Err(e) = backend.commit(&pin::teardown_transaction(&[family]))
+        // By handle, each on its own. A handle the model has not caught up with
+        // fails with ENOENT and is left to the kernel, which deletes the table
+        // with the socket that owns it.
+        for table in installed {
+            if let Err(e) = backend.commit(&pin::teardown_transaction(&[table]))
                 && !e.all_missing()
             {
                 errors.push(e.to_string());
@@ -268,8 +313,9 @@ fn learned_hosts(
     out
 }
 
-/// Whether the model holds a pin table for each family with the right number of rules.
-fn pins_intact(model: &RulesetModel, wanted: &[Pin]) -> bool {
+/// Whether the model holds this agent's pin table for each family with the
+/// right number of rules.
+fn pins_intact(model: &RulesetModel, wanted: &[Pin], ours: u32) -> bool {
     [Family::IP, Family::IP6].iter().all(|fam| {
         let of_family: Vec<&Pin> = wanted
             .iter()
@@ -278,7 +324,7 @@ fn pins_intact(model: &RulesetModel, wanted: &[Pin]) -> bool {
         let table = model
             .tables
             .iter()
-            .find(|t| pin::is_pin_table(t) && t.family == *fam);
+            .find(|t| pin::is_pin_table(t, ours) && t.family == *fam);
         match table {
             None => of_family.is_empty(),
             Some(t) => {

@@ -19,7 +19,7 @@ use tokio::{
 
 use super::{
     GuardError, GuardReport, MemoryBackend, MemoryControl, RuleGuard,
-    backend::{RulePlace, RuleTarget},
+    backend::{RulePlace, RuleTarget, memory::MEMORY_PORT_ID},
 };
 use crate::{
     audit::{AuditHandle, AuditLog, Rotation},
@@ -721,9 +721,16 @@ async fn a_pin_follows_the_owner_to_a_new_address_and_goes_with_it() {
     h.owners.send(Arc::new(owners(None))).unwrap();
     assert!(h.pins_synced().await.is_empty());
     let committed = h.control.committed();
-    assert_eq!(
-        committed.last().unwrap().tx.to_string(),
-        format!("delete table ip {}\n", pin::PIN_TABLE)
+    assert!(
+        matches!(
+            committed.last().unwrap().tx.ops[..],
+            [Op::DeleteTable {
+                handle: Some(_),
+                ..
+            }]
+        ),
+        "our own table, by its handle: {}",
+        committed.last().unwrap().tx
     );
     assert_eq!(pin_table_rules(&h.control), None, "no pin table left");
     assert_eq!(
@@ -749,9 +756,117 @@ async fn stopping_removes_the_pins() {
         None,
         "no pin outlives the guard"
     );
-    assert_eq!(
-        h.control.committed().last().unwrap().tx.to_string(),
-        format!("delete table ip {}\n", pin::PIN_TABLE)
+    assert!(
+        h.control
+            .committed()
+            .last()
+            .unwrap()
+            .tx
+            .to_string()
+            .starts_with("delete table ip handle "),
+        "{:?}",
+        h.batches()
     );
     assert_eq!(audit_kinds(&h.audit_path), ["pin_installed", "pin_removed"]);
+}
+
+/// Tables named `portguard` in `control`'s model: (family, owner).
+fn pin_named_tables(control: &MemoryControl) -> Vec<(Family, Option<u32>)> {
+    control
+        .model()
+        .tables
+        .iter()
+        .filter(|t| t.name == pin::PIN_TABLE)
+        .map(|t| (t.family, t.owner))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched() {
+    // Another program's `table ip portguard` (no owner: e.g. one left by an
+    // older portguard without `flags owner`, or anyone's), there before the
+    // guard starts.
+    let mut h = Harness::start(
+        RulesetModel::default(),
+        policy(true),
+        owners(Some("172.17.0.2")),
+        |c| {
+            c.add_table(
+                Family::IP,
+                pin::PIN_TABLE,
+                None,
+                ("theirs", crate::nft::Hook::Prerouting, -150),
+            );
+        },
+    );
+    let (tables, withheld) = h
+        .wait_for("foreign pin tables", |r| match r {
+            GuardReport::ForeignPinTables { tables, withheld } => Some((tables, withheld)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert_eq!((tables[0].family, tables[0].owner), (Family::IP, None));
+    assert_eq!(
+        withheld
+            .iter()
+            .map(|p| p.target.to_string())
+            .collect::<Vec<_>>(),
+        ["172.17.0.2:80"],
+        "the ip pin cannot be installed while their table holds the name"
+    );
+    h.quiet().await;
+    assert!(
+        h.batches().is_empty(),
+        "nothing deleted, nothing written: {:?}",
+        h.batches()
+    );
+    assert_eq!(pin_named_tables(&h.control), [(Family::IP, None)]);
+
+    assert!(h.control.delete_table(Family::IP, pin::PIN_TABLE));
+    // Their table gone: our pin goes in, owned by our socket.
+    let pins = h.pins_synced().await;
+    assert_eq!(pins.len(), 1);
+    h.quiet().await;
+    assert_eq!(
+        pin_named_tables(&h.control),
+        [(Family::IP, Some(MEMORY_PORT_ID))]
+    );
+    h.stop().await.expect("clean stop");
+    assert_eq!(pin_named_tables(&h.control), [], "ours removed on stop");
+}
+
+#[tokio::test]
+async fn another_sockets_pin_table_is_not_ours_and_survives_our_stop() {
+    let mut h = Harness::start(
+        RulesetModel::default(),
+        policy(true),
+        owners(Some("172.17.0.2")),
+        |c| {
+            c.add_table(
+                Family::IP,
+                pin::PIN_TABLE,
+                Some(MEMORY_PORT_ID + 1),
+                (
+                    pin::PIN_PREROUTING_CHAIN,
+                    crate::nft::Hook::Prerouting,
+                    -199,
+                ),
+            );
+        },
+    );
+    let (tables, _) = h
+        .wait_for("foreign pin tables", |r| match r {
+            GuardReport::ForeignPinTables { tables, withheld } => Some((tables, withheld)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(tables[0].owner, Some(MEMORY_PORT_ID + 1));
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert!(h.batches().is_empty(), "{:?}", h.batches());
+    assert_eq!(
+        pin_named_tables(&h.control),
+        [(Family::IP, Some(MEMORY_PORT_ID + 1))]
+    );
 }

@@ -10,7 +10,7 @@
 // <linux/netlink.h> (netlink-packet-core, libc)
 pub use netlink_packet_core::{
     NLA_F_NESTED, NLA_HEADER_SIZE as NLA_HDRLEN, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_APPEND,
-    NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
 };
 /// `NLMSG_HDRLEN`: `struct nlmsghdr`, 4-byte aligned already.
 pub const NLMSG_HDRLEN: usize = size_of::<libc::nlmsghdr>();

@@ -44,6 +44,9 @@ const NFT_MSG_DELTABLE: u16 = libc::NFT_MSG_DELTABLE as u16;
 const NFT_MSG_NEWCHAIN: u16 = libc::NFT_MSG_NEWCHAIN as u16;
 /// The chain type the pin's chains are (`type nat`).
 const NAT_CHAIN_TYPE: &str = "nat";
+/// The netlink port id of the in-memory writer: the owner of the tables it
+/// creates with `owner`.
+pub const MEMORY_PORT_ID: u32 = 4242;
 
 /// One batch the guard committed, and what came of it.
 #[derive(Clone, Debug)]
@@ -198,6 +201,10 @@ impl RulesetBackend for MemoryBackend {
         Ok(self.shared.lock().legacy_nat_in_use)
     }
 
+    fn port_id(&self) -> u32 {
+        MEMORY_PORT_ID
+    }
+
     fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError> {
         let mut st = self.shared.lock();
         if let Some(witness) = &mut st.witness {
@@ -234,7 +241,13 @@ impl RulesetBackend for MemoryBackend {
         let mut next_handle = st.next_handle;
         let mut announced = Vec::new();
         for (index, op) in tx.ops.iter().enumerate() {
-            if let Err(errno) = apply_op(&mut trial, &mut next_handle, op, &mut announced) {
+            if let Err(errno) = apply_op(
+                &mut trial,
+                &mut next_handle,
+                MEMORY_PORT_ID,
+                op,
+                &mut announced,
+            ) {
                 let generation = st.generation;
                 st.committed.push(Committed {
                     tx: tx.clone(),
@@ -315,13 +328,27 @@ fn raw_rule(handle: u64, exprs: &[u8], userdata: Option<&[u8]>) -> Rule {
     Rule::from_raw(handle, raw(exprs), None).with_userdata(userdata.map(raw))
 }
 
-/// Applies one operation as the kernel would; `Err(errno)` when it would refuse it.
+/// `EPERM` when `table` belongs to another socket than `port_id` (the kernel's
+/// `nft_table_lookup`: an owned table is reachable by its owner only).
+fn check_owner(table: &Table, port_id: u32) -> Result<(), i32> {
+    match table.owner {
+        Some(owner) if owner != port_id => Err(libc::EPERM),
+        _ => Ok(()),
+    }
+}
+
+/// Applies one operation as the kernel would, for a writer of netlink port
+/// `port_id`; `Err(errno)` when it would refuse it.
 fn apply_op(
     model: &mut RulesetModel,
     next_handle: &mut u64,
+    port_id: u32,
     op: &Op,
     announced: &mut Vec<Change>,
 ) -> Result<(), i32> {
+    let owner_ok = |model: &mut RulesetModel, family: Family, table: &str| {
+        find_table(model, family, table).map_or(Ok(()), |t| check_owner(t, port_id))
+    };
     let mut handle = || {
         let h = *next_handle;
         *next_handle += 1;
@@ -334,6 +361,7 @@ fn apply_op(
             chain,
             handle: gone,
         } => {
+            owner_ok(model, *family, table)?;
             let c = find_chain(model, *family, table, chain).ok_or(libc::ENOENT)?;
             let i = c
                 .rules
@@ -353,6 +381,7 @@ fn apply_op(
             placement,
             ..
         } => {
+            owner_ok(model, *family, table)?;
             let c = find_chain(model, *family, table, chain).ok_or(libc::ENOENT)?;
             let at = |h: &u64| c.rules.iter().position(|r| r.handle == *h);
             let index = match placement {
@@ -365,12 +394,23 @@ fn apply_op(
                 .insert(index, raw_rule(handle(), exprs, userdata.as_deref()));
             announced.push(rule_added(*family, table, c, index));
         }
-        Op::AddTable { family, name, .. } => {
-            if find_table(model, *family, name).is_none() {
+        Op::AddTable {
+            family,
+            name,
+            owner,
+        } => {
+            if let Some(t) = find_table(model, *family, name) {
+                check_owner(t, port_id)?;
+                // An owned table is created with NLM_F_EXCL.
+                if *owner {
+                    return Err(libc::EEXIST);
+                }
+            } else {
                 model.tables.push(Table {
                     family: *family,
                     name: name.clone(),
                     handle: handle(),
+                    owner: owner.then_some(port_id),
                     ..Table::default()
                 });
                 announced.push(Change::Structural {
@@ -388,6 +428,7 @@ fn apply_op(
         } => {
             let h = handle();
             let t = find_table(model, *family, table).ok_or(libc::ENOENT)?;
+            check_owner(t, port_id)?;
             if t.chain(name).is_none() {
                 t.chains.push(Chain {
                     name: name.clone(),
@@ -406,14 +447,24 @@ fn apply_op(
                 });
             }
         }
-        Op::DeleteTable { family, name } => {
-            let before = model.tables.len();
-            model
+        Op::DeleteTable {
+            family,
+            name,
+            handle: by_handle,
+        } => {
+            let i = model
                 .tables
-                .retain(|t| !(t.family == *family && t.name == *name));
-            if model.tables.len() == before {
-                return Err(libc::ENOENT);
-            }
+                .iter()
+                .position(|t| {
+                    t.family == *family
+                        && match by_handle {
+                            Some(h) => t.handle == *h,
+                            None => t.name == *name,
+                        }
+                })
+                .ok_or(libc::ENOENT)?;
+            check_owner(&model.tables[i], port_id)?;
+            model.tables.remove(i);
             announced.push(Change::Structural {
                 msg: NFT_MSG_DELTABLE,
                 family: *family,
@@ -581,6 +632,70 @@ impl MemoryControl {
                 changes.push(rule_added(family, name, c, c.rules.len() - 1));
             }
             st.announce(changes);
+        })
+    }
+
+    /// Another program creates a table with one nat base chain (`nft add
+    /// table …; add chain … { type nat hook … }`), owned by netlink port
+    /// `owner` (`flags owner`) or by no one; announced. The table's handle.
+    pub fn add_table(
+        &self,
+        family: Family,
+        name: &str,
+        owner: Option<u32>,
+        chain: (&str, crate::nft::Hook, i32),
+    ) -> u64 {
+        self.edit(|st| {
+            let (table, chain_handle) = (st.next_handle, st.next_handle + 1);
+            st.next_handle += 2;
+            let (chain, hook, priority) = chain;
+            st.model.tables.push(Table {
+                family,
+                name: name.to_owned(),
+                handle: table,
+                owner,
+                chains: vec![Chain {
+                    name: chain.to_owned(),
+                    handle: chain_handle,
+                    base: Some(BaseHook {
+                        hook,
+                        priority,
+                        kind: NAT_CHAIN_TYPE.into(),
+                        policy: None,
+                    }),
+                    rules: Vec::new(),
+                }],
+                ..Table::default()
+            });
+            st.announce(vec![
+                Change::Structural {
+                    msg: NFT_MSG_NEWTABLE,
+                    family,
+                },
+                Change::Structural {
+                    msg: NFT_MSG_NEWCHAIN,
+                    family,
+                },
+            ]);
+            table
+        })
+    }
+
+    /// Another program deletes a table (announced); false when there was none.
+    pub fn delete_table(&self, family: Family, name: &str) -> bool {
+        self.edit(|st| {
+            let before = st.model.tables.len();
+            st.model
+                .tables
+                .retain(|t| !(t.family == family && t.name == name));
+            let gone = st.model.tables.len() < before;
+            if gone {
+                st.announce(vec![Change::Structural {
+                    msg: NFT_MSG_DELTABLE,
+                    family,
+                }]);
+            }
+            gone
         })
     }
 
