@@ -90,6 +90,7 @@ pub struct Metrics {
     probe_up: Family<ProbeLabels, Gauge>,
     owner_present: Family<PortLabels, Gauge>,
     audit_records: Counter,
+    audit_write_failures: Counter,
     foreign_pin_tables: Gauge,
     pins_withheld: Gauge,
 }
@@ -115,6 +116,7 @@ impl Metrics {
             probe_up: Family::default(),
             owner_present: Family::default(),
             audit_records: Counter::default(),
+            audit_write_failures: Counter::default(),
             foreign_pin_tables: Gauge::default(),
             pins_withheld: Gauge::default(),
             registry: Registry::default(),
@@ -163,6 +165,11 @@ impl Metrics {
             "audit_records",
             "Records appended to the audit log",
             m.audit_records.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written (full disk, I/O error)",
+            m.audit_write_failures.clone(),
         );
         registry.register(
             "foreign_pin_tables",
@@ -246,6 +253,10 @@ impl Metrics {
 
     pub fn audit_record_written(&self) {
         self.audit_records.inc();
+    }
+
+    pub fn audit_write_failed(&self) {
+        self.audit_write_failures.inc();
     }
 
     /// The exposition, OpenMetrics text (Prometheus reads it).

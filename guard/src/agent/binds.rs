@@ -101,6 +101,7 @@ fn attempt(rec: &BindRecord, proto: Proto) -> BindAttempt {
         exe: rec.exe.as_ref().map(|p| p.display().to_string()),
         cgroup: rec.cgroup.clone(),
         owner: None,
+        repeats: 0,
     }
 }
 

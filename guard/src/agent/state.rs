@@ -20,7 +20,7 @@ use super::{
     supervisor::{Layer, TaskFailure},
 };
 use crate::{
-    audit::{AuditEvent, AuditHandle, AuditLog, Rotation},
+    audit::{AuditEvent, AuditHandle, AuditLog, BindAggregator, Rotation},
     ebpf::{BindGuard, BindPolicy, btf},
     k8s::NodeIdentity,
     logging::ErrorChain,
@@ -63,6 +63,11 @@ pub struct Agent {
     /// The last foreign rule removed per port: a probe failing meanwhile links to it.
     last_removal: HashMap<u16, (String, u64, Instant)>,
     drops_seen: u64,
+    /// Bind records: the first of each kind per window, then one summary.
+    binds: BindAggregator,
+    /// Bind records that could not be written (the disk full…): counted and
+    /// warned about, never fatal (the bind guard needs no disk).
+    binds_unrecorded: u64,
 }
 
 impl Agent {
@@ -173,6 +178,8 @@ impl Agent {
             inspected_once: false,
             last_removal: HashMap::new(),
             drops_seen: 0,
+            binds: BindAggregator::default(),
+            binds_unrecorded: 0,
             ctx,
         })
     }
@@ -188,7 +195,7 @@ impl Agent {
             AgentEvent::Bind(record) => self.on_bind(record).await?,
             AgentEvent::Guard(report) => self.on_guard_report(report)?,
             AgentEvent::Probe(report) => self.on_probe_report(report).await?,
-            AgentEvent::Tick => self.on_tick()?,
+            AgentEvent::Tick => self.on_tick().await?,
             AgentEvent::Watchdog => self.notifier.watchdog().map_err(AgentError::Systemd)?,
             AgentEvent::TaskEnded {
                 layer,
@@ -269,9 +276,30 @@ impl Agent {
 
     /// A stranger's bind, for the audit log.
     async fn on_bind(&mut self, record: AuditEvent) -> Result<(), AgentError> {
-        self.ctx.audit.record(record).await?;
-        self.metrics.audit_record_written();
+        if let Some(record) = self.binds.admit(record, Instant::now()) {
+            self.write_bind(record).await;
+        }
         Ok(())
+    }
+
+    /// One bind record. A failure is counted and warned about (at powers of
+    /// two), never fatal: the bind guard works without the disk.
+    async fn write_bind(&mut self, record: AuditEvent) {
+        match self.ctx.audit.record(record).await {
+            Ok(_) => self.metrics.audit_record_written(),
+            Err(e) => {
+                self.binds_unrecorded += 1;
+                self.metrics.audit_write_failed();
+                if self.binds_unrecorded.is_power_of_two() {
+                    warn!(
+                        event = "bind_record_failed",
+                        error = %ErrorChain(&e),
+                        unrecorded = self.binds_unrecorded,
+                        "a bind record could not be written (the bind guard keeps denying)"
+                    );
+                }
+            }
+        }
     }
 
     fn on_guard_report(&mut self, report: GuardReport) -> Result<(), AgentError> {
@@ -313,7 +341,10 @@ impl Agent {
     }
 
     /// A full ring buffer is never silent.
-    fn on_tick(&mut self) -> Result<(), AgentError> {
+    async fn on_tick(&mut self) -> Result<(), AgentError> {
+        for summary in self.binds.due(Instant::now()) {
+            self.write_bind(summary).await;
+        }
         let dropped = self.guard.counters()?.ringbuf_dropped;
         self.metrics.ringbuf_drops_total(dropped);
         if dropped > self.drops_seen {
@@ -331,7 +362,7 @@ impl Agent {
     /// Stops every layer (the rule guard first: the pins go with the agent),
     /// writes what the bind source had queued, detaches the programs.
     pub async fn stop(
-        self,
+        mut self,
         outcome: Result<Signal, AgentError>,
         mut inbox: mpsc::Receiver<AgentEvent>,
     ) -> Result<(), AgentError> {
@@ -342,9 +373,14 @@ impl Agent {
         self.ctx.root.cancel();
         let signal = outcome?;
         while let Ok(event) = inbox.try_recv() {
-            if let AgentEvent::Bind(record) = event {
-                self.ctx.audit.record(record).await?;
+            if let AgentEvent::Bind(record) = event
+                && let Some(record) = self.binds.admit(record, Instant::now())
+            {
+                self.write_bind(record).await;
             }
+        }
+        for summary in self.binds.drain_all() {
+            self.write_bind(summary).await;
         }
         let counters = self.guard.counters()?;
         drop(self.guard);

@@ -154,11 +154,14 @@ impl AuditLog {
             let _ = self.file.set_len(self.size);
             return Err(io_err(&self.path, "append")(e));
         }
+        // From here the line is in the file, durable or not: its number is
+        // spent whatever fdatasync says, so no later record can share it
+        // (`restore N` must never find two records N).
+        self.size += line.len() as u64;
+        self.next_seq += 1;
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))?;
-        self.size += line.len() as u64;
-        self.next_seq += 1;
         Ok(record)
     }
 

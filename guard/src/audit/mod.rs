@@ -4,10 +4,12 @@
 //! Writers open an [`AuditLog`] (or share it through an [`AuditHandle`]);
 //! `report` and `restore` read an [`AuditTrail`].
 
+pub mod aggregate;
 mod log;
 mod reader;
 mod record;
 
+pub use aggregate::BindAggregator;
 pub use log::{
     AUDIT_FILE_MODE, AuditError, AuditHandle, AuditLog, DEFAULT_AUDIT_PATH, Rotation, TornTail,
 };

@@ -38,6 +38,22 @@ pub struct BindAttempt {
     /// Owner the policy names for the port, for the reader's convenience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// A summary: this many further attempts of the same kind (verdict, port,
+    /// who) came after the kind's first record within its window (see
+    /// `audit::aggregate`); this record names the latest. 0: one attempt.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeats: u64,
+}
+
+impl BindAttempt {
+    /// The attempts this record stands for.
+    pub fn attempts(&self) -> u64 {
+        self.repeats.saturating_add(1)
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A NAT rule that sends a protected port somewhere its owner is not.
@@ -256,6 +272,7 @@ mod tests {
             exe: Some("/usr/bin/traefik".into()),
             cgroup: None,
             owner: Some("docker".into()),
+            repeats: 0,
         };
         let object = K8sObjectRecord {
             finding: Some("f-443-2".into()),

@@ -49,6 +49,7 @@ pub fn main(args: AuditSelftestArgs) -> anyhow::Result<ExitCode> {
             cgroup: None,
             // Varying lengths make a torn write more likely to land mid-line.
             owner: Some("x".repeat((i % 97) as usize)),
+            repeats: 0,
         }))?;
         // Reported done only after append returned: the record is durable.
         writeln!(out, "{}", record.seq)?;

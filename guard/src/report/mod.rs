@@ -178,7 +178,7 @@ fn denials(window: &[&AuditRecord]) -> Vec<DenialRow> {
                 count: 0,
                 last: r.ts,
             });
-        row.count += 1;
+        row.count += b.attempts();
         row.last = row.last.max(r.ts);
         if !row.ports.contains(&b.port) {
             row.ports.push(b.port);
@@ -274,7 +274,7 @@ fn timeline(
     for r in window {
         let i = ((r.ts - start).whole_seconds() / bucket_seconds).clamp(0, n as i64 - 1) as usize;
         match &r.event {
-            AuditEvent::BindDenied(_) => buckets[i].binds_denied += 1,
+            AuditEvent::BindDenied(b) => buckets[i].binds_denied += b.attempts(),
             AuditEvent::RuleFound(rule) | AuditEvent::RuleRemoved(rule)
                 if seen_findings.insert(rule.finding.as_str()) =>
             {
@@ -329,6 +329,7 @@ mod tests {
                 exe: Some(format!("/usr/bin/{comm}")),
                 cgroup: None,
                 owner: None,
+                repeats: 0,
             })
         };
         push(
