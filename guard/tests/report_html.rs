@@ -84,6 +84,7 @@ fn write_log(path: &Path, now: OffsetDateTime) {
                         exe: Some(format!("/usr/bin/{comm}")),
                         cgroup: Some("/kubepods.slice".into()),
                         owner: Some("docker:frontend".into()),
+                        repeats: 0,
                     }),
                 );
             }

@@ -11,8 +11,11 @@
 //! attempts on a port are counted under one catch-all kind per port).
 //!
 //! A kind is what a reader tells attempts apart by: the verdict, port and
-//! protocol, and who (executable, command name, cgroup). The process id is
-//! not part of it: a loop forks.
+//! protocol, and who, as the kernel reported it (command name and cgroup).
+//! The process id is not part of it (a loop forks), nor the executable: it is
+//! read from `/proc` after the fact and missing for a process already gone,
+//! which would split one loop into two kinds. A summary names the latest
+//! attempt, with the last executable that could be read.
 
 use std::{
     collections::HashMap,
@@ -36,7 +39,6 @@ struct Kind {
     denied: bool,
     port: u16,
     proto: Proto,
-    exe: Option<String>,
     comm: String,
     cgroup: Option<String>,
 }
@@ -87,13 +89,11 @@ impl BindAggregator {
             denied,
             port: attempt.port,
             proto: attempt.proto,
-            exe: attempt.exe.clone(),
             comm: attempt.comm.clone(),
             cgroup: attempt.cgroup.clone(),
         };
         if !self.kinds.contains_key(&kind) && self.kinds.len() >= self.max_kinds {
             kind = Kind {
-                exe: None,
                 comm: CATCH_ALL_COMM.into(),
                 cgroup: None,
                 ..kind
@@ -102,7 +102,8 @@ impl BindAggregator {
         match self.kinds.get_mut(&kind) {
             Some(w) => {
                 w.repeats += 1;
-                w.last = attempt;
+                let exe = attempt.exe.clone().or_else(|| w.last.exe.take());
+                w.last = BindAttempt { exe, ..attempt };
                 None
             }
             None => {
@@ -236,6 +237,23 @@ mod tests {
         );
         let summary: Vec<_> = agg.drain_all().iter().map(repeats).collect();
         assert_eq!(summary, [(CATCH_ALL_COMM.into(), 47)]);
+    }
+
+    #[test]
+    fn an_executable_read_too_late_does_not_split_a_kind() {
+        let mut agg = BindAggregator::default();
+        let now = Instant::now();
+        let mut gone = denied("probe", 1);
+        if let AuditEvent::BindDenied(a) = &mut gone {
+            a.exe = None;
+        }
+        assert!(agg.admit(denied("probe", 1), now).is_some());
+        assert!(agg.admit(gone, now).is_none(), "same kind");
+        let summary = agg.drain_all();
+        let AuditEvent::BindDenied(s) = &summary[0] else {
+            panic!()
+        };
+        assert_eq!((s.repeats, s.exe.as_deref()), (1, Some("/usr/bin/probe")));
     }
 
     #[test]

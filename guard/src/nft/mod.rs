@@ -793,7 +793,7 @@ mod tests {
                     data: Data::Value(vec![10, 42, 0, 2]),
                 },
                 Expr::Nat {
-                    kind: model::NatKind::Dnat,
+                    kind: NatKind::Dnat,
                     family: 2,
                     reg_addr_min: Some(1),
                     reg_addr_max: Some(1),

@@ -610,8 +610,11 @@ mod tests {
         );
     }
 
-    /// The messages of an encoded batch between begin and end: (flags, attributes).
-    fn messages(b: &[u8]) -> Vec<(u16, Vec<(u16, Vec<u8>)>)> {
+    /// One encoded message: its flags and (type, value) attributes.
+    type Message = (u16, Vec<(u16, Vec<u8>)>);
+
+    /// The messages of an encoded batch, begin and end included.
+    fn messages(b: &[u8]) -> Vec<Message> {
         let mut out = Vec::new();
         let mut at = 0;
         while at + NLMSG_HDRLEN <= b.len() {

@@ -2,9 +2,12 @@
 //!
 //! bindprobe --addr 127.0.0.1 --port 8080 [--proto tcp|udp] [--comm NAME]
 //!           [--netns /run/netns/NAME] [--v6only 0|1] [--hold]
+//!           [--uid UID] [--repeat N]
 //!
 //! Prints {"pid":…, "ok":true} or {"pid":…, "ok":false, "errno":…}; with --hold it
-//! keeps the socket (listening, for tcp) until stdin closes.
+//! keeps the socket (listening, for tcp) until stdin closes. `--uid` drops to
+//! that user (and group) before binding; `--repeat N` binds N fresh sockets one
+//! after the other and prints {"pid":…, "bound":…, "denied":…}.
 
 use std::{
     ffi::CString,
@@ -23,6 +26,8 @@ fn main() {
     let mut netns: Option<String> = None;
     let mut v6only: Option<bool> = None;
     let mut hold = false;
+    let mut uid: Option<u32> = None;
+    let mut repeat: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -37,6 +42,8 @@ fn main() {
             "--netns" => netns = Some(val()),
             "--v6only" => v6only = Some(val() == "1"),
             "--hold" => hold = true,
+            "--uid" => uid = Some(val().parse().unwrap_or_else(|_| die("bad --uid"))),
+            "--repeat" => repeat = Some(val().parse().unwrap_or_else(|_| die("bad --repeat"))),
             _ => die(&format!("unknown argument {a}")),
         }
     }
@@ -52,8 +59,33 @@ fn main() {
         // SAFETY: PR_SET_NAME copies at most 16 bytes from a NUL-terminated string.
         unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
     }
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls; group first, while still allowed to.
+        if unsafe { libc::setgid(uid) } != 0 || unsafe { libc::setuid(uid) } != 0 {
+            die(&format!(
+                "setuid {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     let sa = SocketAddr::new(addr, port);
     let ty = if udp { Type::DGRAM } else { Type::STREAM };
+    if let Some(n) = repeat {
+        let (mut bound, mut denied) = (0u64, 0u64);
+        for _ in 0..n {
+            let sock = Socket::new(Domain::for_address(sa), ty, None)
+                .unwrap_or_else(|e| die(&format!("socket: {e}")));
+            let _ = sock.set_reuse_address(true);
+            match sock.bind(&sa.into()) {
+                Ok(()) => bound += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => denied += 1,
+                Err(e) => die(&format!("bind: {e}")),
+            }
+        }
+        let pid = std::process::id();
+        println!("{{\"pid\":{pid},\"bound\":{bound},\"denied\":{denied}}}");
+        return;
+    }
     let sock = Socket::new(Domain::for_address(sa), ty, None)
         .unwrap_or_else(|e| die(&format!("socket: {e}")));
     let _ = sock.set_reuse_address(true);
