@@ -91,6 +91,7 @@ pub struct Metrics {
     owner_present: Family<PortLabels, Gauge>,
     audit_records: Counter,
     audit_write_failures: Counter,
+    audit_writable: Gauge,
     foreign_pin_tables: Gauge,
     pins_withheld: Gauge,
 }
@@ -117,6 +118,7 @@ impl Metrics {
             owner_present: Family::default(),
             audit_records: Counter::default(),
             audit_write_failures: Counter::default(),
+            audit_writable: Gauge::default(),
             foreign_pin_tables: Gauge::default(),
             pins_withheld: Gauge::default(),
             registry: Registry::default(),
@@ -172,6 +174,11 @@ impl Metrics {
             m.audit_write_failures.clone(),
         );
         registry.register(
+            "audit_writable",
+            "1 while the audit log can be written; 0: no rule is removed and no pin changed",
+            m.audit_writable.clone(),
+        );
+        registry.register(
             "foreign_pin_tables",
             "Tables named `portguard` that are not this agent's (left alone)",
             m.foreign_pin_tables.clone(),
@@ -181,6 +188,7 @@ impl Metrics {
             "Wanted pins not installed because another table holds the pin table's name",
             m.pins_withheld.clone(),
         );
+        m.audit_writable.set(1);
         Self { registry, ..m }
     }
 
@@ -259,6 +267,10 @@ impl Metrics {
         self.audit_write_failures.inc();
     }
 
+    pub fn audit_writable(&self, writable: bool) {
+        self.audit_writable.set(i64::from(writable));
+    }
+
     /// The exposition, OpenMetrics text (Prometheus reads it).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -269,10 +281,13 @@ impl Metrics {
 
 /// What `/healthz` and `/readyz` answer. The agent is healthy while it
 /// serves at all; ready once its programs are attached and the first ruleset
-/// inspection is done (the same moment it tells systemd READY=1).
+/// inspection is done (the same moment it tells systemd READY=1), and not
+/// while it is degraded (the audit log cannot be written: no removals), which
+/// `/readyz` says with the reason.
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    degraded: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -281,7 +296,22 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.degraded().is_none()
+    }
+
+    /// Why the agent is not fully working although it runs; `None`: it is.
+    pub fn set_degraded(&self, why: Option<String>) {
+        *self
+            .degraded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -490,11 +520,15 @@ async fn answer(
             respond(&mut stream, "200 OK", TEXT, "ready\n", head_only).await
         }
         "/readyz" => {
+            let body = match health.degraded() {
+                Some(why) => format!("degraded: {why}\n"),
+                None => "not ready\n".to_owned(),
+            };
             respond(
                 &mut stream,
                 "503 Service Unavailable",
                 TEXT,
-                "not ready\n",
+                &body,
                 head_only,
             )
             .await

@@ -141,6 +141,19 @@ impl Agent {
         }
     }
 
+    /// Whether any line read so far (matched or not) carries `event = NAME`.
+    pub fn saw_event(&mut self, name: &str) -> bool {
+        while let Ok(line) = self.lines.try_recv() {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                self.unmatched.push_back(v);
+            }
+            self.seen.push(line);
+        }
+        self.seen
+            .iter()
+            .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| is_event(&v, name)))
+    }
+
     /// Sends SIGTERM and waits for a clean exit, returning the remaining lines.
     pub fn stop(self) -> (std::process::ExitStatus, Vec<String>) {
         let (status, lines, _) = self.stop_with_audit();

@@ -15,7 +15,7 @@ use std::{
 use portguard_tests::{
     agent::Agent,
     cgroup::Cgroup,
-    incident::{HOST4, IncidentLab, PROTECTED, SITE, TRAEFIK_404, ask_here, in_ns, sh},
+    incident::{HOST4, IncidentLab, POD4, PROTECTED, SITE, TRAEFIK_404, ask_here, in_ns, sh},
     portguard_bin, unique_name,
 };
 use serde_json::Value;
@@ -439,6 +439,248 @@ fn a_foreign_portguard_table_is_judged_reported_and_never_deleted() {
         !audit.iter().any(|r| r["kind"] == "pin_installed"),
         "no pin written over their table: {audit:?}"
     );
+}
+
+/// Loads `table` into the lab's host with `iptables-nft-restore` (no
+/// `--noflush`: the table is deleted and created again, handles start over).
+fn restore_nat(lab: &IncidentLab, table: &str) {
+    use std::io::Write as _;
+    let mut child = lab
+        .h
+        .command(["iptables-nft-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("iptables-nft-restore");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(table.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "iptables-nft-restore:\n{table}"
+    );
+}
+
+/// `iptables -t nat -S` of the lab's host, as a set of lines.
+fn nat_rules(lab: &IncidentLab) -> std::collections::BTreeSet<String> {
+    lab.h
+        .exec(["iptables", "-t", "nat", "-S"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn tables_recreated_by_iptables_nft_restore_in_a_loop_lose_nothing_but_hijacks() {
+    const ROUNDS: usize = 60;
+    const INNOCENT: u16 = 24;
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let agent = start_agent(&lab, &cgroup);
+    // Docker's rules as saved, then a script's own: innocent DNATs of
+    // unprotected ports, in their own chain and in PREROUTING.
+    let docker = lab.h.exec(["iptables-save", "-t", "nat"]);
+    let body: String = docker
+        .lines()
+        .filter(|l| !l.starts_with('#') && *l != "COMMIT")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut innocent = String::from(":SCRIPT - [0:0]\n-A PREROUTING -j SCRIPT\n");
+    for i in 0..INNOCENT {
+        innocent += &format!(
+            "-A SCRIPT -p tcp -m tcp --dport {} -j DNAT --to-destination {POD4}:{}\n",
+            9000 + i,
+            9000 + i
+        );
+    }
+    let hijack =
+        format!("-I PREROUTING 1 -p tcp -m tcp --dport 80 -j DNAT --to-destination {POD4}:80\n");
+    let mut hijacks = 0;
+    for round in 0..ROUNDS {
+        // Every other round carries a hijack; rounds follow each other
+        // without waiting, so table re-creations land between the guard's
+        // read and its commit.
+        let with_hijack = round % 2 == 0;
+        hijacks += usize::from(with_hijack);
+        let table = format!(
+            "{body}{innocent}{}COMMIT\n",
+            if with_hijack { hijack.as_str() } else { "" }
+        );
+        restore_nat(&lab, &table);
+        thread::sleep(Duration::from_micros(700 * (round as u64 % 5)));
+    }
+    // The last round had no hijack: the table must be exactly what it loaded.
+    let want: std::collections::BTreeSet<String> = {
+        restore_nat(&lab, &format!("{body}{innocent}COMMIT\n"));
+        nat_rules(&lab)
+    };
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(nat_rules(&lab), want, "an innocent rule went missing");
+    // And once more with a hijack: it alone goes.
+    restore_nat(&lab, &format!("{body}{innocent}{hijack}COMMIT\n"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nat_rules(&lab) != want {
+        assert!(
+            Instant::now() < deadline,
+            "the last hijack stays (or more went):\n{:#?}",
+            nat_rules(&lab)
+                .symmetric_difference(&want)
+                .collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lab.ask(80).as_deref(), Some(SITE));
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    // Every deletion the guard made was a hijack: the audit log lists them all.
+    let removed: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["kind"] == "rule_removed")
+        .collect();
+    assert!(!removed.is_empty(), "no removal recorded");
+    assert!(
+        removed.len() <= hijacks + 1,
+        "{} removals for {} hijacks",
+        removed.len(),
+        hijacks + 1
+    );
+    for r in &removed {
+        assert_eq!(r["port"], 80, "a non-hijack rule was deleted: {r}");
+        assert!(
+            r.to_string().contains(&format!("{POD4}:80")),
+            "a non-hijack rule was deleted: {r}"
+        );
+    }
+}
+
+/// Raises this process's descriptor limit to its hard limit (root: at least `want`).
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_max = lim.rlim_max.max(want);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+#[test]
+fn two_thousand_idle_metrics_connections_stop_no_removal_and_no_agent() {
+    const IDLE: usize = 2000;
+    raise_nofile(8192);
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = start_agent(&lab, &cgroup);
+    let served = agent.wait_for_event(Duration::from_secs(5), "metrics_served");
+    let addr: std::net::SocketAddr = served["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{served}"));
+    // Idle clients: connected, never sending a byte.
+    let idle: Vec<std::net::TcpStream> = (0..IDLE)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    assert!(idle.len() > IDLE / 2, "only {} connected", idle.len());
+    // Hijacks come and go meanwhile (kube-proxy style): each removed.
+    sh(
+        &lab.h,
+        "nft add table ip kp
+         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'",
+    );
+    const ROUNDS: usize = 5;
+    for round in 0..ROUNDS {
+        sh(
+            &lab.h,
+            "nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab
+            .h
+            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+            .contains("dnat")
+        {
+            assert!(Instant::now() < deadline, "round {round}: not removed");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(lab.ask(80).as_deref(), Some(SITE), "round {round}");
+    }
+    // The same agent, never restarted, and its endpoint still answers.
+    assert!(
+        !agent.saw_event("task_ended"),
+        "a task of the agent ended under the connection flood"
+    );
+    drop(idle);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::{Read as _, Write as _};
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    assert!(
+        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
+        "{body}"
+    );
+    assert!(body.contains("portguard_hijacks_removed"), "{body}");
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let removals = audit.iter().filter(|r| r["kind"] == "rule_removed").count();
+    assert_eq!(removals, ROUNDS, "every hijack recorded");
+}
+
+#[test]
+fn the_kernel_refuses_a_batch_decided_on_an_old_generation() {
+    use portguard::nft::{
+        model::Family,
+        netlink::NftSocket,
+        transaction::{NftWriter, Op, Transaction},
+    };
+    portguard_tests::require_root();
+    let ns = portguard_tests::netns::NetNs::new("pg-rem-genid");
+    let add = |name: &str| {
+        let mut tx = Transaction::new();
+        tx.push(Op::AddTable {
+            family: Family::IP,
+            name: name.into(),
+            owner: false,
+        });
+        tx
+    };
+    let (a, b) = (add("decided_now"), add("decided_before"));
+    let tables = in_ns(ns.name(), move || {
+        let read = || {
+            NftSocket::open()
+                .and_then(|mut s| s.read_ruleset())
+                .unwrap()
+                .0
+        };
+        let judged = read().generation;
+        assert!(judged.is_some(), "a dump carries its generation");
+        let mut writer = NftWriter::open().expect("writer");
+        writer
+            .commit(&a.at_generation(judged))
+            .expect("decided on the current generation: applied");
+        // That batch moved the generation on: `judged` is stale now.
+        let err = writer
+            .commit(&b.at_generation(judged))
+            .expect_err("decided on an old generation: refused");
+        assert!(err.generation_moved(), "{err}");
+        read()
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(tables, ["decided_now"], "the refused batch applied nothing");
 }
 
 /// Polls `nft list ruleset` of the lab's host until `pred` holds.

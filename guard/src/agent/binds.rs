@@ -2,7 +2,10 @@
 //! [`BindRecord`]s, logs them (`event = "bind"`), counts them and hands
 //! strangers' binds to the agent for the audit log; decides nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -13,7 +16,7 @@ use tracing::{info, warn};
 
 use super::events::{AgentEvent, SourceError};
 use crate::{
-    audit::{AuditEvent, BindAttempt},
+    audit::{AuditEvent, BindAggregator, BindAttempt},
     ebpf::{BindRecord, KernelLogger, read_bind_event},
     metrics::Metrics,
     policy::Proto,
@@ -30,6 +33,10 @@ pub struct BindSource {
     pub metrics: Arc<Metrics>,
     /// Strangers' binds for the audit log; full means the agent lags: counted, never silent.
     pub events: mpsc::Sender<AgentEvent>,
+    /// Bind records are aggregated here, before the queue to the agent, so a
+    /// flood costs the queue what it costs the log: a record per kind and
+    /// window (the agent writes the windows' summaries).
+    pub aggregator: Arc<Mutex<BindAggregator>>,
 }
 
 impl BindSource {
@@ -76,6 +83,14 @@ impl BindSource {
                 }
                 "observed" => AuditEvent::BindObserved(attempt(&rec, proto)),
                 _ => continue,
+            };
+            let admitted = self
+                .aggregator
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .admit(event, Instant::now());
+            let Some(event) = admitted else {
+                continue;
             };
             if self.events.try_send(AgentEvent::Bind(event)).is_err() {
                 *audit_lost += 1;

@@ -63,11 +63,12 @@ pub struct Agent {
     /// The last foreign rule removed per port: a probe failing meanwhile links to it.
     last_removal: HashMap<u16, (String, u64, Instant)>,
     drops_seen: u64,
-    /// Bind records: the first of each kind per window, then one summary.
-    binds: BindAggregator,
-    /// Bind records that could not be written (the disk full…): counted and
-    /// warned about, never fatal (the bind guard needs no disk).
-    binds_unrecorded: u64,
+    /// Bind records: the first of each kind per window, then one summary
+    /// (admitted by the bind source, summaries written here).
+    binds: Arc<std::sync::Mutex<BindAggregator>>,
+    /// The agent's own records that could not be written (the disk full…):
+    /// counted and warned about, never fatal (the bind guard needs no disk).
+    records_unwritten: u64,
 }
 
 impl Agent {
@@ -138,7 +139,9 @@ impl Agent {
         apply(&mut guard, None, &maps)?;
         report_owners(&metrics, &owners.model.borrow());
         guard.arm(host_cookie, exe_offsets)?;
+        let aggregator = Arc::new(std::sync::Mutex::new(BindAggregator::default()));
         let binds = BindSource {
+            aggregator: aggregator.clone(),
             host_cookie,
             cgroups: CgroupPaths::new(root),
             metrics: metrics.clone(),
@@ -178,8 +181,8 @@ impl Agent {
             inspected_once: false,
             last_removal: HashMap::new(),
             drops_seen: 0,
-            binds: BindAggregator::default(),
-            binds_unrecorded: 0,
+            binds: aggregator,
+            records_unwritten: 0,
             ctx,
         })
     }
@@ -217,13 +220,11 @@ impl Agent {
                 let new_maps =
                     BindPolicy::from_owners(&new, &self.layers.owners.model.borrow_and_update());
                 apply(&mut self.guard, Some(&self.maps), &new_maps)?;
-                self.ctx
-                    .audit
-                    .record(AuditEvent::PolicyReloaded {
-                        policy: source.to_string(),
-                        ports: new_maps.ports.len(),
-                    })
-                    .await?;
+                self.write_record(AuditEvent::PolicyReloaded {
+                    policy: source.to_string(),
+                    ports: new_maps.ports.len(),
+                })
+                .await;
                 info!(event = "policy_reloaded", policy = %source, mode = %new.mode, ports = new_maps.ports.len(), "policy reloaded");
                 (self.policy, self.maps) = (new, new_maps);
             }
@@ -235,13 +236,11 @@ impl Agent {
                     .as_ref()
                     .map_or("<built-in>".into(), |p| p.display().to_string());
                 let error = ErrorChain(&e).to_string();
-                self.ctx
-                    .audit
-                    .record(AuditEvent::PolicyRejected {
-                        policy,
-                        error: error.clone(),
-                    })
-                    .await?;
+                self.write_record(AuditEvent::PolicyRejected {
+                    policy,
+                    error: error.clone(),
+                })
+                .await;
                 error!(event = "policy_rejected", %error, "policy reload rejected, keeping the current policy");
             }
         }
@@ -275,27 +274,42 @@ impl Agent {
     }
 
     /// A stranger's bind, for the audit log.
+    /// A bind record the bind source admitted (the first of its kind in a window).
     async fn on_bind(&mut self, record: AuditEvent) -> Result<(), AgentError> {
-        if let Some(record) = self.binds.admit(record, Instant::now()) {
-            self.write_bind(record).await;
-        }
+        self.write_record(record).await;
         Ok(())
     }
 
-    /// One bind record. A failure is counted and warned about (at powers of
-    /// two), never fatal: the bind guard works without the disk.
-    async fn write_bind(&mut self, record: AuditEvent) {
+    /// The bind windows' summaries: those due by now, or all (`now` none).
+    fn bind_summaries(&self, now: Option<Instant>) -> Vec<AuditEvent> {
+        let mut agg = self
+            .binds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match now {
+            Some(now) => agg.due(now),
+            None => agg.drain_all(),
+        }
+    }
+
+    /// One record of the agent's own (binds, probes, reloads). A failure is
+    /// counted and warned about (at powers of two), never fatal: the bind
+    /// guard works without the disk, and the rule guard withholds what it
+    /// cannot record on its own (see `GuardReport::AuditUnavailable`).
+    async fn write_record(&mut self, record: AuditEvent) {
+        let kind = record.kind();
         match self.ctx.audit.record(record).await {
             Ok(_) => self.metrics.audit_record_written(),
             Err(e) => {
-                self.binds_unrecorded += 1;
+                self.records_unwritten += 1;
                 self.metrics.audit_write_failed();
-                if self.binds_unrecorded.is_power_of_two() {
+                if self.records_unwritten.is_power_of_two() {
                     warn!(
-                        event = "bind_record_failed",
+                        event = "audit_record_failed",
+                        kind,
                         error = %ErrorChain(&e),
-                        unrecorded = self.binds_unrecorded,
-                        "a bind record could not be written (the bind guard keeps denying)"
+                        unwritten = self.records_unwritten,
+                        "an audit record could not be written (binds are still guarded)"
                     );
                 }
             }
@@ -318,6 +332,15 @@ impl Agent {
                 self.last_removal
                     .insert(*port, (id.clone(), *seq, Instant::now()));
             }
+            GuardReport::AuditUnavailable { error } => {
+                self.metrics.audit_writable(error.is_none());
+                self.health.set_degraded(error.as_ref().map(|e| {
+                    format!(
+                        "the audit log cannot be written ({e}): foreign rules are reported, \
+                         not removed; binds are still guarded"
+                    )
+                }));
+            }
             _ => {}
         }
         report_rules(&self.metrics, report);
@@ -335,15 +358,15 @@ impl Agent {
             .map(|(id, seq, _)| (id.clone(), *seq));
         if let Some(event) = report.audit_event(foreign) {
             warn!(event = "probe_changed", change = event.kind(), port = report.port, url = %report.url, "probe state changed");
-            self.ctx.audit.record(event).await?;
+            self.write_record(event).await;
         }
         Ok(())
     }
 
     /// A full ring buffer is never silent.
     async fn on_tick(&mut self) -> Result<(), AgentError> {
-        for summary in self.binds.due(Instant::now()) {
-            self.write_bind(summary).await;
+        for summary in self.bind_summaries(Some(Instant::now())) {
+            self.write_record(summary).await;
         }
         let dropped = self.guard.counters()?.ringbuf_dropped;
         self.metrics.ringbuf_drops_total(dropped);
@@ -373,14 +396,12 @@ impl Agent {
         self.ctx.root.cancel();
         let signal = outcome?;
         while let Ok(event) = inbox.try_recv() {
-            if let AgentEvent::Bind(record) = event
-                && let Some(record) = self.binds.admit(record, Instant::now())
-            {
-                self.write_bind(record).await;
+            if let AgentEvent::Bind(record) = event {
+                self.write_record(record).await;
             }
         }
-        for summary in self.binds.drain_all() {
-            self.write_bind(summary).await;
+        for summary in self.bind_summaries(None) {
+            self.write_record(summary).await;
         }
         let counters = self.guard.counters()?;
         drop(self.guard);
@@ -430,7 +451,9 @@ fn report_rules(metrics: &Metrics, report: GuardReport) {
         GuardReport::ForeignPinTables { tables, withheld } => {
             metrics.foreign_pin_tables(tables.len(), withheld.len());
         }
-        GuardReport::PinSynced { .. } | GuardReport::PinOvertaken { .. } => {}
+        GuardReport::PinSynced { .. }
+        | GuardReport::PinOvertaken { .. }
+        | GuardReport::AuditUnavailable { .. } => {}
     }
 }
 

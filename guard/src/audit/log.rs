@@ -73,6 +73,9 @@ pub struct AuditLog {
     next_seq: u64,
     rotation: Rotation,
     torn: Option<TornTail>,
+    /// Tests: every append fails with this errno (a full disk, without one).
+    #[cfg(test)]
+    failing: Option<i32>,
 }
 
 impl AuditLog {
@@ -123,6 +126,8 @@ impl AuditLog {
             file,
             rotation,
             torn: None,
+            #[cfg(test)]
+            failing: None,
         };
         if let Some(t) = &torn {
             log.append(AuditEvent::AuditTornTail {
@@ -138,6 +143,12 @@ impl AuditLog {
     /// Appends one record and returns only once it is on disk (fdatasync):
     /// an action may be reported done after this returns, never before.
     pub fn append(&mut self, event: AuditEvent) -> Result<AuditRecord, AuditError> {
+        #[cfg(test)]
+        if let Some(errno) = self.failing {
+            return Err(io_err(&self.path, "append")(io::Error::from_raw_os_error(
+                errno,
+            )));
+        }
         let record = AuditRecord {
             seq: self.next_seq,
             ts: OffsetDateTime::now_utc(),
@@ -245,6 +256,15 @@ impl AuditHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .flush()
+    }
+
+    /// Tests: every append fails with `errno` from now on (`None`: works again).
+    #[cfg(test)]
+    pub(crate) fn fail_appends(&self, errno: Option<i32>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failing = errno;
     }
 }
 

@@ -178,6 +178,12 @@ pub enum AuditEvent {
         bytes: u64,
         saved_to: String,
     },
+    /// The log could not be written for a while (`error`: the first failure);
+    /// this is the first record since. Meanwhile no rule was removed and no
+    /// pin changed (bind records may be missing; their count is a metric).
+    AuditResumed {
+        error: String,
+    },
 }
 
 impl AuditEvent {
@@ -202,6 +208,7 @@ impl AuditEvent {
             Self::ProbeFailed { .. } => "probe_failed",
             Self::ProbeRecovered { .. } => "probe_recovered",
             Self::AuditTornTail { .. } => "audit_torn_tail",
+            Self::AuditResumed { .. } => "audit_resumed",
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     backend::{BackendEvent, NetlinkBackend, RulesetBackend},
@@ -30,7 +30,7 @@ use super::{
     scope::{Scope, matched_dport},
 };
 use crate::{
-    audit::AuditHandle,
+    audit::{AuditEvent, AuditHandle},
     k8s::ClusterView,
     nft::{
         self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
@@ -48,6 +48,12 @@ const RETURN_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// ruleset moved before its batch (`ERESTART`); then it waits for the next
 /// change (whose notification brings it back here).
 const MAX_GENERATION_RETRIES: usize = 8;
+/// While the audit log cannot be written, how often the guard tries again
+/// (by deciding again: a removal starts with its intent record).
+const AUDIT_RETRY: Duration = Duration::from_secs(5);
+/// Why a finding is reported rather than removed while the audit log is down.
+const AUDIT_DOWN_WHY: &str =
+    "the audit log cannot be written: reported, not removed (nothing is removed unrecorded)";
 /// The rate-limit key of the "a nat chain runs ahead of the pin" warning.
 const PIN_OVERTAKEN_KEY: &str = "pin-overtaken";
 
@@ -80,6 +86,12 @@ pub enum GuardReport {
     },
     PinOvertaken {
         chains: Vec<pin::ChainAhead>,
+    },
+    /// The audit log cannot be written (a full disk…): no rule is removed
+    /// and no pin changed until it can (foreign rules are reported); `None`:
+    /// it can again.
+    AuditUnavailable {
+        error: Option<String>,
     },
     /// Other tables hold the pin table's name (none: they went away): left
     /// alone, and their families get no pin meanwhile.
@@ -120,6 +132,8 @@ impl RuleGuard {
         let mut guard = GuardLoop::start(self, backend).await?;
         let mut legacy = tokio::time::interval(guard.cfg.legacy_poll);
         legacy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut audit_retry = tokio::time::interval(AUDIT_RETRY);
+        audit_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let event = tokio::select! {
                 _ = stop.changed() => break Ok(()),
@@ -133,6 +147,7 @@ impl RuleGuard {
                     Err(_) => Event::OwnersClosed,
                 },
                 _ = legacy.tick() => Event::LegacyTick,
+                _ = audit_retry.tick(), if guard.audit_down.is_some() => Event::AuditRetry,
             };
             let handled = match event {
                 Event::Ruleset { seen } => guard.on_ruleset_changes(seen).await,
@@ -144,6 +159,7 @@ impl RuleGuard {
                     Ok(())
                 }
                 Event::LegacyTick => guard.on_legacy_tick().await,
+                Event::AuditRetry => guard.on_audit_retry().await,
             };
             if let Err(e) = handled {
                 break Err(e);
@@ -170,11 +186,15 @@ impl RuleGuard {
 
 /// One event the loop handles.
 enum Event {
-    Ruleset { seen: Instant },
+    Ruleset {
+        seen: Instant,
+    },
     Addresses,
     Owners,
     OwnersClosed,
     LegacyTick,
+    /// The audit log was down: decide again (and so try to write).
+    AuditRetry,
 }
 
 /// The guard's state, owned by its loop alone.
@@ -193,6 +213,9 @@ struct GuardLoop<B> {
     /// Changes of a batch whose `NEWGEN` has not arrived yet.
     held: Vec<Change>,
     owners_open: bool,
+    /// Why the audit log cannot be written, while it cannot: removals and
+    /// pin changes wait (see [`GuardReport::AuditUnavailable`]).
+    audit_down: Option<String>,
 }
 
 impl<B: RulesetBackend> GuardLoop<B> {
@@ -214,6 +237,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             changes: Vec::new(),
             held: Vec::new(),
             owners_open: true,
+            audit_down: None,
         };
         guard.cfg.report(GuardReport::Inspected {
             took: t0.elapsed(),
@@ -463,13 +487,51 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         if !remove.is_empty() {
-            let removal = remove_audited(
+            let removal = match remove_audited(
                 &self.cfg.audit,
                 &mut self.backend,
                 &remove,
                 self.model.generation,
             )
-            .await?;
+            .await
+            {
+                Ok(removal) => removal,
+                Err(GuardError::Audit(e)) => {
+                    // No intent on disk: nothing was deleted.
+                    self.audit_failed(&e.to_string());
+                    for rule in remove {
+                        for finding in rule.findings {
+                            self.observed(finding, AUDIT_DOWN_WHY);
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            for (rule, intent, error) in &removal.unrecorded {
+                error!(
+                    event = "rule_removed_unrecorded",
+                    rule = %rule.id(),
+                    intent_seq = intent,
+                    error = %error,
+                    "foreign NAT rule removed, but its rule_removed record could not be \
+                     written: the rule_removing record (intent_seq) holds it whole"
+                );
+                monitor::apply(
+                    &mut self.model,
+                    Change::RuleDeleted(nft::netlink::RuleMessage {
+                        family: rule.family,
+                        table: rule.table.clone(),
+                        chain: rule.chain.clone(),
+                        position: None,
+                        rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
+                    }),
+                );
+            }
+            match removal.unrecorded.first() {
+                Some((_, _, error)) => self.audit_failed(error),
+                None => self.audit_ok(),
+            }
             if let Some(snapshot) = removal.reread {
                 // Read again after a rule went missing: the model was stale.
                 self.model = snapshot.model;
@@ -580,10 +642,19 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 withheld: foreign.withheld,
             });
         }
-        let synced = self
+        let synced = match self
             .pins
             .sync(&self.model, wanted, &self.cfg.audit, &mut self.backend)
-            .await?;
+            .await
+        {
+            Ok(synced) => synced,
+            Err(GuardError::Audit(e)) => {
+                // Pins change only recorded: they stay as they are meanwhile.
+                self.audit_failed(&e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         match synced {
             PinSync::InSync { ahead } if !ahead.is_empty() => {
                 if self.rate_ok(PIN_OVERTAKEN_KEY) {
@@ -596,9 +667,65 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 self.cfg.report(GuardReport::PinOvertaken { chains: ahead });
             }
             PinSync::InSync { .. } | PinSync::Cleared => {}
-            PinSync::Written { pins } => self.cfg.report(GuardReport::PinSynced { pins }),
+            PinSync::Written { pins } => {
+                // Its records were written.
+                self.audit_ok();
+                self.cfg.report(GuardReport::PinSynced { pins });
+            }
         }
         Ok(())
+    }
+
+    /// The audit log was down: a record saying it is back is the test; once
+    /// written, everything withheld is decided again.
+    async fn on_audit_retry(&mut self) -> Result<(), GuardError> {
+        let Some(error) = self.audit_down.clone() else {
+            return Ok(());
+        };
+        match self
+            .cfg
+            .audit
+            .record(AuditEvent::AuditResumed { error })
+            .await
+        {
+            Ok(_) => {
+                self.audit_ok();
+                self.settle(None, None).await
+            }
+            Err(e) => {
+                debug!(event = "audit_still_unavailable", error = %e);
+                Ok(())
+            }
+        }
+    }
+
+    /// The audit log failed: removals and pin changes wait; said once per outage.
+    fn audit_failed(&mut self, error: &str) {
+        if self.audit_down.is_none() {
+            error!(
+                event = "audit_unavailable",
+                error,
+                retry_s = AUDIT_RETRY.as_secs(),
+                "the audit log cannot be written: foreign rules are reported, not removed, \
+                 and pins stay as they are until it can (binds are still guarded)"
+            );
+            self.cfg.report(GuardReport::AuditUnavailable {
+                error: Some(error.to_owned()),
+            });
+        }
+        self.audit_down = Some(error.to_owned());
+    }
+
+    /// A record was written: if the log was down, it is back.
+    fn audit_ok(&mut self) {
+        if self.audit_down.take().is_some() {
+            info!(
+                event = "audit_available",
+                "the audit log can be written again: removals resume"
+            );
+            self.cfg
+                .report(GuardReport::AuditUnavailable { error: None });
+        }
     }
 
     fn rate_ok(&mut self, key: &str) -> bool {

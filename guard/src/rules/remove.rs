@@ -41,6 +41,10 @@ pub struct Removal {
     /// The generation right after our batch, when it was checked (a batch
     /// moves the generation on by exactly one).
     pub generation: Option<u32>,
+    /// Deleted (the kernel confirmed it), but the `rule_removed` record could
+    /// not be written: the rule, the seq of its `rule_removing` intent (which
+    /// holds it whole), and why.
+    pub unrecorded: Vec<(ForeignRule, u64, String)>,
 }
 
 /// Records every rule whole (intent), deletes them all in one transaction
@@ -56,12 +60,15 @@ pub async fn remove_audited<B: RulesetBackend>(
     rules: &[ForeignRule],
     generation: Option<u32>,
 ) -> Result<Removal, GuardError> {
+    // No intent on disk, no deletion: a failing write stops here.
+    let mut intents = Vec::with_capacity(rules.len());
     for r in rules {
-        audit
+        let rec = audit
             .record(AuditEvent::RuleRemoving(r.audit_record()))
             .await?;
+        intents.push(rec.seq);
     }
-    let mut live = rules.to_vec();
+    let mut live: Vec<(ForeignRule, u64)> = rules.iter().cloned().zip(intents).collect();
     let mut generation = generation;
     let mut removal = Removal::default();
     let mut retries = 0;
@@ -69,7 +76,8 @@ pub async fn remove_audited<B: RulesetBackend>(
         if live.is_empty() {
             return Ok(removal);
         }
-        let tx = removal_transaction(&live).at_generation(generation);
+        let batch: Vec<ForeignRule> = live.iter().map(|(r, _)| r.clone()).collect();
+        let tx = removal_transaction(&batch).at_generation(generation);
         match backend.commit(&tx) {
             Ok(()) => break,
             Err(e) if e.any_missing() && retries < MAX_MISSING_RETRIES => {
@@ -77,14 +85,14 @@ pub async fn remove_audited<B: RulesetBackend>(
                 let snapshot = backend.read().await?;
                 let (still, gone): (Vec<_>, Vec<_>) = live
                     .into_iter()
-                    .partition(|r| still_there(&snapshot.model, r));
+                    .partition(|(r, _)| still_there(&snapshot.model, r));
                 tracing::info!(
                     event = "removal_retried",
                     gone = gone.len(),
                     still = still.len(),
                     "a rule of the batch was gone: committing again without it"
                 );
-                removal.vanished.extend(gone);
+                removal.vanished.extend(gone.into_iter().map(|(r, _)| r));
                 live = still;
                 // Judged again on this read: checked against its generation.
                 generation = snapshot.generation();
@@ -94,11 +102,16 @@ pub async fn remove_audited<B: RulesetBackend>(
         }
     }
     removal.generation = generation.map(next_generation);
-    for r in live {
-        let rec = audit
+    // Deleted: that is what happened, whatever the disk says now. A record
+    // that cannot be written is reported with the intent that holds the rule.
+    for (r, intent) in live {
+        match audit
             .record(AuditEvent::RuleRemoved(r.audit_record()))
-            .await?;
-        removal.removed.push((r, rec.seq));
+            .await
+        {
+            Ok(rec) => removal.removed.push((r, rec.seq)),
+            Err(e) => removal.unrecorded.push((r, intent, e.to_string())),
+        }
     }
     Ok(removal)
 }

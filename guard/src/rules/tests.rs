@@ -147,6 +147,8 @@ fn owners(ip: Option<&str>) -> ResolvedOwners {
 /// A running guard on a memory backend.
 struct Harness {
     control: MemoryControl,
+    /// The guard's audit log (a test makes its appends fail).
+    audit: AuditHandle,
     reports: mpsc::Receiver<GuardReport>,
     owners: watch::Sender<Arc<ResolvedOwners>>,
     stop: watch::Sender<bool>,
@@ -189,9 +191,22 @@ impl Harness {
         owners: ResolvedOwners,
         prepare: impl FnOnce(&MemoryControl),
     ) -> Self {
+        Self::start_with_audit(model, policy, owners, prepare, None)
+    }
+
+    /// [`Self::start`], the audit log failing with `errno` from the start.
+    fn start_with_audit(
+        model: RulesetModel,
+        policy: Policy,
+        owners: ResolvedOwners,
+        prepare: impl FnOnce(&MemoryControl),
+        failing: Option<i32>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let audit_path = dir.path().join("audit.jsonl");
         let audit = AuditHandle::new(AuditLog::open(&audit_path, Rotation::default()).unwrap());
+        audit.fail_appends(failing);
+        let audit_control = audit.clone();
         let (backend, control) = MemoryBackend::new(model, host_addrs());
         prepare(&control);
         let audit_at_commit = Arc::new(Mutex::new(Vec::new()));
@@ -215,6 +230,7 @@ impl Harness {
         let task = tokio::spawn(guard.run(backend, stop_rx));
         Self {
             control,
+            audit: audit_control,
             reports,
             owners: owners_tx,
             stop,
@@ -226,12 +242,17 @@ impl Harness {
     }
 
     /// The next report `pick` accepts (others are skipped).
-    async fn wait_for<T>(
+    async fn wait_for<T>(&mut self, what: &str, pick: impl FnMut(GuardReport) -> Option<T>) -> T {
+        self.wait_for_within(DEADLINE, what, pick).await
+    }
+
+    async fn wait_for_within<T>(
         &mut self,
+        deadline: Duration,
         what: &str,
         mut pick: impl FnMut(GuardReport) -> Option<T>,
     ) -> T {
-        tokio::time::timeout(DEADLINE, async {
+        tokio::time::timeout(deadline, async {
             loop {
                 let r = self.reports.recv().await.expect("the guard runs");
                 if let Some(t) = pick(r) {
@@ -240,7 +261,7 @@ impl Harness {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("the guard did not report {what} within {DEADLINE:?}"))
+        .unwrap_or_else(|_| panic!("the guard did not report {what} within {deadline:?}"))
     }
 
     /// The next removal: (id, returns, latency measured).
@@ -869,4 +890,64 @@ async fn another_sockets_pin_table_is_not_ours_and_survives_our_stop() {
         pin_named_tables(&h.control),
         [(Family::IP, Some(MEMORY_PORT_ID + 1))]
     );
+}
+
+#[tokio::test]
+async fn a_full_disk_withholds_removals_until_space_returns() {
+    let mut h = Harness::start_with_audit(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(None),
+        |_| {},
+        Some(libc::ENOSPC),
+    );
+    let error = h
+        .wait_for("the audit log down", |r| match r {
+            GuardReport::AuditUnavailable { error } => Some(error),
+            _ => None,
+        })
+        .await;
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("No space left")),
+        "{error:?}"
+    );
+    let why = h
+        .wait_for("the hijack reported", |r| match r {
+            GuardReport::Observed { finding, why } if finding.handle == Some(HIJACK_HANDLE) => {
+                Some(why)
+            }
+            _ => None,
+        })
+        .await;
+    assert!(why.contains("audit log cannot be written"), "{why}");
+    h.quiet().await;
+    assert!(
+        h.batches().is_empty(),
+        "nothing removed unrecorded: {:?}",
+        h.batches()
+    );
+    assert!(
+        h.control
+            .handles(Family::IP, TABLE, CHAIN)
+            .contains(&HIJACK_HANDLE)
+    );
+
+    // Space returns: the guard notices on its own (no ruleset change needed).
+    h.audit.fail_appends(None);
+    let back = h
+        .wait_for_within(Duration::from_secs(12), "the audit log back", |r| match r {
+            GuardReport::AuditUnavailable { error } => Some(error),
+            _ => None,
+        })
+        .await;
+    assert_eq!(back, None);
+    let (id, _, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"));
+    assert_eq!(
+        audit_kinds(&h.audit_path),
+        ["audit_resumed", "rule_removing", "rule_removed"]
+    );
+    h.stop().await.expect("clean stop");
 }
