@@ -50,7 +50,14 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
+        // The test's own audit log path (PORTGUARD_AUDIT_LOG in `envs`), or a fresh one.
+        let audit_log = envs
+            .iter()
+            .find(|(k, _)| *k == "PORTGUARD_AUDIT_LOG")
+            .map_or_else(
+                || std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl"),
+                |(_, v)| std::path::PathBuf::from(v),
+            );
         let mut cmd = match netns {
             None => Command::new(portguard_bin()),
             Some(ns) => {

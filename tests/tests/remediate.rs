@@ -683,6 +683,182 @@ fn the_kernel_refuses_a_batch_decided_on_an_old_generation() {
     assert_eq!(tables, ["decided_now"], "the refused batch applied nothing");
 }
 
+/// A small tmpfs mounted for one test, unmounted on drop (also on panic).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn new(size: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name("pg-tmpfs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", dir.display());
+        Self(dir)
+    }
+
+    /// Fills it: a file grown until the filesystem says ENOSPC.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = [0u8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `GET PATH` on the agent's metrics endpoint: the whole response.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let disk = Tmpfs::new("256k");
+    let log = disk.0.join("audit.jsonl");
+    let cgroup = Cgroup::new("pg-rem");
+    let mut agent = Agent::start_in(
+        None,
+        &[("PORTGUARD_AUDIT_LOG", log.as_os_str())],
+        [
+            "run".as_ref(),
+            "--mode".as_ref(),
+            "enforce".as_ref(),
+            "--cgroup".as_ref(),
+            cgroup.path().as_os_str(),
+            "--netns".as_ref(),
+            lab.h.name().as_ref(),
+            "--config".as_ref(),
+            lab.policy.as_os_str(),
+        ],
+    );
+    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
+    let served = agent.wait_for_event(Duration::from_secs(5), "metrics_served");
+    let metrics: std::net::SocketAddr = served["listen"].as_str().unwrap().parse().unwrap();
+    assert!(http_get(metrics, "/readyz").contains("200 OK"));
+
+    let filler = disk.fill();
+    // The log's last page still has room: binds of new kinds (each its own
+    // record) use it up, until a record fails.
+    let bind = |args: &[&str]| {
+        let child = portguard_tests::cgroup::spawn_in(
+            &cgroup,
+            Command::new(portguard_tests::helper_bin("bindprobe"))
+                .args(args)
+                .stdout(std::process::Stdio::null()),
+        );
+        let pid = child.id();
+        let _ = child.wait_with_output();
+        pid
+    };
+    for i in 0..64 {
+        bind(&[
+            "--addr",
+            "0.0.0.0",
+            "--port",
+            "80",
+            "--comm",
+            &format!("fill{i}"),
+        ]);
+    }
+    agent.wait_for_event(Duration::from_secs(10), "audit_record_failed");
+    sh(
+        &lab.h,
+        "nft add table ip kp
+         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'
+         nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
+    );
+    let down = agent.wait_for_event(Duration::from_secs(10), "audit_unavailable");
+    assert!(
+        down["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left")),
+        "{down}"
+    );
+    // Nothing removed unrecorded: the hijack stays, reported.
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.h
+            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+            .contains("dnat"),
+        "removed without a record"
+    );
+    let ready = http_get(metrics, "/readyz");
+    assert!(
+        ready.contains("503") && ready.contains("audit log cannot be written"),
+        "{ready}"
+    );
+    assert!(
+        http_get(metrics, "/metrics").contains("portguard_audit_writable 0"),
+        "the metric says so"
+    );
+    // The bind guard, which needs no disk, still sees every bind.
+    let pid = bind(&["--addr", "0.0.0.0", "--port", "80"]);
+    agent.wait_for(Duration::from_secs(5), |v| {
+        v["event"] == "bind" && v["tgid"] == pid && v["port"] == 80
+    });
+
+    // Space returns: the agent notices by itself and removes the hijack.
+    std::fs::remove_file(filler).unwrap();
+    agent.wait_for_event(Duration::from_secs(12), "audit_available");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab
+        .h
+        .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+        .contains("dnat")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not removed after the disk recovered"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(http_get(metrics, "/readyz").contains("200 OK"));
+    assert!(!agent.saw_event("task_ended"), "the agent kept running");
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let kinds: Vec<&str> = audit.iter().filter_map(|r| r["kind"].as_str()).collect();
+    let resumed = kinds.iter().position(|k| *k == "audit_resumed");
+    let removing = kinds.iter().position(|k| *k == "rule_removing");
+    let removed = kinds.iter().position(|k| *k == "rule_removed");
+    assert!(
+        resumed < removing && removing < removed && resumed.is_some(),
+        "{kinds:?}"
+    );
+    let seqs: Vec<u64> = audit.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq strictly increasing: {seqs:?}"
+    );
+}
+
 /// Polls `nft list ruleset` of the lab's host until `pred` holds.
 fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -486,7 +486,13 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 Action::Report { finding, why } => self.observed(finding, why),
             }
         }
-        if !remove.is_empty() {
+        if !remove.is_empty() && !self.try_resume().await {
+            for rule in remove {
+                for finding in rule.findings {
+                    self.observed(finding, AUDIT_DOWN_WHY);
+                }
+            }
+        } else if !remove.is_empty() {
             let removal = match remove_audited(
                 &self.cfg.audit,
                 &mut self.backend,
@@ -615,6 +621,10 @@ impl<B: RulesetBackend> GuardLoop<B> {
     }
 
     async fn sync_pins(&mut self, owned: Vec<OwnedMapping>, full: bool) -> Result<(), GuardError> {
+        // Pins change only recorded: while the log is down they stay as they are.
+        if !self.try_resume().await {
+            return Ok(());
+        }
         let wanted = self
             .pins
             .wanted(&self.cfg.policy, &self.owned, &self.addrs, owned, full);
@@ -679,8 +689,18 @@ impl<B: RulesetBackend> GuardLoop<B> {
     /// The audit log was down: a record saying it is back is the test; once
     /// written, everything withheld is decided again.
     async fn on_audit_retry(&mut self) -> Result<(), GuardError> {
+        if self.try_resume().await {
+            self.settle(None, None).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// While the audit log is down: writes `audit_resumed` (the first record
+    /// after the outage, naming it); true when the log is up (again).
+    async fn try_resume(&mut self) -> bool {
         let Some(error) = self.audit_down.clone() else {
-            return Ok(());
+            return true;
         };
         match self
             .cfg
@@ -690,11 +710,11 @@ impl<B: RulesetBackend> GuardLoop<B> {
         {
             Ok(_) => {
                 self.audit_ok();
-                self.settle(None, None).await
+                true
             }
             Err(e) => {
                 debug!(event = "audit_still_unavailable", error = %e);
-                Ok(())
+                false
             }
         }
     }
