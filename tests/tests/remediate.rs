@@ -859,6 +859,82 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     );
 }
 
+#[test]
+fn a_removal_from_before_a_bind_flood_can_still_be_restored() {
+    const FLOOD: u64 = 100_000;
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem");
+    let agent = start_agent(&lab, &cgroup);
+    let audit = agent.audit_log().to_owned();
+    sh(
+        &lab.h,
+        "nft add table ip kp
+         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'
+         nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab
+        .h
+        .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+        .contains("dnat")
+    {
+        assert!(Instant::now() < deadline, "not removed");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // An unprivileged user loops bind() on the protected port.
+    let child = portguard_tests::cgroup::spawn_in(
+        &cgroup,
+        Command::new(portguard_tests::helper_bin("bindprobe"))
+            .args(["--addr", "0.0.0.0", "--port", "80", "--uid", "65534"])
+            .args(["--repeat", &FLOOD.to_string()])
+            .stdout(std::process::Stdio::piped()),
+    );
+    let out = child.wait_with_output().unwrap();
+    let probe: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ["bound", "denied", "refused"]
+            .iter()
+            .map(|k| probe[k].as_u64().unwrap())
+            .sum::<u64>(),
+        FLOOD,
+        "{probe}"
+    );
+    // The log as the flood left it (the harness deletes the agent's on stop).
+    let kept = std::env::temp_dir().join(unique_name("pg-audit-kept") + ".jsonl");
+    thread::sleep(Duration::from_millis(1500));
+    std::fs::copy(&audit, &kept).unwrap();
+    let (status, _, records) = agent.stop_with_audit();
+    assert!(status.success());
+    let binds = records
+        .iter()
+        .filter(|r| r["kind"].as_str().is_some_and(|k| k.starts_with("bind_")))
+        .count();
+    assert!(binds <= 8, "{binds} bind records for {FLOOD} binds");
+    let removed = records
+        .iter()
+        .find(|r| r["kind"] == "rule_removed")
+        .expect("the removal is still in the log");
+    let seq = removed["seq"].as_u64().unwrap().to_string();
+    let audit_s = kept.to_str().unwrap();
+    let (code, out, err) = portguard(&[
+        "restore",
+        &seq,
+        "--netns",
+        lab.h.name(),
+        "--audit-log",
+        audit_s,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        lab.h
+            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+            .contains("dnat to 203.0.113.130"),
+        "restored"
+    );
+    let _ = std::fs::remove_file(&kept);
+}
+
 /// Polls `nft list ruleset` of the lab's host until `pred` holds.
 fn wait_ruleset(lab: &IncidentLab, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -7,7 +7,8 @@
 //! Prints {"pid":…, "ok":true} or {"pid":…, "ok":false, "errno":…}; with --hold it
 //! keeps the socket (listening, for tcp) until stdin closes. `--uid` drops to
 //! that user (and group) before binding; `--repeat N` binds N fresh sockets one
-//! after the other and prints {"pid":…, "bound":…, "denied":…}.
+//! after the other and prints {"pid":…, "bound":…, "denied":… (EPERM, the
+//! guard), "refused":… (EACCES, the kernel)}.
 
 use std::{
     ffi::CString,
@@ -71,7 +72,9 @@ fn main() {
     let sa = SocketAddr::new(addr, port);
     let ty = if udp { Type::DGRAM } else { Type::STREAM };
     if let Some(n) = repeat {
-        let (mut bound, mut denied) = (0u64, 0u64);
+        // denied: the guard's EPERM; refused: the kernel's own EACCES (a
+        // privileged port, for an unprivileged user the guard let through).
+        let (mut bound, mut denied, mut refused) = (0u64, 0u64, 0u64);
         for _ in 0..n {
             let sock = Socket::new(Domain::for_address(sa), ty, None)
                 .unwrap_or_else(|e| die(&format!("socket: {e}")));
@@ -79,11 +82,12 @@ fn main() {
             match sock.bind(&sa.into()) {
                 Ok(()) => bound += 1,
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => denied += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => refused += 1,
                 Err(e) => die(&format!("bind: {e}")),
             }
         }
         let pid = std::process::id();
-        println!("{{\"pid\":{pid},\"bound\":{bound},\"denied\":{denied}}}");
+        println!("{{\"pid\":{pid},\"bound\":{bound},\"denied\":{denied},\"refused\":{refused}}}");
         return;
     }
     let sock = Socket::new(Domain::for_address(sa), ty, None)
