@@ -143,6 +143,16 @@ impl AuditLog {
     /// Appends one record and returns only once it is on disk (fdatasync):
     /// an action may be reported done after this returns, never before.
     pub fn append(&mut self, event: AuditEvent) -> Result<AuditRecord, AuditError> {
+        let record = self.append_unsynced(event)?;
+        self.sync()?;
+        Ok(record)
+    }
+
+    /// Appends one record without waiting for the disk: it is in the file
+    /// (readers see it, a crash of the process keeps it), and durable with
+    /// the next [`Self::sync`] or durable append. For records that follow a
+    /// durable one holding the same facts.
+    pub fn append_unsynced(&mut self, event: AuditEvent) -> Result<AuditRecord, AuditError> {
         #[cfg(test)]
         if let Some(errno) = self.failing {
             return Err(io_err(&self.path, "append")(io::Error::from_raw_os_error(
@@ -170,10 +180,14 @@ impl AuditLog {
         // (`restore N` must never find two records N).
         self.size += line.len() as u64;
         self.next_seq += 1;
+        Ok(record)
+    }
+
+    /// Makes every record appended so far durable (fdatasync).
+    pub fn sync(&mut self) -> Result<(), AuditError> {
         self.file
             .sync_data()
-            .map_err(io_err(&self.path, "fdatasync"))?;
-        Ok(record)
+            .map_err(io_err(&self.path, "fdatasync"))
     }
 
     /// Flushes everything, metadata included (on SIGTERM).
@@ -241,6 +255,30 @@ impl AuditHandle {
         })
         .await
         .expect("an audit append never panics")
+    }
+
+    /// Records `event` now and makes it durable in the background, for a
+    /// record that follows a durable one holding the same facts (a
+    /// `rule_removed` after its `rule_removing` intent): the caller does not
+    /// wait for the second fdatasync. Until it completes, only a crash of the
+    /// machine (not of the agent) can lose the record, and the intent stays.
+    /// A failing background sync is logged; the next durable append tries again.
+    pub async fn record_soon_durable(&self, event: AuditEvent) -> Result<AuditRecord, AuditError> {
+        let log = self.0.clone();
+        let record = tokio::task::spawn_blocking(move || {
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .append_unsynced(event)
+        })
+        .await
+        .expect("an audit append never panics")?;
+        let log = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = log.lock().unwrap_or_else(PoisonError::into_inner).sync() {
+                tracing::warn!(event = "audit_sync_failed", error = %e, "audit log fdatasync failed");
+            }
+        });
+        Ok(record)
     }
 
     /// Records `event` from synchronous code.
@@ -386,6 +424,27 @@ mod tests {
         AuditEvent::AgentStopped {
             reason: reason.into(),
         }
+    }
+
+    #[test]
+    fn an_unsynced_append_is_in_the_file_and_in_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path, Rotation::default()).unwrap();
+        assert_eq!(log.append(stopped("a")).unwrap().seq, 1);
+        assert_eq!(log.append_unsynced(stopped("b")).unwrap().seq, 2);
+        // Readers (restore, report) see it before any sync.
+        let seqs: Vec<_> = AuditTrail::read(&path)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        log.sync().unwrap();
+        drop(log);
+        let mut log = AuditLog::open(&path, Rotation::default()).unwrap();
+        assert_eq!(log.append(stopped("c")).unwrap().seq, 3);
     }
 
     #[test]

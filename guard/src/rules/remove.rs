@@ -1,7 +1,8 @@
 //! Acting on a decision: every rule is recorded whole in the audit log
 //! (durably, as an intent: `rule_removing`) before one atomic batch deletes
 //! them all by handle; only the deletions the kernel confirmed are then
-//! recorded as `rule_removed` (the record `portguard restore` takes).
+//! recorded as `rule_removed` (the record `portguard restore` takes), made
+//! durable in the background (the intent already holds the rule whole).
 //!
 //! The batch carries the generation the rules were judged on: if the ruleset
 //! moved since (a table re-created, its handles started again), the kernel
@@ -105,8 +106,10 @@ pub async fn remove_audited<B: RulesetBackend>(
     // Deleted: that is what happened, whatever the disk says now. A record
     // that cannot be written is reported with the intent that holds the rule.
     for (r, intent) in live {
+        // Its intent is durable already: this record is made durable behind
+        // the guard's back (see `AuditHandle::record_soon_durable`).
         match audit
-            .record(AuditEvent::RuleRemoved(r.audit_record()))
+            .record_soon_durable(AuditEvent::RuleRemoved(r.audit_record()))
             .await
         {
             Ok(rec) => removal.removed.push((r, rec.seq)),
