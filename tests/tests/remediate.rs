@@ -737,6 +737,23 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     body
 }
 
+/// Polls `GET PATH` until the response contains `want` (the agent applies
+/// reports asynchronously).
+fn wait_http(addr: std::net::SocketAddr, path: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = http_get(addr, path);
+        if got.contains(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never said {want:?}: {got}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     let lab = IncidentLab::new(false);
@@ -762,7 +779,8 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     let served = agent.wait_for_event(Duration::from_secs(5), "metrics_served");
     let metrics: std::net::SocketAddr = served["listen"].as_str().unwrap().parse().unwrap();
-    assert!(http_get(metrics, "/readyz").contains("200 OK"));
+    // Ready once the first inspection is reported to the agent.
+    wait_http(metrics, "/readyz", "200 OK");
 
     let filler = disk.fill();
     // The log's last page still has room: binds of new kinds (each its own
@@ -810,15 +828,9 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
             .contains("dnat"),
         "removed without a record"
     );
-    let ready = http_get(metrics, "/readyz");
-    assert!(
-        ready.contains("503") && ready.contains("audit log cannot be written"),
-        "{ready}"
-    );
-    assert!(
-        http_get(metrics, "/metrics").contains("portguard_audit_writable 0"),
-        "the metric says so"
-    );
+    wait_http(metrics, "/readyz", "audit log cannot be written");
+    assert!(http_get(metrics, "/readyz").contains("503"));
+    wait_http(metrics, "/metrics", "portguard_audit_writable 0");
     // The bind guard, which needs no disk, still sees every bind.
     let pid = bind(&["--addr", "0.0.0.0", "--port", "80"]);
     agent.wait_for(Duration::from_secs(5), |v| {
@@ -840,7 +852,7 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    assert!(http_get(metrics, "/readyz").contains("200 OK"));
+    wait_http(metrics, "/readyz", "200 OK");
     assert!(!agent.saw_event("task_ended"), "the agent kept running");
     let (status, _, audit) = agent.stop_with_audit();
     assert!(status.success());
