@@ -229,6 +229,12 @@ impl Lab {
                 let kernel = ask(&self.c, addr, port);
                 let kernel_hijacked = kernel.as_deref() != Some("owner");
                 let inspector_hijacked = active_for(&findings, addr, port);
+                // "Possibly active" because the order of equal-priority base
+                // chains in different tables cannot be read: either answer of
+                // the kernel agrees (the README says so).
+                if inspector_hijacked && !kernel_hijacked && order_unknown_for(&findings, addr, port) {
+                    continue;
+                }
                 assert_eq!(
                     kernel_hijacked,
                     inspector_hijacked,
@@ -250,6 +256,21 @@ fn active_for(findings: &[Value], addr: IpAddr, port: u16) -> bool {
                 p["hook"] == "prerouting" && p["daddr"].as_str() == Some(&addr.to_string())
             })
     })
+}
+
+/// Whether every finding active for `addr:port` from outside is so only
+/// because of an unknown equal-priority order.
+fn order_unknown_for(findings: &[Value], addr: IpAddr, port: u16) -> bool {
+    let active: Vec<&Value> = findings
+        .iter()
+        .filter(|f| {
+            f["port"] == port
+                && f["active_paths"].as_array().unwrap().iter().any(|p| {
+                    p["hook"] == "prerouting" && p["daddr"].as_str() == Some(&addr.to_string())
+                })
+        })
+        .collect();
+    !active.is_empty() && active.iter().all(|f| f.get("order_unknown_with").is_some())
 }
 
 fn find<'a>(findings: &'a [Value], port: u16, chain: &str) -> &'a Value {
@@ -896,7 +917,7 @@ fn malformed_policy_is_an_error() {
 /// first: kube-proxy's nftables table at dstnat (-100), created after Docker's
 /// iptables-nft nat table, wins; created before it, it is shadowed.
 #[test]
-fn equal_priority_newest_chain_runs_first() {
+fn equal_priority_in_other_tables_is_possibly_active_in_either_order() {
     let table = format!(
         "table ip kube-proxy {{
             chain nat-prerouting {{
@@ -916,9 +937,115 @@ fn equal_priority_newest_chain_runs_first() {
         }
         let findings = lab.assert_agree(&["v4"], &format!("docker first: {docker_first}"));
         let f = find(&findings, 80, "nat-prerouting");
-        assert_eq!(f["active"], docker_first, "{f}");
+        // The kernel runs the newest-registered first, which a dump does not
+        // show (a chain added later to an older table registers later): in
+        // both orders the foreign DNAT counts as possibly active, naming
+        // Docker's chain it may run before.
+        assert_eq!(f["active"], true, "{f}");
+        assert_eq!(
+            f["order_unknown_with"],
+            serde_json::json!(["ip nat PREROUTING"]),
+            "{f}"
+        );
+        assert!(
+            f["reason"].as_str().unwrap().contains("cannot be read"),
+            "{f}"
+        );
         let answer = ask(&lab.c, HOST4.parse().unwrap(), 80);
         let expected = if docker_first { "pod" } else { "owner" };
         assert_eq!(answer.as_deref(), Some(expected));
+    }
+}
+
+/// Issue 14, class 1: catch-all (`*`) elements of maps and verdict maps are
+/// what the kernel uses for every key no other element has.
+#[test]
+fn catch_all_elements_decide_like_the_kernel() {
+    let lab = Lab::new();
+    // A DNAT map whose catch-all takes every other port (80 and 443 too).
+    lab.docker();
+    lab.h.nft_load(&format!(
+        "table ip f {{ chain pre {{ type nat hook prerouting priority -150; policy accept;
+            dnat to tcp dport map {{ 22 : {POD4}, * : {POD4} }}; }} }}"
+    ));
+    let f = lab.assert_agree(&["v4"], "catch-all map");
+    assert!(active_for(&f, HOST4.parse().unwrap(), 80), "missed hijack");
+    // A verdict map whose catch-all jumps to a chain that DNATs 443.
+    lab.reset();
+    lab.docker();
+    lab.h.nft_load(&format!(
+        "table ip g {{ chain s {{ tcp dport 443 dnat to {POD4} }}
+            chain pre {{ type nat hook prerouting priority -150; policy accept;
+                tcp dport vmap {{ 22 : accept, * : jump s }}; }} }}"
+    ));
+    let f = lab.assert_agree(&["v4"], "catch-all verdict map");
+    assert!(active_for(&f, HOST4.parse().unwrap(), 443), "missed hijack");
+    // The reverse: a catch-all accept ahead of a DNAT keeps it from running.
+    lab.reset();
+    lab.docker();
+    lab.h.nft_load(&format!(
+        "table ip h {{ chain pre {{ type nat hook prerouting priority -150; policy accept;
+            fib daddr type vmap {{ unicast : return, * : accept }};
+            tcp dport 80 dnat to {POD4} }} }}"
+    ));
+    let f = lab.assert_agree(&["v4"], "catch-all accept ahead of a DNAT");
+    assert!(!active_for(&f, HOST4.parse().unwrap(), 80), "false alarm");
+}
+
+/// Issue 14, class 2: a dormant table's rules never run.
+#[test]
+fn a_dormant_table_is_not_analysed_as_live() {
+    let lab = Lab::new();
+    lab.docker();
+    lab.h.nft_load(&format!(
+        "table ip f {{ flags dormant;
+            chain pre {{ type nat hook prerouting priority -150; policy accept;
+                tcp dport 80 dnat to {POD4} }} }}"
+    ));
+    let f = lab.assert_agree(&["v4"], "dormant table");
+    assert!(
+        f.iter().all(|f| f["active"] == false),
+        "nothing in a dormant table is active: {f:?}"
+    );
+    // Woken up, it runs: the same rule is a live hijack.
+    sh(&lab.h, "nft add table ip f");
+    let f = lab.assert_agree(&["v4"], "the table woken up");
+    assert!(active_for(&f, HOST4.parse().unwrap(), 80));
+}
+
+/// Issue 14, class 4: the xt matches iptables-nft emits for `-m state`,
+/// `-m conntrack --ctstate` and `-m iprange` are decoded, not "maybe".
+#[test]
+fn xt_conntrack_state_and_iprange_decide_like_the_kernel() {
+    let lab = Lab::new();
+    let cases = [
+        // Only established connections are sent away: a new one reaches the owner.
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate ESTABLISHED -j DNAT --to-destination {POD4}:80"),
+        // New ones are: a live hijack.
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate NEW -j DNAT --to-destination {POD4}:80"),
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack ! --ctstate NEW -j DNAT --to-destination {POD4}:80"),
+        // `-m state --state NEW -j RETURN` ahead of a DNAT, in a chain of its own.
+        format!(
+            "iptables -t nat -N HIJ
+             iptables -t nat -I PREROUTING 1 -j HIJ
+             iptables -t nat -A HIJ -m state --state NEW -j RETURN
+             iptables -t nat -A HIJ -p tcp --dport 80 -j DNAT --to-destination {POD4}:80"
+        ),
+        // A destination range without this host's address, and one with it.
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 192.0.2.1-192.0.2.9 -j DNAT --to-destination {POD4}:80"),
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"),
+        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange ! --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"),
+    ];
+    for case in &cases {
+        lab.reset();
+        lab.docker();
+        sh(&lab.h, case);
+        let f = lab.assert_agree(&["v4"], case);
+        assert!(
+            f.iter().all(|f| f["reason"]
+                .as_str()
+                .is_none_or(|r| !r.contains("cannot be decoded"))),
+            "{case}: {f:?}"
+        );
     }
 }

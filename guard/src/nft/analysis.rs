@@ -85,6 +85,12 @@ pub struct Hit {
     pub base: (usize, usize),
     /// The statement that rewrites, in words ("iptables target DNAT", "nft dnat").
     pub how: String,
+    /// Other base chains at the same hook and priority, in other tables, that
+    /// may run before this one and take the probe: the kernel runs equal
+    /// priorities newest-registered first, and a dump does not show when a
+    /// chain was registered. The hit's reach then counts the order that
+    /// reaches it (at most "possible"). Empty: the order is known or harmless.
+    pub order_unknown_with: Vec<(usize, usize)>,
 }
 
 /// Indexes over the model, built once per inspection.
@@ -219,7 +225,8 @@ impl<'m> RulesetIndex<'m> {
         use std::cmp::Reverse;
         let mut out = Vec::new();
         for (ti, t) in self.model.tables.iter().enumerate() {
-            if !t.family.sees(v6) {
+            // A dormant table's hooks are unregistered: nothing in it runs.
+            if !t.family.sees(v6) || t.is_dormant() {
                 continue;
             }
             for (ci, c) in t.chains.iter().enumerate() {
@@ -416,25 +423,34 @@ impl<'i, 'm> Walker<'i, 'm> {
 
     /// Walks every nat base chain of the probe's hook (and, in prerouting, the
     /// filter chains for tproxy); returns every rewrite met, in rule order.
+    ///
+    /// Base chains of equal priority in different tables run in an order the
+    /// ruleset does not show (registration order, newest first): such a
+    /// group is walked member by member from the same entry, and a rewrite
+    /// in one member counts as reached in the order that reaches it, unless a
+    /// sibling could take the probe first, in which case it is at most
+    /// "possible" ([`Hit::order_unknown_with`]). What leaves the group is the
+    /// weakest of what leaves each member: the same in every order.
     pub fn run(mut self) -> Vec<Hit> {
         let mut reach = Reach::Definite;
-        for (ti, ci) in self.idx.nat_base_chains(self.probe.hook, self.probe.v6) {
-            self.base = (ti, ci);
-            self.accepted = Reach::Shadowed;
-            self.memo.clear();
-            let flow = self.walk(ti, ci, reach, 0);
-            let policy_drop = matches!(
-                self.idx.model.tables[ti].chains[ci]
-                    .base
-                    .as_ref()
-                    .and_then(|b| b.policy.as_ref()),
-                Some(Verdict::Drop)
-            );
-            reach = if policy_drop {
-                self.accepted
+        let bases = self.idx.nat_base_chains(self.probe.hook, self.probe.v6);
+        let mut i = 0;
+        while i < bases.len() {
+            let priority = self.priority(bases[i]);
+            let mut j = i + 1;
+            while j < bases.len() && self.priority(bases[j]) == priority {
+                j += 1;
+            }
+            let group = &bases[i..j];
+            let tables: std::collections::BTreeSet<usize> = group.iter().map(|b| b.0).collect();
+            reach = if tables.len() > 1 {
+                self.run_unordered(group, reach)
             } else {
-                flow.ret.max(self.accepted)
+                group
+                    .iter()
+                    .fold(reach, |r, &(ti, ci)| self.run_base(ti, ci, r))
             };
+            i = j;
         }
         if self.probe.hook == Hook::Prerouting {
             for (ti, ci) in self.idx.tproxy_base_chains(self.probe.v6) {
@@ -446,6 +462,68 @@ impl<'i, 'm> Walker<'i, 'm> {
         let mut hits: Vec<Hit> = self.hits.into_values().collect();
         hits.sort_by_key(|h| h.at);
         hits
+    }
+
+    fn priority(&self, (ti, ci): (usize, usize)) -> Option<i32> {
+        self.idx.model.tables[ti].chains[ci]
+            .base
+            .as_ref()
+            .map(|b| b.priority)
+    }
+
+    /// One base chain entered with `reach`: how surely the probe leaves it.
+    fn run_base(&mut self, ti: usize, ci: usize, reach: Reach) -> Reach {
+        self.base = (ti, ci);
+        self.accepted = Reach::Shadowed;
+        self.memo.clear();
+        let flow = self.walk(ti, ci, reach, 0);
+        let policy_drop = matches!(
+            self.idx.model.tables[ti].chains[ci]
+                .base
+                .as_ref()
+                .and_then(|b| b.policy.as_ref()),
+            Some(Verdict::Drop)
+        );
+        if policy_drop {
+            self.accepted
+        } else {
+            flow.ret.max(self.accepted)
+        }
+    }
+
+    /// Equal-priority base chains whose order is unknown (see [`Self::run`]).
+    fn run_unordered(&mut self, group: &[(usize, usize)], reach: Reach) -> Reach {
+        let mut outs = Vec::with_capacity(group.len());
+        let mut member_hits = Vec::with_capacity(group.len());
+        for &(ti, ci) in group {
+            let before = std::mem::take(&mut self.hits);
+            outs.push(self.run_base(ti, ci, reach));
+            member_hits.push(std::mem::replace(&mut self.hits, before));
+        }
+        for (m, hits) in member_hits.into_iter().enumerate() {
+            // Siblings that may take the probe before this member.
+            let takers: Vec<(usize, usize)> = group
+                .iter()
+                .zip(&outs)
+                .enumerate()
+                .filter(|(k, (_, out))| *k != m && **out < reach)
+                .map(|(_, (b, _))| *b)
+                .collect();
+            for (at, mut hit) in hits {
+                if !takers.is_empty() && hit.reach > Reach::Shadowed {
+                    hit.reach = hit.reach.weaken();
+                    hit.order_unknown_with.clone_from(&takers);
+                }
+                match self.hits.get_mut(&at) {
+                    Some(old) if old.reach >= hit.reach => {}
+                    Some(old) => *old = hit,
+                    None => {
+                        self.hits.insert(at, hit);
+                    }
+                }
+            }
+        }
+        outs.into_iter().min().unwrap_or(reach)
     }
 
     fn walk(&mut self, ti: usize, ci: usize, reach: Reach, depth: usize) -> Flow {
@@ -571,6 +649,7 @@ impl Walker<'_, '_> {
             path: path.clone(),
             base,
             how,
+            order_unknown_with: Vec::new(),
         });
         if reach > hit.reach {
             hit.reach = reach;

@@ -275,6 +275,12 @@ pub struct Finding {
     /// The chains from the nat base chain down to the rule.
     pub chain_path: Vec<String>,
     pub base_priority: i32,
+    /// Base chains at the same hook and priority in other tables that may run
+    /// before this rule's and take the connection ("ip nat PREROUTING"): the
+    /// kernel's order between them cannot be read, so the finding counts the
+    /// order that reaches it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub order_unknown_with: Vec<String>,
 }
 
 /// The owner's own mapping of a protected port, as a rule in the ruleset says
@@ -409,9 +415,17 @@ pub fn inspect_probes(
                             .base
                             .as_ref()
                             .map_or(0, |b| b.priority),
+                        order_unknown_with: Vec::new(),
                     }
                 });
             if active {
+                for &(ti, ci) in &hit.order_unknown_with {
+                    let t = &model.tables[ti];
+                    let name = format!("{} {} {}", t.family, t.name, t.chains[ci].name);
+                    if !f.order_unknown_with.contains(&name) {
+                        f.order_unknown_with.push(name);
+                    }
+                }
                 f.active = true;
                 if !f.active_on.contains(&probe.hook) {
                     f.active_on.push(probe.hook);
@@ -427,7 +441,18 @@ pub fn inspect_probes(
             }
         }
     }
-    (found.into_values().collect(), owned.into_iter().collect())
+    let mut findings: Vec<Finding> = found.into_values().collect();
+    for f in findings.iter_mut().filter(|f| !f.order_unknown_with.is_empty()) {
+        f.order_unknown_with.sort();
+        f.reason = format!(
+            "{}; at priority {} like {} in another table, which may run first: the kernel's \
+             order between them cannot be read, so counted as possibly active",
+            f.reason,
+            f.base_priority,
+            f.order_unknown_with.join(", ")
+        );
+    }
+    (findings, owned.into_iter().collect())
 }
 
 fn xt_comment(exprs: &[model::Expr]) -> Option<String> {
@@ -695,6 +720,74 @@ mod tests {
             1,
             "another socket's table is judged"
         );
+    }
+
+    /// A nat prerouting chain at -100 holding `tcp dport PORT dnat to ip:80`.
+    fn dnat_chain(name: &str, handle: u64, ip: [u8; 4]) -> Chain {
+        Chain {
+            name: name.into(),
+            handle,
+            base: Some(BaseHook {
+                hook: Hook::Prerouting,
+                priority: -100,
+                kind: "nat".into(),
+                policy: Some(Verdict::Accept),
+            }),
+            rules: vec![Rule::new(1, nft_dnat(ip, 80), None)],
+        }
+    }
+
+    #[test]
+    fn equal_priorities_in_two_tables_are_possibly_active_in_either_order() {
+        let table = |name: &str, handle, chains| Table {
+            family: Family::IP,
+            name: name.into(),
+            handle,
+            origin: TableOrigin::Nft,
+            chains,
+            ..Table::default()
+        };
+        let (_, input) = pinned(Vec::new(), None);
+        let m = RulesetModel {
+            tables: vec![
+                table("a", 1, vec![dnat_chain("pre", 1, [10, 0, 0, 1])]),
+                table("b", 2, vec![dnat_chain("pre", 1, [10, 0, 0, 2])]),
+            ],
+            ..RulesetModel::default()
+        };
+        let f = inspect(&m, &input);
+        assert_eq!(f.len(), 2, "{f:?}");
+        for (finding, other) in f.iter().zip(["ip b pre", "ip a pre"]) {
+            assert!(finding.active, "either may run first: {finding:?}");
+            assert_eq!(finding.order_unknown_with, [other]);
+            assert!(finding.reason.contains("cannot be read"), "{}", finding.reason);
+        }
+        // In one table the handles say: the newer chain runs first, the
+        // other one is latent, and nothing is unknown.
+        let m = RulesetModel {
+            tables: vec![table(
+                "a",
+                1,
+                vec![
+                    dnat_chain("old", 1, [10, 0, 0, 1]),
+                    dnat_chain("new", 2, [10, 0, 0, 2]),
+                ],
+            )],
+            ..RulesetModel::default()
+        };
+        let f = inspect(&m, &input);
+        let by_chain = |c: &str| f.iter().find(|x| x.chain == c).unwrap();
+        assert!(by_chain("new").active);
+        assert!(!by_chain("old").active, "{f:?}");
+        assert!(f.iter().all(|x| x.order_unknown_with.is_empty()));
+        // A dormant table runs nothing.
+        let mut dormant = table("a", 1, vec![dnat_chain("pre", 1, [10, 0, 0, 1])]);
+        dormant.flags = crate::sys::uapi::NFT_TABLE_F_DORMANT;
+        let m = RulesetModel {
+            tables: vec![dormant],
+            ..RulesetModel::default()
+        };
+        assert_eq!(inspect(&m, &input), []);
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl Default for Family {
 }
 
 impl Table {
+    /// `flags dormant`: its base chains are not hooked, none of its rules runs.
+    pub fn is_dormant(&self) -> bool {
+        self.flags & crate::sys::uapi::NFT_TABLE_F_DORMANT != 0
+    }
+
     pub fn chain(&self, name: &str) -> Option<&Chain> {
         self.chains.iter().find(|c| c.name == name)
     }

@@ -13,10 +13,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::packet::{ProbePacket, Tri};
 use crate::sys::uapi::{
-    NF_CT_STATE_NEW_BIT, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
-    XT_ADDRTYPE_INVERT_DEST, XT_ADDRTYPE_INVERT_SOURCE, XT_ADDRTYPE_LOCAL, XT_MAX_COMMENT_LEN,
-    XT_MULTI_PORTS, XT_MULTIPORT_DESTINATION, XT_MULTIPORT_EITHER, XT_MULTIPORT_SOURCE,
-    XT_TCP_INV_DSTPT, XT_UDP_INV_DSTPT,
+    IPRANGE_DST, IPRANGE_DST_INV, IPRANGE_SRC, NF_CT_STATE_NEW_BIT, NF_NAT_RANGE_MAP_IPS,
+    NF_NAT_RANGE_PROTO_SPECIFIED, XT_ADDRTYPE_INVERT_DEST, XT_ADDRTYPE_INVERT_SOURCE,
+    XT_ADDRTYPE_LOCAL, XT_CONNTRACK_DIRECTION, XT_CONNTRACK_INVERT_FLAGS_OFFSET,
+    XT_CONNTRACK_L4PROTO_OFFSET, XT_CONNTRACK_MATCH_FLAGS_OFFSET, XT_CONNTRACK_ORIGDST,
+    XT_CONNTRACK_ORIGDST_ADDR_OFFSET, XT_CONNTRACK_ORIGDST_MASK_OFFSET,
+    XT_CONNTRACK_ORIGDST_PORT, XT_CONNTRACK_ORIGDST_PORT_OFFSET, XT_CONNTRACK_PROTO,
+    XT_CONNTRACK_STATE, XT_CONNTRACK_STATE_ALIAS, XT_CONNTRACK_STATE_MASK_OFFSET,
+    XT_CONNTRACK_V3_ORIGDST_PORT_HIGH_OFFSET, XT_IPRANGE_DST_MAX_OFFSET,
+    XT_IPRANGE_DST_MIN_OFFSET, XT_IPRANGE_FLAGS_OFFSET, XT_MAX_COMMENT_LEN, XT_MULTI_PORTS,
+    XT_MULTIPORT_DESTINATION, XT_MULTIPORT_EITHER, XT_MULTIPORT_SOURCE, XT_TCP_INV_DSTPT,
+    XT_UDP_INV_DSTPT,
 };
 
 /// `struct nf_nat_ipv4_multi_range_compat` (20 bytes) versus `struct nf_nat_range` (40+).
@@ -136,6 +143,8 @@ fn eval_match_inner(name: &str, rev: u32, info: &[u8], probe: &ProbePacket) -> O
             }
         }
         "state" => Tri::from(u32_at(info, 0)? & NF_CT_STATE_NEW_BIT != 0),
+        "conntrack" => conntrack(rev, info, probe)?,
+        "iprange" if rev >= 1 => iprange(info, probe)?,
         _ => Tri::Maybe,
     })
 }
@@ -297,6 +306,101 @@ pub fn decode_target(name: &str, rev: u32, info: &[u8], v6: bool) -> XtAction {
             None => XtAction::Opaque(other.to_owned()),
         },
     }
+}
+
+/// The probe's destination address as `union nf_inet_addr` holds it (an IPv4
+/// address in its first 4 bytes).
+fn inet_addr_bytes(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// `-m conntrack` (rev 1–3; iptables-nft 1.8 also writes `-m state` as rev 3
+/// with `STATE_ALIAS`) for the first packet of a new connection, original
+/// direction, not yet NATed: its state is NEW. The state, protocol, original
+/// destination and its port, and the direction are decided; any other
+/// criterion (sources, reply tuple, status, expiry) may match.
+fn conntrack(rev: u32, info: &[u8], probe: &ProbePacket) -> Option<Tri> {
+    if !(1..=3).contains(&rev) {
+        return Some(Tri::Maybe);
+    }
+    let flags = u16_at(info, XT_CONNTRACK_MATCH_FLAGS_OFFSET)?;
+    let invert = u16_at(info, XT_CONNTRACK_INVERT_FLAGS_OFFSET)?;
+    let inv = |bit: u16| invert & bit != 0;
+    let decided = XT_CONNTRACK_STATE
+        | XT_CONNTRACK_STATE_ALIAS
+        | XT_CONNTRACK_PROTO
+        | XT_CONNTRACK_ORIGDST
+        | XT_CONNTRACK_ORIGDST_PORT
+        | XT_CONNTRACK_DIRECTION;
+    let mut t = if flags & !decided == 0 {
+        Tri::Yes
+    } else {
+        Tri::Maybe
+    };
+    if flags & XT_CONNTRACK_STATE != 0 {
+        let mask = if rev == 1 {
+            u32::from(*info.get(XT_CONNTRACK_STATE_MASK_OFFSET)?)
+        } else {
+            u32::from(u16_at(info, XT_CONNTRACK_STATE_MASK_OFFSET)?)
+        };
+        t = t.and(Tri::from(mask & NF_CT_STATE_NEW_BIT != 0).negate_if(inv(XT_CONNTRACK_STATE)));
+    }
+    if flags & XT_CONNTRACK_PROTO != 0 {
+        let proto = u16_at(info, XT_CONNTRACK_L4PROTO_OFFSET)?;
+        t = t.and(Tri::from(proto == u16::from(probe.l4proto)).negate_if(inv(XT_CONNTRACK_PROTO)));
+    }
+    if flags & XT_CONNTRACK_ORIGDST != 0 {
+        let d = inet_addr_bytes(probe.daddr);
+        let addr = info.get(XT_CONNTRACK_ORIGDST_ADDR_OFFSET..XT_CONNTRACK_ORIGDST_ADDR_OFFSET + d.len())?;
+        let mask = info.get(XT_CONNTRACK_ORIGDST_MASK_OFFSET..XT_CONNTRACK_ORIGDST_MASK_OFFSET + d.len())?;
+        let hit = d.iter().zip(addr).zip(mask).all(|((d, a), m)| d & m == a & m);
+        t = t.and(Tri::from(hit).negate_if(inv(XT_CONNTRACK_ORIGDST)));
+    }
+    if flags & XT_CONNTRACK_ORIGDST_PORT != 0 {
+        let hit = if rev == 3 {
+            // A range (`port_high`): decided only where reading both ports
+            // in either byte order agrees, since the two halves of the
+            // struct are written differently by different iptables versions.
+            let (lo, hi) = (
+                u16_at(info, XT_CONNTRACK_ORIGDST_PORT_OFFSET)?,
+                u16_at(info, XT_CONNTRACK_V3_ORIGDST_PORT_HIGH_OFFSET)?,
+            );
+            let host = (lo..=hi).contains(&probe.dport);
+            let net = (u16::from_be(lo)..=u16::from_be(hi)).contains(&probe.dport);
+            if host == net { Tri::from(host) } else { Tri::Maybe }
+        } else {
+            Tri::from(be16_at(info, XT_CONNTRACK_ORIGDST_PORT_OFFSET)? == probe.dport)
+        };
+        t = t.and(hit.negate_if(inv(XT_CONNTRACK_ORIGDST_PORT)));
+    }
+    if flags & XT_CONNTRACK_DIRECTION != 0 {
+        // `--ctdir ORIGINAL` is the inverted flag: the kernel refuses the
+        // packet when "original" XOR inverted.
+        t = t.and(Tri::from(inv(XT_CONNTRACK_DIRECTION)));
+    }
+    Some(t)
+}
+
+/// `-m iprange` (rev 1): the destination range is decided; a source range may match.
+fn iprange(info: &[u8], probe: &ProbePacket) -> Option<Tri> {
+    let flags = *info.get(XT_IPRANGE_FLAGS_OFFSET)?;
+    let mut t = if flags & IPRANGE_SRC != 0 {
+        Tri::Maybe
+    } else {
+        Tri::Yes
+    };
+    if flags & IPRANGE_DST != 0 {
+        let d = inet_addr_bytes(probe.daddr);
+        let lo = info.get(XT_IPRANGE_DST_MIN_OFFSET..XT_IPRANGE_DST_MIN_OFFSET + d.len())?;
+        let hi = info.get(XT_IPRANGE_DST_MAX_OFFSET..XT_IPRANGE_DST_MAX_OFFSET + d.len())?;
+        // Big-endian bytes compare as the addresses do.
+        let inside = lo <= d.as_slice() && d.as_slice() <= hi;
+        t = t.and(Tri::from(inside).negate_if(flags & IPRANGE_DST_INV != 0));
+    }
+    Some(t)
 }
 
 /// The TPROXY destination: address 0 and port 0 mean "the packet's own".

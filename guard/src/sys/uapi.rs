@@ -155,6 +155,9 @@ pub const NFTA_TABLE_OWNER: u16 = 7;
 /// Table flag: the table lives only as long as the netlink socket that
 /// created it; the kernel deletes it when that socket closes.
 pub const NFT_TABLE_F_OWNER: u32 = 0x2;
+/// `NFT_TABLE_F_DORMANT`: the table's base chains are not registered; the
+/// kernel never runs its rules.
+pub const NFT_TABLE_F_DORMANT: u32 = 0x1;
 /// Table flag: an owned table outlives its socket. portguard never sets it.
 pub const NFT_TABLE_F_PERSIST: u32 = 0x4;
 pub const NFTA_CHAIN_TABLE: u16 = 1;
@@ -268,6 +271,39 @@ pub const XT_MULTI_PORTS: usize = 15;
 
 // <linux/netfilter/xt_comment.h>
 pub const XT_MAX_COMMENT_LEN: usize = 256;
+
+// <linux/netfilter/xt_conntrack.h> (`enum` bits of `match_flags`/`invert_flags`)
+pub const XT_CONNTRACK_STATE: u16 = 1 << 0;
+pub const XT_CONNTRACK_PROTO: u16 = 1 << 1;
+pub const XT_CONNTRACK_ORIGDST: u16 = 1 << 3;
+pub const XT_CONNTRACK_ORIGDST_PORT: u16 = 1 << 9;
+pub const XT_CONNTRACK_DIRECTION: u16 = 1 << 12;
+/// `XT_CONNTRACK_STATE_ALIAS`: the match stands for `-m state` (no effect on matching).
+pub const XT_CONNTRACK_STATE_ALIAS: u16 = 1 << 13;
+/// `struct xt_conntrack_mtinfo1..3`: eight `union nf_inet_addr` (16 bytes
+/// each), then `expires_min`, `expires_max` (u32), `l4proto` (u16), four
+/// `__be16` ports, `match_flags`, `invert_flags` (u16), `state_mask`,
+/// `status_mask` (u8 in rev 1, u16 in rev 2 and 3), and in rev 3 four
+/// `__u16` high ports.
+pub const XT_CONNTRACK_ORIGDST_ADDR_OFFSET: usize = 32;
+pub const XT_CONNTRACK_ORIGDST_MASK_OFFSET: usize = 48;
+pub const XT_CONNTRACK_L4PROTO_OFFSET: usize = 136;
+pub const XT_CONNTRACK_ORIGDST_PORT_OFFSET: usize = 140;
+pub const XT_CONNTRACK_MATCH_FLAGS_OFFSET: usize = 146;
+pub const XT_CONNTRACK_INVERT_FLAGS_OFFSET: usize = 148;
+pub const XT_CONNTRACK_STATE_MASK_OFFSET: usize = 150;
+/// Rev 3: `origdst_port_high`, after `state_mask`, `status_mask` (u16 each)
+/// and `origsrc_port_high`.
+pub const XT_CONNTRACK_V3_ORIGDST_PORT_HIGH_OFFSET: usize = 156;
+
+// <linux/netfilter/xt_iprange.h> (`struct xt_iprange_mtinfo`: src_min,
+// src_max, dst_min, dst_max as `union nf_inet_addr`, then `flags`)
+pub const IPRANGE_SRC: u8 = 1 << 0;
+pub const IPRANGE_DST: u8 = 1 << 1;
+pub const IPRANGE_DST_INV: u8 = 1 << 5;
+pub const XT_IPRANGE_DST_MIN_OFFSET: usize = 32;
+pub const XT_IPRANGE_DST_MAX_OFFSET: usize = 48;
+pub const XT_IPRANGE_FLAGS_OFFSET: usize = 64;
 
 #[cfg(test)]
 mod tests {
