@@ -232,7 +232,10 @@ impl Lab {
                 // "Possibly active" because the order of equal-priority base
                 // chains in different tables cannot be read: either answer of
                 // the kernel agrees (the README says so).
-                if inspector_hijacked && !kernel_hijacked && order_unknown_for(&findings, addr, port) {
+                if inspector_hijacked
+                    && !kernel_hijacked
+                    && order_unknown_for(&findings, addr, port)
+                {
                     continue;
                 }
                 assert_eq!(
@@ -965,8 +968,12 @@ fn catch_all_elements_decide_like_the_kernel() {
     // A DNAT map whose catch-all takes every other port (80 and 443 too).
     lab.docker();
     lab.h.nft_load(&format!(
-        "table ip f {{ chain pre {{ type nat hook prerouting priority -150; policy accept;
-            dnat to tcp dport map {{ 22 : {POD4}, * : {POD4} }}; }} }}"
+        "table ip f {{
+            chain pre {{
+                type nat hook prerouting priority -150; policy accept;
+                dnat to tcp dport map {{ 22 : {POD4}, * : {POD4} }}
+            }}
+        }}"
     ));
     let f = lab.assert_agree(&["v4"], "catch-all map");
     assert!(active_for(&f, HOST4.parse().unwrap(), 80), "missed hijack");
@@ -974,9 +981,15 @@ fn catch_all_elements_decide_like_the_kernel() {
     lab.reset();
     lab.docker();
     lab.h.nft_load(&format!(
-        "table ip g {{ chain s {{ tcp dport 443 dnat to {POD4} }}
-            chain pre {{ type nat hook prerouting priority -150; policy accept;
-                tcp dport vmap {{ 22 : accept, * : jump s }}; }} }}"
+        "table ip g {{
+            chain s {{
+                tcp dport 443 dnat to {POD4}
+            }}
+            chain pre {{
+                type nat hook prerouting priority -150; policy accept;
+                tcp dport vmap {{ 22 : accept, * : jump s }}
+            }}
+        }}"
     ));
     let f = lab.assert_agree(&["v4"], "catch-all verdict map");
     assert!(active_for(&f, HOST4.parse().unwrap(), 443), "missed hijack");
@@ -984,9 +997,13 @@ fn catch_all_elements_decide_like_the_kernel() {
     lab.reset();
     lab.docker();
     lab.h.nft_load(&format!(
-        "table ip h {{ chain pre {{ type nat hook prerouting priority -150; policy accept;
-            fib daddr type vmap {{ unicast : return, * : accept }};
-            tcp dport 80 dnat to {POD4} }} }}"
+        "table ip h {{
+            chain pre {{
+                type nat hook prerouting priority -150; policy accept;
+                fib daddr type vmap {{ unicast : return, * : accept }}
+                tcp dport 80 dnat to {POD4}
+            }}
+        }}"
     ));
     let f = lab.assert_agree(&["v4"], "catch-all accept ahead of a DNAT");
     assert!(!active_for(&f, HOST4.parse().unwrap(), 80), "false alarm");
@@ -998,9 +1015,13 @@ fn a_dormant_table_is_not_analysed_as_live() {
     let lab = Lab::new();
     lab.docker();
     lab.h.nft_load(&format!(
-        "table ip f {{ flags dormant;
-            chain pre {{ type nat hook prerouting priority -150; policy accept;
-                tcp dport 80 dnat to {POD4} }} }}"
+        "table ip f {{
+            flags dormant
+            chain pre {{
+                type nat hook prerouting priority -150; policy accept;
+                tcp dport 80 dnat to {POD4}
+            }}
+        }}"
     ));
     let f = lab.assert_agree(&["v4"], "dormant table");
     assert!(
@@ -1020,10 +1041,16 @@ fn xt_conntrack_state_and_iprange_decide_like_the_kernel() {
     let lab = Lab::new();
     let cases = [
         // Only established connections are sent away: a new one reaches the owner.
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate ESTABLISHED -j DNAT --to-destination {POD4}:80"),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate ESTABLISHED -j DNAT --to-destination {POD4}:80"
+        ),
         // New ones are: a live hijack.
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate NEW -j DNAT --to-destination {POD4}:80"),
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack ! --ctstate NEW -j DNAT --to-destination {POD4}:80"),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack --ctstate NEW -j DNAT --to-destination {POD4}:80"
+        ),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m conntrack ! --ctstate NEW -j DNAT --to-destination {POD4}:80"
+        ),
         // `-m state --state NEW -j RETURN` ahead of a DNAT, in a chain of its own.
         format!(
             "iptables -t nat -N HIJ
@@ -1032,9 +1059,15 @@ fn xt_conntrack_state_and_iprange_decide_like_the_kernel() {
              iptables -t nat -A HIJ -p tcp --dport 80 -j DNAT --to-destination {POD4}:80"
         ),
         // A destination range without this host's address, and one with it.
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 192.0.2.1-192.0.2.9 -j DNAT --to-destination {POD4}:80"),
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"),
-        format!("iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange ! --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 192.0.2.1-192.0.2.9 -j DNAT --to-destination {POD4}:80"
+        ),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"
+        ),
+        format!(
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 80 -m iprange ! --dst-range 198.51.100.0-198.51.100.9 -j DNAT --to-destination {POD4}:80"
+        ),
     ];
     for case in &cases {
         lab.reset();

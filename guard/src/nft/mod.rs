@@ -442,7 +442,10 @@ pub fn inspect_probes(
         }
     }
     let mut findings: Vec<Finding> = found.into_values().collect();
-    for f in findings.iter_mut().filter(|f| !f.order_unknown_with.is_empty()) {
+    for f in findings
+        .iter_mut()
+        .filter(|f| !f.order_unknown_with.is_empty())
+    {
         f.order_unknown_with.sort();
         f.reason = format!(
             "{}; at priority {} like {} in another table, which may run first: the kernel's \
@@ -760,7 +763,11 @@ mod tests {
         for (finding, other) in f.iter().zip(["ip b pre", "ip a pre"]) {
             assert!(finding.active, "either may run first: {finding:?}");
             assert_eq!(finding.order_unknown_with, [other]);
-            assert!(finding.reason.contains("cannot be read"), "{}", finding.reason);
+            assert!(
+                finding.reason.contains("cannot be read"),
+                "{}",
+                finding.reason
+            );
         }
         // In one table the handles say: the newer chain runs first, the
         // other one is latent, and nothing is unknown.

@@ -17,13 +17,12 @@ use crate::sys::uapi::{
     NF_NAT_RANGE_PROTO_SPECIFIED, XT_ADDRTYPE_INVERT_DEST, XT_ADDRTYPE_INVERT_SOURCE,
     XT_ADDRTYPE_LOCAL, XT_CONNTRACK_DIRECTION, XT_CONNTRACK_INVERT_FLAGS_OFFSET,
     XT_CONNTRACK_L4PROTO_OFFSET, XT_CONNTRACK_MATCH_FLAGS_OFFSET, XT_CONNTRACK_ORIGDST,
-    XT_CONNTRACK_ORIGDST_ADDR_OFFSET, XT_CONNTRACK_ORIGDST_MASK_OFFSET,
-    XT_CONNTRACK_ORIGDST_PORT, XT_CONNTRACK_ORIGDST_PORT_OFFSET, XT_CONNTRACK_PROTO,
-    XT_CONNTRACK_STATE, XT_CONNTRACK_STATE_ALIAS, XT_CONNTRACK_STATE_MASK_OFFSET,
-    XT_CONNTRACK_V3_ORIGDST_PORT_HIGH_OFFSET, XT_IPRANGE_DST_MAX_OFFSET,
-    XT_IPRANGE_DST_MIN_OFFSET, XT_IPRANGE_FLAGS_OFFSET, XT_MAX_COMMENT_LEN, XT_MULTI_PORTS,
-    XT_MULTIPORT_DESTINATION, XT_MULTIPORT_EITHER, XT_MULTIPORT_SOURCE, XT_TCP_INV_DSTPT,
-    XT_UDP_INV_DSTPT,
+    XT_CONNTRACK_ORIGDST_ADDR_OFFSET, XT_CONNTRACK_ORIGDST_MASK_OFFSET, XT_CONNTRACK_ORIGDST_PORT,
+    XT_CONNTRACK_ORIGDST_PORT_OFFSET, XT_CONNTRACK_PROTO, XT_CONNTRACK_STATE,
+    XT_CONNTRACK_STATE_ALIAS, XT_CONNTRACK_STATE_MASK_OFFSET,
+    XT_CONNTRACK_V3_ORIGDST_PORT_HIGH_OFFSET, XT_IPRANGE_DST_MAX_OFFSET, XT_IPRANGE_DST_MIN_OFFSET,
+    XT_IPRANGE_FLAGS_OFFSET, XT_MAX_COMMENT_LEN, XT_MULTI_PORTS, XT_MULTIPORT_DESTINATION,
+    XT_MULTIPORT_EITHER, XT_MULTIPORT_SOURCE, XT_TCP_INV_DSTPT, XT_UDP_INV_DSTPT,
 };
 
 /// `struct nf_nat_ipv4_multi_range_compat` (20 bytes) versus `struct nf_nat_range` (40+).
@@ -354,9 +353,15 @@ fn conntrack(rev: u32, info: &[u8], probe: &ProbePacket) -> Option<Tri> {
     }
     if flags & XT_CONNTRACK_ORIGDST != 0 {
         let d = inet_addr_bytes(probe.daddr);
-        let addr = info.get(XT_CONNTRACK_ORIGDST_ADDR_OFFSET..XT_CONNTRACK_ORIGDST_ADDR_OFFSET + d.len())?;
-        let mask = info.get(XT_CONNTRACK_ORIGDST_MASK_OFFSET..XT_CONNTRACK_ORIGDST_MASK_OFFSET + d.len())?;
-        let hit = d.iter().zip(addr).zip(mask).all(|((d, a), m)| d & m == a & m);
+        let addr =
+            info.get(XT_CONNTRACK_ORIGDST_ADDR_OFFSET..XT_CONNTRACK_ORIGDST_ADDR_OFFSET + d.len())?;
+        let mask =
+            info.get(XT_CONNTRACK_ORIGDST_MASK_OFFSET..XT_CONNTRACK_ORIGDST_MASK_OFFSET + d.len())?;
+        let hit = d
+            .iter()
+            .zip(addr)
+            .zip(mask)
+            .all(|((d, a), m)| d & m == a & m);
         t = t.and(Tri::from(hit).negate_if(inv(XT_CONNTRACK_ORIGDST)));
     }
     if flags & XT_CONNTRACK_ORIGDST_PORT != 0 {
@@ -370,7 +375,11 @@ fn conntrack(rev: u32, info: &[u8], probe: &ProbePacket) -> Option<Tri> {
             );
             let host = (lo..=hi).contains(&probe.dport);
             let net = (u16::from_be(lo)..=u16::from_be(hi)).contains(&probe.dport);
-            if host == net { Tri::from(host) } else { Tri::Maybe }
+            if host == net {
+                Tri::from(host)
+            } else {
+                Tri::Maybe
+            }
         } else {
             Tri::from(be16_at(info, XT_CONNTRACK_ORIGDST_PORT_OFFSET)? == probe.dport)
         };
@@ -493,6 +502,101 @@ fn nat_range(rev: u32, info: &[u8], v6: bool) -> Option<NatRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new TCP connection to 198.51.100.1:80 from outside.
+    fn new_conn() -> ProbePacket {
+        ProbePacket {
+            hook: crate::nft::Hook::Prerouting,
+            v6: false,
+            l4proto: 6,
+            dport: 80,
+            daddr: "198.51.100.1".parse().unwrap(),
+            iifname: Some("eth0".into()),
+            iifindex: 2,
+        }
+    }
+
+    /// `struct xt_conntrack_mtinfo{rev}` with `--ctstate` (`mask`), inverted or not.
+    fn ctstate(rev: u32, mask: u16, invert: bool) -> Vec<u8> {
+        let mut info = vec![0u8; 168];
+        info[XT_CONNTRACK_MATCH_FLAGS_OFFSET..][..2]
+            .copy_from_slice(&XT_CONNTRACK_STATE.to_ne_bytes());
+        if invert {
+            info[XT_CONNTRACK_INVERT_FLAGS_OFFSET..][..2]
+                .copy_from_slice(&XT_CONNTRACK_STATE.to_ne_bytes());
+        }
+        if rev == 1 {
+            info[XT_CONNTRACK_STATE_MASK_OFFSET] = mask as u8;
+        } else {
+            info[XT_CONNTRACK_STATE_MASK_OFFSET..][..2].copy_from_slice(&mask.to_ne_bytes());
+        }
+        info
+    }
+
+    #[test]
+    fn conntrack_state_decides_for_a_new_connection() {
+        const ESTABLISHED: u16 = 1 << 1;
+        const NEW: u16 = 1 << 3;
+        let p = new_conn();
+        for rev in 1..=3 {
+            assert_eq!(
+                eval_match("conntrack", rev, &ctstate(rev, ESTABLISHED, false), &p),
+                Tri::No
+            );
+            assert_eq!(
+                eval_match("conntrack", rev, &ctstate(rev, NEW, false), &p),
+                Tri::Yes
+            );
+            assert_eq!(
+                eval_match("conntrack", rev, &ctstate(rev, NEW, true), &p),
+                Tri::No
+            );
+            assert_eq!(
+                eval_match(
+                    "conntrack",
+                    rev,
+                    &ctstate(rev, ESTABLISHED | NEW, false),
+                    &p
+                ),
+                Tri::Yes
+            );
+        }
+        // A criterion this code does not decide (the original source) may match.
+        let mut info = ctstate(3, NEW, false);
+        info[XT_CONNTRACK_MATCH_FLAGS_OFFSET..][..2]
+            .copy_from_slice(&(XT_CONNTRACK_STATE | 1 << 2).to_ne_bytes());
+        assert_eq!(eval_match("conntrack", 3, &info, &p), Tri::Maybe);
+        // Truncated: may match, never a panic.
+        assert_eq!(eval_match("conntrack", 3, &info[..100], &p), Tri::Maybe);
+    }
+
+    #[test]
+    fn iprange_decides_the_destination_range() {
+        let range = |lo: [u8; 4], hi: [u8; 4], flags: u8| {
+            let mut info = vec![0u8; 68];
+            info[XT_IPRANGE_DST_MIN_OFFSET..][..4].copy_from_slice(&lo);
+            info[XT_IPRANGE_DST_MAX_OFFSET..][..4].copy_from_slice(&hi);
+            info[XT_IPRANGE_FLAGS_OFFSET] = flags;
+            info
+        };
+        let p = new_conn();
+        let outside = range([192, 0, 2, 1], [192, 0, 2, 9], IPRANGE_DST);
+        let inside = range([198, 51, 100, 0], [198, 51, 100, 9], IPRANGE_DST);
+        assert_eq!(eval_match("iprange", 1, &outside, &p), Tri::No);
+        assert_eq!(eval_match("iprange", 1, &inside, &p), Tri::Yes);
+        let inverted = range(
+            [198, 51, 100, 0],
+            [198, 51, 100, 9],
+            IPRANGE_DST | IPRANGE_DST_INV,
+        );
+        assert_eq!(eval_match("iprange", 1, &inverted, &p), Tri::No);
+        let with_source = range(
+            [198, 51, 100, 0],
+            [198, 51, 100, 9],
+            IPRANGE_DST | IPRANGE_SRC,
+        );
+        assert_eq!(eval_match("iprange", 1, &with_source, &p), Tri::Maybe);
+    }
 
     /// The compat struct iptables writes for IPv4 DNAT/NETMAP/REDIRECT rev 0.
     fn compat(flags: u32, min: [u8; 4], max: [u8; 4], port: u16) -> Vec<u8> {

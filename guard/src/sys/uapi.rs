@@ -129,7 +129,10 @@ pub const NFT_SET_ELEM_INTERVAL_END: u32 = libc::NFT_SET_ELEM_INTERVAL_END as u3
 // <linux/netfilter/nf_tables.h>: what libc lacks
 pub const NFT_SET_OBJECT: u32 = 0x40;
 pub const NFT_SET_CONCAT: u32 = 0x80;
-pub const NFT_SET_ELEM_CATCHALL: u32 = 0x4;
+/// `enum nft_set_elem_flags`: `NFT_SET_ELEM_INTERVAL_END = 0x1`,
+/// `NFT_SET_ELEM_CATCHALL = 0x2` (it was written 0x4 here once, which hid
+/// every catch-all element: issue 14).
+pub const NFT_SET_ELEM_CATCHALL: u32 = 0x2;
 /// `enum nft_bitwise_ops`.
 pub const NFT_BITWISE_BOOL: u32 = 0;
 /// `enum nft_fib_result`, `enum nft_fib_flags`.
