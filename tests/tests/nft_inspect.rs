@@ -689,6 +689,12 @@ fn random_iptables_item(rng: &mut Rng) -> String {
         "-d 192.0.2.1/32",
         "! -i docker0",
         "-i docker0",
+        "-m conntrack --ctstate NEW",
+        "-m conntrack --ctstate ESTABLISHED",
+        "-m conntrack ! --ctstate NEW",
+        "-m state --state NEW",
+        "-m iprange --dst-range 198.51.100.0-198.51.100.9",
+        "-m iprange --dst-range 192.0.2.1-192.0.2.9",
     ]);
     let target = rng.pick(&[
         "-j DNAT --to-destination 203.0.113.130",
@@ -780,13 +786,16 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
         "ip6 saddr 2001:db8:1::/64",
         "ip6 daddr != 2001:db8:1::1",
     ];
-    const V4_ACTIONS: [&str; 2] = [
+    const V4_ACTIONS: [&str; 3] = [
         "dnat ip to 203.0.113.130",
         "dnat ip to th dport map { 80 : 203.0.113.130, 443 : 203.0.113.130 }",
+        // A catch-all element: every port but 22.
+        "dnat ip to th dport map { 22 : 203.0.113.130, * : 203.0.113.130 }",
     ];
-    const V6_ACTIONS: [&str; 2] = [
+    const V6_ACTIONS: [&str; 3] = [
         "dnat ip6 to 2001:db8:c::2",
         "dnat ip6 to th dport map { 80 : 2001:db8:c::2, 443 : 2001:db8:c::2 }",
+        "dnat ip6 to th dport map { 22 : 2001:db8:c::2, * : 2001:db8:c::2 }",
     ];
     const COMMON_ACTIONS: [&str; 3] = ["meta l4proto tcp redirect to :8080", "accept", "counter"];
     // inet tables carry either; one rule does not mix ip and ip6 (nft refuses).
@@ -819,7 +828,7 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
     } else {
         (port, action)
     };
-    let shape = rng.below(4);
+    let shape = rng.below(5);
     let body = format!("{cond} {port} {action}");
     let chains = match shape {
         0 => format!("chain pre {{ type nat hook prerouting priority {prio}; policy accept; {body}; }}"),
@@ -831,15 +840,27 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
             "chain pre {{ type nat hook prerouting priority {prio}; policy accept; {port} goto sub; }}
              chain sub {{ {cond} {action}; }}"
         ),
-        _ => format!(
+        3 => format!(
             "chain pre {{ type nat hook prerouting priority {prio}; policy accept;
                  meta l4proto . th dport vmap {{ tcp . 80 : jump sub, tcp . 443 : jump sub, udp . 80 : jump sub }}; }}
              chain sub {{ {cond} {action}; }}"
         ),
+        // A verdict map with a catch-all element.
+        _ => format!(
+            "chain pre {{ type nat hook prerouting priority {prio}; policy accept;
+                 th dport vmap {{ 22 : accept, * : jump sub }}; }}
+             chain sub {{ {cond} {port} {action}; }}"
+        ),
+    };
+    // Now and then a dormant table: nothing in it runs.
+    let dormant = if rng.below(6) == 0 {
+        "flags dormant\n"
+    } else {
+        ""
     };
     format!(
         "table {family} foreign{i} {{
-            set ports {{ type inet_service; elements = {{ 443, 8443 }}; }}
+            {dormant}set ports {{ type inet_service; elements = {{ 443, 8443 }}; }}
             {chains}
         }}\n"
     )
