@@ -38,6 +38,28 @@ fn start_agent(lab: &IncidentLab, cgroup: &Cgroup) -> Agent {
     agent
 }
 
+/// kube-proxy style: a foreign nat chain at -110, `ip kp pre`.
+const KP_CHAIN: &str = "nft add table ip kp
+     nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'";
+/// The hijack kube-proxy keeps writing into `ip kp pre`.
+const KP_HIJACK: &str = "nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130";
+
+/// Whether `ip kp pre` holds a DNAT.
+fn kp_hijacked(lab: &IncidentLab) -> bool {
+    lab.h
+        .exec(["nft", "list", "chain", "ip", "kp", "pre"])
+        .contains("dnat")
+}
+
+/// Waits until the hijack in `ip kp pre` is gone (the guard removed it).
+fn wait_kp_removed(lab: &IncidentLab, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kp_hijacked(lab) {
+        assert!(Instant::now() < deadline, "{what}: not removed");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn removed(v: &Value) -> bool {
     v["event"] == "rule_removed"
 }
@@ -110,27 +132,12 @@ fn a_fight_every_return_is_removed_counted_and_logged_rate_limited() {
     let cgroup = Cgroup::new("pg-rem");
     let agent = start_agent(&lab, &cgroup);
     // kube-proxy-style: the same rule re-created again and again.
-    sh(
-        &lab.h,
-        "nft add table ip kp
-         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'",
-    );
+    sh(&lab.h, KP_CHAIN);
     const ROUNDS: usize = 5;
     for round in 0..ROUNDS {
-        sh(
-            &lab.h,
-            "nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130 comment \"kube-proxy\"",
-        );
+        sh(&lab.h, &format!("{KP_HIJACK} comment \"kube-proxy\""));
         // Gone again before the next attempt.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lab
-            .h
-            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-            .contains("dnat")
-        {
-            assert!(Instant::now() < deadline, "round {round}: not removed");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_kp_removed(&lab, &format!("round {round}"));
         assert_eq!(lab.ask(80).as_deref(), Some(SITE), "round {round}");
     }
     let (status, lines, audit) = agent.stop_with_audit();
@@ -592,26 +599,11 @@ fn two_thousand_idle_metrics_connections_stop_no_removal_and_no_agent() {
         .collect();
     assert!(idle.len() > IDLE / 2, "only {} connected", idle.len());
     // Hijacks come and go meanwhile (kube-proxy style): each removed.
-    sh(
-        &lab.h,
-        "nft add table ip kp
-         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'",
-    );
+    sh(&lab.h, KP_CHAIN);
     const ROUNDS: usize = 5;
     for round in 0..ROUNDS {
-        sh(
-            &lab.h,
-            "nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
-        );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while lab
-            .h
-            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-            .contains("dnat")
-        {
-            assert!(Instant::now() < deadline, "round {round}: not removed");
-            thread::sleep(Duration::from_millis(5));
-        }
+        sh(&lab.h, KP_HIJACK);
+        wait_kp_removed(&lab, &format!("round {round}"));
         assert_eq!(lab.ask(80).as_deref(), Some(SITE), "round {round}");
     }
     // The same agent, never restarted, and its endpoint still answers.
@@ -807,12 +799,8 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
         ]);
     }
     agent.wait_for_event(Duration::from_secs(10), "audit_record_failed");
-    sh(
-        &lab.h,
-        "nft add table ip kp
-         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'
-         nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
-    );
+    sh(&lab.h, KP_CHAIN);
+    sh(&lab.h, KP_HIJACK);
     let down = agent.wait_for_event(Duration::from_secs(10), "audit_unavailable");
     assert!(
         down["error"]
@@ -822,12 +810,7 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     );
     // Nothing removed unrecorded: the hijack stays, reported.
     thread::sleep(Duration::from_millis(300));
-    assert!(
-        lab.h
-            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-            .contains("dnat"),
-        "removed without a record"
-    );
+    assert!(kp_hijacked(&lab), "removed without a record");
     wait_http(metrics, "/readyz", "audit log cannot be written");
     assert!(http_get(metrics, "/readyz").contains("503"));
     wait_http(metrics, "/metrics", "portguard_audit_writable 0");
@@ -840,18 +823,7 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     // Space returns: the agent notices by itself and removes the hijack.
     std::fs::remove_file(filler).unwrap();
     agent.wait_for_event(Duration::from_secs(12), "audit_available");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lab
-        .h
-        .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-        .contains("dnat")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not removed after the disk recovered"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_kp_removed(&lab, "after the disk recovered");
     wait_http(metrics, "/readyz", "200 OK");
     assert!(!agent.saw_event("task_ended"), "the agent kept running");
     let (status, _, audit) = agent.stop_with_audit();
@@ -879,21 +851,9 @@ fn a_removal_from_before_a_bind_flood_can_still_be_restored() {
     let cgroup = Cgroup::new("pg-rem");
     let agent = start_agent(&lab, &cgroup);
     let audit = agent.audit_log().to_owned();
-    sh(
-        &lab.h,
-        "nft add table ip kp
-         nft 'add chain ip kp pre { type nat hook prerouting priority -110; }'
-         nft add rule ip kp pre tcp dport 80 dnat to 203.0.113.130",
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lab
-        .h
-        .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-        .contains("dnat")
-    {
-        assert!(Instant::now() < deadline, "not removed");
-        thread::sleep(Duration::from_millis(10));
-    }
+    sh(&lab.h, KP_CHAIN);
+    sh(&lab.h, KP_HIJACK);
+    wait_kp_removed(&lab, "before the flood");
     // An unprivileged user loops bind() on the protected port.
     let child = portguard_tests::cgroup::spawn_in(
         &cgroup,
@@ -938,12 +898,7 @@ fn a_removal_from_before_a_bind_flood_can_still_be_restored() {
         audit_s,
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        lab.h
-            .exec(["nft", "list", "chain", "ip", "kp", "pre"])
-            .contains("dnat to 203.0.113.130"),
-        "restored"
-    );
+    assert!(kp_hijacked(&lab), "restored");
     let _ = std::fs::remove_file(&kept);
 }
 

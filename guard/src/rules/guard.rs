@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     backend::{BackendEvent, NetlinkBackend, RulesetBackend},
+    capture::ForeignRule,
     decide::{Action, decide},
     error::GuardError,
     pins::{PinSet, PinSync},
@@ -487,11 +488,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         if !remove.is_empty() && !self.try_resume().await {
-            for rule in remove {
-                for finding in rule.findings {
-                    self.observed(finding, AUDIT_DOWN_WHY);
-                }
-            }
+            self.withhold(remove);
         } else if !remove.is_empty() {
             let removal = match remove_audited(
                 &self.cfg.audit,
@@ -505,39 +502,11 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 Err(GuardError::Audit(e)) => {
                     // No intent on disk: nothing was deleted.
                     self.audit_failed(&e.to_string());
-                    for rule in remove {
-                        for finding in rule.findings {
-                            self.observed(finding, AUDIT_DOWN_WHY);
-                        }
-                    }
+                    self.withhold(remove);
                     return Ok(());
                 }
                 Err(e) => return Err(e),
             };
-            for (rule, intent, error) in &removal.unrecorded {
-                error!(
-                    event = "rule_removed_unrecorded",
-                    rule = %rule.id(),
-                    intent_seq = intent,
-                    error = %error,
-                    "foreign NAT rule removed, but its rule_removed record could not be \
-                     written: the rule_removing record (intent_seq) holds it whole"
-                );
-                monitor::apply(
-                    &mut self.model,
-                    Change::RuleDeleted(nft::netlink::RuleMessage {
-                        family: rule.family,
-                        table: rule.table.clone(),
-                        chain: rule.chain.clone(),
-                        position: None,
-                        rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
-                    }),
-                );
-            }
-            match removal.unrecorded.first() {
-                Some((_, _, error)) => self.audit_failed(error),
-                None => self.audit_ok(),
-            }
             if let Some(snapshot) = removal.reread {
                 // Read again after a rule went missing: the model was stale.
                 self.model = snapshot.model;
@@ -547,6 +516,21 @@ impl<B: RulesetBackend> GuardLoop<B> {
             // (the deletions applied below) is then not newer than the model.
             if removal.generation.is_some() {
                 self.model.generation = removal.generation;
+            }
+            for (rule, intent, error) in &removal.unrecorded {
+                error!(
+                    event = "rule_removed_unrecorded",
+                    rule = %rule.id(),
+                    intent_seq = intent,
+                    error = %error,
+                    "foreign NAT rule removed, but its rule_removed record could not be \
+                     written: the rule_removing record (intent_seq) holds it whole"
+                );
+                self.forget_own_deletion(rule);
+            }
+            match removal.unrecorded.first() {
+                Some((_, _, error)) => self.audit_failed(error),
+                None => self.audit_ok(),
             }
             let latency = seen.map(|s| s.elapsed());
             for (rule, seq) in removal.removed {
@@ -558,17 +542,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 let count = self.returns.entry(what.clone()).or_insert(0);
                 let returns = *count;
                 *count += 1;
-                // Apply our own deletion now; its notification is then a no-op.
-                monitor::apply(
-                    &mut self.model,
-                    Change::RuleDeleted(nft::netlink::RuleMessage {
-                        family: rule.family,
-                        table: rule.table.clone(),
-                        chain: rule.chain.clone(),
-                        position: None,
-                        rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
-                    }),
-                );
+                self.forget_own_deletion(&rule);
                 if self.rate_ok(&what) {
                     info!(
                         event = "rule_removed",
@@ -684,6 +658,30 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         Ok(())
+    }
+
+    /// Rules decided for removal while the audit log is down: reported instead.
+    fn withhold(&mut self, rules: Vec<ForeignRule>) {
+        for rule in rules {
+            for finding in rule.findings {
+                self.observed(finding, AUDIT_DOWN_WHY);
+            }
+        }
+    }
+
+    /// Applies our own confirmed deletion to the model now (after any re-read
+    /// and the generation update): its notification is then a no-op.
+    fn forget_own_deletion(&mut self, rule: &ForeignRule) {
+        monitor::apply(
+            &mut self.model,
+            Change::RuleDeleted(nft::netlink::RuleMessage {
+                family: rule.family,
+                table: rule.table.clone(),
+                chain: rule.chain.clone(),
+                position: None,
+                rule: nft::model::Rule::new(rule.handle, Vec::new(), None),
+            }),
+        );
     }
 
     /// The audit log was down: a record saying it is back is the test; once

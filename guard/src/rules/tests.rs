@@ -278,6 +278,15 @@ impl Harness {
         .await
     }
 
+    /// The next report of other tables named like the pin table.
+    async fn foreign_pin_tables(&mut self) -> (Vec<pin::ForeignPinTable>, Vec<Pin>) {
+        self.wait_for("foreign pin tables", |r| match r {
+            GuardReport::ForeignPinTables { tables, withheld } => Some((tables, withheld)),
+            _ => None,
+        })
+        .await
+    }
+
     async fn pins_synced(&mut self) -> Vec<Pin> {
         self.wait_for("pins synced", |r| match r {
             GuardReport::PinSynced { pins } => Some(pins),
@@ -820,12 +829,7 @@ async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched(
             );
         },
     );
-    let (tables, withheld) = h
-        .wait_for("foreign pin tables", |r| match r {
-            GuardReport::ForeignPinTables { tables, withheld } => Some((tables, withheld)),
-            _ => None,
-        })
-        .await;
+    let (tables, withheld) = h.foreign_pin_tables().await;
     assert_eq!(tables.len(), 1, "{tables:?}");
     assert_eq!((tables[0].family, tables[0].owner), (Family::IP, None));
     assert_eq!(
@@ -876,12 +880,7 @@ async fn another_sockets_pin_table_is_not_ours_and_survives_our_stop() {
             );
         },
     );
-    let (tables, _) = h
-        .wait_for("foreign pin tables", |r| match r {
-            GuardReport::ForeignPinTables { tables, withheld } => Some((tables, withheld)),
-            _ => None,
-        })
-        .await;
+    let (tables, _) = h.foreign_pin_tables().await;
     assert_eq!(tables[0].owner, Some(MEMORY_PORT_ID + 1));
     h.quiet().await;
     h.stop().await.expect("clean stop");
