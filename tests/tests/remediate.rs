@@ -23,17 +23,30 @@ use serde_json::Value;
 /// Starts the agent guarding the lab's host namespace and waits until its
 /// rule guard has read the ruleset.
 fn start_agent(lab: &IncidentLab, cgroup: &Cgroup) -> Agent {
-    let mut agent = Agent::start([
-        "run".as_ref(),
-        "--mode".as_ref(),
-        "enforce".as_ref(),
-        "--cgroup".as_ref(),
-        cgroup.path().as_os_str(),
-        "--netns".as_ref(),
-        lab.h.name().as_ref(),
-        "--config".as_ref(),
-        lab.policy.as_os_str(),
-    ]);
+    start_agent_with(lab, cgroup, &[])
+}
+
+/// [`start_agent`] with extra environment (e.g. its audit log's path).
+fn start_agent_with(
+    lab: &IncidentLab,
+    cgroup: &Cgroup,
+    envs: &[(&str, &std::ffi::OsStr)],
+) -> Agent {
+    let mut agent = Agent::start_in(
+        None,
+        envs,
+        [
+            "run".as_ref(),
+            "--mode".as_ref(),
+            "enforce".as_ref(),
+            "--cgroup".as_ref(),
+            cgroup.path().as_os_str(),
+            "--netns".as_ref(),
+            lab.h.name().as_ref(),
+            "--config".as_ref(),
+            lab.policy.as_os_str(),
+        ],
+    );
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     agent
 }
@@ -753,22 +766,7 @@ fn a_full_disk_withholds_removals_keeps_guarding_and_recovers() {
     let disk = Tmpfs::new("256k");
     let log = disk.0.join("audit.jsonl");
     let cgroup = Cgroup::new("pg-rem");
-    let mut agent = Agent::start_in(
-        None,
-        &[("PORTGUARD_AUDIT_LOG", log.as_os_str())],
-        [
-            "run".as_ref(),
-            "--mode".as_ref(),
-            "enforce".as_ref(),
-            "--cgroup".as_ref(),
-            cgroup.path().as_os_str(),
-            "--netns".as_ref(),
-            lab.h.name().as_ref(),
-            "--config".as_ref(),
-            lab.policy.as_os_str(),
-        ],
-    );
-    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
+    let mut agent = start_agent_with(&lab, &cgroup, &[("PORTGUARD_AUDIT_LOG", log.as_os_str())]);
     let served = agent.wait_for_event(Duration::from_secs(5), "metrics_served");
     let metrics: std::net::SocketAddr = served["listen"].as_str().unwrap().parse().unwrap();
     // Ready once the first inspection is reported to the agent.
