@@ -344,7 +344,7 @@ pub fn sync_transaction(installed: &[(Family, u64)], pins: &[Pin]) -> Transactio
         tx.push(Op::DeleteTable {
             family: *family,
             name: PIN_TABLE.into(),
-            handle: Some(*handle),
+            handle: *handle,
         });
     }
     for family in [Family::IP, Family::IP6] {

@@ -91,13 +91,14 @@ pub enum Op {
         hook: Hook,
         priority: i32,
     },
+    /// A table deleted by its handle only, never by its name: a table of
+    /// the same name created since (someone else's) is left alone and the
+    /// batch fails with `ENOENT`. `name` says which table was meant (logs).
     DeleteTable {
         family: Family,
         name: String,
-        /// The handle of the table instance meant (`NFTA_TABLE_HANDLE`): a table
-        /// of the same name created since (someone else's) is left alone and
-        /// the batch fails with `ENOENT`.
-        handle: Option<u64>,
+        /// `NFTA_TABLE_HANDLE`.
+        handle: u64,
     },
 }
 
@@ -152,16 +153,9 @@ impl fmt::Display for Op {
                 f,
                 "add chain {family} {table} {name} {{ type nat hook {hook} priority {priority}; policy accept; }}"
             ),
-            Self::DeleteTable {
-                family,
-                name,
-                handle: None,
-            } => write!(f, "delete table {family} {name}"),
-            Self::DeleteTable {
-                family,
-                handle: Some(h),
-                ..
-            } => write!(f, "delete table {family} handle {h}"),
+            Self::DeleteTable { family, handle, .. } => {
+                write!(f, "delete table {family} handle {handle}")
+            }
         }
     }
 }
@@ -249,15 +243,8 @@ impl Op {
                 attr::put_str(&mut a, NFTA_CHAIN_TYPE, "nat");
                 (NFT_MSG_NEWCHAIN, *family, NLM_F_CREATE)
             }
-            Self::DeleteTable {
-                family,
-                name,
-                handle,
-            } => {
-                match handle {
-                    Some(h) => attr::put(&mut a, NFTA_TABLE_HANDLE, &h.to_be_bytes()),
-                    None => attr::put_str(&mut a, NFTA_TABLE_NAME, name),
-                }
+            Self::DeleteTable { family, handle, .. } => {
+                attr::put(&mut a, NFTA_TABLE_HANDLE, &handle.to_be_bytes());
                 (NFT_MSG_DELTABLE, *family, 0)
             }
         };
@@ -636,7 +623,7 @@ mod tests {
         tx.push(Op::DeleteTable {
             family: Family::IP,
             name: "portguard".into(),
-            handle: Some(9),
+            handle: 9,
         });
         tx.push(Op::AddTable {
             family: Family::IP,
@@ -670,7 +657,7 @@ mod tests {
         tx.push(Op::DeleteTable {
             family: Family::IP,
             name: "portguard".into(),
-            handle: Some(3),
+            handle: 3,
         });
         let unchecked = tx.encode(1);
         let len = u32::from_ne_bytes(unchecked[0..4].try_into().unwrap()) as usize;

@@ -602,10 +602,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
         let wanted = self
             .pins
             .wanted(&self.cfg.policy, &self.owned, &self.addrs, owned, full);
-        if let Some(foreign) =
-            self.pins
-                .foreign_tables(&self.model, &wanted, self.backend.port_id())
-        {
+        let tables = pin::PinTables::of(&self.model, self.backend.port_id());
+        if let Some(foreign) = self.pins.foreign_tables(&tables, &wanted) {
             if foreign.tables.is_empty() {
                 info!(
                     event = "foreign_pin_table_gone",
@@ -628,7 +626,13 @@ impl<B: RulesetBackend> GuardLoop<B> {
         }
         let synced = match self
             .pins
-            .sync(&self.model, wanted, &self.cfg.audit, &mut self.backend)
+            .sync(
+                &self.model,
+                &tables,
+                wanted,
+                &self.cfg.audit,
+                &mut self.backend,
+            )
             .await
         {
             Ok(synced) => synced,

@@ -127,19 +127,18 @@ impl PinSet {
         pins.into_iter().collect()
     }
 
-    /// Another program's tables named like the pin table in `model`, and the
-    /// `wanted` pins they keep out; `Some` only when that changed since the
-    /// last call (to report it once).
+    /// Another program's tables named like the pin table (of `tables`), and
+    /// the `wanted` pins they keep out; `Some` only when that changed since
+    /// the last call (to report it once).
     pub fn foreign_tables(
         &mut self,
-        model: &RulesetModel,
+        tables: &PinTables,
         wanted: &[Pin],
-        ours: u32,
     ) -> Option<ForeignPinTables> {
-        let tables = PinTables::of(model, ours).foreign;
-        if tables == self.foreign {
+        if tables.foreign == self.foreign {
             return None;
         }
+        let tables = tables.foreign.clone();
         self.foreign.clone_from(&tables);
         let withheld = wanted
             .iter()
@@ -153,20 +152,21 @@ impl PinSet {
     /// updated or removed pin is audited, then the tables are rewritten in one
     /// batch, decided on the model's generation. A family in which another
     /// table holds the pin table's name gets no pin (see `nft::pin`).
+    /// `tables`: the pin-named tables of `model` for the backend's port id.
     pub async fn sync<B: RulesetBackend>(
         &mut self,
         model: &RulesetModel,
+        tables: &PinTables,
         wanted: Vec<Pin>,
         audit: &AuditHandle,
         backend: &mut B,
     ) -> Result<PinSync, GuardError> {
         let ours = backend.port_id();
-        let tables = PinTables::of(model, ours);
         let wanted: Vec<Pin> = wanted
             .into_iter()
             .filter(|p| !tables.blocked(p.family()))
             .collect();
-        let installed = tables.ours;
+        let installed = &tables.ours;
         let intact = pins_intact(model, &wanted, ours);
         if wanted == self.pins && intact {
             let ahead = if wanted.is_empty() {
@@ -217,7 +217,7 @@ impl PinSet {
                 .await?;
         }
         backend
-            .commit(&pin::sync_transaction(&installed, &wanted).at_generation(model.generation))?;
+            .commit(&pin::sync_transaction(installed, &wanted).at_generation(model.generation))?;
         info!(
             event = "pins_synced",
             pins = wanted.len(),

@@ -447,21 +447,11 @@ fn apply_op(
                 });
             }
         }
-        Op::DeleteTable {
-            family,
-            name,
-            handle: by_handle,
-        } => {
+        Op::DeleteTable { family, handle, .. } => {
             let i = model
                 .tables
                 .iter()
-                .position(|t| {
-                    t.family == *family
-                        && match by_handle {
-                            Some(h) => t.handle == *h,
-                            None => t.name == *name,
-                        }
-                })
+                .position(|t| t.family == *family && t.handle == *handle)
                 .ok_or(libc::ENOENT)?;
             check_owner(&model.tables[i], port_id)?;
             model.tables.remove(i);
