@@ -80,31 +80,16 @@ fn remediate_versus(base: &Path) -> anyhow::Result<()> {
         "bench_remediate",
     ])?;
     let ours = sh::workspace_root().join("target/release/bench_remediate");
-    let run = |bin: &Path| -> anyhow::Result<Vec<Figure>> {
-        let out = Command::new(bin)
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("{}", bin.display()))?;
-        anyhow::ensure!(out.status.success(), "{} failed", bin.display());
-        Ok(figures(&String::from_utf8_lossy(&out.stdout)))
-    };
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..REMEDIATE_BASELINE_RUNS {
-        a.push(run(&ours)?);
-        b.push(run(base)?);
+        a.push(run_figures(&mut Command::new(&ours))?);
+        b.push(run_figures(&mut Command::new(base))?);
     }
     for Figure { name, unit, .. } in &a[0] {
         if !matches!(unit.as_str(), "us" | "%") {
             continue;
         }
-        let pick = |runs: &[Vec<Figure>]| {
-            let v: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| r.iter().find(|f| &f.name == name).map(|f| f.value))
-                .collect();
-            (v.len() == runs.len()).then(|| median_of(v))
-        };
-        let (Some(x), Some(y)) = (pick(&a), pick(&b)) else {
+        let (Some(x), Some(y)) = (median_figure(&a, name), median_figure(&b, name)) else {
             continue;
         };
         println!("{name} {x:.3} {unit}");
@@ -179,6 +164,26 @@ fn figures(stdout: &str) -> Vec<Figure> {
         .collect()
 }
 
+/// Runs a benchmark binary (its log to our stderr) and reads its figures.
+fn run_figures(cmd: &mut Command) -> anyhow::Result<Vec<Figure>> {
+    let what = format!("{:?}", cmd.get_program());
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| what.clone())?;
+    anyhow::ensure!(out.status.success(), "{what} failed");
+    Ok(figures(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The median of figure `name` over runs; none when a run lacks it.
+fn median_figure(runs: &[Vec<Figure>], name: &str) -> Option<f64> {
+    let values: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.iter().find(|f| f.name == name).map(|f| f.value))
+        .collect();
+    (values.len() == runs.len()).then(|| median_of(values))
+}
+
 fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -251,13 +256,7 @@ impl BenchNs {
 impl BenchNs {
     /// One `bench_inspect` run; its figures.
     fn run(&self, bin: &Path, label: &str) -> anyhow::Result<Vec<Figure>> {
-        let out = Command::new(bin)
-            .args(["--netns", &self.0, "--label", label])
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("{}", bin.display()))?;
-        anyhow::ensure!(out.status.success(), "{} failed", bin.display());
-        Ok(figures(&String::from_utf8_lossy(&out.stdout)))
+        run_figures(Command::new(bin).args(["--netns", &self.0, "--label", label]))
     }
 
     /// This tree's inspector against `base` on the same ruleset, interleaved:
@@ -269,16 +268,8 @@ impl BenchNs {
             ours.push(self.run(bin, label)?);
             theirs.push(self.run(base, label)?);
         }
-        let pick = |runs: &[Vec<Figure>], name: &str| -> anyhow::Result<f64> {
-            let values: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| r.iter().find(|f| f.name == name).map(|f| f.value))
-                .collect();
-            anyhow::ensure!(
-                values.len() == runs.len(),
-                "figure {name} missing from a run"
-            );
-            Ok(median_of(values))
+        let pick = |runs: &[Vec<Figure>], name: &str| {
+            median_figure(runs, name).with_context(|| format!("figure {name} missing from a run"))
         };
         for what in COMPARED {
             let name = format!("inspect_{label}_{what}");
