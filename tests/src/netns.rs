@@ -57,23 +57,42 @@ impl NetNs {
 
     /// Loads an nftables ruleset (`nft -f -`) inside the namespace.
     pub fn nft_load(&self, ruleset: &str) {
+        self.feed(&["nft", "-f", "-"], ruleset);
+    }
+
+    /// Loads iptables-nft tables (`iptables-nft-restore`, with `--noflush`
+    /// or without: without, each table in `input` is deleted and created
+    /// again, handles starting over).
+    pub fn iptables_restore(&self, input: &str, noflush: bool) {
+        let argv: &[&str] = if noflush {
+            &["iptables-nft-restore", "--noflush"]
+        } else {
+            &["iptables-nft-restore"]
+        };
+        self.feed(argv, input);
+    }
+
+    /// Runs `argv` in the namespace with `input` on its stdin; panics (with
+    /// its stderr and the input) unless it succeeds.
+    fn feed(&self, argv: &[&str], input: &str) {
         use std::io::Write as _;
         let mut child = self
-            .command(["nft", "-f", "-"])
+            .command(argv)
             .stdin(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("spawn nft");
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
         child
             .stdin
             .take()
             .unwrap()
-            .write_all(ruleset.as_bytes())
+            .write_all(input.as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "nft -f failed: {}\n--- ruleset ---\n{ruleset}",
+            "{} failed: {}\n--- input ---\n{input}",
+            argv.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }

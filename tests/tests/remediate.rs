@@ -461,28 +461,6 @@ fn a_foreign_portguard_table_is_judged_reported_and_never_deleted() {
     );
 }
 
-/// Loads `table` into the lab's host with `iptables-nft-restore` (no
-/// `--noflush`: the table is deleted and created again, handles start over).
-fn restore_nat(lab: &IncidentLab, table: &str) {
-    use std::io::Write as _;
-    let mut child = lab
-        .h
-        .command(["iptables-nft-restore"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("iptables-nft-restore");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(table.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "iptables-nft-restore:\n{table}"
-    );
-}
-
 /// `iptables -t nat -S` of the lab's host, as a set of lines.
 fn nat_rules(lab: &IncidentLab) -> std::collections::BTreeSet<String> {
     lab.h
@@ -529,18 +507,20 @@ fn tables_recreated_by_iptables_nft_restore_in_a_loop_lose_nothing_but_hijacks()
             "{body}{innocent}{}COMMIT\n",
             if with_hijack { hijack.as_str() } else { "" }
         );
-        restore_nat(&lab, &table);
+        lab.h.iptables_restore(&table, false);
         thread::sleep(Duration::from_micros(700 * (round as u64 % 5)));
     }
     // The last round had no hijack: the table must be exactly what it loaded.
     let want: std::collections::BTreeSet<String> = {
-        restore_nat(&lab, &format!("{body}{innocent}COMMIT\n"));
+        lab.h
+            .iptables_restore(&format!("{body}{innocent}COMMIT\n"), false);
         nat_rules(&lab)
     };
     thread::sleep(Duration::from_millis(500));
     assert_eq!(nat_rules(&lab), want, "an innocent rule went missing");
     // And once more with a hijack: it alone goes.
-    restore_nat(&lab, &format!("{body}{innocent}{hijack}COMMIT\n"));
+    lab.h
+        .iptables_restore(&format!("{body}{innocent}{hijack}COMMIT\n"), false);
     let deadline = Instant::now() + Duration::from_secs(5);
     while nat_rules(&lab) != want {
         assert!(

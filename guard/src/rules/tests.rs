@@ -816,12 +816,11 @@ fn pin_named_tables(control: &MemoryControl) -> Vec<(Family, Option<u32>)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched() {
-    // Another program's `table ip portguard` (no owner: e.g. one left by an
-    // older portguard without `flags owner`, or anyone's), there before the
-    // guard starts.
-    let mut h = Harness::start(
+/// A guard asked to pin the owner, started beside another program's
+/// `table ip portguard` (owned by netlink port `owner`, or by no one) holding
+/// one nat prerouting chain (name, priority).
+fn beside_a_pin_named_table(owner: Option<u32>, (chain, priority): (&str, i32)) -> Harness {
+    Harness::start(
         RulesetModel::default(),
         policy(true),
         owners(Some("172.17.0.2")),
@@ -829,11 +828,19 @@ async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched(
             c.add_table(
                 Family::IP,
                 pin::PIN_TABLE,
-                None,
-                ("theirs", crate::nft::Hook::Prerouting, -150),
+                owner,
+                (chain, crate::nft::Hook::Prerouting, priority),
             );
         },
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched() {
+    // Another program's `table ip portguard` (no owner: e.g. one left by an
+    // older portguard without `flags owner`, or anyone's), there before the
+    // guard starts.
+    let mut h = beside_a_pin_named_table(None, ("theirs", -150));
     let (tables, withheld) = h.foreign_pin_tables().await;
     assert_eq!(tables.len(), 1, "{tables:?}");
     assert_eq!((tables[0].family, tables[0].owner), (Family::IP, None));
@@ -868,23 +875,8 @@ async fn a_foreign_table_named_like_the_pin_table_is_reported_and_never_touched(
 
 #[tokio::test]
 async fn another_sockets_pin_table_is_not_ours_and_survives_our_stop() {
-    let mut h = Harness::start(
-        RulesetModel::default(),
-        policy(true),
-        owners(Some("172.17.0.2")),
-        |c| {
-            c.add_table(
-                Family::IP,
-                pin::PIN_TABLE,
-                Some(MEMORY_PORT_ID + 1),
-                (
-                    pin::PIN_PREROUTING_CHAIN,
-                    crate::nft::Hook::Prerouting,
-                    -199,
-                ),
-            );
-        },
-    );
+    let mut h =
+        beside_a_pin_named_table(Some(MEMORY_PORT_ID + 1), (pin::PIN_PREROUTING_CHAIN, -199));
     let (tables, _) = h.foreign_pin_tables().await;
     assert_eq!(tables[0].owner, Some(MEMORY_PORT_ID + 1));
     h.quiet().await;

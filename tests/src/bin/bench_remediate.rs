@@ -17,9 +17,7 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
     os::fd::AsRawFd as _,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -425,22 +423,7 @@ fn kube_proxy_rules(rules: usize) -> String {
 }
 
 fn load_kube_rules(lab: &IncidentLab, rules: usize) {
-    let mut child = lab
-        .h
-        .command(["iptables-nft-restore", "--noflush"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("iptables-nft-restore");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(kube_proxy_rules(rules).as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "iptables-nft-restore failed"
-    );
+    lab.h.iptables_restore(&kube_proxy_rules(rules), true);
 }
 
 fn print_latencies(label: &str, v: &[Duration]) {
