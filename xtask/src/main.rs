@@ -1,9 +1,10 @@
-//! Developer automation: `cargo xtask setup|run|test|bench`.
+//! Developer automation: `cargo xtask setup|run|lint|test|deb|bench|fuzz`.
 //!
 //! Everything a fresh machine needs is installed here, never by hand.
 
 mod bench;
 mod dockerd;
+mod fuzz;
 mod lint;
 mod setup;
 mod sh;
@@ -56,6 +57,18 @@ enum Command {
         #[arg(long, value_name = "BIN")]
         baseline: Option<std::path::PathBuf>,
     },
+    /// Fuzz the nftables inspector (decoder, legacy parser, analysis) with
+    /// libFuzzer for a fixed time; prints `name value unit` figures and fails on
+    /// a crash, naming the reproducer in target/fuzz/artifacts/. The corpus in
+    /// target/fuzz/corpus grows from run to run. CPU time = --time × --jobs.
+    Fuzz {
+        /// How long each worker fuzzes, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        time: u64,
+        /// Workers run side by side on one shared corpus.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +80,7 @@ fn main() -> ExitCode {
         Command::Test { filter } => test::test(filter.as_deref()),
         Command::Deb => deb().map(|_| ()),
         Command::Bench { which, baseline } => bench::bench(which, baseline.as_deref()),
+        Command::Fuzz { time, jobs } => fuzz::fuzz(time, jobs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,7 @@ pub mod analysis;
 pub mod attr;
 pub mod classify;
 pub mod expr;
+pub mod fuzz;
 pub mod legacy;
 pub mod local;
 pub mod model;
