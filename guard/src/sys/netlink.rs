@@ -101,7 +101,8 @@ impl<'a> Iterator for Messages<'a> {
             NLMSG_ERROR => match ErrorBuffer::new_checked(payload) {
                 Ok(e) => match e.code() {
                     None => Body::Ack,
-                    Some(code) => Body::Error(io::Error::from_raw_os_error(-code.get())),
+                    // The kernel sends -errno; anything else (i32::MIN too) must not overflow.
+                    Some(code) => Body::Error(io::Error::from_raw_os_error(code.get().saturating_neg())),
                 },
                 Err(_) => {
                     self.pos = self.buf.len();
@@ -236,6 +237,15 @@ mod tests {
             Body::Error(e) if e.raw_os_error() == Some(libc::ENOENT)));
         assert!(matches!(got[3].as_ref().unwrap().body, Body::Done));
         assert!(got[4].is_err());
+    }
+
+    /// Found by `cargo xtask fuzz` (kept in fuzz/seeds/crash-neg-overflow).
+    #[test]
+    fn an_error_code_of_i32_min_is_an_error_not_an_overflow() {
+        let d = message(NLMSG_ERROR, 1, &i32::MIN.to_ne_bytes());
+        let got: Vec<_> = Messages::new(&d).collect();
+        assert!(matches!(&got[0].as_ref().unwrap().body,
+            Body::Error(e) if e.raw_os_error() == Some(i32::MAX)));
     }
 
     #[test]
