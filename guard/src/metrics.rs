@@ -82,6 +82,7 @@ pub struct Metrics {
     registry: Registry,
     hijacks_detected: Family<HijackLabels, Counter>,
     hijacks_removed: Family<HijackLabels, Counter>,
+    owner_shadowed: Family<HijackLabels, Counter>,
     binds_denied: Family<PortLabels, Counter>,
     removal_latency: Histogram,
     inspection_time: Histogram,
@@ -108,6 +109,7 @@ impl Metrics {
         let m = Self {
             hijacks_detected: Family::default(),
             hijacks_removed: Family::default(),
+            owner_shadowed: Family::default(),
             binds_denied: Family::default(),
             // 0.1 ms .. ~3 s: removal is expected in milliseconds.
             removal_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -132,6 +134,12 @@ impl Metrics {
             "hijacks_removed",
             "Foreign NAT rules removed from a protected port",
             m.hijacks_removed.clone(),
+        );
+        registry.register(
+            "owner_shadowed",
+            "Foreign rules found taking new connections to a protected port away \
+             before the owner's mapping (accept, return, drop or goto ahead of it)",
+            m.owner_shadowed.clone(),
         );
         registry.register(
             "binds_denied",
@@ -202,6 +210,16 @@ impl Metrics {
 
     pub fn hijack_detected(&self, port: u16, source: &str) {
         self.hijacks_detected
+            .get_or_create(&HijackLabels {
+                port,
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A foreign rule found shadowing the owner's mapping of `port`.
+    pub fn owner_shadowed(&self, port: u16, source: &str) {
+        self.owner_shadowed
             .get_or_create(&HijackLabels {
                 port,
                 source: source.to_owned(),
@@ -594,6 +612,7 @@ mod tests {
         let server = tokio::spawn(endpoint.serve(metrics.clone(), health.clone()));
 
         metrics.hijack_detected(443, "kube-proxy");
+        metrics.owner_shadowed(80, "unknown");
         metrics.hijack_removed(443, "kube-proxy", Duration::from_millis(3));
         metrics.bind_denied(80, Proto::Tcp);
         metrics.bind_denied(80, Proto::Tcp);
@@ -609,6 +628,7 @@ mod tests {
         assert!(head.contains("application/openmetrics-text"));
         for line in [
             "portguard_hijacks_detected_total{port=\"443\",source=\"kube-proxy\"} 1",
+            "portguard_owner_shadowed_total{port=\"80\",source=\"unknown\"} 1",
             "portguard_hijacks_removed_total{port=\"443\",source=\"kube-proxy\"} 1",
             "portguard_binds_denied_total{port=\"80\",proto=\"tcp\"} 2",
             "portguard_removal_latency_seconds_count 1",

@@ -628,6 +628,7 @@ fn random_rulesets_agree_with_the_kernel() {
     let mut rng = Rng(seed);
     let mut hijacked = 0;
     let mut latent = 0;
+    let mut shadows = 0;
     let mut skipped = 0;
     let mut iptables = 0;
     for case in 0..cases {
@@ -654,12 +655,17 @@ fn random_rulesets_agree_with_the_kernel() {
             sh(&lab.h, &random_iptables_item(&mut rng));
         }
         let findings = lab.assert_agree(&["v4", "v6"], &format!("seed {seed} case {case}"));
-        hijacked += findings.iter().filter(|f| f["active"] == true).count();
+        hijacked += findings
+            .iter()
+            .filter(|f| f["active"] == true && f["kind"] != "shadow")
+            .count();
         latent += findings.iter().filter(|f| f["active"] == false).count();
+        shadows += findings.iter().filter(|f| f["kind"] == "shadow").count();
     }
     eprintln!(
         "{cases} random rulesets ({skipped} rejected by nft, {iptables} with iptables-nft rules): \
-         {hijacked} active and {latent} latent findings, all agreeing with the kernel"
+         {hijacked} active and {latent} latent findings, {shadows} rules shadowing the owner, \
+         all agreeing with the kernel"
     );
     assert!(
         skipped * 4 < cases,
@@ -700,8 +706,17 @@ fn random_iptables_item(rng: &mut Rng) -> String {
         "-j DNAT --to-destination 203.0.113.130",
         "-j REDIRECT --to-ports 8080",
         "-j MARK --set-mark 1",
+        // Nothing rewritten, but the owner's mapping is skipped (issue 14,
+        // class 5): ACCEPT ends the nat hook, RETURN too when in PREROUTING
+        // itself (iptables refuses DROP in nat; the nft tables drop).
+        "-j ACCEPT",
+        "-j RETURN",
     ]);
     let comment = "-m comment --comment 'random foreign rule'";
+    if rng.below(3) == 0 {
+        // Straight into PREROUTING, where a RETURN skips Docker's jump.
+        return format!("iptables -t nat {place} {port} {cond} {comment} {target}");
+    }
     format!(
         "iptables -t nat -N FOREIGN
          iptables -t nat {place} {jump_cond} -j FOREIGN
@@ -774,30 +789,50 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
         "iifname \"vclient\"",
         "iifname \"docker0\"",
     ];
-    const V4_CONDS: [&str; 4] = [
+    const V4_CONDS: [&str; 6] = [
         "ip daddr 198.51.100.1",
         "ip daddr 192.0.2.1",
         "ip saddr 198.51.100.0/24",
         "ip daddr != 198.51.100.1",
+        // Concatenations, one with an interval.
+        "ip daddr . tcp dport { 198.51.100.1 . 80, 192.0.2.1 . 443 }",
+        "ip daddr . tcp dport { 198.51.100.0/28 . 440-450 }",
     ];
-    const V6_CONDS: [&str; 4] = [
+    const V6_CONDS: [&str; 6] = [
         "ip6 daddr 2001:db8:1::1",
         "ip6 daddr 2001:db8::99",
         "ip6 saddr 2001:db8:1::/64",
         "ip6 daddr != 2001:db8:1::1",
+        "ip6 daddr . tcp dport { 2001:db8:1::1 . 80, 2001:db8::99 . 443 }",
+        "ip6 daddr . tcp dport { 2001:db8:1::/64 . 440-450 }",
     ];
-    const V4_ACTIONS: [&str; 3] = [
+    const V4_ACTIONS: [&str; 6] = [
         "dnat ip to 203.0.113.130",
         "dnat ip to th dport map { 80 : 203.0.113.130, 443 : 203.0.113.130 }",
         // A catch-all element: every port but 22.
         "dnat ip to th dport map { 22 : 203.0.113.130, * : 203.0.113.130 }",
+        // Load-balancing maps (what kube-proxy's nftables mode and others write).
+        "dnat ip to numgen inc mod 2 map { 0 : 203.0.113.130, 1 : 203.0.113.130 }",
+        "dnat ip to jhash ip saddr mod 2 map { 0 : 203.0.113.130, 1 : 203.0.113.130 }",
+        // An interval map.
+        "dnat ip to th dport map { 70-90 : 203.0.113.130, 440-450 : 203.0.113.130 }",
     ];
-    const V6_ACTIONS: [&str; 3] = [
+    const V6_ACTIONS: [&str; 6] = [
         "dnat ip6 to 2001:db8:c::2",
         "dnat ip6 to th dport map { 80 : 2001:db8:c::2, 443 : 2001:db8:c::2 }",
         "dnat ip6 to th dport map { 22 : 2001:db8:c::2, * : 2001:db8:c::2 }",
+        "dnat ip6 to numgen inc mod 2 map { 0 : 2001:db8:c::2, 1 : 2001:db8:c::2 }",
+        "dnat ip6 to jhash ip6 saddr mod 2 map { 0 : 2001:db8:c::2, 1 : 2001:db8:c::2 }",
+        "dnat ip6 to th dport map { 70-90 : 2001:db8:c::2, 440-450 : 2001:db8:c::2 }",
     ];
-    const COMMON_ACTIONS: [&str; 3] = ["meta l4proto tcp redirect to :8080", "accept", "counter"];
+    // `accept` ends only its own base chain (Docker's still runs); `drop`
+    // ends the connection: the owner's mapping is shadowed.
+    const COMMON_ACTIONS: [&str; 4] = [
+        "meta l4proto tcp redirect to :8080",
+        "accept",
+        "counter",
+        "drop",
+    ];
     // inet tables carry either; one rule does not mix ip and ip6 (nft refuses).
     let v6 = match family {
         "ip" => false,
@@ -858,9 +893,15 @@ fn random_item(rng: &mut Rng, i: u64) -> String {
     } else {
         ""
     };
+    // The named set `@ports`: plain, or an interval set.
+    let set = if rng.below(2) == 0 {
+        "set ports { type inet_service; elements = { 443, 8443 }; }"
+    } else {
+        "set ports { type inet_service; flags interval; elements = { 440-450, 8000-8999 }; }"
+    };
     format!(
         "table {family} foreign{i} {{
-            {dormant}set ports {{ type inet_service; elements = {{ 443, 8443 }}; }}
+            {dormant}{set}
             {chains}
         }}\n"
     )
@@ -1100,6 +1141,125 @@ fn xt_conntrack_state_and_iprange_decide_like_the_kernel() {
                 .as_str()
                 .is_none_or(|r| !r.contains("cannot be decoded"))),
             "{case}: {f:?}"
+        );
+    }
+}
+
+/// Class 5 of issue 14: a foreign rule that takes new connections away before
+/// Docker's DNAT rewrites nothing, yet the owner's port is dead (the kernel
+/// refuses the connection). `check` names the rule as its own kind, in every
+/// shape that takes the connection: ACCEPT in a chain of its own, RETURN and
+/// goto in PREROUTING, DROP; IPv6 too. What does not take it (another port,
+/// a RETURN that goes back to PREROUTING) is not named.
+#[test]
+fn a_foreign_rule_that_shadows_dockers_mapping_is_named() {
+    let lab = Lab::new();
+    /// The family, port and chain of the rule named, or none.
+    type Shadowed<'a> = Option<(&'a str, u16, &'a str)>;
+    let cases: [(&str, Shadowed<'_>); 7] = [
+        (
+            "iptables -t nat -N FOREIGN
+             iptables -t nat -I PREROUTING 1 -j FOREIGN
+             iptables -t nat -A FOREIGN -p tcp -j ACCEPT",
+            Some(("v4", 80, "FOREIGN")),
+        ),
+        (
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 443 -j RETURN",
+            Some(("v4", 443, "PREROUTING")),
+        ),
+        (
+            "iptables -t nat -N FOREIGN
+             iptables -t nat -A FOREIGN -j RETURN
+             iptables -t nat -I PREROUTING 1 -p tcp -g FOREIGN",
+            Some(("v4", 80, "PREROUTING")),
+        ),
+        (
+            "ip6tables -t nat -N FOREIGN
+             ip6tables -t nat -I PREROUTING 1 -j FOREIGN
+             ip6tables -t nat -A FOREIGN -p tcp --dport 80 -j ACCEPT",
+            Some(("v6", 80, "FOREIGN")),
+        ),
+        (
+            "nft add table ip f
+             nft add chain ip f pre '{ type nat hook prerouting priority -150; }'
+             nft add rule ip f pre tcp dport 80 drop",
+            Some(("v4", 80, "pre")),
+        ),
+        (
+            "iptables -t nat -I PREROUTING 1 -p tcp --dport 22 -j ACCEPT",
+            None,
+        ),
+        (
+            "iptables -t nat -N FOREIGN
+             iptables -t nat -I PREROUTING 1 -j FOREIGN
+             iptables -t nat -A FOREIGN -p tcp -j RETURN",
+            None,
+        ),
+    ];
+    for (rules, shadowed) in cases {
+        lab.reset();
+        lab.docker();
+        sh(&lab.h, rules);
+        let findings = lab.assert_agree(&["v4", "v6"], rules);
+        let shadows: Vec<&Value> = findings.iter().filter(|f| f["kind"] == "shadow").collect();
+        let Some((fam, port, chain)) = shadowed else {
+            assert!(findings.is_empty(), "{rules}: {findings:?}");
+            for port in PROTECTED {
+                assert_eq!(
+                    ask(&lab.c, HOST4.parse().unwrap(), port).as_deref(),
+                    Some("owner")
+                );
+            }
+            continue;
+        };
+        // The kernel: the owner's port is dead on that family.
+        let addr: IpAddr = if fam == "v6" { HOST6 } else { HOST4 }.parse().unwrap();
+        assert_eq!(
+            ask(&lab.c, addr, port),
+            None,
+            "{rules}: the kernel still reached someone"
+        );
+        let on_port: Vec<&&Value> = shadows.iter().filter(|f| f["port"] == port).collect();
+        assert_eq!(on_port.len(), 1, "{rules}: {findings:?}");
+        let s = on_port[0];
+        assert_eq!(
+            (s["port"].as_u64(), s["chain"].as_str()),
+            (Some(u64::from(port)), Some(chain)),
+            "{s}"
+        );
+        assert_eq!(s["active"], true, "{s}");
+        assert!(s.get("target").is_none_or(Value::is_null), "{s}");
+        let owner = if fam == "v6" {
+            format!("[{OWNER6}]:{port}")
+        } else {
+            format!("{OWNER4}:{port}")
+        };
+        assert_eq!(s["shadows"], serde_json::json!([owner]), "{s}");
+        assert!(
+            s["reason"]
+                .as_str()
+                .unwrap()
+                .contains("ahead of the owner's mapping"),
+            "{s}"
+        );
+        // Nothing else is reported: Docker's DNAT is the owner's.
+        assert_eq!(shadows.len(), findings.len(), "{rules}: {findings:?}");
+        // The table a person reads says it too.
+        let out = lab
+            .h
+            .command([
+                portguard_bin().to_str().unwrap(),
+                "check",
+                "--config",
+                lab.policy.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("shadows the owner") && text.contains(&format!("keeps from {owner}")),
+            "{text}"
         );
     }
 }

@@ -444,6 +444,9 @@ fn report_rules(metrics: &Metrics, report: GuardReport) {
             metrics.hijack_detected(port, &source);
             metrics.hijack_removed(port, &source, latency.unwrap_or_default());
         }
+        GuardReport::Observed { finding, .. } if finding.is_shadow() => {
+            metrics.owner_shadowed(finding.port, &finding.source);
+        }
         GuardReport::Observed { finding, .. } => {
             metrics.hijack_detected(finding.port, &finding.source);
         }

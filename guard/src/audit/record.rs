@@ -112,7 +112,15 @@ pub enum AuditEvent {
     },
     BindObserved(BindAttempt),
     BindDenied(BindAttempt),
+    /// A foreign rewrite reported, not removed (observe mode, iptables-legacy,
+    /// Docker's chain, audit down): written when first seen, then at most
+    /// once an hour while it stays. `rule` is the finding.
     RuleFound(ForeignRuleRecord),
+    /// A foreign rule that takes new connections away before the owner's
+    /// mapping (an accept, return, drop or goto ahead of Docker's DNAT): the
+    /// port is dead for them though nothing was rewritten. Written like
+    /// `rule_found`; `rule` is the finding, naming the mapping it shadows.
+    OwnerShadowed(ForeignRuleRecord),
     /// Written (durably) before the rule is deleted: the intent, whole. Not a
     /// removal: the batch may still be refused (the ruleset moved, the rule
     /// was gone). A `rule_removed` with the same rule follows once the kernel
@@ -197,6 +205,7 @@ impl AuditEvent {
             Self::BindObserved(_) => "bind_observed",
             Self::BindDenied(_) => "bind_denied",
             Self::RuleFound(_) => "rule_found",
+            Self::OwnerShadowed(_) => "owner_shadowed",
             Self::RuleRemoving(_) => "rule_removing",
             Self::RuleRemoved(_) => "rule_removed",
             Self::RuleRestored { .. } => "rule_restored",
@@ -216,9 +225,10 @@ impl AuditEvent {
     pub fn port(&self) -> Option<(u16, Proto)> {
         match self {
             Self::BindObserved(b) | Self::BindDenied(b) => Some((b.port, b.proto)),
-            Self::RuleFound(r) | Self::RuleRemoving(r) | Self::RuleRemoved(r) => {
-                Some((r.port, r.proto))
-            }
+            Self::RuleFound(r)
+            | Self::OwnerShadowed(r)
+            | Self::RuleRemoving(r)
+            | Self::RuleRemoved(r) => Some((r.port, r.proto)),
             Self::RuleRestored { port, proto, .. }
             | Self::PinInstalled { port, proto, .. }
             | Self::PinUpdated { port, proto, .. }

@@ -204,7 +204,11 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
                         f.handle
                             .map_or_else(|| format!("#{}", f.position), |h| format!("handle {h}"))
                     ),
-                    f.target.clone().unwrap_or_else(|| "?".into()),
+                    if f.is_shadow() {
+                        format!("keeps from {}", f.shadows.join(", "))
+                    } else {
+                        f.target.clone().unwrap_or_else(|| "?".into())
+                    },
                     if f.evidence.is_empty() {
                         source
                     } else {
@@ -238,13 +242,24 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
         let _ = writeln!(out, "{}", line(&cells));
         let _ = writeln!(out, "  why: {}", f.finding.reason);
     }
-    let active = findings.iter().filter(|f| f.finding.active).count();
+    let shadows = findings.iter().filter(|f| f.finding.is_shadow()).count();
+    let rewrites = findings.len() - shadows;
+    let active = findings
+        .iter()
+        .filter(|f| f.finding.active && !f.finding.is_shadow())
+        .count();
     let _ = writeln!(
         out,
-        "{} foreign rule(s) on protected ports: {active} active, {} latent",
-        findings.len(),
-        findings.len() - active
+        "{rewrites} foreign rule(s) on protected ports: {active} active, {} latent",
+        rewrites - active
     );
+    if shadows > 0 {
+        let _ = writeln!(
+            out,
+            "{shadows} foreign rule(s) shadowing an owner's mapping: new connections skip it \
+             (a pin defeats them; the agent reports them unless on_shadow = \"remove\")"
+        );
+    }
     out
 }
 

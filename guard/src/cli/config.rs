@@ -75,6 +75,7 @@ pub fn show_toml(policy: &Policy, resolved: Option<&ResolvedOwners>) -> String {
         let _ = writeln!(out, "# docker: {}", comment_safe(&docker_line(&r.docker)));
     }
     let _ = writeln!(out, "mode = \"{}\"", policy.mode);
+    let _ = writeln!(out, "on_shadow = \"{}\"", policy.on_shadow);
     for (i, entry) in policy.ports.iter().enumerate() {
         out.push_str("\n[[ports]]\n");
         out.push_str(&toml::to_string(entry).expect("a port entry always serialises"));
@@ -212,7 +213,7 @@ mod tests {
     use super::*;
     use crate::{
         owners::{DockerFacts, resolve},
-        policy::{Mode, OwnerSpec, PolicySource, ProtectedPort},
+        policy::{Mode, OnShadow, OwnerSpec, PolicySource, ProtectedPort},
         types::{PortRange, Proto},
     };
 
@@ -235,6 +236,10 @@ mod tests {
         prop_oneof![Just(Mode::Enforce), Just(Mode::Observe)]
     }
 
+    fn on_shadow() -> impl Strategy<Value = OnShadow> {
+        prop_oneof![Just(OnShadow::Report), Just(OnShadow::Remove)]
+    }
+
     prop_compose! {
         fn entry()(
             start in 1u16..=65535,
@@ -243,6 +248,7 @@ mod tests {
             owners in prop::collection::vec(owner(), 1..4),
             pin in any::<bool>(),
             mode in prop::option::of(mode()),
+            on_shadow in prop::option::of(on_shadow()),
         ) -> ProtectedPort {
             let mut owner: Vec<OwnerSpec> = Vec::new();
             for o in owners {
@@ -256,6 +262,7 @@ mod tests {
                 owner,
                 pin,
                 mode,
+                on_shadow,
                 probe: None,
             }
         }
@@ -263,14 +270,24 @@ mod tests {
 
     prop_compose! {
         /// Valid policies only: overlapping entries are dropped, as the parser would refuse them.
-        fn policy()(mode in mode(), entries in prop::collection::vec(entry(), 0..6)) -> Policy {
+        fn policy()(
+            mode in mode(),
+            on_shadow in on_shadow(),
+            entries in prop::collection::vec(entry(), 0..6),
+        ) -> Policy {
             let mut ports: Vec<ProtectedPort> = Vec::new();
             for e in entries {
                 if !ports.iter().any(|p| p.proto == e.proto && p.port.overlaps(&e.port)) {
                     ports.push(e);
                 }
             }
-            Policy { mode, ports, kubernetes: Default::default(), metrics: Default::default() }
+            Policy {
+                mode,
+                on_shadow,
+                ports,
+                kubernetes: Default::default(),
+                metrics: Default::default(),
+            }
         }
     }
 

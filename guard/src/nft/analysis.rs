@@ -93,6 +93,36 @@ pub struct Hit {
     pub order_unknown_with: Vec<(usize, usize)>,
 }
 
+/// A rule that takes the probe away from what follows it without rewriting
+/// it: accept, drop, return, goto, or another terminal statement. What
+/// follows (the owner's mapping, say) no longer sees those connections.
+#[derive(Clone, Debug)]
+pub struct Taker {
+    pub at: RuleRef,
+    /// How surely the probe reaches the rule.
+    pub reach: Reach,
+    /// The chains from the base chain down to the rule's chain.
+    pub path: Vec<usize>,
+    /// The base chain the walk started from (table, chain).
+    pub base: (usize, usize),
+    /// What it does, in words ("accept", "return", "goto FOREIGN", "may drop").
+    pub how: String,
+    /// As [`Hit::order_unknown_with`]: equal-priority base chains in other
+    /// tables that may take the probe first (a NAT binding made there ends
+    /// the nat hook before this rule runs).
+    pub order_unknown_with: Vec<(usize, usize)>,
+}
+
+/// Everything one probe's walk met.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Every rewrite, in rule order.
+    pub hits: Vec<Hit>,
+    /// Every rule that took the probe (or may have) in a nat chain while it
+    /// was still reachable, in rule order.
+    pub takers: Vec<Taker>,
+}
+
 /// Indexes over the model, built once per inspection.
 pub struct RulesetIndex<'m> {
     model: &'m RulesetModel,
@@ -398,6 +428,12 @@ pub struct Walker<'i, 'm> {
     stack: Vec<usize>,
     accepted: Reach,
     base: (usize, usize),
+    takers: HashMap<RuleRef, Taker>,
+    /// How surely the probe was dropped or rewritten in the current base
+    /// chain (accept and return only end the chain: the next one still runs).
+    lost: Reach,
+    /// Rules the walk passes over as if they were not there (what-if walks).
+    skip: &'i [RuleRef],
 }
 
 /// What a chain walk hands back to its caller: how surely the probe returns, and
@@ -418,7 +454,22 @@ impl<'i, 'm> Walker<'i, 'm> {
             stack: Vec::new(),
             accepted: Reach::Shadowed,
             base: (0, 0),
+            takers: HashMap::new(),
+            lost: Reach::Shadowed,
+            skip: &[],
         }
+    }
+
+    /// The same walk with `rules` taken out of the ruleset: what would happen
+    /// without them.
+    pub fn skipping(mut self, rules: &'i [RuleRef]) -> Self {
+        self.skip = rules;
+        self
+    }
+
+    /// Every rewrite met, in rule order (see [`Self::run_full`]).
+    pub fn run(self) -> Vec<Hit> {
+        self.run_full().hits
     }
 
     /// Walks every nat base chain of the probe's hook (and, in prerouting, the
@@ -431,7 +482,7 @@ impl<'i, 'm> Walker<'i, 'm> {
     /// sibling could take the probe first, in which case it is at most
     /// "possible" ([`Hit::order_unknown_with`]). What leaves the group is the
     /// weakest of what leaves each member: the same in every order.
-    pub fn run(mut self) -> Vec<Hit> {
+    pub fn run_full(mut self) -> Walk {
         let mut reach = Reach::Definite;
         let bases = self.idx.nat_base_chains(self.probe.hook, self.probe.v6);
         let mut i = 0;
@@ -461,7 +512,9 @@ impl<'i, 'm> Walker<'i, 'm> {
         }
         let mut hits: Vec<Hit> = self.hits.into_values().collect();
         hits.sort_by_key(|h| h.at);
-        hits
+        let mut takers: Vec<Taker> = self.takers.into_values().collect();
+        takers.sort_by_key(|t| t.at);
+        Walk { hits, takers }
     }
 
     fn priority(&self, (ti, ci): (usize, usize)) -> Option<i32> {
@@ -475,6 +528,7 @@ impl<'i, 'm> Walker<'i, 'm> {
     fn run_base(&mut self, ti: usize, ci: usize, reach: Reach) -> Reach {
         self.base = (ti, ci);
         self.accepted = Reach::Shadowed;
+        self.lost = Reach::Shadowed;
         self.memo.clear();
         let flow = self.walk(ti, ci, reach, 0);
         let policy_drop = matches!(
@@ -486,6 +540,10 @@ impl<'i, 'm> Walker<'i, 'm> {
         );
         if policy_drop {
             self.accepted
+        } else if self.lost == Reach::Shadowed {
+            // Nothing here could drop or rewrite it: whether accepted,
+            // returned or run to the end, every such probe goes on.
+            reach
         } else {
             flow.ret.max(self.accepted)
         }
@@ -495,14 +553,17 @@ impl<'i, 'm> Walker<'i, 'm> {
     fn run_unordered(&mut self, group: &[(usize, usize)], reach: Reach) -> Reach {
         let mut outs = Vec::with_capacity(group.len());
         let mut member_hits = Vec::with_capacity(group.len());
+        let mut member_takers = Vec::with_capacity(group.len());
         for &(ti, ci) in group {
             let before = std::mem::take(&mut self.hits);
+            let takers_before = std::mem::take(&mut self.takers);
             outs.push(self.run_base(ti, ci, reach));
             member_hits.push(std::mem::replace(&mut self.hits, before));
+            member_takers.push(std::mem::replace(&mut self.takers, takers_before));
         }
-        for (m, hits) in member_hits.into_iter().enumerate() {
+        for (m, (hits, takers)) in member_hits.into_iter().zip(member_takers).enumerate() {
             // Siblings that may take the probe before this member.
-            let takers: Vec<(usize, usize)> = group
+            let takers_first: Vec<(usize, usize)> = group
                 .iter()
                 .zip(&outs)
                 .enumerate()
@@ -510,15 +571,28 @@ impl<'i, 'm> Walker<'i, 'm> {
                 .map(|(_, (b, _))| *b)
                 .collect();
             for (at, mut hit) in hits {
-                if !takers.is_empty() && hit.reach > Reach::Shadowed {
+                if !takers_first.is_empty() && hit.reach > Reach::Shadowed {
                     hit.reach = hit.reach.weaken();
-                    hit.order_unknown_with.clone_from(&takers);
+                    hit.order_unknown_with.clone_from(&takers_first);
                 }
                 match self.hits.get_mut(&at) {
                     Some(old) if old.reach >= hit.reach => {}
                     Some(old) => *old = hit,
                     None => {
                         self.hits.insert(at, hit);
+                    }
+                }
+            }
+            for (at, mut taker) in takers {
+                if !takers_first.is_empty() {
+                    taker.reach = taker.reach.weaken();
+                    taker.order_unknown_with.clone_from(&takers_first);
+                }
+                match self.takers.get_mut(&at) {
+                    Some(old) if old.reach >= taker.reach => {}
+                    Some(old) => *old = taker,
+                    None => {
+                        self.takers.insert(at, taker);
                     }
                 }
             }
@@ -551,24 +625,29 @@ impl<'i, 'm> Walker<'i, 'm> {
         let mut ret = Reach::Shadowed;
         let mut clean = true;
         for (ri, rule) in chain.rules.iter().enumerate() {
+            let at = RuleRef {
+                table: ti,
+                chain: ci,
+                rule: ri,
+            };
+            if !self.skip.is_empty() && self.skip.contains(&at) {
+                continue;
+            }
             let eval = self.eval_rule(ti, rule.exprs());
             if eval.matched == Tri::No {
                 continue;
             }
             let sure = eval.matched == Tri::Yes;
+            let rewrites = eval.rewrite.is_some();
             if let Some(rw) = eval.rewrite {
-                self.record(
-                    RuleRef {
-                        table: ti,
-                        chain: ci,
-                        rule: ri,
-                    },
-                    rw,
-                    eval.how,
-                    cur,
-                );
+                self.lost = self.lost.max(cur);
+                self.record(at, rw, eval.how, cur);
             }
             if eval.terminal {
+                if !rewrites {
+                    self.take(at, cur, || "a terminal statement (reject, drop)".into());
+                }
+                self.lost = self.lost.max(cur);
                 if cur > Reach::Shadowed {
                     clean = false;
                 }
@@ -582,6 +661,21 @@ impl<'i, 'm> Walker<'i, 'm> {
                 }
                 let sure = m == Tri::Yes;
                 match &verdict {
+                    Verdict::Accept | Verdict::Drop | Verdict::Return | Verdict::Goto(_) => {
+                        self.take(at, cur, || {
+                            let what = match &verdict {
+                                Verdict::Accept => "accept".to_owned(),
+                                Verdict::Drop => "drop".to_owned(),
+                                Verdict::Return => "return".to_owned(),
+                                Verdict::Goto(c) => format!("goto {c}"),
+                                _ => unreachable!("matched above"),
+                            };
+                            if sure { what } else { format!("may {what}") }
+                        });
+                    }
+                    _ => {}
+                }
+                match &verdict {
                     Verdict::Continue | Verdict::Break | Verdict::Other(_) => {}
                     Verdict::Accept => {
                         self.accepted = self.accepted.max(cur);
@@ -591,6 +685,7 @@ impl<'i, 'm> Walker<'i, 'm> {
                         cur = if sure { Reach::Shadowed } else { cur.weaken() };
                     }
                     Verdict::Drop => {
+                        self.lost = self.lost.max(cur);
                         if cur > Reach::Shadowed {
                             clean = false;
                         }
@@ -637,6 +732,35 @@ impl Walker<'_, '_> {
             .and_then(|t| t.chains.get(ci))
             .and_then(|c| c.base.as_ref())
             .is_some_and(|b| b.kind == NAT_CHAIN_TYPE)
+    }
+
+    /// A rule that takes the probe (see [`Taker`]), noted where it can
+    /// matter: in a nat chain, while the probe still reaches it.
+    fn take(&mut self, at: RuleRef, reach: Reach, how: impl FnOnce() -> String) {
+        if reach == Reach::Shadowed || !self.in_nat_chain() {
+            return;
+        }
+        let path = &self.stack;
+        let base = self.base;
+        match self.takers.get_mut(&at) {
+            Some(t) if t.reach >= reach => {}
+            Some(t) => {
+                t.reach = reach;
+                t.path.clone_from(path);
+                t.base = base;
+            }
+            None => {
+                let taker = Taker {
+                    at,
+                    reach,
+                    path: path.clone(),
+                    base,
+                    how: how(),
+                    order_unknown_with: Vec::new(),
+                };
+                self.takers.insert(at, taker);
+            }
+        }
     }
 
     fn record(&mut self, at: RuleRef, rewrite: Rewrite, how: String, reach: Reach) {

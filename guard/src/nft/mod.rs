@@ -32,6 +32,7 @@ pub mod monitor;
 pub mod netlink;
 pub mod packet;
 pub mod pin;
+pub mod shadow;
 pub mod transaction;
 pub mod xt;
 
@@ -221,6 +222,10 @@ pub enum FindingKind {
     /// An iptables target that cannot be decoded, on a rule matching a
     /// protected port: "unclassified, may hijack".
     Unclassified,
+    /// Rewrites nothing, but takes new connections to the port away before
+    /// the owner's mapping (an accept, return, drop or goto ahead of Docker's
+    /// DNAT): the owner's port is dead for them ([`shadow`]).
+    Shadow,
 }
 
 impl fmt::Display for FindingKind {
@@ -230,6 +235,7 @@ impl fmt::Display for FindingKind {
             Self::Redirect => "redirect",
             Self::Tproxy => "tproxy",
             Self::Unclassified => "unclassified, may hijack",
+            Self::Shadow => "shadows the owner",
         })
     }
 }
@@ -282,6 +288,17 @@ pub struct Finding {
     /// order that reaches it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub order_unknown_with: Vec<String>,
+    /// [`FindingKind::Shadow`]: where the owner's own mapping, which this rule
+    /// keeps new connections from, would send them ("203.0.113.2:80").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<String>,
+}
+
+impl Finding {
+    /// A rule that shadows the owner's mapping rather than rewriting.
+    pub fn is_shadow(&self) -> bool {
+        self.kind == FindingKind::Shadow
+    }
 }
 
 /// The owner's own mapping of a protected port, as a rule in the ruleset says
@@ -322,7 +339,7 @@ pub fn inspect_probes(
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
     let mut owned = BTreeSet::new();
     for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
-        let hits = analysis::Walker::new(&idx, &probe).run();
+        let walk = analysis::Walker::new(&idx, &probe).run_full();
         let dnat_target = |rw: &Rewrite| match rw {
             Rewrite::Dnat {
                 addr: Some(addr),
@@ -330,15 +347,20 @@ pub fn inspect_probes(
             } => Some(SocketAddr::new(*addr, port.unwrap_or(probe.dport))),
             _ => None,
         };
-        // Where the owner's own rules send this connection (met shadowed or not).
-        let mut owner_targets = Vec::new();
-        let mut foreign = Vec::new();
-        for hit in hits {
-            let table = &model.tables[hit.at.table];
-            if input
+        let ours = |at: &analysis::RuleRef| {
+            input
                 .own_pins
-                .is_some_and(|port_id| pin::is_pin_table(table, port_id))
-            {
+                .is_some_and(|port_id| pin::is_pin_table(&model.tables[at.table], port_id))
+        };
+        // Where the owner's own rules send this connection (met shadowed or
+        // not), and every rule that sends it there (pins and copies included).
+        let mut owner_targets = Vec::new();
+        let mut serving = BTreeSet::new();
+        let mut foreign = Vec::new();
+        for hit in &walk.hits {
+            let table = &model.tables[hit.at.table];
+            if ours(&hit.at) {
+                serving.insert(hit.at);
                 continue;
             }
             let chain = &table.chains[hit.at.chain];
@@ -351,6 +373,7 @@ pub fn inspect_probes(
                 &input.owned,
                 &input.local_addrs,
             ) {
+                serving.insert(hit.at);
                 if let Some(target) = dnat_target(&hit.rewrite) {
                     owner_targets.push(target);
                     owned.insert(OwnedMapping {
@@ -364,12 +387,37 @@ pub fn inspect_probes(
                 foreign.push(hit);
             }
         }
-        for hit in foreign {
+        foreign.retain(|hit: &&analysis::Hit| {
             // A copy of the owner's mapping for this very connection (a pin,
             // or anyone's rule to the same place) takes nothing from it.
-            if dnat_target(&hit.rewrite).is_some_and(|t| owner_targets.contains(&t)) {
-                continue;
+            let copy = dnat_target(&hit.rewrite).is_some_and(|t| owner_targets.contains(&t));
+            if copy {
+                serving.insert(hit.at);
             }
+            !copy
+        });
+        if !owner_targets.is_empty() {
+            for taker in shadow::shadowing(&idx, &probe, &walk, &serving, ours) {
+                let f = found
+                    .entry((taker.at, proto, probe.dport))
+                    .or_insert_with(|| shadow_finding(model, &taker, proto, probe.dport));
+                f.note_active(probe.hook, probe.daddr);
+                for &(ti, ci) in &taker.order_unknown_with {
+                    let t = &model.tables[ti];
+                    let name = format!("{} {} {}", t.family, t.name, t.chains[ci].name);
+                    if !f.order_unknown_with.contains(&name) {
+                        f.order_unknown_with.push(name);
+                    }
+                }
+                for t in &owner_targets {
+                    let t = t.to_string();
+                    if !f.shadows.contains(&t) {
+                        f.shadows.push(t);
+                    }
+                }
+            }
+        }
+        for hit in foreign {
             let table = &model.tables[hit.at.table];
             let chain = &table.chains[hit.at.chain];
             let rule = &chain.rules[hit.at.rule];
@@ -417,6 +465,7 @@ pub fn inspect_probes(
                             .as_ref()
                             .map_or(0, |b| b.priority),
                         order_unknown_with: Vec::new(),
+                        shadows: Vec::new(),
                     }
                 });
             if active {
@@ -427,22 +476,21 @@ pub fn inspect_probes(
                         f.order_unknown_with.push(name);
                     }
                 }
-                f.active = true;
-                if !f.active_on.contains(&probe.hook) {
-                    f.active_on.push(probe.hook);
-                    f.active_on.sort();
-                }
-                let path = ActivePath {
-                    hook: probe.hook,
-                    daddr: probe.daddr,
-                };
-                if !f.active_paths.contains(&path) {
-                    f.active_paths.push(path);
-                }
+                f.note_active(probe.hook, probe.daddr);
             }
         }
     }
     let mut findings: Vec<Finding> = found.into_values().collect();
+    for f in findings.iter_mut().filter(|f| f.is_shadow()) {
+        f.shadows.sort();
+        f.reason = format!(
+            "{}, ahead of the owner's mapping to {}: new connections to port {} skip it \
+             (refused, dropped, or served by whatever listens on the host)",
+            f.reason,
+            f.shadows.join(", "),
+            f.port
+        );
+    }
     for f in findings
         .iter_mut()
         .filter(|f| !f.order_unknown_with.is_empty())
@@ -457,6 +505,64 @@ pub fn inspect_probes(
         );
     }
     (findings, owned.into_iter().collect())
+}
+
+impl Finding {
+    /// Counts a probe that reaches the rule: active on its hook and address.
+    fn note_active(&mut self, hook: Hook, daddr: IpAddr) {
+        self.active = true;
+        if !self.active_on.contains(&hook) {
+            self.active_on.push(hook);
+            self.active_on.sort();
+        }
+        let path = ActivePath { hook, daddr };
+        if !self.active_paths.contains(&path) {
+            self.active_paths.push(path);
+        }
+    }
+}
+
+/// The finding for a rule that shadows the owner's mapping.
+fn shadow_finding(
+    model: &RulesetModel,
+    taker: &analysis::Taker,
+    proto: Proto,
+    port: u16,
+) -> Finding {
+    let table = &model.tables[taker.at.table];
+    let chain = &table.chains[taker.at.chain];
+    let rule = &chain.rules[taker.at.rule];
+    let path: Vec<&str> = taker
+        .path
+        .iter()
+        .map(|&c| table.chains[c].name.as_str())
+        .collect();
+    let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
+    let attribution = classify::attribute(table, &path, comment.as_deref(), None);
+    let base = table.chains[taker.base.1].base.as_ref();
+    Finding {
+        kind: FindingKind::Shadow,
+        family: table.family,
+        table: table.name.clone(),
+        chain: chain.name.clone(),
+        handle: (table.origin != TableOrigin::IptablesLegacy).then_some(rule.handle),
+        position: taker.at.rule + 1,
+        origin: table.origin,
+        proto,
+        port,
+        target: None,
+        active: false,
+        active_on: Vec::new(),
+        active_paths: Vec::new(),
+        reason: reason(FindingKind::Shadow, None, &taker.how, base),
+        source: attribution.source,
+        evidence: attribution.evidence,
+        comment,
+        chain_path: path.iter().map(|s| (*s).to_owned()).collect(),
+        base_priority: base.map_or(0, |b| b.priority),
+        order_unknown_with: Vec::new(),
+        shadows: Vec::new(),
+    }
 }
 
 fn xt_comment(exprs: &[model::Expr]) -> Option<String> {
@@ -506,6 +612,7 @@ fn reason(
         FindingKind::Unclassified => {
             format!("{how} {place}: cannot be decoded, may rewrite the destination")
         }
+        FindingKind::Shadow => format!("{how} {place}"),
     }
 }
 

@@ -9,7 +9,7 @@ mod parse;
 
 pub use model::{
     KubeKind, KubeObjectName, KubeObjectNameError, KubernetesPolicy, MetricsSpec, Mode, OnClaim,
-    OwnerSpec, Policy, ProbeSpec, ProtectedPort,
+    OnShadow, OwnerSpec, Policy, ProbeSpec, ProtectedPort,
 };
 // The policy's fields speak the leaf vocabulary; re-exported for its readers.
 pub use crate::types::{PortRange, Proto};

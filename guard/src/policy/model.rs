@@ -26,6 +26,28 @@ impl fmt::Display for Mode {
     }
 }
 
+/// What the agent does about a foreign rule that shadows the owner's mapping
+/// (an accept, return, drop or goto ahead of it: nothing rewritten, the port
+/// dead for new connections). A pin defeats such a rule without touching it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShadow {
+    /// Report it (log, audit, metrics); never remove it.
+    #[default]
+    Report,
+    /// In enforce mode, remove it like a hijack (recorded whole first).
+    Remove,
+}
+
+impl fmt::Display for OnShadow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Report => "report",
+            Self::Remove => "remove",
+        })
+    }
+}
+
 /// Who may own a port, as the policy names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OwnerSpec {
@@ -145,6 +167,9 @@ pub struct ProtectedPort {
     /// Overrides the global mode for this port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// Overrides the global `on_shadow` for this port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_shadow: Option<OnShadow>,
     /// An HTTP(S) health check of the service that owns the port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe: Option<ProbeSpec>,
@@ -356,6 +381,9 @@ impl KubernetesPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub mode: Mode,
+    /// What to do about rules that shadow an owner's mapping (default: report).
+    #[serde(skip_serializing_if = "is_default")]
+    pub on_shadow: OnShadow,
     pub metrics: MetricsSpec,
     pub ports: Vec<ProtectedPort>,
     /// Absent table: defaults (report only, default kubeconfig).
@@ -371,6 +399,11 @@ impl Policy {
     /// The mode in force for one entry.
     pub fn mode_of(&self, port: &ProtectedPort) -> Mode {
         port.mode.unwrap_or(self.mode)
+    }
+
+    /// What to do about a rule shadowing the owner's mapping of one entry.
+    pub fn on_shadow_of(&self, port: &ProtectedPort) -> OnShadow {
+        port.on_shadow.unwrap_or(self.on_shadow)
     }
 
     /// The entry that protects `port`/`proto`, if any.

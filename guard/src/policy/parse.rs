@@ -13,8 +13,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{
-    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OwnerSpec, Policy, ProbeSpec,
-    ProtectedPort,
+    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OnShadow, OwnerSpec, Policy,
+    ProbeSpec, ProtectedPort,
 };
 use crate::types::{PortRange, Proto, parse_duration};
 
@@ -96,6 +96,7 @@ impl Policy {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     mode: Option<Spanned<String>>,
+    on_shadow: Option<Spanned<String>>,
     metrics: Option<RawMetrics>,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
@@ -140,6 +141,7 @@ struct RawPort {
     #[serde(default)]
     pin: bool,
     mode: Option<Spanned<String>>,
+    on_shadow: Option<Spanned<String>>,
     probe: Option<Spanned<RawProbe>>,
 }
 
@@ -164,6 +166,12 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
         Some(m) => parse_mode(&m)?,
         None => Mode::default(),
     };
+    let on_shadow = raw
+        .on_shadow
+        .as_ref()
+        .map(parse_on_shadow)
+        .transpose()?
+        .unwrap_or_default();
     let metrics = raw
         .metrics
         .map(parse_metrics)
@@ -208,6 +216,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
             }
         }
         let port_mode = raw.mode.as_ref().map(parse_mode).transpose()?;
+        let port_on_shadow = raw.on_shadow.as_ref().map(parse_on_shadow).transpose()?;
         let probe = raw.probe.map(parse_probe).transpose()?;
         let new = ProtectedPort {
             port,
@@ -215,6 +224,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
             owner,
             pin: raw.pin,
             mode: port_mode,
+            on_shadow: port_on_shadow,
             probe,
         };
         for (_, old) in &ports {
@@ -252,6 +262,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, Invalid> {
     };
     Ok(Policy {
         mode,
+        on_shadow,
         metrics,
         ports: ports.into_iter().map(|(_, p)| p).collect(),
         kubernetes,
@@ -428,6 +439,17 @@ fn parse_mode(m: &Spanned<String>) -> Result<Mode, Invalid> {
     }
 }
 
+fn parse_on_shadow(m: &Spanned<String>) -> Result<OnShadow, Invalid> {
+    match m.get_ref().as_str() {
+        "report" => Ok(OnShadow::Report),
+        "remove" => Ok(OnShadow::Remove),
+        other => Err((
+            m.span(),
+            format!("unknown on_shadow {other:?}: expected \"report\" (the default) or \"remove\""),
+        )),
+    }
+}
+
 fn parse_port(value: &Spanned<RawPortValue>) -> Result<PortRange, Invalid> {
     let span = value.span();
     let one = |n: i64| {
@@ -510,6 +532,7 @@ port = "8000-8099"
 proto = "udp"
 owner = ["unit:nginx.service", "exe:/usr/sbin/nginx"]
 mode = "enforce"
+on_shadow = "remove"
 "#,
             PolicySource::Embedded,
         )
@@ -524,6 +547,8 @@ mode = "enforce"
             }
         );
         assert_eq!(p.mode_of(&p.ports[1]), Mode::Enforce);
+        assert_eq!(p.on_shadow_of(&p.ports[0]), OnShadow::Report);
+        assert_eq!(p.on_shadow_of(&p.ports[1]), OnShadow::Remove);
         assert_eq!(p.find(8050, Proto::Udp).unwrap().owner.len(), 2);
         assert!(p.find(8050, Proto::Tcp).is_none());
     }
@@ -532,7 +557,7 @@ mode = "enforce"
     fn unknown_key_is_placed() {
         assert_eq!(
             err("[[ports]]\nport = 80\nowner = \"docker\"\npinn = true\n"),
-            "/etc/portguard/config.toml:4:1: unknown field `pinn`, expected one of `port`, `proto`, `owner`, `pin`, `mode`, `probe`"
+            "/etc/portguard/config.toml:4:1: unknown field `pinn`, expected one of `port`, `proto`, `owner`, `pin`, `mode`, `on_shadow`, `probe`"
         );
     }
 
@@ -563,6 +588,21 @@ mode = "enforce"
         assert_eq!(
             err("[[ports]]\nport = 80\nowner = \"podman:web\"\n"),
             "/etc/portguard/config.toml:3:9: unknown owner kind \"podman:web\": expected docker, docker:NAME, docker-label:KEY=VALUE, unit:NAME.service, exe:/PATH or cgroup:/PATH"
+        );
+    }
+
+    #[test]
+    fn on_shadow_is_report_unless_said_and_a_typo_is_placed() {
+        let p = Policy::parse("on_shadow = \"remove\"\n", PolicySource::Embedded).unwrap();
+        assert_eq!(p.on_shadow, OnShadow::Remove);
+        let p = Policy::parse("", PolicySource::Embedded).unwrap();
+        assert_eq!(p.on_shadow, OnShadow::Report);
+        assert!(
+            err("on_shadow = \"delete\"\n").starts_with(
+                "/etc/portguard/config.toml:1:13: unknown on_shadow \"delete\": expected \"report\""
+            ),
+            "{}",
+            err("on_shadow = \"delete\"\n")
         );
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use time::{Duration, OffsetDateTime};
 
-use super::{Report, Timeline};
+use super::{HijackRow, Report, Timeline};
 
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -96,26 +96,25 @@ pub fn render_html(r: &Report) -> String {
     h.push_str(&timeline_svg(&r.timeline));
 
     h.push_str("<h2>Blocked hijacks by port, source and day (UTC)</h2>\n");
-    let rows: Vec<String> = r
-        .hijacks
-        .iter()
-        .map(|x| {
-            format!(
-                "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                esc(&x.day),
-                x.proto,
-                x.port,
-                esc(&x.source),
-                x.detected,
-                x.removed
-            )
-        })
-        .collect();
+    let rows: Vec<String> = r.hijacks.iter().map(rule_row).collect();
     table(
         &mut h,
         &["Day", "Port", "Source", "Detected", "Removed"],
         &rows,
     );
+    if !r.shadows.is_empty() {
+        h.push_str(
+            "<h2>Owner mappings shadowed by port, source and day (UTC)</h2>\n\
+             <p>Foreign rules that took new connections away before the owner's DNAT \
+             (accept, return, drop or goto ahead of it): nothing rewritten, the port dead.</p>\n",
+        );
+        let rows: Vec<String> = r.shadows.iter().map(rule_row).collect();
+        table(
+            &mut h,
+            &["Day", "Port", "Source", "Detected", "Removed"],
+            &rows,
+        );
+    }
 
     h.push_str("<h2>Bind denials by process</h2>\n");
     let rows: Vec<String> = r
@@ -342,6 +341,18 @@ fn bucket_name(seconds: i64) -> String {
         s if s % 60 == 0 => format!("{} minute(s)", s / 60),
         s => format!("{s} s"),
     }
+}
+
+fn rule_row(x: &HijackRow) -> String {
+    format!(
+        "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+        esc(&x.day),
+        x.proto,
+        x.port,
+        esc(&x.source),
+        x.detected,
+        x.removed
+    )
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ pub use table::render_table;
 use time::OffsetDateTime;
 
 use crate::{
-    audit::{AuditEvent, AuditRecord, AuditTrail},
+    audit::{AuditEvent, AuditRecord, AuditTrail, ForeignRuleRecord},
     policy::Policy,
     types::Proto,
 };
@@ -34,6 +34,9 @@ pub struct Report {
     pub unreadable_lines: usize,
     pub sequence_gaps: usize,
     pub hijacks: Vec<HijackRow>,
+    /// Foreign rules that kept new connections from the owner's mapping
+    /// without rewriting them (`owner_shadowed`), tallied like hijacks.
+    pub shadows: Vec<HijackRow>,
     pub denials: Vec<DenialRow>,
     pub ports: Vec<PortState>,
     pub timeline: Timeline,
@@ -121,7 +124,8 @@ impl Report {
             records: window.len(),
             unreadable_lines: trail.unreadable.len(),
             sequence_gaps: trail.gaps().len(),
-            hijacks: hijacks(&window),
+            hijacks: rule_rows(&window, false),
+            shadows: rule_rows(&window, true),
             denials: denials(&window),
             ports: port_states(trail, policy),
             timeline: timeline(&window, since, now),
@@ -134,14 +138,25 @@ fn day(ts: OffsetDateTime) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-fn hijacks(window: &[&AuditRecord]) -> Vec<HijackRow> {
+/// Whether a removal record is of a rule that shadowed the owner (its
+/// recorded findings say `"kind": "shadow"`) rather than rewrote.
+fn removed_a_shadow(rule: &ForeignRuleRecord) -> bool {
+    rule.rule["findings"]
+        .as_array()
+        .is_some_and(|fs| fs.iter().any(|f| f["kind"] == "shadow"))
+}
+
+/// Foreign rules found and removed by day, port and source: hijacks, or
+/// (`shadows`) rules that shadowed the owner's mapping.
+fn rule_rows(window: &[&AuditRecord], shadows: bool) -> Vec<HijackRow> {
     type Key = (String, u16, Proto, String);
     let mut found: BTreeMap<Key, BTreeSet<&str>> = BTreeMap::new();
     let mut removed: BTreeMap<Key, u64> = BTreeMap::new();
     for r in window {
         let (rule, is_removal) = match &r.event {
-            AuditEvent::RuleFound(rule) => (rule, false),
-            AuditEvent::RuleRemoved(rule) => (rule, true),
+            AuditEvent::RuleFound(rule) if !shadows => (rule, false),
+            AuditEvent::OwnerShadowed(rule) if shadows => (rule, false),
+            AuditEvent::RuleRemoved(rule) if removed_a_shadow(rule) == shadows => (rule, true),
             _ => continue,
         };
         let key = (day(r.ts), rule.port, rule.proto, rule.source.clone());
@@ -218,7 +233,9 @@ fn port_states(trail: &AuditTrail, policy: &Policy) -> Vec<PortState> {
                             seq: r.seq,
                         });
                     }
-                    AuditEvent::RuleFound(rule) | AuditEvent::RuleRemoved(rule) => {
+                    AuditEvent::RuleFound(rule)
+                    | AuditEvent::OwnerShadowed(rule)
+                    | AuditEvent::RuleRemoved(rule) => {
                         last_attempt = Some(Attempt {
                             ts: r.ts,
                             what: format!("{} on {}", r.event.kind().replace('_', " "), rule.port),
@@ -275,7 +292,9 @@ fn timeline(
         let i = ((r.ts - start).whole_seconds() / bucket_seconds).clamp(0, n as i64 - 1) as usize;
         match &r.event {
             AuditEvent::BindDenied(b) => buckets[i].binds_denied += b.attempts(),
-            AuditEvent::RuleFound(rule) | AuditEvent::RuleRemoved(rule)
+            AuditEvent::RuleFound(rule)
+            | AuditEvent::OwnerShadowed(rule)
+            | AuditEvent::RuleRemoved(rule)
                 if seen_findings.insert(rule.finding.as_str()) =>
             {
                 buckets[i].hijacks += 1;

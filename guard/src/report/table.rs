@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, html::when};
+use super::{HijackRow, Report, html::when};
 
 /// Lays out rows under headers, columns as wide as their widest cell.
 fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
@@ -52,24 +52,25 @@ pub fn render_table(r: &Report) -> String {
     }
 
     out.push_str("\nBlocked hijacks by port, source and day (UTC)\n");
-    let rows: Vec<Vec<String>> = r
-        .hijacks
-        .iter()
-        .map(|h| {
-            vec![
-                h.day.clone(),
-                format!("{}/{}", h.proto, h.port),
-                h.source.clone(),
-                h.detected.to_string(),
-                h.removed.to_string(),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = r.hijacks.iter().map(rule_row).collect();
     table(
         &mut out,
         &["DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
         &rows,
     );
+
+    if !r.shadows.is_empty() {
+        out.push_str(
+            "\nOwner mappings shadowed (a foreign accept/return/drop/goto ahead of the \
+             owner's DNAT), by port, source and day (UTC)\n",
+        );
+        let rows: Vec<Vec<String>> = r.shadows.iter().map(rule_row).collect();
+        table(
+            &mut out,
+            &["DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
+            &rows,
+        );
+    }
 
     out.push_str("\nBind denials by process\n");
     let rows: Vec<Vec<String>> = r
@@ -118,4 +119,14 @@ pub fn render_table(r: &Report) -> String {
         &rows,
     );
     out
+}
+
+fn rule_row(h: &HijackRow) -> Vec<String> {
+    vec![
+        h.day.clone(),
+        format!("{}/{}", h.proto, h.port),
+        h.source.clone(),
+        h.detected.to_string(),
+        h.removed.to_string(),
+    ]
 }

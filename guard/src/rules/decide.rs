@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::capture::ForeignRule;
 use crate::{
     nft::{self, Finding, RulesetModel, TableOrigin, model::Family, transaction::Transaction},
-    policy::{Mode, Policy},
+    policy::{Mode, OnShadow, Policy},
 };
 
 /// What to do about a foreign rule.
@@ -43,16 +43,25 @@ pub fn decide(model: &RulesetModel, findings: &[Finding], policy: &Policy) -> Ve
     }
     let mut out = Vec::new();
     for (_, fs) in by_rule {
-        let enforce = fs.iter().any(|f| {
-            policy
-                .find(f.port, f.proto)
-                .is_some_and(|p| policy.mode_of(p) == Mode::Enforce)
-        });
         let first = fs[0].clone();
-        if !enforce {
+        let enforced = |want_remove_shadow: bool| {
+            fs.iter().any(|f| {
+                policy.find(f.port, f.proto).is_some_and(|p| {
+                    policy.mode_of(p) == Mode::Enforce
+                        && (!want_remove_shadow || policy.on_shadow_of(p) == OnShadow::Remove)
+                })
+            })
+        };
+        if !enforced(false) {
             out.push(Action::Report {
                 finding: first,
                 why: "observe mode",
+            });
+        } else if first.is_shadow() && !enforced(true) {
+            // Nothing rewritten: removing it is asked for explicitly, or never.
+            out.push(Action::Report {
+                finding: first,
+                why: "shadows the owner's mapping: reported (on_shadow = \"report\"; a pin defeats it)",
             });
         } else if first.origin == TableOrigin::IptablesLegacy {
             out.push(Action::Report {

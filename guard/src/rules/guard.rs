@@ -55,6 +55,11 @@ const AUDIT_RETRY: Duration = Duration::from_secs(5);
 /// Why a finding is reported rather than removed while the audit log is down.
 const AUDIT_DOWN_WHY: &str =
     "the audit log cannot be written: reported, not removed (nothing is removed unrecorded)";
+/// A reported (not removed) foreign rule is recorded in the audit log when
+/// first seen, then again at most this often while it stays.
+const FOUND_RECORD_PERIOD: Duration = Duration::from_secs(3600);
+/// Past this many remembered reported rules, those not seen for a period are forgotten.
+const FOUND_RECORD_MEMORY: usize = 4096;
 /// The rate-limit key of the "a nat chain runs ahead of the pin" warning.
 const PIN_OVERTAKEN_KEY: &str = "pin-overtaken";
 
@@ -209,6 +214,10 @@ struct GuardLoop<B> {
     /// Rules removed before, by what they are (place and target), with counts.
     returns: HashMap<String, u64>,
     last_log: HashMap<String, Instant>,
+    /// Reported rules: when each was last recorded in the audit log.
+    last_recorded: HashMap<String, Instant>,
+    /// Reported rules due for a record (written after each decision).
+    to_record: Vec<Finding>,
     /// Reused for every batch of changes.
     changes: Vec<Change>,
     /// Changes of a batch whose `NEWGEN` has not arrived yet.
@@ -235,6 +244,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
             pins: PinSet::default(),
             returns: HashMap::new(),
             last_log: HashMap::new(),
+            last_recorded: HashMap::new(),
+            to_record: Vec::new(),
             changes: Vec::new(),
             held: Vec::new(),
             owners_open: true,
@@ -487,6 +498,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 Action::Report { finding, why } => self.observed(finding, why),
             }
         }
+        self.record_found().await;
         if !remove.is_empty() && !self.try_resume().await {
             self.withhold(remove);
         } else if !remove.is_empty() {
@@ -570,27 +582,88 @@ impl<B: RulesetBackend> GuardLoop<B> {
         self.sync_pins(owned, scope.is_none()).await
     }
 
-    /// A foreign rule reported, not removed: once per period, not on every
-    /// re-inspection.
+    /// A foreign rule reported, not removed: logged once per period, not on
+    /// every re-inspection; recorded in the audit log when first seen.
     fn observed(&mut self, finding: Finding, why: &'static str) {
-        let key = format!(
-            "{}/{}/{}/{:?}",
-            finding.table, finding.chain, finding.port, finding.handle
-        );
+        let key = finding_id(&finding);
         if self.rate_ok(&key) {
-            warn!(
-                event = "foreign_rule_reported",
-                port = finding.port,
-                source = %finding.source,
-                chain = %finding.chain,
-                active = finding.active,
-                why,
-                "foreign NAT rule on a protected port ({why})"
-            );
+            if finding.is_shadow() {
+                warn!(
+                    event = "owner_shadowed",
+                    port = finding.port,
+                    source = %finding.source,
+                    rule = %key,
+                    shadows = ?finding.shadows,
+                    why,
+                    "a foreign rule takes new connections away before the owner's mapping: \
+                     the port is dead for them ({why})"
+                );
+            } else {
+                warn!(
+                    event = "foreign_rule_reported",
+                    port = finding.port,
+                    source = %finding.source,
+                    chain = %finding.chain,
+                    active = finding.active,
+                    why,
+                    "foreign NAT rule on a protected port ({why})"
+                );
+            }
+            let due = self
+                .last_recorded
+                .get(&key)
+                .is_none_or(|t| t.elapsed() >= FOUND_RECORD_PERIOD);
+            if due && self.audit_down.is_none() {
+                self.to_record.push(finding.clone());
+            }
             self.cfg.report(GuardReport::Observed {
                 finding: Box::new(finding),
                 why,
             });
+        }
+    }
+
+    /// Writes the records of the rules just reported (`rule_found`,
+    /// `owner_shadowed`). A failure is an audit outage like any other.
+    async fn record_found(&mut self) {
+        for finding in std::mem::take(&mut self.to_record) {
+            let key = finding_id(&finding);
+            let record = crate::audit::ForeignRuleRecord {
+                finding: key.clone(),
+                port: finding.port,
+                proto: finding.proto,
+                source: finding.source.clone(),
+                location: Some(format!(
+                    "table {} {} chain {} {}",
+                    finding.family,
+                    finding.table,
+                    finding.chain,
+                    finding.handle.map_or_else(
+                        || format!("position {}", finding.position),
+                        |h| format!("handle {h}")
+                    )
+                )),
+                rule: serde_json::to_value(&finding).expect("a finding serialises"),
+            };
+            let event = if finding.is_shadow() {
+                AuditEvent::OwnerShadowed(record)
+            } else {
+                AuditEvent::RuleFound(record)
+            };
+            match self.cfg.audit.record(event).await {
+                Ok(_) => {
+                    if self.last_recorded.len() >= FOUND_RECORD_MEMORY {
+                        self.last_recorded
+                            .retain(|_, t| t.elapsed() < FOUND_RECORD_PERIOD);
+                    }
+                    self.last_recorded.insert(key, Instant::now());
+                }
+                Err(e) => {
+                    self.audit_failed(&e.to_string());
+                    self.to_record.clear();
+                    return;
+                }
+            }
         }
     }
 
@@ -760,4 +833,18 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
     }
+}
+
+/// A reported rule's id: `family/table/chain/handle` (`#position` for
+/// iptables-legacy), and the port.
+fn finding_id(f: &Finding) -> String {
+    format!(
+        "{}/{}/{}/{}:{}",
+        f.family,
+        f.table,
+        f.chain,
+        f.handle
+            .map_or_else(|| format!("#{}", f.position), |h| h.to_string()),
+        f.port
+    )
 }

@@ -102,7 +102,9 @@ impl<'a> Iterator for Messages<'a> {
                 Ok(e) => match e.code() {
                     None => Body::Ack,
                     // The kernel sends -errno; anything else (i32::MIN too) must not overflow.
-                    Some(code) => Body::Error(io::Error::from_raw_os_error(code.get().saturating_neg())),
+                    Some(code) => {
+                        Body::Error(io::Error::from_raw_os_error(code.get().saturating_neg()))
+                    }
                 },
                 Err(_) => {
                     self.pos = self.buf.len();
