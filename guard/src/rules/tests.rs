@@ -947,3 +947,113 @@ async fn a_full_disk_withholds_removals_until_space_returns() {
     );
     h.stop().await.expect("clean stop");
 }
+
+/// An unconditional `accept` as raw expressions (`immediate` into the verdict
+/// register), what `nft add rule … accept` sends.
+fn accept_exprs() -> Vec<u8> {
+    use crate::{
+        nft::attr,
+        sys::uapi::{
+            NF_ACCEPT, NFT_REG_VERDICT, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME,
+            NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_VERDICT_CODE,
+            NLA_F_NESTED,
+        },
+    };
+    let mut verdict = Vec::new();
+    attr::put(&mut verdict, NFTA_VERDICT_CODE, &NF_ACCEPT.to_be_bytes());
+    let mut data = Vec::new();
+    attr::put(&mut data, NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict);
+    let mut imm = Vec::new();
+    attr::put(
+        &mut imm,
+        NFTA_IMMEDIATE_DREG,
+        &NFT_REG_VERDICT.to_be_bytes(),
+    );
+    attr::put(&mut imm, NFTA_IMMEDIATE_DATA | NLA_F_NESTED, &data);
+    let mut expr = Vec::new();
+    attr::put_str(&mut expr, NFTA_EXPR_NAME, "immediate");
+    attr::put(&mut expr, NFTA_EXPR_DATA | NLA_F_NESTED, &imm);
+    let mut list = Vec::new();
+    attr::put(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &expr);
+    list
+}
+
+/// The sample table re-made as: an `accept`, then the owner's own DNAT of
+/// port 80 to the container `web` (172.17.0.2): nothing rewrites the port
+/// away, yet no new connection reaches the owner.
+fn shadowed_owner(c: &MemoryControl) {
+    let owners_dnat = Pin {
+        proto: Proto::Tcp,
+        port: 80,
+        host: None,
+        target: "172.17.0.2:80".parse().unwrap(),
+        exclude_iif: None,
+    }
+    .expressions(false);
+    c.recreate_table_as(
+        Family::IP,
+        TABLE,
+        &[(CHAIN, 1, accept_exprs()), (CHAIN, 2, owners_dnat)],
+    );
+}
+
+#[tokio::test]
+async fn a_rule_shadowing_the_owner_is_reported_and_recorded_never_removed_by_default() {
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(Some("172.17.0.2")),
+        shadowed_owner,
+    );
+    let (finding, why) = h
+        .wait_for("the shadow reported", |r| match r {
+            GuardReport::Observed { finding, why } if finding.is_shadow() => Some((finding, why)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (finding.handle, finding.port, finding.shadows.clone()),
+        (Some(1), 80, vec!["172.17.0.2:80".to_owned()])
+    );
+    assert!(why.contains("on_shadow"), "{why}");
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert!(h.batches().is_empty(), "nothing removed: {:?}", h.batches());
+    assert_eq!(h.control.handles(Family::IP, TABLE, CHAIN), [1, 2]);
+    let recorded = records_of(&h.audit_path, "owner_shadowed");
+    assert_eq!(recorded.len(), 1, "recorded once, not per inspection");
+    assert_eq!(recorded[0]["port"], 80);
+    assert_eq!(recorded[0]["finding"], format!("ip/{TABLE}/{CHAIN}/1:80"));
+    assert_eq!(recorded[0]["rule"]["kind"], "shadow");
+    assert_eq!(recorded[0]["rule"]["shadows"][0], "172.17.0.2:80");
+}
+
+#[tokio::test]
+async fn on_shadow_remove_removes_it_recorded_whole_and_leaves_the_owner_alone() {
+    let mut policy = policy(false);
+    policy.on_shadow = crate::policy::OnShadow::Remove;
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy,
+        owners(Some("172.17.0.2")),
+        shadowed_owner,
+    );
+    let (id, _, _) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/1"));
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert_eq!(
+        h.control.handles(Family::IP, TABLE, CHAIN),
+        [2],
+        "the owner's DNAT stays"
+    );
+    assert_eq!(h.batches().len(), 1, "{:?}", h.batches());
+    let removed = rule_removed_records(&h.audit_path);
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0]["rule"]["findings"][0]["kind"], "shadow");
+    // Whole: the raw expressions are what `restore` puts back.
+    let raw = B64
+        .decode(removed[0]["rule"]["expressions"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, accept_exprs());
+}
