@@ -303,15 +303,23 @@ pub fn helm(name: &str) -> String {
     format!("/apis/helm.cattle.io/v1/namespaces/kube-system/helmcharts/{name}")
 }
 
-/// The DELETEs that remove k3s's packaged Traefik, in the plan's order.
-pub fn traefik_delete_paths() -> [String; 4] {
-    [
+/// The DELETEs that remove k3s's packaged Traefik, in the plan's order
+/// (`traefik-crd` only with `remove_crds`).
+pub fn traefik_delete_paths(remove_crds: bool) -> Vec<String> {
+    let mut paths = vec![
         core("services/traefik"),
         apps(&format!("daemonsets/{SVCLB}")),
         helm("traefik"),
-        helm("traefik-crd"),
-    ]
+    ];
+    if remove_crds {
+        paths.push(helm("traefik-crd"));
+    }
+    paths
 }
+
+/// The label selector ServiceLB's DaemonSet for kube-system/traefik is listed
+/// by (URL-encoded as kube sends it).
+pub const SVCLB_TRAEFIK_SELECTOR: &str = "labelSelector=svccontroller.k3s.cattle.io%2Fsvcname%3Dtraefik%2Csvccontroller.k3s.cattle.io%2Fsvcnamespace%3Dkube-system";
 
 /// One route: method (`WATCH` for a watch GET), path, answer.
 pub type Route = (&'static str, String, Answer);

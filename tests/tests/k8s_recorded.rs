@@ -19,12 +19,23 @@ use portguard::{
         ClaimVia, ClusterError, ClusterState, ClusterView, NodeIdentity, RemovalStep, cluster,
         remove, spawn_watches,
     },
-    policy::{KubeKind, KubeObjectName, Policy, PolicySource, ProtectedPort},
+    policy::{
+        KubeKind, KubeObjectName, KubernetesPolicy, OnClaim, Policy, PolicySource, ProtectedPort,
+    },
 };
 use portguard_tests::k8s_api::{
-    Answer, RecordedApi, SVCLB, core, fixture_json, helm, traefik_delete_paths,
-    traefik_removal_routes, watched_routes, write_kubeconfig,
+    Answer, RecordedApi, SVCLB, SVCLB_TRAEFIK_SELECTOR, apps, core, fixture_json, helm,
+    traefik_delete_paths, traefik_removal_routes, watched_routes, write_kubeconfig,
 };
+
+/// The packaged Traefik's plan: `remove`, with or without `remove_crds`.
+fn traefik_plan(remove_crds: bool) -> remove::RemovalPlan {
+    remove::k3s_traefik_plan(&KubernetesPolicy {
+        on_claim: OnClaim::Remove,
+        remove_crds,
+        ..Default::default()
+    })
+}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -206,7 +217,7 @@ fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_object
     let mut records: Vec<(KubeObjectName, serde_json::Value, usize)> = Vec::new();
     let steps = runtime().block_on(async {
         let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &remove::k3s_traefik_plan(), |recorded| {
+        remove::remove(&client, &traefik_plan(true), |recorded| {
             // Written before its DELETE: count the DELETEs the server has seen so far.
             let deletes = api
                 .requests()
@@ -220,7 +231,19 @@ fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_object
         .expect("plan resolves")
     });
 
-    assert_eq!(api.paths_of("DELETE"), traefik_delete_paths());
+    assert_eq!(api.paths_of("DELETE"), traefik_delete_paths(true));
+    // ServiceLB's DaemonSet is found by the labels ServiceLB writes for this
+    // Service, never by a name prefix (which a user's `traefik-internal` shares).
+    let list = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path == apps("daemonsets"))
+        .expect("the DaemonSets listed");
+    assert!(
+        list.query.split('&').any(|kv| kv == SVCLB_TRAEFIK_SELECTOR),
+        "{}",
+        list.query
+    );
     assert_eq!(steps.len(), 4);
     assert!(
         steps
@@ -276,6 +299,85 @@ fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_object
     );
 }
 
+/// Without `remove_crds` the CRD chart is neither read nor deleted: its
+/// uninstall would take every Traefik custom resource in the cluster along.
+#[test]
+fn traefik_crd_is_left_alone_unless_remove_crds() {
+    let api = removable_cluster(true);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &traefik_plan(false), |_| Ok::<(), String>(()))
+            .await
+            .expect("plan resolves")
+    });
+    assert_eq!(steps.len(), 3, "{steps:#?}");
+    assert_eq!(api.paths_of("DELETE"), traefik_delete_paths(false));
+    assert!(!api.requests().iter().any(|r| r.path == helm("traefik-crd")));
+}
+
+/// helm-controller's finalizer keeps a deleted HelmChart until its uninstall
+/// job ran; the API answers the DELETE with the object, `deletionTimestamp`
+/// set. A second run of the plan meanwhile records nothing and sends no
+/// second DELETE.
+#[test]
+fn an_object_being_deleted_is_waited_for_not_deleted_again() {
+    let mut routes = traefik_removal_routes(false);
+    for r in &mut routes {
+        if r.1 == helm("traefik") {
+            r.2 = Answer::fixture(200, "helmchart.traefik.deleting.json");
+        }
+    }
+    let api = RecordedApi::start(routes);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut recorded = Vec::new();
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &traefik_plan(false), |r| {
+            recorded.push(r.object.clone());
+            Ok::<(), String>(())
+        })
+        .await
+        .expect("plan resolves")
+    });
+    assert_eq!(
+        steps[2],
+        RemovalStep::BeingDeleted {
+            object: name("kube-system/helmchart/traefik")
+        }
+    );
+    assert!(!recorded.contains(&name("kube-system/helmchart/traefik")));
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path == helm("traefik")),
+        "no second DELETE"
+    );
+}
+
+/// Restoring ServiceLB's DaemonSet would leave an orphan beside the one
+/// ServiceLB makes for the re-created Service: refused, nothing posted.
+#[test]
+fn restore_refuses_servicelbs_daemonset() {
+    let api = RecordedApi::start(Vec::new());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let manifest = fixture_json(&format!("daemonset.{SVCLB}.json"));
+    let err = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::restore(&client, &manifest)
+            .await
+            .expect_err("refused")
+    });
+    assert!(
+        err.to_string().contains("restore the Service instead"),
+        "{err}"
+    );
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+}
+
 #[test]
 fn a_missing_helmchart_is_already_gone_and_not_deleted() {
     let api = removable_cluster(false);
@@ -283,11 +385,9 @@ fn a_missing_helmchart_is_already_gone_and_not_deleted() {
     let kubeconfig = api.kubeconfig(dir.path());
     let steps = runtime().block_on(async {
         let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &remove::k3s_traefik_plan(), |_| {
-            Ok::<(), String>(())
-        })
-        .await
-        .expect("plan resolves")
+        remove::remove(&client, &traefik_plan(true), |_| Ok::<(), String>(()))
+            .await
+            .expect("plan resolves")
     });
     assert_eq!(steps.len(), 4);
     assert_eq!(
@@ -310,11 +410,9 @@ fn a_refused_record_deletes_nothing() {
     let kubeconfig = api.kubeconfig(dir.path());
     let steps = runtime().block_on(async {
         let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &remove::k3s_traefik_plan(), |_| {
-            Err("audit log is full")
-        })
-        .await
-        .expect("plan resolves")
+        remove::remove(&client, &traefik_plan(true), |_| Err("audit log is full"))
+            .await
+            .expect("plan resolves")
     });
     assert!(
         steps.iter().all(

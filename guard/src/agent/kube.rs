@@ -17,9 +17,9 @@ use crate::{
     audit::{AuditError, AuditEvent, AuditHandle, K8sObjectRecord},
     k8s::{
         self, ClusterState, ClusterView, PortClaim, RecordedObject, RemovalStep,
-        remove::{self, plan_for_claim},
+        remove::{self, RemovalPlan, plan_for_claim},
     },
-    policy::{KubernetesPolicy, Mode, Policy},
+    policy::{Mode, Policy},
 };
 
 /// The running layer: its view (for naming pods behind DNAT targets) and tasks.
@@ -47,8 +47,7 @@ pub async fn start(ctx: &LayerContext, policy: &Policy) -> KubeLayer {
             act_on_claims(
                 connection.client,
                 view.clone(),
-                policy.kubernetes.clone(),
-                policy.mode == Mode::Enforce,
+                policy.clone(),
                 ctx.audit.clone(),
             ),
         );
@@ -56,13 +55,15 @@ pub async fn start(ctx: &LayerContext, policy: &Policy) -> KubeLayer {
     KubeLayer { view, layer }
 }
 
-/// Reports each claim once when it appears; removes its cause when the policy says so.
-/// A claim that comes back (k3s re-applies its manifests) is acted on again.
+/// Reports each claim once when it appears; removes its cause when the policy
+/// says so for the claimed port (its own `mode` or the global one). Claims
+/// that share a cause (the packaged Traefik claims 80 and 443, by its Service
+/// and by ServiceLB's pods) run its plan once. A claim that comes back (k3s
+/// re-applies its manifests) is acted on again.
 async fn act_on_claims(
     client: Client,
     mut view: watch::Receiver<ClusterView>,
-    policy: KubernetesPolicy,
-    enforce: bool,
+    policy: Policy,
     audit: AuditHandle,
 ) -> Result<(), Infallible> {
     let mut known: BTreeSet<PortClaim> = BTreeSet::new();
@@ -88,17 +89,26 @@ async fn act_on_claims(
             last_state = Some(state_text);
         }
         let current: BTreeSet<PortClaim> = claims.into_iter().collect();
+        let mut plans: BTreeSet<RemovalPlan> = BTreeSet::new();
         for claim in current.difference(&known) {
             warn!(event = "kube_claim", claim = %claim, "a Kubernetes object claims a protected port");
-            // Observe mode changes nothing, in the cluster either.
-            if let Some(plan) = plan_for_claim(claim, &policy).filter(|_| enforce) {
-                info!(event = "kube_removing", reason = %plan.reason, "removing the source of the claim");
-                let recorder = |rec: &RecordedObject| record_removal(&audit, rec);
-                match remove::remove(&client, &plan, recorder).await {
-                    Ok(steps) => steps.iter().for_each(log_step),
-                    Err(e) => {
-                        error!(event = "kube_removal_failed", error = %e, "removal plan could not start")
-                    }
+            if let Some(plan) = plan_for_claim(claim, &policy.kubernetes) {
+                // Observe mode (the port's own, or the global one) changes
+                // nothing, in the cluster either.
+                if enforced(&policy, claim) {
+                    plans.insert(plan);
+                } else {
+                    info!(event = "kube_removal_observed", claim = %claim, reason = %plan.reason, "the port is observed: reported, nothing removed");
+                }
+            }
+        }
+        for plan in plans {
+            info!(event = "kube_removing", reason = %plan.reason, "removing the source of the claim");
+            let recorder = |rec: &RecordedObject| record_removal(&audit, rec);
+            match remove::remove(&client, &plan, recorder).await {
+                Ok(steps) => steps.iter().for_each(log_step),
+                Err(e) => {
+                    error!(event = "kube_removal_failed", error = %e, "removal plan could not start")
                 }
             }
         }
@@ -107,6 +117,14 @@ async fn act_on_claims(
             return Ok(());
         }
     }
+}
+
+/// Whether the claimed port is in enforce mode (its entry's mode, else the global one).
+fn enforced(policy: &Policy, claim: &PortClaim) -> bool {
+    policy
+        .find(claim.port, claim.proto)
+        .map_or(policy.mode, |p| policy.mode_of(p))
+        == Mode::Enforce
 }
 
 /// The audit record, durable before the object is deleted.
@@ -132,11 +150,41 @@ fn log_step(step: &RemovalStep) {
         RemovalStep::AlreadyGone { object } => {
             info!(event = "kube_object_gone", object = %object, "already gone")
         }
+        RemovalStep::BeingDeleted { object } => {
+            info!(event = "kube_object_being_deleted", object = %object, "already being deleted (a finalizer holds it): waited for, not deleted again")
+        }
         RemovalStep::Failed { object, error, .. } => {
             error!(event = "kube_object_not_removed", object = %object, %error, "Kubernetes object not removed")
         }
         RemovalStep::NotRecorded { object, error } => {
             error!(event = "kube_object_not_recorded", object = %object, %error, "not removed: the audit record could not be written")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicySource;
+
+    #[test]
+    fn a_ports_own_observe_mode_keeps_the_cluster_untouched() {
+        let policy = Policy::parse(
+            "mode = \"enforce\"\n[[ports]]\nport = 80\nowner = \"docker\"\nmode = \"observe\"\n\
+             [[ports]]\nport = 443\nowner = \"docker\"\n",
+            PolicySource::Embedded,
+        )
+        .unwrap();
+        let claim = |port| PortClaim {
+            port,
+            proto: crate::types::Proto::Tcp,
+            object: "kube-system/service/traefik".parse().unwrap(),
+            via: k8s::claims::ClaimVia::NodePort,
+            controller: None,
+            service: None,
+            packaged_traefik: true,
+        };
+        assert!(!enforced(&policy, &claim(80)));
+        assert!(enforced(&policy, &claim(443)));
     }
 }

@@ -15,13 +15,16 @@ use kube::{
 use serde::Serialize;
 
 use super::{
-    claims::{PortClaim, is_packaged_traefik_service},
+    claims::{
+        PortClaim, SVCLB_SVCNAME_LABEL, SVCLB_SVCNAMESPACE_LABEL, is_packaged_traefik_service,
+    },
     cluster::ClusterError,
 };
 use crate::policy::{KubeKind, KubeObjectName, KubernetesPolicy, OnClaim};
 
-/// ServiceLB names its DaemonSet for a Service `svclb-<service>-<suffix>`.
-pub const SVCLB_TRAEFIK_PREFIX: &str = "svclb-traefik";
+/// Before k3s 1.25 ServiceLB named a Service's DaemonSet `svclb-<service>`, in
+/// the Service's own namespace, owned by the Service (an ownerReference).
+const LEGACY_SVCLB_PREFIX: &str = "svclb-";
 
 /// The API resource behind each kind the policy can name.
 pub fn api_resource(kind: KubeKind) -> ApiResource {
@@ -40,39 +43,55 @@ pub fn api_resource(kind: KubeKind) -> ApiResource {
 }
 
 /// One entry of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case", tag = "target")]
 pub enum RemovalTarget {
     /// Exactly this object.
     Object { object: KubeObjectName },
-    /// The DaemonSets in `namespace` whose names start with `prefix` (ServiceLB's
-    /// `svclb-traefik-<hash>`: the hash is not known in advance).
-    DaemonSetsNamed { namespace: String, prefix: String },
+    /// The DaemonSet ServiceLB runs for one Service (`svclb-<service>-<uid
+    /// prefix>`: its name is not known in advance), found by the labels
+    /// ServiceLB puts on it (`svccontroller.k3s.cattle.io/svcname` and
+    /// `/svcnamespace`) in its namespace; on k3s before 1.25, `svclb-<service>`
+    /// in the Service's namespace with an ownerReference to it. Never by name
+    /// prefix: `svclb-traefik-` also starts a user's `traefik-internal`'s.
+    ServiceLbDaemonSets {
+        servicelb_namespace: String,
+        service_namespace: String,
+        service: String,
+    },
 }
 
 impl fmt::Display for RemovalTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Object { object } => write!(f, "{object}"),
-            Self::DaemonSetsNamed { namespace, prefix } => {
-                write!(f, "{namespace}/daemonset/{prefix}*")
-            }
+            Self::ServiceLbDaemonSets {
+                servicelb_namespace,
+                service_namespace,
+                service,
+            } => write!(
+                f,
+                "{servicelb_namespace}/daemonset/<ServiceLB's for {service_namespace}/service/{service}>"
+            ),
         }
     }
 }
 
 /// What to remove for one claim, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct RemovalPlan {
     pub reason: String,
     pub targets: Vec<RemovalTarget>,
 }
 
-/// k3s's packaged Traefik, whole. Order matters: the Service first (kube-proxy drops
-/// its rules and ServiceLB its DaemonSet at once), then ServiceLB's DaemonSet (its
-/// hostPort DNAT goes with its pods), then the HelmCharts, without which k3s's helm
-/// controller would re-install the chart (and with it the Service).
-pub fn k3s_traefik_plan() -> RemovalPlan {
+/// k3s's packaged Traefik. Order matters: the Service first (kube-proxy drops
+/// its rules and ServiceLB its DaemonSet at once), then ServiceLB's DaemonSet
+/// for that Service (its hostPort DNAT goes with its pods), then HelmChart
+/// `traefik`, without which k3s's helm controller would re-install the chart
+/// (and with it the Service). HelmChart `traefik-crd` only with
+/// `remove_crds`: its uninstall deletes every Traefik CRD, and with them every
+/// IngressRoute, Middleware and TLSOption in the cluster.
+pub fn k3s_traefik_plan(policy: &KubernetesPolicy) -> RemovalPlan {
     let object = |kind, name: &str| RemovalTarget::Object {
         object: KubeObjectName {
             namespace: "kube-system".into(),
@@ -80,17 +99,21 @@ pub fn k3s_traefik_plan() -> RemovalPlan {
             name: name.into(),
         },
     };
+    let mut targets = vec![
+        object(KubeKind::Service, "traefik"),
+        RemovalTarget::ServiceLbDaemonSets {
+            servicelb_namespace: policy.servicelb_namespace.clone(),
+            service_namespace: "kube-system".into(),
+            service: "traefik".into(),
+        },
+        object(KubeKind::HelmChart, "traefik"),
+    ];
+    if policy.remove_crds {
+        targets.push(object(KubeKind::HelmChart, "traefik-crd"));
+    }
     RemovalPlan {
         reason: "k3s packaged Traefik".into(),
-        targets: vec![
-            object(KubeKind::Service, "traefik"),
-            RemovalTarget::DaemonSetsNamed {
-                namespace: "kube-system".into(),
-                prefix: format!("{SVCLB_TRAEFIK_PREFIX}-"),
-            },
-            object(KubeKind::HelmChart, "traefik"),
-            object(KubeKind::HelmChart, "traefik-crd"),
-        ],
+        targets,
     }
 }
 
@@ -101,7 +124,7 @@ pub fn plan_for_claim(claim: &PortClaim, policy: &KubernetesPolicy) -> Option<Re
         return None;
     }
     if claim.packaged_traefik || is_packaged_traefik_service(&claim.object) {
-        return Some(k3s_traefik_plan());
+        return Some(k3s_traefik_plan(policy));
     }
     // The claimer itself, its controller, or the Service it serves, when named.
     let named: Vec<RemovalTarget> = [
@@ -145,6 +168,12 @@ pub enum RemovalStep {
     AlreadyGone {
         object: KubeObjectName,
     },
+    /// Already being deleted (`metadata.deletionTimestamp`: a finalizer such
+    /// as `wrangler.cattle.io/on-helm-chart-remove` holds it): waited for,
+    /// neither recorded nor deleted again.
+    BeingDeleted {
+        object: KubeObjectName,
+    },
     /// Recorded (when `recorded` is Some) but not deleted, or not even fetched.
     Failed {
         object: KubeObjectName,
@@ -168,24 +197,52 @@ pub async fn resolve(
     for target in &plan.targets {
         match target {
             RemovalTarget::Object { object } => out.push(object.clone()),
-            RemovalTarget::DaemonSetsNamed { namespace, prefix } => {
-                let api: Api<DynamicObject> = Api::namespaced_with(
-                    client.clone(),
-                    namespace,
-                    &api_resource(KubeKind::DaemonSet),
+            RemovalTarget::ServiceLbDaemonSets {
+                servicelb_namespace,
+                service_namespace,
+                service,
+            } => {
+                let list = |namespace: &str, params: ListParams| {
+                    let api: Api<DynamicObject> = Api::namespaced_with(
+                        client.clone(),
+                        namespace,
+                        &api_resource(KubeKind::DaemonSet),
+                    );
+                    let namespace = namespace.to_owned();
+                    async move {
+                        api.list(&params).await.map_err(|e| {
+                            ClusterError::from_kube(e, format!("listing DaemonSets in {namespace}"))
+                        })
+                    }
+                };
+                let selector = format!(
+                    "{SVCLB_SVCNAME_LABEL}={service},{SVCLB_SVCNAMESPACE_LABEL}={service_namespace}"
                 );
-                let list = api.list(&ListParams::default()).await.map_err(|e| {
-                    ClusterError::from_kube(e, format!("listing DaemonSets in {namespace}"))
-                })?;
-                let mut names: Vec<String> = list
+                let current =
+                    list(servicelb_namespace, ListParams::default().labels(&selector)).await?;
+                // The labels are checked here too: only what carries both is ServiceLB's
+                // for this very Service.
+                let mut names: Vec<(String, String)> = current
                     .items
-                    .into_iter()
-                    .filter_map(|ds| ds.metadata.name)
-                    .filter(|n| n.starts_with(prefix.as_str()))
+                    .iter()
+                    .filter(|ds| serves(ds, service_namespace, service))
+                    .filter_map(|ds| ds.metadata.name.clone())
+                    .map(|n| (servicelb_namespace.clone(), n))
                     .collect();
+                if names.is_empty() {
+                    let legacy = list(service_namespace, ListParams::default()).await?;
+                    names = legacy
+                        .items
+                        .iter()
+                        .filter(|ds| legacy_serves(ds, service))
+                        .filter_map(|ds| ds.metadata.name.clone())
+                        .map(|n| (service_namespace.clone(), n))
+                        .collect();
+                }
                 names.sort();
-                out.extend(names.into_iter().map(|name| KubeObjectName {
-                    namespace: namespace.clone(),
+                names.dedup();
+                out.extend(names.into_iter().map(|(namespace, name)| KubeObjectName {
+                    namespace,
                     kind: KubeKind::DaemonSet,
                     name,
                 }));
@@ -193,6 +250,38 @@ pub async fn resolve(
         }
     }
     Ok(out)
+}
+
+/// ServiceLB's DaemonSet for `namespace/service`, by the labels it writes.
+fn serves(ds: &DynamicObject, namespace: &str, service: &str) -> bool {
+    let labels = ds.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    label(SVCLB_SVCNAME_LABEL) == Some(service)
+        && label(SVCLB_SVCNAMESPACE_LABEL) == Some(namespace)
+}
+
+/// k3s before 1.25: `svclb-<service>`, owned by that Service.
+fn legacy_serves(ds: &DynamicObject, service: &str) -> bool {
+    let named = ds.metadata.name.as_deref() == Some(&format!("{LEGACY_SVCLB_PREFIX}{service}"));
+    let owned = ds.metadata.owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| r.kind == "Service" && r.api_version == "v1" && r.name == service)
+    });
+    named && owned
+}
+
+/// Whether a manifest is ServiceLB's DaemonSet: ServiceLB makes it again from
+/// its Service, so it is never re-created from a record (that would leave an
+/// orphan fighting the new one for the host ports).
+pub fn is_servicelb_daemonset(manifest: &serde_json::Value) -> bool {
+    manifest["kind"] == "DaemonSet"
+        && (manifest["metadata"]["labels"][SVCLB_SVCNAME_LABEL].is_string()
+            || manifest["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(LEGACY_SVCLB_PREFIX))
+                && manifest["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|o| o["kind"] == "Service")))
 }
 
 fn api_for(client: &Client, object: &KubeObjectName) -> Api<DynamicObject> {
@@ -270,6 +359,10 @@ pub async fn remove<E: fmt::Display>(
                 continue;
             }
         };
+        if recorded.manifest["metadata"]["deletionTimestamp"].is_string() {
+            steps.push(RemovalStep::BeingDeleted { object });
+            continue;
+        }
         if let Err(e) = record(&recorded) {
             steps.push(RemovalStep::NotRecorded {
                 object,
@@ -339,6 +432,15 @@ pub async fn restore(
                 manifest.get("kind")
             ))
         })?;
+    if is_servicelb_daemonset(manifest) {
+        return Err(unexpected(format!(
+            "{}/{} is ServiceLB's DaemonSet: ServiceLB makes it again from its Service \
+             (restore the Service instead); re-created from the record it would be an \
+             orphan fighting the new one for the host ports",
+            manifest["metadata"]["namespace"].as_str().unwrap_or("?"),
+            manifest["metadata"]["name"].as_str().unwrap_or("?")
+        )));
+    }
     let stripped = strip_for_restore(manifest);
     let object: DynamicObject =
         serde_json::from_value(stripped).map_err(|e| unexpected(e.to_string()))?;
@@ -401,11 +503,101 @@ mod tests {
             shown,
             [
                 "kube-system/service/traefik",
-                "kube-system/daemonset/svclb-traefik-*",
+                "kube-system/daemonset/<ServiceLB's for kube-system/service/traefik>",
                 "kube-system/helmchart/traefik",
-                "kube-system/helmchart/traefik-crd",
-            ]
+            ],
+            "traefik-crd (every Traefik CRD and custom resource) only when said"
         );
+        let policy = KubernetesPolicy {
+            on_claim: OnClaim::Remove,
+            remove_crds: true,
+            servicelb_namespace: "lb".into(),
+            ..Default::default()
+        };
+        let plan =
+            plan_for_claim(&claim("kube-system/service/traefik", None, true), &policy).unwrap();
+        let shown: Vec<String> = plan.targets.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown[1],
+            "lb/daemonset/<ServiceLB's for kube-system/service/traefik>"
+        );
+        assert_eq!(shown[3], "kube-system/helmchart/traefik-crd");
+    }
+
+    #[test]
+    fn servicelb_daemonsets_are_told_by_labels_not_by_name() {
+        let ds = |name: &str, labels: serde_json::Value, owners: serde_json::Value| {
+            serde_json::from_value::<DynamicObject>(serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": name, "namespace": "kube-system", "labels": labels,
+                             "ownerReferences": owners}
+            }))
+            .unwrap()
+        };
+        let labels = |svc: &str, ns: &str| serde_json::json!({SVCLB_SVCNAME_LABEL: svc, SVCLB_SVCNAMESPACE_LABEL: ns});
+        let none = serde_json::json!([]);
+        assert!(serves(
+            &ds(
+                "svclb-traefik-3f3ed2e1",
+                labels("traefik", "kube-system"),
+                none.clone()
+            ),
+            "kube-system",
+            "traefik"
+        ));
+        // A user's `traefik-internal`, and a user's `traefik` in `web`.
+        assert!(!serves(
+            &ds(
+                "svclb-traefik-internal-1a2b3c4d",
+                labels("traefik-internal", "kube-system"),
+                none.clone()
+            ),
+            "kube-system",
+            "traefik"
+        ));
+        assert!(!serves(
+            &ds(
+                "svclb-traefik-9f8e7d6c",
+                labels("traefik", "web"),
+                none.clone()
+            ),
+            "kube-system",
+            "traefik"
+        ));
+        assert!(!serves(
+            &ds(
+                "svclb-traefik-3f3ed2e1",
+                serde_json::json!({}),
+                none.clone()
+            ),
+            "kube-system",
+            "traefik"
+        ));
+        let owner = serde_json::json!([{"apiVersion": "v1", "kind": "Service", "name": "traefik", "uid": "u"}]);
+        assert!(legacy_serves(
+            &ds("svclb-traefik", serde_json::json!({}), owner.clone()),
+            "traefik"
+        ));
+        assert!(!legacy_serves(
+            &ds("svclb-traefik-internal", serde_json::json!({}), owner),
+            "traefik"
+        ));
+        assert!(!legacy_serves(
+            &ds("svclb-traefik", serde_json::json!({}), none),
+            "traefik"
+        ));
+    }
+
+    #[test]
+    fn servicelbs_daemonset_is_never_restored() {
+        let current = serde_json::json!({"kind": "DaemonSet", "metadata": {"name": "svclb-traefik-3f3ed2e1",
+            "labels": {SVCLB_SVCNAME_LABEL: "traefik"}}});
+        let legacy = serde_json::json!({"kind": "DaemonSet", "metadata": {"name": "svclb-traefik",
+            "ownerReferences": [{"kind": "Service", "name": "traefik"}]}});
+        let users = serde_json::json!({"kind": "DaemonSet", "metadata": {"name": "edge"}});
+        assert!(is_servicelb_daemonset(&current));
+        assert!(is_servicelb_daemonset(&legacy));
+        assert!(!is_servicelb_daemonset(&users));
     }
 
     #[test]

@@ -360,8 +360,12 @@ impl Serialize for KubeObjectName {
     }
 }
 
+/// The namespace k3s's ServiceLB keeps its DaemonSets in unless started with
+/// `--servicelb-namespace` (k3s `pkg/cloudprovider/servicelb.go`, `DefaultLBNS`).
+pub const DEFAULT_SERVICELB_NAMESPACE: &str = "kube-system";
+
 /// The optional `[kubernetes]` table.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KubernetesPolicy {
     /// Overrides the default kubeconfig (/etc/rancher/k3s/k3s.yaml when it exists).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -369,6 +373,24 @@ pub struct KubernetesPolicy {
     pub on_claim: OnClaim,
     /// Objects other than k3s's packaged Traefik that `remove` may delete.
     pub removable: Vec<KubeObjectName>,
+    /// `remove` of the packaged Traefik also deletes HelmChart `traefik-crd`,
+    /// and with it every Traefik CRD and every IngressRoute, Middleware, TLSOption…
+    /// anyone made: only when said (default false).
+    pub remove_crds: bool,
+    /// Where ServiceLB keeps its DaemonSets (k3s `--servicelb-namespace`).
+    pub servicelb_namespace: String,
+}
+
+impl Default for KubernetesPolicy {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            on_claim: OnClaim::default(),
+            removable: Vec::new(),
+            remove_crds: false,
+            servicelb_namespace: DEFAULT_SERVICELB_NAMESPACE.to_owned(),
+        }
+    }
 }
 
 impl KubernetesPolicy {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{
-    KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim, OnShadow, OwnerSpec, Policy,
-    ProbeSpec, ProtectedPort,
+    DEFAULT_SERVICELB_NAMESPACE, KubeObjectName, KubernetesPolicy, MetricsSpec, Mode, OnClaim,
+    OnShadow, OwnerSpec, Policy, ProbeSpec, ProtectedPort,
 };
 use crate::types::{PortRange, Proto, parse_duration};
 
@@ -110,6 +110,9 @@ struct RawKubernetes {
     on_claim: Option<Spanned<String>>,
     #[serde(default)]
     removable: Vec<Spanned<String>>,
+    #[serde(default)]
+    remove_crds: bool,
+    servicelb_namespace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -303,10 +306,36 @@ fn parse_kubernetes(raw: RawKubernetes) -> Result<KubernetesPolicy, Invalid> {
             removable.push(name);
         }
     }
+    let servicelb_namespace = match raw.servicelb_namespace {
+        None => DEFAULT_SERVICELB_NAMESPACE.to_owned(),
+        Some(ns) => {
+            let valid = !ns.get_ref().is_empty()
+                && ns.get_ref().len() <= 63
+                && ns
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !ns.get_ref().starts_with('-')
+                && !ns.get_ref().ends_with('-');
+            if !valid {
+                return Err((
+                    ns.span(),
+                    format!(
+                        "servicelb_namespace {:?} is not a namespace name (lower case letters, \
+                         digits and '-', at most 63)",
+                        ns.get_ref()
+                    ),
+                ));
+            }
+            ns.into_inner()
+        }
+    };
     Ok(KubernetesPolicy {
         kubeconfig,
         on_claim,
         removable,
+        remove_crds: raw.remove_crds,
+        servicelb_namespace,
     })
 }
 
