@@ -186,7 +186,18 @@ fn watches_find_traefik_loadbalancer_svclb_hostports_and_a_watched_external_ip()
         "a finished helm job pod holds nothing"
     );
 
-    // Watched, not polled: one list and at least one watch per resource.
+    // Watched, not polled: one list and at least one watch per resource. The
+    // view is ready once the lists are in; a watch request follows its list
+    // a moment later (the watcher opens it after handing over the list).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let watching = |seen: &[portguard_tests::k8s_api::SeenRequest]| {
+        ["/api/v1/services", "/api/v1/pods"]
+            .iter()
+            .all(|p| seen.iter().any(|r| r.path == *p && r.is_watch()))
+    };
+    while !watching(&api.requests()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let seen = api.requests();
     for path in ["/api/v1/services", "/api/v1/pods"] {
         assert!(
@@ -590,4 +601,155 @@ fn start_with_a_broken_kubeconfig_is_a_failing_state_not_an_error() {
             .starts_with(&format!("kubeconfig {}: ", bad.display())),
         "{error}"
     );
+}
+
+/// `/apis/helm.cattle.io/v1/namespaces/kube-system/helmchartconfigs[/NAME]`
+fn helm_config(name: Option<&str>) -> String {
+    let base = "/apis/helm.cattle.io/v1/namespaces/kube-system/helmchartconfigs";
+    name.map_or_else(|| base.to_owned(), |n| format!("{base}/{n}"))
+}
+
+/// The reconfigure remedy where no HelmChartConfig exists: it is recorded
+/// first, then created (one GET, one POST, nothing deleted); the Service
+/// becomes ClusterIP through k3s's own mechanism.
+#[test]
+fn reconfigure_creates_a_recorded_helmchartconfig_and_deletes_nothing() {
+    use portguard::k8s::reconfigure::{self, ReconfigureStep};
+    let api = RecordedApi::start([
+        (
+            "GET",
+            helm_config(Some("traefik")),
+            Answer::fixture(404, "status.404.helmchartconfig.json"),
+        ),
+        (
+            "POST",
+            helm_config(None),
+            Answer::fixture(201, "helmchartconfig.traefik.portguard.json"),
+        ),
+    ]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut recorded_before_post = None;
+    let step = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        reconfigure::reconfigure(&client, &Default::default(), |m| {
+            recorded_before_post = Some((m.clone(), api.paths_of("POST").len()));
+            Ok::<(), String>(())
+        })
+        .await
+    });
+    assert!(matches!(step, ReconfigureStep::Created { .. }), "{step:?}");
+    let (manifest, posts) = recorded_before_post.expect("recorded");
+    assert_eq!(posts, 0, "recorded before the POST");
+    let methods: Vec<(String, String)> = api
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("GET".to_owned(), helm_config(Some("traefik"))),
+            ("POST".to_owned(), helm_config(None))
+        ]
+    );
+    let post = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&post.body).unwrap();
+    assert_eq!(
+        body["spec"]["valuesContent"],
+        "service:\n  type: ClusterIP\n"
+    );
+    assert_eq!(
+        body["metadata"]["annotations"]["portguard.io/remedy"],
+        "traefik service ClusterIP"
+    );
+    assert_eq!(body, manifest, "what was recorded is what was created");
+}
+
+/// Someone's own HelmChartConfig is never overwritten; ours already there
+/// is not created twice.
+#[test]
+fn reconfigure_leaves_someone_elses_helmchartconfig_and_is_idempotent() {
+    use portguard::k8s::reconfigure::{self, ReconfigureStep};
+    for (fixture, want_ours) in [
+        ("helmchartconfig.traefik.user.json", false),
+        ("helmchartconfig.traefik.portguard.json", true),
+    ] {
+        let api = RecordedApi::start([(
+            "GET",
+            helm_config(Some("traefik")),
+            Answer::fixture(200, fixture),
+        )]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = api.kubeconfig(dir.path());
+        let step = runtime().block_on(async {
+            let client = cluster::connect(&kubeconfig).await.expect("client");
+            reconfigure::reconfigure(&client, &Default::default(), |_| {
+                Err::<(), _>("must not be recorded")
+            })
+            .await
+        });
+        if want_ours {
+            assert_eq!(step, ReconfigureStep::AlreadyDone);
+        } else {
+            assert!(matches!(step, ReconfigureStep::NotOurs { .. }), "{step:?}");
+        }
+        assert!(
+            api.requests().iter().all(|r| r.method == "GET"),
+            "{:?}",
+            api.requests()
+        );
+    }
+}
+
+/// Undo deletes exactly our HelmChartConfig (uid precondition), and refuses
+/// one that is no longer ours.
+#[test]
+fn undoing_the_reconfiguration_deletes_only_ours() {
+    use portguard::k8s::reconfigure;
+    let manifest = reconfigure::traefik_config(&Default::default());
+    for (fixture, ours) in [
+        ("helmchartconfig.traefik.portguard.json", true),
+        ("helmchartconfig.traefik.user.json", false),
+    ] {
+        let api = RecordedApi::start([
+            (
+                "GET",
+                helm_config(Some("traefik")),
+                Answer::fixture(200, fixture),
+            ),
+            (
+                "DELETE",
+                helm_config(Some("traefik")),
+                Answer::fixture(200, fixture),
+            ),
+        ]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = api.kubeconfig(dir.path());
+        let result = runtime().block_on(async {
+            let client = cluster::connect(&kubeconfig).await.expect("client");
+            reconfigure::undo(&client, &manifest).await
+        });
+        let deletes: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "DELETE")
+            .collect();
+        if ours {
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(deletes.len(), 1);
+            let body: serde_json::Value = serde_json::from_str(&deletes[0].body).unwrap();
+            assert_eq!(
+                body["preconditions"]["uid"],
+                "6c0d2e7a-51b9-4f3e-9d8a-2b7c4e1f0a93"
+            );
+        } else {
+            assert!(result.is_err());
+            assert!(deletes.is_empty(), "someone else's is never deleted");
+        }
+    }
 }

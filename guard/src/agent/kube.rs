@@ -17,9 +17,11 @@ use crate::{
     audit::{AuditError, AuditEvent, AuditHandle, K8sObjectRecord},
     k8s::{
         self, ClusterState, ClusterView, PortClaim, RecordedObject, RemovalStep,
+        claims::is_packaged_traefik_service,
+        reconfigure::{self, ReconfigureStep},
         remove::{self, RemovalPlan, plan_for_claim},
     },
-    policy::{Mode, Policy},
+    policy::{Mode, OnClaim, Policy},
 };
 
 /// The running layer: its view (for naming pods behind DNAT targets) and tasks.
@@ -90,8 +92,19 @@ async fn act_on_claims(
         }
         let current: BTreeSet<PortClaim> = claims.into_iter().collect();
         let mut plans: BTreeSet<RemovalPlan> = BTreeSet::new();
+        let mut reconfigure = false;
         for claim in current.difference(&known) {
             warn!(event = "kube_claim", claim = %claim, "a Kubernetes object claims a protected port");
+            if policy.kubernetes.on_claim == OnClaim::Reconfigure
+                && (claim.packaged_traefik || is_packaged_traefik_service(&claim.object))
+            {
+                if enforced(&policy, claim) {
+                    reconfigure = true;
+                } else {
+                    info!(event = "kube_reconfigure_observed", claim = %claim, "the port is observed: reported, nothing reconfigured");
+                }
+                continue;
+            }
             if let Some(plan) = plan_for_claim(claim, &policy.kubernetes) {
                 // Observe mode (the port's own, or the global one) changes
                 // nothing, in the cluster either.
@@ -101,6 +114,12 @@ async fn act_on_claims(
                     info!(event = "kube_removal_observed", claim = %claim, reason = %plan.reason, "the port is observed: reported, nothing removed");
                 }
             }
+        }
+        if reconfigure {
+            let recorder = |m: &serde_json::Value| record_creation(&audit, m);
+            log_reconfigure(
+                &reconfigure::reconfigure(&client, &policy.kubernetes.remap, recorder).await,
+            );
         }
         for plan in plans {
             info!(event = "kube_removing", reason = %plan.reason, "removing the source of the claim");
@@ -116,6 +135,55 @@ async fn act_on_claims(
         if view.changed().await.is_err() {
             return Ok(());
         }
+    }
+}
+
+/// The audit record of an object portguard is about to create (its undo).
+fn record_creation(audit: &AuditHandle, manifest: &serde_json::Value) -> Result<(), AuditError> {
+    let event = AuditEvent::K8sObjectCreated(K8sObjectRecord {
+        finding: None,
+        api_version: manifest["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        object_kind: manifest["kind"].as_str().unwrap_or_default().to_owned(),
+        namespace: manifest["metadata"]["namespace"]
+            .as_str()
+            .map(str::to_owned),
+        name: manifest["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        manifest: manifest.clone(),
+    });
+    tokio::task::block_in_place(|| audit.record_blocking(event)).map(drop)
+}
+
+fn log_reconfigure(step: &ReconfigureStep) {
+    match step {
+        ReconfigureStep::Created { .. } => info!(
+            event = "kube_reconfigured",
+            "HelmChartConfig kube-system/traefik created (recorded first): k3s's Traefik leaves the host ports, nothing deleted"
+        ),
+        ReconfigureStep::AlreadyDone => info!(
+            event = "kube_reconfigured",
+            "HelmChartConfig kube-system/traefik is portguard's already"
+        ),
+        ReconfigureStep::NotOurs { .. } => warn!(
+            event = "kube_reconfigure_refused",
+            "a HelmChartConfig kube-system/traefik exists with someone's values: not overwritten; \
+             set `service: {{type: ClusterIP}}` in it yourself, or use on_claim = \"remove\""
+        ),
+        ReconfigureStep::NotRecorded { error } => error!(
+            event = "kube_reconfigure_not_recorded",
+            %error,
+            "not reconfigured: the audit record could not be written"
+        ),
+        ReconfigureStep::Failed { error } => error!(
+            event = "kube_reconfigure_failed",
+            %error,
+            "HelmChartConfig kube-system/traefik could not be created"
+        ),
     }
 }
 

@@ -155,6 +155,9 @@ pub enum AuditEvent {
         rule: Value,
     },
     K8sObjectRemoved(K8sObjectRecord),
+    /// Written before portguard creates an object (the reconfigure remedy's
+    /// HelmChartConfig): `portguard restore SEQ` undoes it by deleting it.
+    K8sObjectCreated(K8sObjectRecord),
     K8sObjectRestored {
         removal_seq: u64,
         #[serde(flatten)]
@@ -213,6 +216,7 @@ impl AuditEvent {
             Self::PinUpdated { .. } => "pin_updated",
             Self::PinRemoved { .. } => "pin_removed",
             Self::K8sObjectRemoved(_) => "k8s_object_removed",
+            Self::K8sObjectCreated(_) => "k8s_object_created",
             Self::K8sObjectRestored { .. } => "k8s_object_restored",
             Self::ProbeFailed { .. } => "probe_failed",
             Self::ProbeRecovered { .. } => "probe_recovered",
@@ -241,7 +245,10 @@ impl AuditEvent {
 
     /// Whether `portguard restore` can undo this record.
     pub fn is_removal(&self) -> bool {
-        matches!(self, Self::RuleRemoved(_) | Self::K8sObjectRemoved(_))
+        matches!(
+            self,
+            Self::RuleRemoved(_) | Self::K8sObjectRemoved(_) | Self::K8sObjectCreated(_)
+        )
     }
 }
 

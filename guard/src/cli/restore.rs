@@ -1,7 +1,8 @@
 //! `portguard restore ID`: puts a removed rule back from its audit record, in
 //! the same chain, at the same position as far as the ruleset allows (after the
 //! rule that preceded it, else before the one that followed it); or re-creates a
-//! removed Kubernetes object from its recorded manifest. Exit 0 / 2.
+//! removed Kubernetes object from its recorded manifest; or undoes an object
+//! portguard created (the reconfigure remedy) by deleting it. Exit 0 / 2.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,7 +19,7 @@ use crate::{
     },
     k8s::{
         cluster::{K3S_KUBECONFIG, choose_kubeconfig, connect},
-        remove,
+        reconfigure, remove,
     },
     policy::Policy,
     rules::{NetlinkBackend, RecordedRule, RulesetBackend as _},
@@ -55,9 +56,11 @@ pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     })?;
     let removed = match &record.event {
         AuditEvent::RuleRemoved(removed) => removed,
-        AuditEvent::K8sObjectRemoved(object) => return restore_k8s_object(&args, object),
+        AuditEvent::K8sObjectRemoved(object) => return restore_k8s_object(&args, object, false),
+        AuditEvent::K8sObjectCreated(object) => return restore_k8s_object(&args, object, true),
         other => anyhow::bail!(
-            "record {} is a {}: only rule and Kubernetes object removals can be restored",
+            "record {} is a {}: only rule and Kubernetes object removals, and objects \
+             portguard created, can be undone",
             args.id,
             other.kind()
         ),
@@ -85,9 +88,15 @@ pub fn main(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Re-creates a Kubernetes object from its recorded manifest (server-owned
-/// fields stripped) and records the restore.
-fn restore_k8s_object(args: &RestoreArgs, object: &K8sObjectRecord) -> anyhow::Result<ExitCode> {
+/// Re-creates a removed Kubernetes object from its recorded manifest
+/// (server-owned fields stripped), or deletes one portguard created
+/// (`created`: the reconfigure remedy's HelmChartConfig, only while still
+/// ours), and records it.
+fn restore_k8s_object(
+    args: &RestoreArgs,
+    object: &K8sObjectRecord,
+    created: bool,
+) -> anyhow::Result<ExitCode> {
     let (policy, _) = Policy::load(args.policy.config.as_deref())?;
     let kubeconfig = choose_kubeconfig(
         args.kubeconfig.as_deref(),
@@ -100,7 +109,11 @@ fn restore_k8s_object(args: &RestoreArgs, object: &K8sObjectRecord) -> anyhow::R
         .build()?;
     let name = runtime.block_on(async {
         let client = connect(kubeconfig.path()).await?;
-        remove::restore(&client, &object.manifest).await
+        if created {
+            reconfigure::undo(&client, &object.manifest).await
+        } else {
+            remove::restore(&client, &object.manifest).await
+        }
     })?;
     let log = AuditLog::open(&args.audit_log, Rotation::default())
         .with_context(|| format!("opening the audit log {}", args.audit_log.display()))?;
@@ -110,6 +123,11 @@ fn restore_k8s_object(args: &RestoreArgs, object: &K8sObjectRecord) -> anyhow::R
         object: object.clone(),
     })?;
     audit.flush()?;
-    println!("restored {name}; audit seq {}", rec.seq);
+    let done = if created {
+        "deleted (undone)"
+    } else {
+        "restored"
+    };
+    println!("{done} {name}; audit seq {}", rec.seq);
     Ok(ExitCode::SUCCESS)
 }

@@ -7,11 +7,14 @@
 //! - [`watch`]: Service and Pod watches feeding a `watch` channel of [`ClusterView`].
 //! - [`remove`]: removal plans (k3s's packaged Traefik, or objects the policy names),
 //!   each object recorded whole before deletion; restore from a record.
+//! - [`reconfigure`]: the least destructive remedy, a HelmChartConfig that takes
+//!   the packaged Traefik off the host ports; undone by deleting it.
 
 pub mod claims;
 pub mod cluster;
 pub mod harden;
 pub mod pod_index;
+pub mod reconfigure;
 pub mod remove;
 pub mod watch;
 

@@ -35,6 +35,7 @@ pub fn api_resource(kind: KubeKind) -> ApiResource {
         KubeKind::Deployment => ("apps", "v1", "deployments"),
         KubeKind::StatefulSet => ("apps", "v1", "statefulsets"),
         KubeKind::HelmChart => ("helm.cattle.io", "v1", "helmcharts"),
+        KubeKind::HelmChartConfig => ("helm.cattle.io", "v1", "helmchartconfigs"),
     };
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, kind.api_kind()),
@@ -284,7 +285,7 @@ pub fn is_servicelb_daemonset(manifest: &serde_json::Value) -> bool {
                     .is_some_and(|r| r.iter().any(|o| o["kind"] == "Service")))
 }
 
-fn api_for(client: &Client, object: &KubeObjectName) -> Api<DynamicObject> {
+pub(super) fn api_for(client: &Client, object: &KubeObjectName) -> Api<DynamicObject> {
     Api::namespaced_with(
         client.clone(),
         &object.namespace,

@@ -230,6 +230,10 @@ pub enum OnClaim {
     Report,
     /// Remove k3s's packaged Traefik, and objects that `removable` names.
     Remove,
+    /// Reconfigure k3s's packaged Traefik with a HelmChartConfig (its Service
+    /// becomes ClusterIP, or moves to the `remap` ports): Traefik keeps serving
+    /// in the cluster, nothing is deleted; undone by deleting that object.
+    Reconfigure,
 }
 
 /// A kind of Kubernetes object the policy may name as removable.
@@ -242,6 +246,8 @@ pub enum KubeKind {
     StatefulSet,
     /// k3s's helm.cattle.io/v1 HelmChart.
     HelmChart,
+    /// k3s's helm.cattle.io/v1 HelmChartConfig (values merged over a HelmChart's).
+    HelmChartConfig,
 }
 
 impl KubeKind {
@@ -254,6 +260,7 @@ impl KubeKind {
             Self::Deployment => "deployment",
             Self::StatefulSet => "statefulset",
             Self::HelmChart => "helmchart",
+            Self::HelmChartConfig => "helmchartconfig",
         }
     }
 
@@ -266,6 +273,7 @@ impl KubeKind {
             Self::Deployment => "Deployment",
             Self::StatefulSet => "StatefulSet",
             Self::HelmChart => "HelmChart",
+            Self::HelmChartConfig => "HelmChartConfig",
         }
     }
 
@@ -277,6 +285,7 @@ impl KubeKind {
             "deployment" | "deploy" => Self::Deployment,
             "statefulset" | "sts" => Self::StatefulSet,
             "helmchart" => Self::HelmChart,
+            "helmchartconfig" => Self::HelmChartConfig,
             _ => return None,
         })
     }
@@ -379,6 +388,10 @@ pub struct KubernetesPolicy {
     pub remove_crds: bool,
     /// Where ServiceLB keeps its DaemonSets (k3s `--servicelb-namespace`).
     pub servicelb_namespace: String,
+    /// `reconfigure`: host port → the port Traefik's Service moves to
+    /// (80 → `web`, 443 → `websecure`); empty: the Service becomes ClusterIP.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub remap: std::collections::BTreeMap<u16, u16>,
 }
 
 impl Default for KubernetesPolicy {
@@ -389,6 +402,7 @@ impl Default for KubernetesPolicy {
             removable: Vec::new(),
             remove_crds: false,
             servicelb_namespace: DEFAULT_SERVICELB_NAMESPACE.to_owned(),
+            remap: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -113,6 +113,7 @@ struct RawKubernetes {
     #[serde(default)]
     remove_crds: bool,
     servicelb_namespace: Option<Spanned<String>>,
+    remap: Option<Spanned<std::collections::BTreeMap<String, i64>>>,
 }
 
 #[derive(Deserialize)]
@@ -288,10 +289,13 @@ fn parse_kubernetes(raw: RawKubernetes) -> Result<KubernetesPolicy, Invalid> {
         Some(v) => match v.get_ref().as_str() {
             "report" => OnClaim::Report,
             "remove" => OnClaim::Remove,
+            "reconfigure" => OnClaim::Reconfigure,
             other => {
                 return Err((
                     v.span(),
-                    format!("unknown on_claim {other:?}: expected \"report\" or \"remove\""),
+                    format!(
+                        "unknown on_claim {other:?}: expected \"report\", \"reconfigure\" or \"remove\""
+                    ),
                 ));
             }
         },
@@ -330,12 +334,41 @@ fn parse_kubernetes(raw: RawKubernetes) -> Result<KubernetesPolicy, Invalid> {
             ns.into_inner()
         }
     };
+    let mut remap = std::collections::BTreeMap::new();
+    if let Some(table) = raw.remap {
+        let span = table.span();
+        for (from, to) in table.into_inner() {
+            let from_port = match from.as_str() {
+                "80" => 80,
+                "443" => 443,
+                _ => {
+                    return Err((
+                        span,
+                        format!(
+                            "remap {from:?}: only 80 (Traefik's `web`) and 443 (`websecure`) can be moved"
+                        ),
+                    ));
+                }
+            };
+            let to_port = u16::try_from(to)
+                .ok()
+                .filter(|p| *p != 0 && *p != from_port)
+                .ok_or_else(|| {
+                    (
+                        span.clone(),
+                        format!("remap {from} = {to}: not a port other than {from} (1-65535)"),
+                    )
+                })?;
+            remap.insert(from_port, to_port);
+        }
+    }
     Ok(KubernetesPolicy {
         kubeconfig,
         on_claim,
         removable,
         remove_crds: raw.remove_crds,
         servicelb_namespace,
+        remap,
     })
 }
 
@@ -621,6 +654,46 @@ on_shadow = "remove"
     }
 
     #[test]
+    fn kubernetes_remedies_parse_and_bad_ones_are_placed() {
+        let p = Policy::parse(
+            "[kubernetes]\non_claim = \"reconfigure\"\nremap = { 80 = 8081, 443 = 8444 }\n\
+             servicelb_namespace = \"lb-system\"\nremove_crds = true\n",
+            PolicySource::Embedded,
+        )
+        .unwrap();
+        assert_eq!(p.kubernetes.on_claim, OnClaim::Reconfigure);
+        assert_eq!(
+            p.kubernetes.remap,
+            std::collections::BTreeMap::from([(80, 8081), (443, 8444)])
+        );
+        assert_eq!(p.kubernetes.servicelb_namespace, "lb-system");
+        assert!(p.kubernetes.remove_crds);
+        let d = Policy::parse("", PolicySource::Embedded).unwrap();
+        assert_eq!(d.kubernetes.servicelb_namespace, "kube-system");
+        assert!(!d.kubernetes.remove_crds);
+        for (text, want) in [
+            ("[kubernetes]\nremap = { 22 = 2222 }\n", "only 80"),
+            (
+                "[kubernetes]\nremap = { 80 = 80 }\n",
+                "not a port other than 80",
+            ),
+            (
+                "[kubernetes]\nremap = { 80 = 70000 }\n",
+                "not a port other than 80",
+            ),
+            (
+                "[kubernetes]\nservicelb_namespace = \"Kube_System\"\n",
+                "not a namespace name",
+            ),
+            ("[kubernetes]\non_claim = \"delete\"\n", "\"reconfigure\""),
+        ] {
+            let e = err(text);
+            assert!(e.starts_with("/etc/portguard/config.toml:2:"), "{e}");
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn on_shadow_is_report_unless_said_and_a_typo_is_placed() {
         let p = Policy::parse("on_shadow = \"remove\"\n", PolicySource::Embedded).unwrap();
         assert_eq!(p.on_shadow, OnShadow::Remove);
@@ -701,7 +774,7 @@ removable = ["monitoring/daemonset/node-exporter", "default/svc/web"]
     fn kubernetes_errors_are_placed() {
         assert_eq!(
             err("[kubernetes]\non_claim = \"delete\"\n"),
-            "/etc/portguard/config.toml:2:12: unknown on_claim \"delete\": expected \"report\" or \"remove\""
+            "/etc/portguard/config.toml:2:12: unknown on_claim \"delete\": expected \"report\", \"reconfigure\" or \"remove\""
         );
         assert!(
             err("[kubernetes]\nremovable = [\"kube-system/service/*\"]\n")
