@@ -753,3 +753,40 @@ fn undoing_the_reconfiguration_deletes_only_ours() {
         }
     }
 }
+
+/// A `traefik` that is not k3s's packaged one (no HelmChart kube-system/traefik,
+/// or one without k3s's addon annotations: a user's own release) is never
+/// touched: not one DELETE, not one record.
+#[test]
+fn a_traefik_that_is_not_k3s_packaged_one_is_never_removed() {
+    for helmchart in [
+        Answer::fixture(404, "status.404.helmchart.json"),
+        Answer::fixture(200, "helmchart.traefik.user.json"),
+    ] {
+        let mut routes = traefik_removal_routes(false);
+        for r in &mut routes {
+            if r.0 == "GET" && r.1 == helm("traefik") {
+                r.2 = helmchart.clone();
+            }
+        }
+        let api = RecordedApi::start(routes);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = api.kubeconfig(dir.path());
+        let mut records = 0;
+        let result = runtime().block_on(async {
+            let client = cluster::connect(&kubeconfig).await.expect("client");
+            remove::remove(&client, &traefik_plan(false), |_| {
+                records += 1;
+                Ok::<(), String>(())
+            })
+            .await
+        });
+        let err = result.expect_err("refused");
+        assert!(
+            err.to_string().contains("not k3s's packaged Traefik"),
+            "{err}"
+        );
+        assert_eq!(records, 0);
+        assert!(api.paths_of("DELETE").is_empty(), "{:?}", api.requests());
+    }
+}

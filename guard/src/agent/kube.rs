@@ -115,7 +115,9 @@ async fn act_on_claims(
                 }
             }
         }
-        if reconfigure {
+        if reconfigure && let Err(error) = remove::verify_packaged_traefik(&client).await {
+            warn!(event = "kube_reconfigure_refused", %error, "not reconfigured");
+        } else if reconfigure {
             let recorder = |m: &serde_json::Value| record_creation(&audit, m);
             log_reconfigure(
                 &reconfigure::reconfigure(&client, &policy.kubernetes.remap, recorder).await,

@@ -83,6 +83,55 @@ impl fmt::Display for RemovalTarget {
 pub struct RemovalPlan {
     pub reason: String,
     pub targets: Vec<RemovalTarget>,
+    /// The plan is for k3s's packaged Traefik: it runs only once HelmChart
+    /// `kube-system/traefik` is seen to be k3s's ([`verify_packaged_traefik`]).
+    pub packaged_traefik: bool,
+}
+
+/// The annotation k3s's deploy controller puts on what it applies from an
+/// addon manifest (`/var/lib/rancher/k3s/server/manifests/traefik.yaml`):
+/// wrangler's objectset owner, the `Addon` object.
+const OWNER_GVK_ANNOTATION: &str = "objectset.rio.cattle.io/owner-gvk";
+const ADDON_OWNER_GVK: &str = "k3s.cattle.io/v1, Kind=Addon";
+const OWNER_NAME_ANNOTATION: &str = "objectset.rio.cattle.io/owner-name";
+
+/// Whether HelmChart `kube-system/traefik` is k3s's packaged one: applied by
+/// k3s from its `traefik` addon manifest. A user's own Helm release named
+/// `traefik` has no such HelmChart (or not k3s's), and is never touched.
+pub async fn verify_packaged_traefik(client: &Client) -> Result<(), ClusterError> {
+    let chart = KubeObjectName {
+        namespace: "kube-system".into(),
+        kind: KubeKind::HelmChart,
+        name: "traefik".into(),
+    };
+    let not_k3s = |why: String| ClusterError::Unexpected {
+        action: "checking that Traefik is k3s's packaged one".into(),
+        message: format!(
+            "{why}: not k3s's packaged Traefik (a release of someone's own?), left alone"
+        ),
+    };
+    let found = match api_for(client, &chart).get(&chart.name).await {
+        Ok(found) => found,
+        Err(e) => {
+            let e = ClusterError::from_kube(e, format!("reading {chart}"));
+            return Err(if e.is_not_found() {
+                not_k3s(format!("no {chart}"))
+            } else {
+                e
+            });
+        }
+    };
+    let annotations = found.metadata.annotations.unwrap_or_default();
+    let k3s = annotations.get(OWNER_GVK_ANNOTATION).map(String::as_str) == Some(ADDON_OWNER_GVK)
+        && annotations.get(OWNER_NAME_ANNOTATION).map(String::as_str) == Some("traefik");
+    if k3s {
+        Ok(())
+    } else {
+        Err(not_k3s(format!(
+            "{chart} lacks k3s's addon annotations ({OWNER_GVK_ANNOTATION}: {ADDON_OWNER_GVK}, \
+             {OWNER_NAME_ANNOTATION}: traefik)"
+        )))
+    }
 }
 
 /// k3s's packaged Traefik. Order matters: the Service first (kube-proxy drops
@@ -115,6 +164,7 @@ pub fn k3s_traefik_plan(policy: &KubernetesPolicy) -> RemovalPlan {
     RemovalPlan {
         reason: "k3s packaged Traefik".into(),
         targets,
+        packaged_traefik: true,
     }
 }
 
@@ -141,6 +191,7 @@ pub fn plan_for_claim(claim: &PortClaim, policy: &KubernetesPolicy) -> Option<Re
     (!named.is_empty()).then(|| RemovalPlan {
         reason: format!("named removable in the policy ({claim})"),
         targets: named,
+        packaged_traefik: false,
     })
 }
 
@@ -342,6 +393,9 @@ pub async fn remove<E: fmt::Display>(
     plan: &RemovalPlan,
     mut record: impl FnMut(&RecordedObject) -> Result<(), E>,
 ) -> Result<Vec<RemovalStep>, ClusterError> {
+    if plan.packaged_traefik {
+        verify_packaged_traefik(client).await?;
+    }
     let objects = resolve(client, plan).await?;
     let mut steps = Vec::with_capacity(objects.len());
     for object in objects {
