@@ -10,10 +10,14 @@
 //!   silently re-enable whatever the main config.yaml disables (k3s's "last value
 //!   wins" rule for config files). The main config.yaml is never edited.
 //! - the marker `ROOT/var/lib/rancher/k3s/server/manifests/traefik.yaml.skip`:
-//!   k3s re-writes its packaged manifests on every start unless such a marker
-//!   exists, so the marker also holds if the drop-in is lost.
+//!   k3s still writes its packaged `traefik.yaml` on every start, but its
+//!   deploy controller does not apply a manifest that has a `.skip` sibling,
+//!   so the marker also holds if the drop-in is lost.
 //!
-//! Neither takes effect before k3s restarts; the caller says so.
+//! Either one keeps Traefik from being deployed again. The drop-in goes
+//! beside the config file k3s actually reads ([`super::k3s_invocation`]:
+//! `K3S_CONFIG_FILE`, `--config`). Neither takes effect before k3s restarts;
+//! the caller says so.
 
 use std::{
     collections::BTreeSet,
@@ -24,6 +28,8 @@ use std::{
 };
 
 use serde::Serialize;
+
+use super::k3s_invocation::discover;
 
 /// The drop-in portguard owns; other drop-ins are never touched.
 pub const DROP_IN_NAME: &str = "90-portguard.yaml";
@@ -55,7 +61,7 @@ impl Component {
         }
     }
 
-    fn from_name(name: &str) -> Option<Self> {
+    pub(super) fn from_name(name: &str) -> Option<Self> {
         match name.trim() {
             "traefik" => Some(Self::Traefik),
             "servicelb" => Some(Self::Servicelb),
@@ -142,7 +148,10 @@ impl HardenOutcome {
 /// `harden` (from an installer, say) never re-enables ServiceLB behind the
 /// operator's back. Re-enabling is a deliberate edit of the drop-in.
 pub fn harden(paths: &K3sPaths, servicelb: bool) -> Result<HardenOutcome, HardenError> {
-    let drop_in = paths.drop_in();
+    // Beside the config file k3s reads (K3S_CONFIG_FILE, --config), not a default.
+    let invocation = discover(&paths.root, proc_of(&paths.root));
+    let drop_in_dir = invocation.drop_in_dir();
+    let drop_in = drop_in_dir.join(DROP_IN_NAME);
     let existing = read_optional(&drop_in)?;
     let mut disabled: BTreeSet<Component> = existing
         .as_deref()
@@ -160,7 +169,7 @@ pub fn harden(paths: &K3sPaths, servicelb: bool) -> Result<HardenOutcome, Harden
             FileChange::Updated
         }
         None => {
-            create_dir(&paths.drop_in_dir())?;
+            create_dir(&drop_in_dir)?;
             write_atomically(&drop_in, wanted.as_bytes())?;
             FileChange::Created
         }
@@ -193,19 +202,26 @@ pub fn harden(paths: &K3sPaths, servicelb: bool) -> Result<HardenOutcome, Harden
 pub struct HardeningStatus {
     /// Whether anything of k3s is there at all (config dir or server data dir).
     pub k3s_present: bool,
-    /// Components disabled by any k3s config file (main config.yaml or a drop-in).
+    /// Components disabled by k3s's config files or its command line.
     pub disabled: BTreeSet<Component>,
     /// The config files that disable something, in k3s's reading order.
     pub disabled_by: Vec<PathBuf>,
+    /// Components disabled on k3s's command line (`--disable`), and where
+    /// that command line was read.
+    pub cli_disabled: BTreeSet<Component>,
+    pub invocation: String,
+    /// The config file k3s reads (`K3S_CONFIG_FILE`, `--config`, or the default).
+    pub config: PathBuf,
     pub skip_marker: bool,
     /// Config files that could not be read or parsed: the status may be incomplete.
     pub unreadable: Vec<String>,
 }
 
 impl HardeningStatus {
-    /// Traefik can come back neither from the config nor from a re-written manifest.
+    /// Traefik is not deployed again: disabled (config or command line), or
+    /// its manifest skipped. Either one suffices.
     pub fn hardened(&self) -> bool {
-        self.disabled.contains(&Component::Traefik) && self.skip_marker
+        self.disabled.contains(&Component::Traefik) || self.skip_marker
     }
 
     /// One line for people.
@@ -219,8 +235,14 @@ impl HardeningStatus {
             "NOT hardened"
         };
         format!(
-            "k3s: {state}: disabled [{}], traefik.yaml.skip {}",
+            "k3s: {state}: disabled [{}]{}, traefik.yaml.skip {}",
             disabled.join(", "),
+            if self.cli_disabled.is_empty() {
+                String::new()
+            } else {
+                let cli: Vec<_> = self.cli_disabled.iter().map(|c| c.name()).collect();
+                format!(" (command line: {})", cli.join(", "))
+            },
             if self.skip_marker {
                 "present"
             } else {
@@ -235,20 +257,15 @@ impl HardeningStatus {
 /// unreadable file is listed in `unreadable`, because `check` must keep going.
 pub fn hardening_status(root: &Path) -> HardeningStatus {
     let paths = K3sPaths::new(root);
-    let mut files = vec![paths.main_config()];
-    if let Ok(entries) = fs::read_dir(paths.drop_in_dir()) {
-        let mut drop_ins: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        drop_ins.sort();
-        files.extend(drop_ins);
-    }
+    let invocation = discover(root, proc_of(root));
+    let files = invocation.config_files();
     let mut status = HardeningStatus {
         k3s_present: root.join(CONFIG_DIR).is_dir() || root.join("var/lib/rancher/k3s").is_dir(),
         disabled: BTreeSet::new(),
         disabled_by: Vec::new(),
+        cli_disabled: invocation.cli_disabled.clone(),
+        invocation: invocation.from.clone(),
+        config: invocation.config.clone(),
         skip_marker: paths.skip_marker().exists(),
         unreadable: Vec::new(),
     };
@@ -278,7 +295,16 @@ pub fn hardening_status(root: &Path) -> HardeningStatus {
             status.disabled_by.push(file);
         }
     }
+    // Command-line flags come after the files' values and append to them.
     status
+        .disabled
+        .extend(invocation.cli_disabled.iter().copied());
+    status
+}
+
+/// The /proc to look for a running k3s in: only for the real root.
+fn proc_of(root: &Path) -> Option<&'static Path> {
+    (root == Path::new("/")).then(|| Path::new("/proc"))
 }
 
 /// The drop-in's full text for a set of components.
@@ -469,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn status_reads_main_config_and_comma_lists_and_needs_the_marker() {
+    fn status_reads_comma_lists_and_either_the_disable_or_the_marker_hardens() {
         let dir = root();
         let paths = K3sPaths::new(dir.path());
         fs::create_dir_all(paths.main_config().parent().unwrap()).unwrap();
@@ -479,10 +505,15 @@ mod tests {
             status.disabled,
             BTreeSet::from([Component::Traefik, Component::Servicelb])
         );
-        assert!(!status.hardened(), "the skip marker is missing");
+        assert!(status.hardened(), "the disable alone keeps Traefik away");
+        fs::write(paths.main_config(), "disable: servicelb\n").unwrap();
+        assert!(!hardening_status(dir.path()).hardened());
         fs::create_dir_all(paths.manifests_dir()).unwrap();
         fs::write(paths.skip_marker(), "").unwrap();
-        assert!(hardening_status(dir.path()).hardened());
+        assert!(
+            hardening_status(dir.path()).hardened(),
+            "the marker alone keeps its manifest from being applied"
+        );
     }
 
     #[test]
@@ -511,5 +542,46 @@ mod tests {
         assert!(status.hardened());
         assert_eq!(status.unreadable.len(), 1, "{status:?}");
         assert!(status.unreadable[0].contains("20-bad.yaml"));
+    }
+
+    #[test]
+    fn what_k3s_reads_is_what_counts_config_env_drop_ins_and_command_line() {
+        let dir = root();
+        let units = dir.path().join("etc/systemd/system");
+        fs::create_dir_all(&units).unwrap();
+        // The unit points k3s at another config file; its drop-in (upper-case
+        // extension, as k3s accepts) disables Traefik.
+        fs::write(
+            units.join("k3s.service"),
+            "[Service]\nExecStart=/usr/local/bin/k3s \\\n    server \\\n\t'--config' \\\n\t'/opt/k3s/c.yaml' \\\n",
+        )
+        .unwrap();
+        let d = dir.path().join("opt/k3s/c.yaml.d");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("10-x.YAML"), "disable: [traefik]\n").unwrap();
+        // The default config file says nothing (k3s does not read it here).
+        fs::create_dir_all(dir.path().join(CONFIG_DIR)).unwrap();
+        let status = hardening_status(dir.path());
+        assert!(status.hardened(), "{status:?}");
+        assert_eq!(status.config, dir.path().join("opt/k3s/c.yaml"));
+        assert_eq!(status.disabled_by, [d.join("10-x.YAML")]);
+        // `harden` writes its drop-in where k3s reads.
+        let out = harden(&K3sPaths::new(dir.path()), false).unwrap();
+        assert_eq!(out.drop_in, d.join(DROP_IN_NAME));
+        // A `--disable traefik` on the command line counts too.
+        fs::remove_dir_all(dir.path().join("opt")).unwrap();
+        fs::remove_file(K3sPaths::new(dir.path()).skip_marker()).unwrap();
+        fs::write(
+            units.join("k3s.service"),
+            "[Service]\nExecStart=/usr/local/bin/k3s server --disable=traefik\n",
+        )
+        .unwrap();
+        let status = hardening_status(dir.path());
+        assert!(status.hardened(), "{status:?}");
+        assert!(
+            status.summary().contains("command line: traefik"),
+            "{}",
+            status.summary()
+        );
     }
 }

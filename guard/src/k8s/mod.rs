@@ -1,6 +1,7 @@
 //! Kubernetes and k3s: neutralize Traefik and ServiceLB at the source.
 //!
 //! - [`harden`]: k3s prevention files (config drop-in + skip marker); no API needed.
+//! - [`k3s_invocation`]: which config file and command line k3s starts with.
 //! - [`cluster`]: which kubeconfig, the client, and failure states with clear messages.
 //! - [`claims`]: pure functions: Services/Pods + this node + protected ports → [`PortClaim`]s.
 //! - [`pod_index`]: pod IP → pod, controller and Services, to name a DNAT target.
@@ -13,6 +14,7 @@
 pub mod claims;
 pub mod cluster;
 pub mod harden;
+pub mod k3s_invocation;
 pub mod pod_index;
 pub mod reconfigure;
 pub mod remove;
