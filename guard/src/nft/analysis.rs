@@ -428,6 +428,8 @@ pub struct Walker<'i, 'm> {
     stack: Vec<usize>,
     accepted: Reach,
     base: (usize, usize),
+    /// Whether `base` is a nat chain (else a filter chain walked for tproxy).
+    nat_base: bool,
     takers: HashMap<RuleRef, Taker>,
     /// How surely the probe was dropped or rewritten in the current base
     /// chain (accept and return only end the chain: the next one still runs).
@@ -454,6 +456,7 @@ impl<'i, 'm> Walker<'i, 'm> {
             stack: Vec::new(),
             accepted: Reach::Shadowed,
             base: (0, 0),
+            nat_base: false,
             takers: HashMap::new(),
             lost: Reach::Shadowed,
             skip: &[],
@@ -505,7 +508,7 @@ impl<'i, 'm> Walker<'i, 'm> {
         }
         if self.probe.hook == Hook::Prerouting {
             for (ti, ci) in self.idx.tproxy_base_chains(self.probe.v6) {
-                self.base = (ti, ci);
+                self.set_base(ti, ci);
                 self.memo.clear();
                 self.walk(ti, ci, Reach::Definite, 0);
             }
@@ -526,7 +529,7 @@ impl<'i, 'm> Walker<'i, 'm> {
 
     /// One base chain entered with `reach`: how surely the probe leaves it.
     fn run_base(&mut self, ti: usize, ci: usize, reach: Reach) -> Reach {
-        self.base = (ti, ci);
+        self.set_base(ti, ci);
         self.accepted = Reach::Shadowed;
         self.lost = Reach::Shadowed;
         self.memo.clear();
@@ -724,14 +727,20 @@ impl<'i, 'm> Walker<'i, 'm> {
 impl Walker<'_, '_> {
     /// Whether the walk is in a nat chain (else a filter-type chain, walked for tproxy).
     fn in_nat_chain(&self) -> bool {
-        let (ti, ci) = self.base;
-        self.idx
+        self.nat_base
+    }
+
+    /// The base chain a walk starts from, and whether it is a nat chain.
+    fn set_base(&mut self, ti: usize, ci: usize) {
+        self.base = (ti, ci);
+        self.nat_base = self
+            .idx
             .model
             .tables
             .get(ti)
             .and_then(|t| t.chains.get(ci))
             .and_then(|c| c.base.as_ref())
-            .is_some_and(|b| b.kind == NAT_CHAIN_TYPE)
+            .is_some_and(|b| b.kind == NAT_CHAIN_TYPE);
     }
 
     /// A rule that takes the probe (see [`Taker`]), noted where it can

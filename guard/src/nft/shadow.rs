@@ -40,6 +40,11 @@ pub fn shadowing(
             .map(|h| h.reach)
             .max()
     };
+    // The common case, a hijack alone (or nothing) keeping the owner away:
+    // no rule of anyone's took the probe without rewriting it.
+    if walk.takers.iter().all(|t| ours(&t.at)) {
+        return Vec::new();
+    }
     let Some(before) = served(walk) else {
         // No mapping of the owner's on this path: nothing to shadow.
         return Vec::new();
