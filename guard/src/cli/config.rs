@@ -76,6 +76,20 @@ pub fn show_toml(policy: &Policy, resolved: Option<&ResolvedOwners>) -> String {
     }
     let _ = writeln!(out, "mode = \"{}\"", policy.mode);
     let _ = writeln!(out, "on_shadow = \"{}\"", policy.on_shadow);
+    if policy.kubernetes != crate::policy::KubernetesPolicy::default() {
+        // Under its own key, so that nested tables print as `[kubernetes.remap]`.
+        #[derive(serde::Serialize)]
+        struct Table<'a> {
+            kubernetes: &'a crate::policy::KubernetesPolicy,
+        }
+        out.push('\n');
+        out.push_str(
+            &toml::to_string(&Table {
+                kubernetes: &policy.kubernetes,
+            })
+            .expect("the kubernetes table always serialises"),
+        );
+    }
     for (i, entry) in policy.ports.iter().enumerate() {
         out.push_str("\n[[ports]]\n");
         out.push_str(&toml::to_string(entry).expect("a port entry always serialises"));
@@ -307,6 +321,17 @@ mod tests {
             let shown = show_toml(&parsed, Some(&resolved));
             prop_assert_eq!(parse(&shown), parsed);
         }
+    }
+
+    #[test]
+    fn show_prints_the_kubernetes_table_and_it_parses_back() {
+        let p = parse(
+            "[[ports]]\nport = 80\nowner = \"docker\"\n[kubernetes]\non_claim = \"reconfigure\"\n\
+             remap = { 80 = 8081, 443 = 8444 }\nremove_crds = true\nservicelb_namespace = \"lb\"\n",
+        );
+        let shown = show_toml(&p, None);
+        assert!(shown.contains("[kubernetes.remap]"), "{shown}");
+        assert_eq!(parse(&shown), p, "{shown}");
     }
 
     #[test]

@@ -216,6 +216,14 @@ impl Default for MetricsSpec {
     }
 }
 
+/// `remap` prints as the policy writes it: `{ 80 = 8081 }` (TOML keys are strings).
+fn serialize_remap<S: serde::Serializer>(
+    remap: &std::collections::BTreeMap<u16, u16>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(remap.iter().map(|(from, to)| (from.to_string(), to)))
+}
+
 /// Durations print the way the policy writes them: `10s`, `250ms`.
 fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&types::format_duration(*d))
@@ -390,7 +398,10 @@ pub struct KubernetesPolicy {
     pub servicelb_namespace: String,
     /// `reconfigure`: host port → the port Traefik's Service moves to
     /// (80 → `web`, 443 → `websecure`); empty: the Service becomes ClusterIP.
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        serialize_with = "serialize_remap"
+    )]
     pub remap: std::collections::BTreeMap<u16, u16>,
 }
 

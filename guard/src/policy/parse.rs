@@ -668,6 +668,13 @@ on_shadow = "remove"
         );
         assert_eq!(p.kubernetes.servicelb_namespace, "lb-system");
         assert!(p.kubernetes.remove_crds);
+        // Printed back (`config show`), it parses as the same policy.
+        let shown = p.to_toml();
+        assert_eq!(
+            Policy::parse(&shown, PolicySource::Embedded).unwrap(),
+            p,
+            "{shown}"
+        );
         let d = Policy::parse("", PolicySource::Embedded).unwrap();
         assert_eq!(d.kubernetes.servicelb_namespace, "kube-system");
         assert!(!d.kubernetes.remove_crds);
