@@ -790,3 +790,56 @@ fn a_traefik_that_is_not_k3s_packaged_one_is_never_removed() {
         assert!(api.paths_of("DELETE").is_empty(), "{:?}", api.requests());
     }
 }
+
+/// ServiceLB also runs DaemonSets for a user's LoadBalancer `traefik-internal`
+/// (its name starts like the packaged one's) and for a user's own `traefik`
+/// in namespace `web`. Even if the list answer held them (a server ignoring
+/// the label selector), only the packaged Traefik's is read and deleted.
+#[test]
+fn servicelb_daemonsets_of_users_services_are_never_touched() {
+    let mut list = fixture_json("daemonsets.kube-system.list.json");
+    let ours = list["items"][0].clone();
+    for (name, svc, ns) in [
+        (
+            "svclb-traefik-internal-1a2b3c4d",
+            "traefik-internal",
+            "kube-system",
+        ),
+        ("svclb-traefik-9f8e7d6c", "traefik", "web"),
+    ] {
+        let mut ds = ours.clone();
+        ds["metadata"]["name"] = name.into();
+        ds["metadata"]["uid"] = format!("{name}-uid").into();
+        ds["metadata"]["labels"]["svccontroller.k3s.cattle.io/svcname"] = svc.into();
+        ds["metadata"]["labels"]["svccontroller.k3s.cattle.io/svcnamespace"] = ns.into();
+        list["items"].as_array_mut().unwrap().push(ds);
+    }
+    let mut routes = traefik_removal_routes(false);
+    for r in &mut routes {
+        if r.0 == "GET" && r.1 == apps("daemonsets") {
+            r.2 = Answer {
+                status: 200,
+                body: serde_json::to_vec(&list).unwrap(),
+                stream: false,
+            };
+        }
+    }
+    let api = RecordedApi::start(routes);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let steps = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(&client, &traefik_plan(false), |_| Ok::<(), String>(()))
+            .await
+            .expect("plan resolves")
+    });
+    assert_eq!(steps.len(), 3, "{steps:#?}");
+    assert_eq!(api.paths_of("DELETE"), traefik_delete_paths(false));
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.path.contains("traefik-internal") || r.path.contains("9f8e7d6c")),
+        "{:?}",
+        api.requests()
+    );
+}
