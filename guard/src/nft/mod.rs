@@ -400,15 +400,31 @@ pub fn inspect_probes(
             for taker in shadow::shadowing(&idx, &probe, &walk, &serving, ours) {
                 let f = found
                     .entry((taker.at, proto, probe.dport))
-                    .or_insert_with(|| shadow_finding(model, &taker, proto, probe.dport));
+                    .or_insert_with(|| {
+                        let place = RulePlace {
+                            at: taker.at,
+                            path: &taker.path,
+                            base: taker.base,
+                        };
+                        let how = reason(
+                            FindingKind::Shadow,
+                            None,
+                            &taker.how,
+                            place.base_hook(model),
+                        );
+                        new_finding(
+                            model,
+                            &place,
+                            FindingKind::Shadow,
+                            None,
+                            None,
+                            how,
+                            proto,
+                            probe.dport,
+                        )
+                    });
                 f.note_active(probe.hook, probe.daddr);
-                for &(ti, ci) in &taker.order_unknown_with {
-                    let t = &model.tables[ti];
-                    let name = format!("{} {} {}", t.family, t.name, t.chains[ci].name);
-                    if !f.order_unknown_with.contains(&name) {
-                        f.order_unknown_with.push(name);
-                    }
-                }
+                f.note_order_unknown(model, &taker.order_unknown_with);
                 for t in &owner_targets {
                     let t = t.to_string();
                     if !f.shadows.contains(&t) {
@@ -418,64 +434,29 @@ pub fn inspect_probes(
             }
         }
         for hit in foreign {
-            let table = &model.tables[hit.at.table];
-            let chain = &table.chains[hit.at.chain];
-            let rule = &chain.rules[hit.at.rule];
-            let active = hit.reach > Reach::Shadowed;
             let f = found
                 .entry((hit.at, proto, probe.dport))
                 .or_insert_with(|| {
+                    let place = RulePlace {
+                        at: hit.at,
+                        path: &hit.path,
+                        base: hit.base,
+                    };
                     let (kind, target, target_ip) = describe(&hit.rewrite, probe.dport);
-                    let path: Vec<&str> = hit
-                        .path
-                        .iter()
-                        .map(|&c| table.chains[c].name.as_str())
-                        .collect();
-                    let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
-                    let attribution =
-                        classify::attribute(table, &path, comment.as_deref(), target_ip);
-                    let reason = reason(
+                    let how = reason(kind, target.as_deref(), &hit.how, place.base_hook(model));
+                    new_finding(
+                        model,
+                        &place,
                         kind,
-                        target.as_deref(),
-                        &hit.how,
-                        table.chains[hit.base.1].base.as_ref(),
-                    );
-                    Finding {
-                        kind,
-                        family: table.family,
-                        table: table.name.clone(),
-                        chain: chain.name.clone(),
-                        handle: (table.origin != TableOrigin::IptablesLegacy)
-                            .then_some(rule.handle),
-                        position: hit.at.rule + 1,
-                        origin: table.origin,
-                        proto,
-                        port: probe.dport,
                         target,
-                        active: false,
-                        active_on: Vec::new(),
-                        active_paths: Vec::new(),
-                        reason,
-                        source: attribution.source,
-                        evidence: attribution.evidence,
-                        comment,
-                        chain_path: path.iter().map(|s| (*s).to_owned()).collect(),
-                        base_priority: table.chains[hit.base.1]
-                            .base
-                            .as_ref()
-                            .map_or(0, |b| b.priority),
-                        order_unknown_with: Vec::new(),
-                        shadows: Vec::new(),
-                    }
+                        target_ip,
+                        how,
+                        proto,
+                        probe.dport,
+                    )
                 });
-            if active {
-                for &(ti, ci) in &hit.order_unknown_with {
-                    let t = &model.tables[ti];
-                    let name = format!("{} {} {}", t.family, t.name, t.chains[ci].name);
-                    if !f.order_unknown_with.contains(&name) {
-                        f.order_unknown_with.push(name);
-                    }
-                }
+            if hit.reach > Reach::Shadowed {
+                f.note_order_unknown(model, &hit.order_unknown_with);
                 f.note_active(probe.hook, probe.daddr);
             }
         }
@@ -508,6 +489,17 @@ pub fn inspect_probes(
 }
 
 impl Finding {
+    /// Names the equal-priority base chains (table, chain) that may run first.
+    fn note_order_unknown(&mut self, model: &RulesetModel, chains: &[(usize, usize)]) {
+        for &(ti, ci) in chains {
+            let t = &model.tables[ti];
+            let name = format!("{} {} {}", t.family, t.name, t.chains[ci].name);
+            if !self.order_unknown_with.contains(&name) {
+                self.order_unknown_with.push(name);
+            }
+        }
+    }
+
     /// Counts a probe that reaches the rule: active on its hook and address.
     fn note_active(&mut self, hook: Hook, daddr: IpAddr) {
         self.active = true;
@@ -522,44 +514,66 @@ impl Finding {
     }
 }
 
-/// The finding for a rule that shadows the owner's mapping.
-fn shadow_finding(
+/// Where a rule met on a walk sits: the rule, the chains down to it, and the
+/// base chain the walk entered by.
+struct RulePlace<'a> {
+    at: analysis::RuleRef,
+    path: &'a [usize],
+    base: (usize, usize),
+}
+
+impl RulePlace<'_> {
+    fn base_hook<'m>(&self, model: &'m RulesetModel) -> Option<&'m model::BaseHook> {
+        model.tables[self.base.0].chains[self.base.1].base.as_ref()
+    }
+}
+
+/// A finding for the rule at `place` (hijack or shadow), not yet active on
+/// any path.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one finding's fields, named at both call sites"
+)]
+fn new_finding(
     model: &RulesetModel,
-    taker: &analysis::Taker,
+    place: &RulePlace<'_>,
+    kind: FindingKind,
+    target: Option<String>,
+    target_ip: Option<IpAddr>,
+    reason: String,
     proto: Proto,
     port: u16,
 ) -> Finding {
-    let table = &model.tables[taker.at.table];
-    let chain = &table.chains[taker.at.chain];
-    let rule = &chain.rules[taker.at.rule];
-    let path: Vec<&str> = taker
+    let table = &model.tables[place.at.table];
+    let chain = &table.chains[place.at.chain];
+    let rule = &chain.rules[place.at.rule];
+    let path: Vec<&str> = place
         .path
         .iter()
         .map(|&c| table.chains[c].name.as_str())
         .collect();
     let comment = rule.comment.clone().or_else(|| xt_comment(rule.exprs()));
-    let attribution = classify::attribute(table, &path, comment.as_deref(), None);
-    let base = table.chains[taker.base.1].base.as_ref();
+    let attribution = classify::attribute(table, &path, comment.as_deref(), target_ip);
     Finding {
-        kind: FindingKind::Shadow,
+        kind,
         family: table.family,
         table: table.name.clone(),
         chain: chain.name.clone(),
         handle: (table.origin != TableOrigin::IptablesLegacy).then_some(rule.handle),
-        position: taker.at.rule + 1,
+        position: place.at.rule + 1,
         origin: table.origin,
         proto,
         port,
-        target: None,
+        target,
         active: false,
         active_on: Vec::new(),
         active_paths: Vec::new(),
-        reason: reason(FindingKind::Shadow, None, &taker.how, base),
+        reason,
         source: attribution.source,
         evidence: attribution.evidence,
         comment,
         chain_path: path.iter().map(|s| (*s).to_owned()).collect(),
-        base_priority: base.map_or(0, |b| b.priority),
+        base_priority: place.base_hook(model).map_or(0, |b| b.priority),
         order_unknown_with: Vec::new(),
         shadows: Vec::new(),
     }
