@@ -28,6 +28,22 @@ use portguard_tests::k8s_api::{
     traefik_delete_paths, traefik_removal_routes, watched_routes, write_kubeconfig,
 };
 
+/// Runs the packaged Traefik's `remove` plan against `api`, every record accepted.
+fn remove_traefik(api: &RecordedApi, remove_crds: bool) -> Vec<RemovalStep> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        remove::remove(
+            &client,
+            &traefik_plan(remove_crds),
+            |_| Ok::<(), String>(()),
+        )
+        .await
+        .expect("plan resolves")
+    })
+}
+
 /// The packaged Traefik's plan: `remove`, with or without `remove_crds`.
 fn traefik_plan(remove_crds: bool) -> remove::RemovalPlan {
     remove::k3s_traefik_plan(&KubernetesPolicy {
@@ -315,14 +331,7 @@ fn traefik_removal_records_each_manifest_whole_then_deletes_exactly_those_object
 #[test]
 fn traefik_crd_is_left_alone_unless_remove_crds() {
     let api = removable_cluster(true);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    let steps = runtime().block_on(async {
-        let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &traefik_plan(false), |_| Ok::<(), String>(()))
-            .await
-            .expect("plan resolves")
-    });
+    let steps = remove_traefik(&api, false);
     assert_eq!(steps.len(), 3, "{steps:#?}");
     assert_eq!(api.paths_of("DELETE"), traefik_delete_paths(false));
     assert!(!api.requests().iter().any(|r| r.path == helm("traefik-crd")));
@@ -392,14 +401,7 @@ fn restore_refuses_servicelbs_daemonset() {
 #[test]
 fn a_missing_helmchart_is_already_gone_and_not_deleted() {
     let api = removable_cluster(false);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    let steps = runtime().block_on(async {
-        let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &traefik_plan(true), |_| Ok::<(), String>(()))
-            .await
-            .expect("plan resolves")
-    });
+    let steps = remove_traefik(&api, true);
     assert_eq!(steps.len(), 4);
     assert_eq!(
         steps[3],
@@ -825,14 +827,7 @@ fn servicelb_daemonsets_of_users_services_are_never_touched() {
         }
     }
     let api = RecordedApi::start(routes);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    let steps = runtime().block_on(async {
-        let client = cluster::connect(&kubeconfig).await.expect("client");
-        remove::remove(&client, &traefik_plan(false), |_| Ok::<(), String>(()))
-            .await
-            .expect("plan resolves")
-    });
+    let steps = remove_traefik(&api, false);
     assert_eq!(steps.len(), 3, "{steps:#?}");
     assert_eq!(api.paths_of("DELETE"), traefik_delete_paths(false));
     assert!(
