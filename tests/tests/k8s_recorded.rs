@@ -154,8 +154,9 @@ fn watches_find_traefik_loadbalancer_svclb_hostports_and_a_watched_external_ip()
     .into_iter()
     .map(str::to_owned)
     .collect();
-    // Not claims: the ingress IP 203.0.113.20 is another node's; the kubernetes
-    // Service is ClusterIP; Traefik's own pod has containerPort 8443 but no hostPort.
+    // Not claims: the ingress IP 203.0.113.20 is k3s-node-b's, and so are the
+    // hostPorts of the svclb pod running there; the kubernetes Service is
+    // ClusterIP; Traefik's own pod has containerPort 8443 but no hostPort.
     assert_eq!(shown, expected);
     assert!(
         view.claims
