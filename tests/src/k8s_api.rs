@@ -389,10 +389,12 @@ pub fn traefik_removal_routes(crd_present: bool) -> Vec<Route> {
             helm("traefik"),
             Answer::fixture(200, "helmchart.traefik.json"),
         ),
+        // helm-controller's finalizer holds a HelmChart: the DELETE answers
+        // with the object, deletionTimestamp set.
         (
             "DELETE",
             helm("traefik"),
-            Answer::fixture(200, "helmchart.traefik.json"),
+            Answer::fixture(200, "helmchart.traefik.deleting.json"),
         ),
     ];
     if crd_present {
@@ -404,7 +406,7 @@ pub fn traefik_removal_routes(crd_present: bool) -> Vec<Route> {
         routes.push((
             "DELETE",
             helm("traefik-crd"),
-            Answer::fixture(200, "helmchart.traefik-crd.json"),
+            Answer::fixture(200, "helmchart.traefik-crd.deleting.json"),
         ));
     } else {
         routes.push((
@@ -412,6 +414,40 @@ pub fn traefik_removal_routes(crd_present: bool) -> Vec<Route> {
             helm("traefik-crd"),
             Answer::fixture(404, "status.404.helmchart.json"),
         ));
+    }
+    routes
+}
+
+/// The CRD list, and each kind of k3s's `traefik-crd` release listed across
+/// namespaces as `PartialObjectMetadataList` (what `list_metadata` asks for):
+/// 2 IngressRoutes and 1 Middleware (traefik.io), 1 TLSOption
+/// (traefik.containo.us), none of the other 15 kinds. Kinds of other CRDs have
+/// no route: listing them answers 404.
+pub fn traefik_crd_count_routes() -> Vec<Route> {
+    let crds = fixture_json("crds.list.json");
+    let mut routes = vec![(
+        "GET",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions".to_owned(),
+        Answer::fixture(200, "crds.list.json"),
+    )];
+    for crd in crds["items"].as_array().expect("items") {
+        let ann = &crd["metadata"]["annotations"];
+        if ann["meta.helm.sh/release-name"] != "traefik-crd" {
+            continue;
+        }
+        let spec = &crd["spec"];
+        let (group, plural) = (
+            spec["group"].as_str().expect("group"),
+            spec["names"]["plural"].as_str().expect("plural"),
+        );
+        let version = spec["versions"][0]["name"].as_str().expect("version");
+        let file = format!("partialobjectmetadata.{plural}.{group}.json");
+        let answer = if fixtures_dir().join(&file).exists() {
+            Answer::fixture(200, &file)
+        } else {
+            Answer::fixture(200, "partialobjectmetadata.empty.json")
+        };
+        routes.push(("GET", format!("/apis/{group}/{version}/{plural}"), answer));
     }
     routes
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use portguard_tests::{
     check_json,
-    k8s_api::{RecordedApi, watched_routes},
+    k8s_api::{RecordedApi, traefik_crd_count_routes, watched_routes},
     netns::NetNs,
     portguard_bin, require_root,
 };
@@ -247,4 +247,89 @@ fn listeners_without_cgroup2_name_what_they_cannot_know() {
     let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(host.lines().any(|l| l.contains(" - cgroup2 ")), "{host}");
     drop(sock);
+}
+
+/// With `remove_crds = true`, `check` says what deleting HelmChart
+/// `traefik-crd` would take with it, counted in the cluster now (recorded k3s
+/// answers: 18 CRDs of the release, 4 objects), and writes nothing there.
+#[test]
+fn remove_crds_is_warned_with_what_it_would_delete() {
+    require_root();
+    let ns = NetNs::new("pg-chk-crd");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[ports]]\nport = 80\nowner = \"docker\"\n\
+         [kubernetes]\non_claim = \"remove\"\nremove_crds = true\n",
+    )
+    .unwrap();
+    let api = RecordedApi::start(traefik_crd_count_routes());
+    let kubeconfig = api.kubeconfig(dir.path());
+    let kubeconfig = kubeconfig.to_str().unwrap();
+
+    let (code, v) = check(&ns, &policy, &["--kubeconfig", kubeconfig]);
+    assert_eq!(code, 0, "a warning is not a finding: {v:#}");
+    let counted = &v["crd_removal"]["counted"];
+    assert_eq!(counted["crds"].as_array().map(Vec::len), Some(18), "{v:#}");
+    let objects: u64 = counted["crds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["objects"].as_u64().unwrap())
+        .sum();
+    assert_eq!(objects, 4);
+
+    let out = Command::new(portguard_bin())
+        .args([
+            "check",
+            "--netns",
+            ns.name(),
+            "--kubeconfig",
+            kubeconfig,
+            "--config",
+        ])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "warning: remove_crds = true: deleting HelmChart kube-system/traefik-crd uninstalls \
+             18 CRD(s) and with them 4 object(s) in every namespace: 2 IngressRoute"
+        ) && text.contains("no audit record can bring these back"),
+        "{text}"
+    );
+    assert!(
+        api.requests().iter().all(|r| r.method == "GET"),
+        "{:#?}",
+        api.requests()
+    );
+
+    // Without remove_crds nothing is counted or said.
+    std::fs::write(
+        &policy,
+        "[[ports]]\nport = 80\nowner = \"docker\"\n[kubernetes]\non_claim = \"remove\"\n",
+    )
+    .unwrap();
+    let before = api.requests().len();
+    let (code, v) = check(&ns, &policy, &["--kubeconfig", kubeconfig]);
+    assert_eq!(code, 0);
+    assert!(v["crd_removal"].is_null(), "{v:#}");
+    assert_eq!(
+        api.requests().len(),
+        before,
+        "no request without remove_crds"
+    );
+
+    // An unreachable cluster: the warning still stands, saying it could not count.
+    std::fs::write(
+        &policy,
+        "[[ports]]\nport = 80\nowner = \"docker\"\n\
+         [kubernetes]\non_claim = \"remove\"\nremove_crds = true\n",
+    )
+    .unwrap();
+    let (_, v) = check(&ns, &policy, &["--kubeconfig", "/nonexistent/k3s.yaml"]);
+    let why = v["crd_removal"]["uncounted"].as_str().unwrap_or_default();
+    assert!(why.contains("/nonexistent/k3s.yaml"), "{v:#}");
 }

@@ -36,6 +36,7 @@ fn applied_objects() -> Vec<(String, Value)> {
         "helmchart.traefik.json",
         "helmchart.traefik-crd.json",
         "helmchart.traefik.deleting.json",
+        "helmchart.traefik-crd.deleting.json",
     ] {
         out.push((file.to_owned(), fixture_json(file)));
     }
@@ -261,6 +262,7 @@ fn helmcharts_carry_what_helm_controller_writes() {
         "helmchart.traefik.json",
         "helmchart.traefik-crd.json",
         "helmchart.traefik.deleting.json",
+        "helmchart.traefik-crd.deleting.json",
         "helmchart.traefik.user.json",
     ] {
         let chart = fixture_json(file);
@@ -301,6 +303,11 @@ fn helmcharts_carry_what_helm_controller_writes() {
     assert_eq!(deleting["metadata"]["deletionGracePeriodSeconds"], 0);
     assert!(deleting["metadata"]["deletionTimestamp"].is_string());
     assert!(traefik["metadata"].get("deletionTimestamp").is_none());
+    let crd = fixture_json("helmchart.traefik-crd.json");
+    let crd_deleting = fixture_json("helmchart.traefik-crd.deleting.json");
+    assert_eq!(crd["metadata"]["uid"], crd_deleting["metadata"]["uid"]);
+    assert_eq!(crd["spec"], crd_deleting["spec"]);
+    assert!(crd_deleting["metadata"]["deletionTimestamp"].is_string());
     // The CRD chart has no values (manifests/traefik.yaml); Traefik's has them.
     assert!(
         fixture_json("helmchart.traefik-crd.json")["spec"]

@@ -17,7 +17,7 @@ use std::{
 use portguard::{
     k8s::{
         ClaimVia, ClusterError, ClusterState, ClusterView, NodeIdentity, RemovalStep, cluster,
-        remove, spawn_watches,
+        crd_impact, remove, spawn_watches,
     },
     policy::{
         KubeKind, KubeObjectName, KubernetesPolicy, OnClaim, Policy, PolicySource, ProtectedPort,
@@ -25,7 +25,8 @@ use portguard::{
 };
 use portguard_tests::k8s_api::{
     Answer, RecordedApi, SVCLB, SVCLB_TRAEFIK_SELECTOR, apps, core, fixture_json, helm,
-    traefik_delete_paths, traefik_removal_routes, watched_routes, write_kubeconfig,
+    traefik_crd_count_routes, traefik_delete_paths, traefik_removal_routes, watched_routes,
+    write_kubeconfig,
 };
 
 /// Runs the packaged Traefik's `remove` plan against `api`, every record accepted.
@@ -579,6 +580,8 @@ fn recorded_fixtures_parse_as_k8s_openapi_types() {
     let _: Service = serde_json::from_value(fixture_json("service.traefik.json")).expect("Service");
     let _: DaemonSet = serde_json::from_value(fixture_json(&format!("daemonset.{SVCLB}.json")))
         .expect("DaemonSet");
+    let _: List<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        serde_json::from_value(fixture_json("crds.list.json")).expect("CustomResourceDefinitionList");
 }
 
 #[test]
@@ -837,5 +840,84 @@ fn servicelb_daemonsets_of_users_services_are_never_touched() {
             .any(|r| r.path.contains("traefik-internal") || r.path.contains("9f8e7d6c")),
         "{:?}",
         api.requests()
+    );
+}
+
+/// What `remove_crds = true` would destroy is counted from the CRDs of k3s's
+/// `traefik-crd` Helm release only (never k3s's own CRDs or another
+/// release's), kind by kind across namespaces, with GETs alone.
+#[test]
+fn remove_crds_impact_counts_the_objects_of_the_releases_crds_and_writes_nothing() {
+    let api = RecordedApi::start(traefik_crd_count_routes());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let impact = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        crd_impact::traefik_crd_impact(&client)
+            .await
+            .expect("counted")
+    });
+    assert_eq!(impact.crds.len(), 18, "{impact:#?}");
+    assert_eq!(impact.objects(), 4);
+    let counted: Vec<(&str, u64)> = impact
+        .crds
+        .iter()
+        .filter(|c| c.objects > 0)
+        .map(|c| (c.crd.as_str(), c.objects))
+        .collect();
+    assert_eq!(
+        counted,
+        [
+            ("ingressroutes.traefik.io", 2),
+            ("middlewares.traefik.io", 1),
+            ("tlsoptions.traefik.containo.us", 1),
+        ]
+    );
+    assert_eq!(
+        impact.to_string(),
+        "deleting HelmChart kube-system/traefik-crd uninstalls 18 CRD(s) and with them 4 object(s) \
+         in every namespace: 2 IngressRoute (ingressroutes.traefik.io), 1 Middleware \
+         (middlewares.traefik.io), 1 TLSOption (tlsoptions.traefik.containo.us)"
+    );
+
+    let seen = api.requests();
+    assert!(seen.iter().all(|r| r.method == "GET"), "{seen:#?}");
+    assert_eq!(
+        seen[0].path,
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    );
+    let listed: BTreeSet<&str> = seen[1..].iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(listed.len(), 18, "each kind listed once: {listed:#?}");
+    assert!(
+        listed
+            .iter()
+            .all(|p| p.starts_with("/apis/traefik.io/v1alpha1/")
+                || p.starts_with("/apis/traefik.containo.us/v1alpha1/")),
+        "only the release's kinds: {listed:#?}"
+    );
+}
+
+/// Without the right to list CRDs the count is refused with the API's own words.
+#[test]
+fn remove_crds_impact_without_rights_says_so() {
+    let api = RecordedApi::start([(
+        "GET",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions".to_owned(),
+        Answer::fixture(403, "status.403.crds.json"),
+    )]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let err = runtime().block_on(async {
+        let client = cluster::connect(&kubeconfig).await.expect("client");
+        crd_impact::traefik_crd_impact(&client)
+            .await
+            .expect_err("forbidden")
+    });
+    let err = ClusterError::from_kube(err, "counting the objects of Traefik's CRDs");
+    assert!(matches!(err, ClusterError::Forbidden { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("cannot list resource \"customresourcedefinitions\""),
+        "{err}"
     );
 }

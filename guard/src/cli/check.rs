@@ -18,10 +18,14 @@ use super::{
 };
 use crate::{
     ebpf::Ownership,
-    k8s::{self, ClusterState, ClusterView, K8sSource, NodeIdentity, hardening_status},
+    k8s::{
+        self, ClusterState, ClusterView, K8sSource, NodeIdentity, cluster,
+        crd_impact::{CrdImpact, traefik_crd_impact},
+        hardening_status,
+    },
     nft::{self, Finding, InspectInput, OwnedTargets},
     owners::{Owners, ResolvedOwners},
-    policy::Policy,
+    policy::{OnClaim, Policy},
 };
 
 const EXIT_FINDINGS: u8 = 1;
@@ -31,8 +35,10 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// Print `{"findings":[…], "listeners":[…], "hardening":{…}, "kubernetes":{…},
-    /// "unknown":{…}}` instead of tables (`unknown`: what could not be resolved
-    /// without a visible cgroup v2 hierarchy, else null).
+    /// "crd_removal":{…}, "unknown":{…}}` instead of tables (`crd_removal`: with
+    /// `remove_crds = true`, what deleting HelmChart traefik-crd would take with
+    /// it, else null; `unknown`: what could not be resolved without a visible
+    /// cgroup v2 hierarchy, else null).
     #[arg(long)]
     pub json: bool,
     /// kubeconfig for naming the pods and Services behind foreign rules
@@ -46,6 +52,28 @@ pub struct CheckArgs {
 
 /// How long `check` waits for the Kubernetes watches' first lists.
 const KUBE_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// With `remove_crds = true`: what deleting HelmChart `traefik-crd` would
+/// delete, counted now, or why it could not be counted.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum CrdRemoval {
+    Counted(CrdImpact),
+    Uncounted(String),
+}
+
+impl CrdRemoval {
+    fn warning(&self) -> String {
+        let what = match self {
+            Self::Counted(impact) => impact.to_string(),
+            Self::Uncounted(why) => format!(
+                "deleting HelmChart kube-system/traefik-crd uninstalls every Traefik CRD of k3s \
+                 and every object of theirs, which could not be counted: {why}"
+            ),
+        };
+        format!("remove_crds = true: {what}; no audit record can bring these back")
+    }
+}
 
 /// A finding, with the Kubernetes objects behind its target when known.
 #[derive(Serialize)]
@@ -95,6 +123,9 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let crd_removal = (policy.kubernetes.on_claim == OnClaim::Remove
+        && policy.kubernetes.remove_crds)
+        .then(|| runtime.block_on(crd_removal(&args, &policy)));
     let checked: Vec<CheckedFinding<'_>> = findings
         .iter()
         .map(|f| CheckedFinding {
@@ -111,6 +142,7 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
             "listeners": strangers,
             "hardening": hardening,
             "kubernetes": cluster.as_ref().map(|c| &c.state),
+            "crd_removal": crd_removal,
             "warnings": model.warnings,
             "unknown": blind,
         });
@@ -129,6 +161,9 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(b) = &blind {
             println!("{}", b.message);
+        }
+        if let Some(c) = &crd_removal {
+            println!("warning: {}", c.warning());
         }
     }
     Ok(if findings.is_empty() && strangers.is_empty() {
@@ -150,6 +185,23 @@ async fn cluster_view(args: &CheckArgs, policy: &Policy, node: NodeIdentity) -> 
     )
     .await;
     watch.view.borrow().clone()
+}
+
+/// Counts what `remove_crds` would delete, in the cluster `check` talks to.
+async fn crd_removal(args: &CheckArgs, policy: &Policy) -> CrdRemoval {
+    let count = async {
+        let connection = cluster::open(args.kubeconfig.as_deref(), &policy.kubernetes)
+            .await
+            .map_err(|e| e.to_string())?;
+        traefik_crd_impact(&connection.client).await.map_err(|e| {
+            k8s::ClusterError::from_kube(e, "counting the objects of Traefik's CRDs").to_string()
+        })
+    };
+    match tokio::time::timeout(KUBE_SYNC_WAIT, count).await {
+        Ok(Ok(impact)) => CrdRemoval::Counted(impact),
+        Ok(Err(why)) => CrdRemoval::Uncounted(why),
+        Err(_) => CrdRemoval::Uncounted(format!("no answer within {}s", KUBE_SYNC_WAIT.as_secs())),
+    }
 }
 
 /// The address a rule sends connections to (`198.51.100.7:80`, `[2001:db8::7]:80`, an address alone).

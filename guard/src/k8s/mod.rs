@@ -8,11 +8,13 @@
 //! - [`watch`]: Service and Pod watches feeding a `watch` channel of [`ClusterView`].
 //! - [`remove`]: removal plans (k3s's packaged Traefik, or objects the policy names),
 //!   each object recorded whole before deletion; restore from a record.
+//! - [`crd_impact`]: what deleting HelmChart `traefik-crd` would take with it, counted.
 //! - [`reconfigure`]: the least destructive remedy, a HelmChartConfig that takes
 //!   the packaged Traefik off the host ports; undone by deleting it.
 
 pub mod claims;
 pub mod cluster;
+pub mod crd_impact;
 pub mod harden;
 pub mod k3s_invocation;
 pub mod pod_index;

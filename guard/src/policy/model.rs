@@ -392,7 +392,8 @@ pub struct KubernetesPolicy {
     pub removable: Vec<KubeObjectName>,
     /// `remove` of the packaged Traefik also deletes HelmChart `traefik-crd`,
     /// and with it every Traefik CRD and every IngressRoute, Middleware, TLSOption…
-    /// anyone made: only when said (default false).
+    /// anyone made: only when said (default false). `portguard check` counts
+    /// what that would delete ([`crate::k8s::crd_impact`]) and warns.
     pub remove_crds: bool,
     /// Where ServiceLB keeps its DaemonSets (k3s `--servicelb-namespace`).
     pub servicelb_namespace: String,
