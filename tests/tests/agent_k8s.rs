@@ -178,3 +178,64 @@ fn observe_mode_reports_claims_and_removes_nothing() {
     );
     assert!(audit.iter().all(|r| r["kind"] != "k8s_object_removed"));
 }
+
+/// Per-port `mode = "observe"` holds the Kubernetes layer back for those ports
+/// (the global mode is enforce); a SIGHUP after the policy drops it restarts
+/// the layer with the new policy, which then removes the packaged Traefik once.
+#[test]
+fn per_port_observe_is_honoured_and_sighup_applies_the_new_policy() {
+    require_root();
+    let api = k3s_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let policy = dir.path().join("policy.toml");
+    let write_policy = |port_mode: &str| {
+        std::fs::write(
+            &policy,
+            format!(
+                "[[ports]]\nport = 80\nowner = \"docker\"\n{port_mode}\
+                 [[ports]]\nport = 443\nowner = \"docker\"\n{port_mode}\
+                 [kubernetes]\non_claim = \"remove\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_policy("mode = \"observe\"\n");
+    let cgroup = Cgroup::new("pg-k8s-hup");
+    let ns = NetNs::new("pg-k8s-hup");
+    let mut agent = start_agent(&policy, &cgroup, &ns, &kubeconfig);
+    // The claims of ServiceLB's pod on this node (80 and 443) are seen, and
+    // each is left alone because its port is observed.
+    for _ in 0..2 {
+        agent.wait_for_event(Duration::from_secs(20), "kube_removal_observed");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        api.requests().iter().all(|r| r.method == "GET"),
+        "observed ports change nothing in the cluster: {:#?}",
+        api.paths_of("DELETE")
+    );
+
+    write_policy("");
+    // SAFETY: signalling the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for_event(Duration::from_secs(10), "policy_reloaded");
+    for _ in 0..3 {
+        agent.wait_for_event(Duration::from_secs(20), "kube_object_removed");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        api.paths_of("DELETE"),
+        traefik_delete_paths(false),
+        "the reloaded policy enforces: k3s's packaged Traefik, in order, once"
+    );
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r["kind"] == "k8s_object_removed")
+            .count(),
+        3
+    );
+}
