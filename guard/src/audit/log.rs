@@ -11,7 +11,10 @@ use std::{
 
 use time::OffsetDateTime;
 
-use super::record::{AuditEvent, AuditRecord};
+use super::{
+    host::Host,
+    record::{AuditEvent, AuditRecord},
+};
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/lib/portguard/audit.jsonl";
 /// The log holds what was removed, whole: readable by root and the admin group only.
@@ -73,6 +76,8 @@ pub struct AuditLog {
     next_seq: u64,
     rotation: Rotation,
     torn: Option<TornTail>,
+    /// This host, named in every record (read once, when the log opens).
+    host: Host,
     /// Tests: every append fails with this errno (a full disk, without one).
     #[cfg(test)]
     failing: Option<i32>,
@@ -126,6 +131,7 @@ impl AuditLog {
             file,
             rotation,
             torn: None,
+            host: Host::this(),
             #[cfg(test)]
             failing: None,
         };
@@ -162,6 +168,7 @@ impl AuditLog {
         let record = AuditRecord {
             seq: self.next_seq,
             ts: OffsetDateTime::now_utc(),
+            host: Some(self.host.clone()),
             event,
         };
         let mut line = serde_json::to_vec(&record)?;

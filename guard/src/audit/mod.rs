@@ -5,13 +5,17 @@
 //! `report` and `restore` read an [`AuditTrail`].
 
 pub mod aggregate;
+mod host;
 mod log;
 mod reader;
 mod record;
 
 pub use aggregate::BindAggregator;
+pub use host::Host;
 pub use log::{
     AUDIT_FILE_MODE, AuditError, AuditHandle, AuditLog, DEFAULT_AUDIT_PATH, Rotation, TornTail,
 };
 pub use reader::{AuditTrail, UnreadableLine, rotated_files};
-pub use record::{AuditEvent, AuditRecord, BindAttempt, ForeignRuleRecord, K8sObjectRecord};
+pub use record::{
+    AuditEvent, AuditRecord, BindAttempt, Committer, ForeignRuleRecord, K8sObjectRecord, ProcessRef,
+};

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::host::Host;
 use crate::types::Proto;
 
 /// One line of the audit log: a sequence number, a time, and what happened.
@@ -18,6 +19,9 @@ pub struct AuditRecord {
     pub seq: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub ts: OffsetDateTime,
+    /// The host that wrote it (records of older agents have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Host>,
     #[serde(flatten)]
     pub event: AuditEvent,
 }
@@ -72,6 +76,89 @@ pub struct ForeignRuleRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     pub rule: Value,
+    /// Who committed the rule, when the agent saw the commit (a rule that was
+    /// there before the agent started, or came with a full re-read, has none).
+    /// Boxed: most records have none, and every event is as large as its largest kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committer: Option<Box<Committer>>,
+}
+
+/// Who committed the nf_tables transaction that added a rule: the process
+/// the kernel names in its `NFT_MSG_NEWGEN`, resolved through `/proc` at once
+/// (while it lives), with the processes it was started by.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committer {
+    pub pid: u32,
+    /// The kernel's name for it (`comm`, at most 15 bytes).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The committer's cgroup v2 path; when it had exited, its nearest
+    /// living parent's (`cgroup_of` says whose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_of: Option<u32>,
+    /// What that cgroup says: a systemd unit, a container, a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Its parent, grandparent, … up to (not including) pid 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<ProcessRef>,
+    /// The committer had exited before it could be read (a short-lived
+    /// `iptables-restore`, say): only the kernel's pid and name are its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
+    /// The generation its transaction created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+    /// When the agent read the commit's `NEWGEN`.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub committed_at: Option<OffsetDateTime>,
+}
+
+/// One process of a committer's parent chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+}
+
+impl std::fmt::Display for Committer {
+    /// `nft (pid 4242, /usr/sbin/nft, unit ssh.service)`, or for one that had
+    /// exited: `iptables-nft-re (pid 812, exited) via k3s-server (pid 77, /usr/local/bin/k3s), unit k3s.service`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (pid {}", self.name, self.pid)?;
+        if self.gone {
+            f.write_str(", exited")?;
+        } else if let Some(exe) = &self.exe {
+            write!(f, ", {exe}")?;
+        }
+        f.write_str(")")?;
+        if let Some(p) = self.parents.first() {
+            write!(f, " via {} (pid {}", p.name, p.pid)?;
+            if let Some(exe) = &p.exe {
+                write!(f, ", {exe}")?;
+            }
+            f.write_str(")")?;
+        }
+        if let Some(unit) = &self.unit {
+            write!(f, ", unit {unit}")?;
+        }
+        if let Some(id) = &self.container_id {
+            write!(f, ", container {}", &id[..id.len().min(12)])?;
+        }
+        if let Some(uid) = &self.pod_uid {
+            write!(f, ", pod {uid}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A Kubernetes object, whole, as the API server returned it.
@@ -262,6 +349,7 @@ mod tests {
         AuditRecord {
             seq: 7,
             ts: time::macros::datetime!(2026-03-01 12:00:00 UTC),
+            host: None,
             event,
         }
     }
@@ -276,6 +364,7 @@ mod tests {
             source: "kube-proxy".into(),
             location: Some("ip nat KUBE-SERVICES handle 12".into()),
             rule: rule.clone(),
+            committer: None,
         }));
         let v: Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["seq"], 7);

@@ -1,6 +1,10 @@
-//! `portguard report [--since D] [--format table|json|html] [--output F]`.
+//! `portguard report [--audit-log FILE|DIR]… [--since D] [--format table|json|html] [--output F]`.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use time::OffsetDateTime;
@@ -9,7 +13,7 @@ use super::PolicyArgs;
 use crate::{
     audit::{AuditTrail, DEFAULT_AUDIT_PATH},
     policy::Policy,
-    report::{Report, render_html, render_table},
+    report::{Report, Source, render_html, render_table},
     types::parse_duration,
 };
 
@@ -35,22 +39,36 @@ pub struct ReportArgs {
     /// Write here instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// The audit log (rotated files next to it are read too).
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_AUDIT_PATH, env = "PORTGUARD_AUDIT_LOG")]
-    pub log: PathBuf,
+    /// An audit log (its rotated files `FILE.N` are read too), or a directory
+    /// of them (every `*.jsonl` in it). Repeat it for the logs of many hosts,
+    /// collected in one place: the report names each record's host and adds
+    /// the fleet's totals.
+    #[arg(
+        long = "audit-log",
+        visible_alias = "log",
+        value_name = "FILE|DIR",
+        default_value = DEFAULT_AUDIT_PATH,
+        env = "PORTGUARD_AUDIT_LOG"
+    )]
+    pub logs: Vec<PathBuf>,
 }
 
 pub fn main(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let (policy, _) = Policy::load(args.policy.config.as_deref())?;
-    let trail = AuditTrail::read(&args.log)?;
+    let mut logs = Vec::new();
+    for path in &args.logs {
+        logs.extend(log_files(path)?);
+    }
+    let mut trails = Vec::with_capacity(logs.len());
+    for log in &logs {
+        trails.push((log.display().to_string(), AuditTrail::read(log)?));
+    }
+    let sources: Vec<Source<'_>> = trails
+        .iter()
+        .map(|(log, trail)| Source { log, trail })
+        .collect();
     let now = OffsetDateTime::now_utc();
-    let report = Report::build(
-        &trail,
-        &policy,
-        &args.log.display().to_string(),
-        args.since.map(|d| now - d),
-        now,
-    );
+    let report = Report::build(&sources, &policy, args.since.map(|d| now - d), now);
     let text = match args.format {
         Format::Table => render_table(&report),
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
@@ -63,4 +81,26 @@ pub fn main(args: ReportArgs) -> anyhow::Result<ExitCode> {
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The logs a `--audit-log` names: the file itself, or every `*.jsonl` in a
+/// directory (sorted; their rotated files come with them). A directory with
+/// none is an error: a report of nothing would look like a clean fleet.
+fn log_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading the directory {}", path.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(
+        !files.is_empty(),
+        "{}: no audit log (*.jsonl) in this directory",
+        path.display()
+    );
+    Ok(files)
 }

@@ -196,6 +196,31 @@ pub struct Rule {
     raw: Option<RawExprs>,
     /// The rule's raw `NFTA_RULE_USERDATA` (comments), kept for restores.
     userdata: Option<RawExprs>,
+    /// The transaction that added it, when the agent saw it committed (a
+    /// rule read from a dump has none: who wrote it is unknown).
+    committed: Option<Arc<Commit>>,
+}
+
+/// One committed nf_tables transaction, as its `NFT_MSG_NEWGEN` names it: the
+/// process that committed it (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`, what
+/// `nft monitor` prints as "new generation N by process PID (NAME)") and the
+/// generation it created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// In the initial pid namespace (the kernel's `task_pid_nr`).
+    pub pid: u32,
+    /// The committer's `comm` (at most 15 bytes).
+    pub name: String,
+    pub generation: Option<u32>,
+    /// When the agent read the `NEWGEN` (the commit, within the agent's
+    /// notification latency).
+    pub seen: std::time::SystemTime,
+    /// Read from `/proc/PID/stat` when the `NEWGEN` arrived, so that a
+    /// committer gone by the time it is named is still known by its parent.
+    pub ppid: Option<u32>,
+    /// The committer's start time (clock ticks since boot), to tell it from a
+    /// later process that reuses its pid.
+    pub start_time: Option<u64>,
 }
 
 impl Rule {
@@ -207,6 +232,7 @@ impl Rule {
             exprs: OnceLock::from(exprs),
             raw: None,
             userdata: None,
+            committed: None,
         }
     }
 
@@ -218,6 +244,7 @@ impl Rule {
             exprs: OnceLock::new(),
             raw: Some(raw),
             userdata: None,
+            committed: None,
         }
     }
 
@@ -225,6 +252,16 @@ impl Rule {
     pub fn with_userdata(mut self, userdata: Option<RawExprs>) -> Self {
         self.userdata = userdata;
         self
+    }
+
+    /// The transaction that added the rule, when the agent saw it.
+    pub fn commit(&self) -> Option<&Arc<Commit>> {
+        self.committed.as_ref()
+    }
+
+    /// Names the transaction that added the rule.
+    pub fn set_commit(&mut self, commit: Arc<Commit>) {
+        self.committed = Some(commit);
     }
 
     /// The raw `NFTA_RULE_EXPRESSIONS` payload, as the kernel sent it: what a

@@ -21,7 +21,7 @@ use std::{
 };
 
 use super::{
-    attr::{Attrs, be_u32},
+    attr::{self, Attrs, be_u32},
     model::{Family, RulesetModel},
     netlink::{self, RuleMessage},
 };
@@ -29,8 +29,8 @@ use crate::sys::{
     netlink::{self as nl, Body, Messages, Socket},
     uapi::{
         NFGENMSG_LEN, NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_NEWGEN,
-        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NFTA_GEN_ID, NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR,
-        RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR,
+        NFT_MSG_NEWRULE, NFT_MSG_TRACE, NFTA_GEN_ID, NFTA_GEN_PROC_NAME, NFTA_GEN_PROC_PID,
+        NLM_F_APPEND, RTM_DELADDR, RTM_NEWADDR, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR,
     },
 };
 
@@ -48,9 +48,9 @@ pub enum Change {
         appended: bool,
     },
     RuleDeleted(RuleMessage),
-    /// The end of one committed transaction (`NFT_MSG_NEWGEN`), with the
-    /// generation it created (`NFTA_GEN_ID`, when the message carries it).
-    Generation(Option<u32>),
+    /// The end of one committed transaction (`NFT_MSG_NEWGEN`): the
+    /// generation it created and who committed it.
+    Generation(NewGen),
     /// A table, chain, set or element changed: re-read the ruleset.
     Structural {
         msg: u16,
@@ -58,6 +58,26 @@ pub enum Change {
     },
     /// The socket overflowed (ENOBUFS): changes were lost, re-read everything.
     Overrun,
+}
+
+/// What an `NFT_MSG_NEWGEN` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewGen {
+    /// `NFTA_GEN_ID`, when the message carries it.
+    pub id: Option<u32>,
+    /// `NFTA_GEN_PROC_PID` and `NFTA_GEN_PROC_NAME`: the committing process
+    /// (the kernel writes both since Linux 5.2; a netlink batch sent by the
+    /// kernel itself has neither).
+    pub by: Option<(u32, String)>,
+}
+
+impl NewGen {
+    pub fn id(id: u32) -> Self {
+        Self {
+            id: Some(id),
+            by: None,
+        }
+    }
 }
 
 /// A subscription to nf_tables change notifications in the network namespace
@@ -121,12 +141,7 @@ pub fn parse(buf: &Arc<Vec<u8>>, out: &mut Vec<Change>) {
         let family = p[0];
         let range = m.payload.start + NFGENMSG_LEN..m.payload.end;
         match msg {
-            NFT_MSG_NEWGEN => out.push(Change::Generation(
-                Attrs::new(&buf[range])
-                    .flatten()
-                    .find(|(t, _)| *t == NFTA_GEN_ID)
-                    .and_then(|(_, p)| be_u32(p)),
-            )),
+            NFT_MSG_NEWGEN => out.push(Change::Generation(new_gen(&buf[range]))),
             NFT_MSG_NEWRULE | NFT_MSG_DELRULE => match netlink::decode_rule(buf, family, range) {
                 Some(rule) if msg == NFT_MSG_NEWRULE => out.push(Change::RuleAdded {
                     msg: rule,
@@ -145,6 +160,23 @@ pub fn parse(buf: &Arc<Vec<u8>>, out: &mut Vec<Change>) {
                 family: Family(family),
             }),
         }
+    }
+}
+
+/// The attributes of an `NFT_MSG_NEWGEN`.
+fn new_gen(attrs: &[u8]) -> NewGen {
+    let (mut id, mut pid, mut name) = (None, None, None);
+    for (t, p) in Attrs::new(attrs).flatten() {
+        match t {
+            NFTA_GEN_ID => id = be_u32(p),
+            NFTA_GEN_PROC_PID => pid = be_u32(p),
+            NFTA_GEN_PROC_NAME => name = Some(attr::string(p)),
+            _ => {}
+        }
+    }
+    NewGen {
+        id,
+        by: pid.map(|pid| (pid, name.unwrap_or_default())),
     }
 }
 
@@ -174,8 +206,8 @@ pub fn is_newer(generation: Option<u32>, than: Option<u32>) -> bool {
 pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
     match change {
         Change::Generation(generation) => {
-            if generation.is_some() {
-                model.generation = generation;
+            if generation.id.is_some() {
+                model.generation = generation.id;
             }
             Applied::Unchanged
         }
@@ -346,7 +378,7 @@ mod tests {
         assert_eq!(handles(&model), vec![9, 10, 8]);
         assert_eq!(apply(&mut model, Change::Overrun), Applied::Resync);
         assert_eq!(
-            apply(&mut model, Change::Generation(None)),
+            apply(&mut model, Change::Generation(NewGen::default())),
             Applied::Unchanged
         );
     }
@@ -384,17 +416,19 @@ mod tests {
         assert!(is_newer(None, Some(4)) && is_newer(Some(4), None));
         let mut model = decode_messages(&sample_dump());
         assert_eq!(
-            apply(&mut model, Change::Generation(Some(9))),
+            apply(&mut model, Change::Generation(NewGen::id(9))),
             Applied::Unchanged
         );
         assert_eq!(model.generation, Some(9));
     }
 
     #[test]
-    fn a_newgen_notification_carries_its_generation() {
+    fn a_newgen_notification_carries_its_generation_and_committer() {
         let mut buf = Vec::new();
         let mut attrs = Vec::new();
-        crate::nft::attr::put(&mut attrs, NFTA_GEN_ID, &42u32.to_be_bytes());
+        attr::put(&mut attrs, NFTA_GEN_ID, &42u32.to_be_bytes());
+        attr::put(&mut attrs, NFTA_GEN_PROC_PID, &4242u32.to_be_bytes());
+        attr::put_str(&mut attrs, NFTA_GEN_PROC_NAME, "iptables-nft-re");
         let len = crate::sys::uapi::NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
         nl::put_header(
             &mut buf,
@@ -407,7 +441,11 @@ mod tests {
         buf.extend_from_slice(&attrs);
         let mut out = Vec::new();
         parse(&Arc::new(buf), &mut out);
-        assert!(matches!(out[..], [Change::Generation(Some(42))]), "{out:?}");
+        let [Change::Generation(g)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(g.id, Some(42));
+        assert_eq!(g.by, Some((4242, "iptables-nft-re".to_owned())));
     }
 
     #[test]

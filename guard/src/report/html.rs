@@ -22,6 +22,16 @@ fn esc(s: &str) -> String {
     out
 }
 
+/// A rule's lifetime for people: `850 ms`, `4.2 s`, `3 min 5 s`, `2 h 10 min`.
+pub(super) fn lifetime(ms: i64) -> String {
+    match ms {
+        ..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
 pub(super) fn when(ts: OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
@@ -69,7 +79,7 @@ pub fn render_html(r: &Report) -> String {
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>portguard report</title><style>{STYLE}</style></head><body>\n\
          <h1>portguard report</h1>\n<p class=\"meta\">{} &middot; {window} &middot; generated {}</p>\n",
-        esc(&r.log),
+        esc(&r.logs.join(", ")),
         when(r.generated)
     );
     if r.unreadable_lines > 0 || r.sequence_gaps > 0 {
@@ -79,27 +89,72 @@ pub fn render_html(r: &Report) -> String {
             r.unreadable_lines, r.sequence_gaps
         );
     }
-    let detected: u64 = r.hijacks.iter().map(|x| x.detected).sum();
-    let removed: u64 = r.hijacks.iter().map(|x| x.removed).sum();
-    let denied: u64 = r.denials.iter().map(|x| x.count).sum();
+    let f = &r.fleet;
     let _ = writeln!(
         h,
         "<div class=\"cards\">\
-         <div class=\"card\"><b>{detected}</b><span>hijacks detected</span></div>\
-         <div class=\"card\"><b>{removed}</b><span>foreign rules removed</span></div>\
-         <div class=\"card\"><b>{denied}</b><span>binds denied</span></div>\
+         <div class=\"card\"><b>{}</b><span>hosts ({} with hijacks)</span></div>\
+         <div class=\"card\"><b>{}</b><span>hijacks detected</span></div>\
+         <div class=\"card\"><b>{}</b><span>foreign rules removed</span></div>\
+         <div class=\"card\"><b>{}</b><span>binds denied</span></div>\
          <div class=\"card\"><b>{}</b><span>records</span></div></div>",
+        f.hosts,
+        f.hosts_with_hijacks,
+        f.hijacks_detected,
+        f.hijacks_removed,
+        f.binds_denied,
         r.records
+    );
+
+    h.push_str("<h2>Hosts</h2>\n");
+    let rows: Vec<String> = r
+        .hosts
+        .iter()
+        .map(|x| {
+            let health = if x.unreadable_lines + x.sequence_gaps > 0 {
+                format!(
+                    "<span class=\"down\">{} unreadable, {} missing</span>",
+                    x.unreadable_lines, x.sequence_gaps
+                )
+            } else {
+                "<span class=\"up\">ok</span>".to_owned()
+            };
+            format!(
+                "<tr><td>{}</td><td><code>{}</code></td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+                 <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{health}</td></tr>",
+                esc(&x.host),
+                esc(&x.machine_id),
+                x.records,
+                x.hijacks_detected,
+                x.hijacks_removed,
+                x.binds_denied,
+                x.last_record.map_or_else(|| "-".into(), when)
+            )
+        })
+        .collect();
+    table(
+        &mut h,
+        &[
+            "Host",
+            "Machine id",
+            "Records",
+            "Hijacks",
+            "Removed",
+            "Denied",
+            "Last record",
+            "Log",
+        ],
+        &rows,
     );
 
     h.push_str("<h2>Attempts over time</h2>\n");
     h.push_str(&timeline_svg(&r.timeline));
 
-    h.push_str("<h2>Blocked hijacks by port, source and day (UTC)</h2>\n");
+    h.push_str("<h2>Blocked hijacks by host, port, source and day (UTC)</h2>\n");
     let rows: Vec<String> = r.hijacks.iter().map(rule_row).collect();
     table(
         &mut h,
-        &["Day", "Port", "Source", "Detected", "Removed"],
+        &["Host", "Day", "Port", "Source", "Detected", "Removed"],
         &rows,
     );
     if !r.shadows.is_empty() {
@@ -111,10 +166,49 @@ pub fn render_html(r: &Report) -> String {
         let rows: Vec<String> = r.shadows.iter().map(rule_row).collect();
         table(
             &mut h,
-            &["Day", "Port", "Source", "Detected", "Removed"],
+            &["Host", "Day", "Port", "Source", "Detected", "Removed"],
             &rows,
         );
     }
+
+    h.push_str(
+        "<h2>Foreign rules removed</h2>\n<p>Who committed each rule, as the kernel \
+         named the committing process, and how long the rule lived.</p>\n",
+    );
+    let rows: Vec<String> = r
+        .removals
+        .iter()
+        .map(|x| {
+            format!(
+                "<tr><td>{}</td><td class=\"n\">#{}</td><td>{}</td><td>{}/{}</td><td>{}</td>\
+                 <td class=\"n\">{}</td><td>{}</td></tr>",
+                esc(&x.host),
+                x.seq,
+                when(x.ts),
+                x.proto,
+                x.port,
+                x.committer.as_ref().map_or_else(
+                    || "<span class=\"none\">unknown</span>".to_owned(),
+                    |c| esc(&c.to_string())
+                ),
+                x.lifetime_ms.map_or_else(|| "-".into(), lifetime),
+                esc(&x.source)
+            )
+        })
+        .collect();
+    table(
+        &mut h,
+        &[
+            "Host",
+            "Seq",
+            "Removed",
+            "Port",
+            "Committed by",
+            "Lived",
+            "Source (guess)",
+        ],
+        &rows,
+    );
 
     h.push_str("<h2>Bind denials by process</h2>\n");
     let rows: Vec<String> = r
@@ -123,7 +217,8 @@ pub fn render_html(r: &Report) -> String {
         .map(|d| {
             let ports: Vec<String> = d.ports.iter().map(ToString::to_string).collect();
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                esc(&d.host),
                 esc(&d.comm),
                 esc(d.exe.as_deref().unwrap_or("-")),
                 ports.join(", "),
@@ -134,7 +229,7 @@ pub fn render_html(r: &Report) -> String {
         .collect();
     table(
         &mut h,
-        &["Process", "Executable", "Ports", "Denied", "Last"],
+        &["Host", "Process", "Executable", "Ports", "Denied", "Last"],
         &rows,
     );
 
@@ -161,7 +256,8 @@ pub fn render_html(r: &Report) -> String {
                 Some(s) => format!("<span class=\"down\">{}</span>", esc(s)),
             };
             format!(
-                "<tr><td>{}/{}</td><td>{}</td><td>{}</td><td>{attempt}</td><td>{probe}</td></tr>",
+                "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td>{attempt}</td><td>{probe}</td></tr>",
+                esc(&p.host),
                 p.proto,
                 esc(&p.port),
                 esc(&p.owner),
@@ -171,7 +267,7 @@ pub fn render_html(r: &Report) -> String {
         .collect();
     table(
         &mut h,
-        &["Port", "Owner", "Pin", "Last attempt", "Probe"],
+        &["Host", "Port", "Owner", "Pin", "Last attempt", "Probe"],
         &rows,
     );
     h.push_str("</body></html>\n");
@@ -345,7 +441,8 @@ fn bucket_name(seconds: i64) -> String {
 
 fn rule_row(x: &HijackRow) -> String {
     format!(
-        "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+        "<tr><td>{}</td><td>{}</td><td>{}/{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+        esc(&x.host),
         esc(&x.day),
         x.proto,
         x.port,
@@ -370,9 +467,11 @@ mod tests {
         }
         let policy = Policy::parse(DEFAULT_POLICY_TOML, PolicySource::Embedded).unwrap();
         let r = Report::build(
-            &trail,
+            &[crate::report::Source {
+                log: "audit.jsonl",
+                trail: &trail,
+            }],
             &policy,
-            "audit.jsonl",
             None,
             datetime!(2026-03-02 12:00 UTC),
         );

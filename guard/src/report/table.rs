@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use super::{HijackRow, Report, html::when};
+use super::{
+    HijackRow, Report,
+    html::{lifetime, when},
+};
 
 /// Lays out rows under headers, columns as wide as their widest cell.
 fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
@@ -41,7 +44,8 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(
         out,
         "portguard report: {} ({window}, {} records)",
-        r.log, r.records
+        r.logs.join(", "),
+        r.records
     );
     if r.unreadable_lines > 0 || r.sequence_gaps > 0 {
         let _ = writeln!(
@@ -50,27 +54,108 @@ pub fn render_table(r: &Report) -> String {
             r.unreadable_lines, r.sequence_gaps
         );
     }
+    let f = &r.fleet;
+    let _ = writeln!(
+        out,
+        "Fleet: {} host(s), {} with hijacks; {} hijack(s) detected, {} foreign rule(s) removed, {} bind(s) denied",
+        f.hosts, f.hosts_with_hijacks, f.hijacks_detected, f.hijacks_removed, f.binds_denied
+    );
 
-    out.push_str("\nBlocked hijacks by port, source and day (UTC)\n");
+    out.push_str("\nHosts\n");
+    let rows: Vec<Vec<String>> = r
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host.clone(),
+                if h.machine_id.is_empty() {
+                    "-".into()
+                } else {
+                    h.machine_id.clone()
+                },
+                h.records.to_string(),
+                h.hijacks_detected.to_string(),
+                h.hijacks_removed.to_string(),
+                h.binds_denied.to_string(),
+                h.last_record.map_or_else(|| "-".into(), when),
+                if h.unreadable_lines + h.sequence_gaps > 0 {
+                    format!(
+                        "{} unreadable, {} missing",
+                        h.unreadable_lines, h.sequence_gaps
+                    )
+                } else {
+                    "ok".into()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "HOST",
+            "MACHINE ID",
+            "RECORDS",
+            "HIJACKS",
+            "REMOVED",
+            "DENIED",
+            "LAST",
+            "LOG",
+        ],
+        &rows,
+    );
+
+    out.push_str("\nBlocked hijacks by host, port, source and day (UTC)\n");
     let rows: Vec<Vec<String>> = r.hijacks.iter().map(rule_row).collect();
     table(
         &mut out,
-        &["DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
+        &["HOST", "DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
         &rows,
     );
 
     if !r.shadows.is_empty() {
         out.push_str(
             "\nOwner mappings shadowed (a foreign accept/return/drop/goto ahead of the \
-             owner's DNAT), by port, source and day (UTC)\n",
+             owner's DNAT), by host, port, source and day (UTC)\n",
         );
         let rows: Vec<Vec<String>> = r.shadows.iter().map(rule_row).collect();
         table(
             &mut out,
-            &["DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
+            &["HOST", "DAY", "PORT", "SOURCE", "DETECTED", "REMOVED"],
             &rows,
         );
     }
+
+    out.push_str("\nForeign rules removed: who committed them and how long they lived\n");
+    let rows: Vec<Vec<String>> = r
+        .removals
+        .iter()
+        .map(|x| {
+            vec![
+                x.host.clone(),
+                format!("#{}", x.seq),
+                when(x.ts),
+                format!("{}/{}", x.proto, x.port),
+                x.committer
+                    .as_ref()
+                    .map_or_else(|| "unknown".into(), ToString::to_string),
+                x.lifetime_ms.map_or_else(|| "-".into(), lifetime),
+                x.source.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "HOST",
+            "SEQ",
+            "REMOVED",
+            "PORT",
+            "COMMITTED BY",
+            "LIVED",
+            "SOURCE (GUESS)",
+        ],
+        &rows,
+    );
 
     out.push_str("\nBind denials by process\n");
     let rows: Vec<Vec<String>> = r
@@ -78,6 +163,7 @@ pub fn render_table(r: &Report) -> String {
         .iter()
         .map(|d| {
             vec![
+                d.host.clone(),
                 d.comm.clone(),
                 d.exe.clone().unwrap_or_else(|| "-".into()),
                 d.ports
@@ -92,7 +178,7 @@ pub fn render_table(r: &Report) -> String {
         .collect();
     table(
         &mut out,
-        &["PROCESS", "EXECUTABLE", "PORTS", "DENIED", "LAST"],
+        &["HOST", "PROCESS", "EXECUTABLE", "PORTS", "DENIED", "LAST"],
         &rows,
     );
 
@@ -102,6 +188,7 @@ pub fn render_table(r: &Report) -> String {
         .iter()
         .map(|p| {
             vec![
+                p.host.clone(),
                 format!("{}/{}", p.proto, p.port),
                 p.owner.clone(),
                 p.pin.clone(),
@@ -115,7 +202,7 @@ pub fn render_table(r: &Report) -> String {
         .collect();
     table(
         &mut out,
-        &["PORT", "OWNER", "PIN", "LAST ATTEMPT", "PROBE"],
+        &["HOST", "PORT", "OWNER", "PIN", "LAST ATTEMPT", "PROBE"],
         &rows,
     );
     out
@@ -123,6 +210,7 @@ pub fn render_table(r: &Report) -> String {
 
 fn rule_row(h: &HijackRow) -> Vec<String> {
     vec![
+        h.host.clone(),
         h.day.clone(),
         format!("{}/{}", h.proto, h.port),
         h.source.clone(),

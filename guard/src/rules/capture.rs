@@ -8,7 +8,7 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 
 use super::restore::RecordedRule;
 use crate::{
-    audit::ForeignRuleRecord,
+    audit::{Committer, ForeignRuleRecord},
     k8s::ClusterView,
     nft::{
         Finding, RulesetModel,
@@ -44,6 +44,8 @@ pub struct ForeignRule {
     /// The Kubernetes object behind the rule's target, when the Kubernetes
     /// layer can name it (`pod ns/name (DaemonSet ns/name) …`).
     pub k8s_source: Option<String>,
+    /// Who committed it, when the agent saw the commit.
+    pub committer: Option<Committer>,
 }
 
 impl ForeignRule {
@@ -72,6 +74,7 @@ impl ForeignRule {
             comment: rule.comment.clone(),
             findings,
             k8s_source: None,
+            committer: rule.commit().map(|c| super::attribution::resolve(c)),
         })
     }
 
@@ -154,6 +157,7 @@ impl ForeignRule {
                 self.family, self.table, self.chain, self.handle, self.position
             )),
             rule: serde_json::to_value(self.recorded()).expect("a rule serialises"),
+            committer: self.committer.clone().map(Box::new),
         }
     }
 }

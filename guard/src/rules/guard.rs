@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{
+    attribution,
     backend::{BackendEvent, NetlinkBackend, RulesetBackend},
     capture::ForeignRule,
     decide::{Action, decide},
@@ -280,8 +281,20 @@ impl<B: RulesetBackend> GuardLoop<B> {
         for c in changes.drain(..) {
             match c {
                 Change::Generation(generation) => {
-                    if monitor::is_newer(generation, self.model.generation) {
-                        for held in std::mem::take(&mut self.held) {
+                    if monitor::is_newer(generation.id, self.model.generation) {
+                        // Who committed the batch, read while it may still
+                        // live; only for batches that add rules.
+                        let adds = self
+                            .held
+                            .iter()
+                            .any(|c| matches!(c, Change::RuleAdded { .. }));
+                        let commit = adds.then(|| attribution::commit_of(&generation)).flatten();
+                        for mut held in std::mem::take(&mut self.held) {
+                            if let (Some(commit), Change::RuleAdded { msg, .. }) =
+                                (&commit, &mut held)
+                            {
+                                msg.rule.set_commit(commit.clone());
+                            }
                             self.apply_change(held, &mut scope, &mut updated, &mut resync);
                         }
                         monitor::apply(&mut self.model, Change::Generation(generation));
@@ -289,7 +302,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                         debug!(
                             event = "changes_already_read",
                             changes = self.held.len(),
-                            generation,
+                            generation = generation.id,
                             model_generation = self.model.generation,
                             "notified changes already in the model: dropped"
                         );
@@ -644,6 +657,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                     )
                 )),
                 rule: serde_json::to_value(&finding).expect("a finding serialises"),
+                committer: attribution::committer_of(&self.model, &finding).map(Box::new),
             };
             let event = if finding.is_shadow() {
                 AuditEvent::OwnerShadowed(record)

@@ -12,6 +12,8 @@
 //! - [`backend`]: the seam to the ruleset: read (with the local addresses and
 //!   the generation), changes, atomic commits. [`NetlinkBackend`] is the
 //!   kernel; [`MemoryBackend`] its deterministic in-memory twin for tests.
+//! - [`attribution`]: who committed a rule (the kernel's `NEWGEN`, resolved
+//!   through `/proc` while the committer lives).
 //! - [`capture`]: a [`ForeignRule`] captured whole (raw expressions, userdata,
 //!   chain, position, neighbours) so it can be recorded and put back.
 //! - [`scope`]: what a batch of added rules can affect (the hot path inspects
@@ -26,6 +28,7 @@
 //!   owner changes, the legacy tick (iptables-legacy is polled only while in
 //!   use), stop (pins removed).
 
+pub mod attribution;
 pub mod backend;
 pub mod capture;
 pub mod decide;

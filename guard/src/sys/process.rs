@@ -35,9 +35,70 @@ impl ProcessInfo {
     }
 }
 
+/// The fields of `/proc/PID/stat` the agent uses (`proc(5)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Field 4.
+    pub ppid: u32,
+    /// Field 22: clock ticks after boot; with the pid, names one process
+    /// even after its pid is reused.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// One read of `/proc/PID/stat`; None when the process is gone.
+    pub fn read(pid: u32) -> Option<Self> {
+        Self::parse(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    /// The comm (field 2) may hold spaces and parentheses: fields are counted
+    /// after its last `)`.
+    fn parse(stat: &str) -> Option<Self> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_ascii_whitespace();
+        // Fields 3 (state) and 4 (ppid).
+        let ppid = fields.nth(1)?.parse().ok()?;
+        // Field 22 is the 19th after ppid.
+        let start_time = fields.nth(17)?.parse().ok()?;
+        Some(Self { ppid, start_time })
+    }
+}
+
+/// `/proc/PID/comm`, without its newline.
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end_matches('\n').to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_of_self_names_the_parent_and_a_start_time() {
+        let me = ProcStat::read(std::process::id()).expect("own stat");
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+        assert!(me.start_time > 0);
+        assert_eq!(ProcStat::read(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn stat_parsing_survives_a_comm_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime priority nice threads
+        // itrealvalue starttime ...
+        let line =
+            "812 (a b) (c)) S 77 812 812 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 99887766 1000 200";
+        assert_eq!(
+            ProcStat::parse(line),
+            Some(ProcStat {
+                ppid: 77,
+                start_time: 99_887_766
+            })
+        );
+        assert_eq!(ProcStat::parse("812 (x) S"), None);
+    }
 
     #[test]
     fn reads_self() {

@@ -198,7 +198,11 @@ pub const NFTA_SET_ELEM_KEY: u16 = 1;
 pub const NFTA_SET_ELEM_DATA: u16 = 2;
 pub const NFTA_SET_ELEM_FLAGS: u16 = 3;
 pub const NFTA_SET_ELEM_KEY_END: u16 = 10;
+// `enum nft_gen_attributes` (`linux/netfilter/nf_tables.h`; not in libc):
+// the generation, and the pid and comm of the process that committed it.
 pub const NFTA_GEN_ID: u16 = 1;
+pub const NFTA_GEN_PROC_PID: u16 = 2;
+pub const NFTA_GEN_PROC_NAME: u16 = 3;
 pub const NFTA_PAYLOAD_DREG: u16 = 1;
 pub const NFTA_PAYLOAD_BASE: u16 = 2;
 pub const NFTA_PAYLOAD_OFFSET: u16 = 3;

@@ -31,7 +31,7 @@ use super::{BackendError, BackendEvent, RulesetBackend, RulesetSnapshot};
 use crate::nft::{
     LocalAddr, RulesetModel,
     model::{BaseHook, Chain, Family, RawExprs, Rule, Table},
-    monitor::Change,
+    monitor::{Change, NewGen},
     netlink::RuleMessage,
     transaction::{Op, OpFailure, Placement, Transaction, TransactionError},
 };
@@ -266,7 +266,7 @@ impl RulesetBackend for MemoryBackend {
         st.model = trial;
         st.next_handle = next_handle;
         st.generation += 1;
-        announced.push(Change::Generation(Some(st.generation)));
+        announced.push(Change::Generation(NewGen::id(st.generation)));
         st.pending.append(&mut announced);
         let generation = st.generation;
         st.committed.push(Committed {
@@ -469,7 +469,7 @@ impl State {
     fn announce(&mut self, mut changes: Vec<Change>) {
         self.generation += 1;
         if !changes.is_empty() {
-            changes.push(Change::Generation(Some(self.generation)));
+            changes.push(Change::Generation(NewGen::id(self.generation)));
             self.pending.append(&mut changes);
         }
     }

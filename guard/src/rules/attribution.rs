@@ -1,0 +1,205 @@
+//! Who committed a foreign rule: proof from the kernel, not a guess.
+//!
+//! Every nf_tables transaction ends with an `NFT_MSG_NEWGEN` naming the
+//! committing process (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`). The guard
+//! stamps each rule a batch adds with that [`Commit`] ([`commit_of`]: one
+//! `/proc/PID/stat` read per batch that adds rules, so a committer that exits
+//! at once is still known by its parent), and when it acts on a rule it names
+//! the committer through `/proc` ([`resolve`]): executable, cgroup and what it
+//! says (systemd unit, container, pod), and the parent chain. The chain-name
+//! guess (`kube-proxy`, `cni-portmap`, …) stays beside it as a hint.
+//!
+//! Rules the agent did not see committed (there before it started, or read
+//! back whole after an overrun) have no committer: unknown, never guessed.
+
+use std::{fs, sync::Arc, time::SystemTime};
+
+use time::OffsetDateTime;
+
+use crate::{
+    audit::{Committer, ProcessRef},
+    nft::{Finding, RulesetModel, model::Commit, monitor::NewGen},
+    sys::{
+        cgroup::process_cgroup,
+        process::{ProcStat, comm},
+        workload::Workload,
+    },
+};
+
+/// How far up the parent chain a committer is followed (below pid 1).
+const MAX_PARENTS: usize = 6;
+
+/// The commit a `NEWGEN` names, when it names a process; read now, while
+/// the committer may still live.
+pub fn commit_of(generation: &NewGen) -> Option<Arc<Commit>> {
+    let (pid, name) = generation.by.clone()?;
+    let stat = ProcStat::read(pid);
+    Some(Arc::new(Commit {
+        pid,
+        name,
+        generation: generation.id,
+        seen: SystemTime::now(),
+        ppid: stat.map(|s| s.ppid),
+        start_time: stat.map(|s| s.start_time),
+    }))
+}
+
+/// Names the committer now: from `/proc` while it lives (the same process:
+/// its start time is checked), else by the parent it had.
+pub fn resolve(commit: &Commit) -> Committer {
+    let mut out = Committer {
+        pid: commit.pid,
+        name: commit.name.clone(),
+        generation: commit.generation,
+        committed_at: Some(OffsetDateTime::from(commit.seen)),
+        ..Committer::default()
+    };
+    let alive =
+        ProcStat::read(commit.pid).filter(|s| commit.start_time.is_none_or(|t| t == s.start_time));
+    let mut next = match alive {
+        Some(stat) => {
+            out.exe = exe(commit.pid);
+            out.cgroup = process_cgroup(commit.pid);
+            out.cgroup_of = out.cgroup.as_ref().map(|_| commit.pid);
+            Some(stat.ppid)
+        }
+        None => {
+            out.gone = true;
+            commit.ppid
+        }
+    };
+    while let Some(pid) = next.filter(|p| *p > 1) {
+        if out.parents.len() == MAX_PARENTS {
+            break;
+        }
+        let Some(stat) = ProcStat::read(pid) else {
+            break;
+        };
+        out.parents.push(ProcessRef {
+            pid,
+            name: comm(pid).unwrap_or_default(),
+            exe: exe(pid),
+        });
+        if out.cgroup.is_none() {
+            out.cgroup = process_cgroup(pid);
+            out.cgroup_of = out.cgroup.as_ref().map(|_| pid);
+        }
+        next = Some(stat.ppid);
+    }
+    if let Some(cgroup) = &out.cgroup {
+        let w = Workload::from_cgroup_path(cgroup);
+        out.unit = w.unit;
+        out.container_id = w.container_id;
+        out.pod_uid = w.pod_uid;
+    }
+    out
+}
+
+/// The committer of the rule a finding names, when the model knows it.
+pub fn committer_of(model: &RulesetModel, finding: &Finding) -> Option<Committer> {
+    let handle = finding.handle?;
+    let rule = model
+        .tables
+        .iter()
+        .find(|t| t.family == finding.family && t.name == finding.table)?
+        .chain(&finding.chain)?
+        .rules
+        .iter()
+        .find(|r| r.handle == handle)?;
+    rule.commit().map(|c| resolve(c))
+}
+
+fn exe(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    fn newgen(pid: u32, name: &str) -> NewGen {
+        NewGen {
+            id: Some(7),
+            by: Some((pid, name.into())),
+        }
+    }
+
+    #[test]
+    fn a_live_committer_is_named_with_its_executable_cgroup_and_parents() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let commit = commit_of(&newgen(child.id(), "sleep")).expect("a commit");
+        assert_eq!(commit.ppid, Some(std::process::id()));
+        let c = resolve(&commit);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            (c.pid, c.name.as_str(), c.gone),
+            (child.id(), "sleep", false)
+        );
+        assert!(
+            c.exe.as_deref().is_some_and(|e| e.ends_with("/sleep")),
+            "{c:?}"
+        );
+        assert_eq!(c.cgroup, process_cgroup(child.id()).or(c.cgroup.clone()));
+        assert_eq!(
+            c.parents[0].pid,
+            std::process::id(),
+            "its parent is this test"
+        );
+        assert_eq!(
+            c.parents[0].exe,
+            Some(std::env::current_exe().unwrap().display().to_string())
+        );
+        assert_eq!(c.generation, Some(7));
+        assert!(c.committed_at.is_some());
+    }
+
+    #[test]
+    fn a_committer_that_exited_is_named_by_its_parent() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = child.id();
+        // Read while it lives (as the guard does when the NEWGEN arrives)...
+        let commit = commit_of(&newgen(pid, "sleep")).expect("a commit");
+        assert_eq!(commit.ppid, Some(std::process::id()));
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        // ...named after it is gone: the kernel's name, its parent's details.
+        let c = resolve(&commit);
+        assert!(c.gone, "{c:?}");
+        assert_eq!(c.exe, None, "nothing of the exited process is guessed");
+        assert_eq!(c.name, "sleep");
+        assert_eq!(c.parents[0].pid, std::process::id());
+        assert_eq!(c.cgroup_of, Some(std::process::id()));
+        assert_eq!(c.cgroup, process_cgroup(std::process::id()));
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_taken_for_the_committer() {
+        let me = std::process::id();
+        let commit = Commit {
+            pid: me,
+            name: "gone-long-ago".into(),
+            generation: None,
+            seen: SystemTime::now(),
+            ppid: None,
+            start_time: Some(1), // not this process's start time
+        };
+        let c = resolve(&commit);
+        assert!(c.gone);
+        assert_eq!(c.exe, None);
+        assert!(c.parents.is_empty());
+    }
+
+    #[test]
+    fn a_newgen_without_a_process_names_nobody() {
+        assert!(commit_of(&NewGen::id(3)).is_none());
+    }
+}
