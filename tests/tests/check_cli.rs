@@ -55,6 +55,8 @@ fn foreign_dnat_to_a_pod_names_the_pod_and_its_service() {
         "the pod behind the target is named: {v:#}"
     );
     assert!(k["services"].to_string().contains("traefik"), "{k:#}");
+    // Only the running agent sees who commits: check says it does not know.
+    assert!(f["committer"].is_null(), "{f:#}");
 
     // Without a cluster the finding stands alone, and says nothing it cannot know.
     let (code, v) = check(&ns, &policy, &["--kubeconfig", "/nonexistent/k3s.yaml"]);
@@ -130,6 +132,7 @@ fn ip_netns_exec_without_cgroup2_still_reports_nat_findings() {
         text.contains("203.0.113.9:80") && text.contains("ACTIVE (prerouting)"),
         "the DNAT is listed: {text}"
     );
+    assert!(text.contains("committed by: unknown"), "{text}");
     assert!(
         text.contains(
             "cgroup v2 not visible here: unit:/cgroup: owners and listener cgroups unknown"

@@ -1019,3 +1019,113 @@ fn a_policy_reload_restarts_the_rule_guard_which_keeps_guarding() {
     let r = lab.ruleset();
     assert!(!r.contains("table ip portguard"), "{r}");
 }
+
+/// Who committed a hijack comes from the kernel (`NFT_MSG_NEWGEN`), not from
+/// chain names: an `nft` the test starts inside a cgroup laid out like a
+/// Kubernetes pod's commits the DNAT, and the `rule_removed` record names its
+/// pid, name, executable, cgroup and pod; `portguard report` shows it. A
+/// second hijack from a plain `nft` command names that process too.
+#[test]
+fn the_committer_of_a_hijack_is_named_from_the_kernel() {
+    use std::io::Write as _;
+
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let cgroup = Cgroup::new("pg-rem-who");
+    // kubepods-…/pod<uid>/<container id>: what the kubelet's cgroupfs driver makes.
+    const POD_UID: &str = "0d5a6f3e-1b2c-4d5e-8f9a-0b1c2d3e4f5a";
+    const CONTAINER: &str = "4f1c2d9a0b8e7f6a5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b";
+    let kubepods = Cgroup::new("kubepods-pgtest");
+    let pod = kubepods.child(&format!("pod{POD_UID}"));
+    let container = pod.child(CONTAINER);
+    let mut agent = start_agent(&lab, &cgroup);
+    sh(&lab.h, KP_CHAIN);
+
+    // The "pod": an interactive nft in the lab's host namespace, alive while
+    // the agent names it.
+    let netns = format!("--net=/run/netns/{}", lab.h.name());
+    let mut cmd = Command::new("nsenter");
+    cmd.args([netns.as_str(), "nft", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let mut pod_nft = container.enter_on_spawn(&mut cmd).spawn().expect("nft -i");
+    let mut stdin = pod_nft.stdin.take().expect("stdin");
+    writeln!(
+        stdin,
+        "add rule ip kp pre tcp dport 80 dnat to 203.0.113.130"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    wait_kp_removed(&lab, "the pod's hijack");
+    agent.wait_for_event(Duration::from_secs(5), "rule_removed");
+
+    // A short-lived committer: one `nft` command.
+    let mut once = Command::new("nsenter")
+        .args([netns.as_str(), "nft", "add", "rule", "ip", "kp", "pre"])
+        .args(["tcp", "dport", "80", "dnat", "to", "203.0.113.131"])
+        .spawn()
+        .expect("nft");
+    let once_pid = once.id();
+    assert!(once.wait().unwrap().success());
+    wait_kp_removed(&lab, "the command's hijack");
+    drop(stdin);
+    let _ = pod_nft.wait();
+
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    // The agent's log, as a collector would keep it.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let lines: Vec<String> = audit.iter().map(Value::to_string).collect();
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let removals: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["kind"] == "rule_removed")
+        .collect();
+    assert_eq!(removals.len(), 2, "{audit:#?}");
+    let who = &removals[0]["committer"];
+    assert_eq!(who["pid"], pod_nft.id(), "{who:#}");
+    assert_eq!(who["name"], "nft");
+    assert_eq!(who["exe"], "/usr/sbin/nft");
+    assert_eq!(who["cgroup"], container.relative());
+    assert_eq!(who["cgroup_of"], pod_nft.id());
+    assert_eq!(who["pod_uid"], POD_UID);
+    assert_eq!(who["container_id"], CONTAINER);
+    assert!(who["gone"].is_null(), "alive when named: {who:#}");
+    assert!(who["generation"].is_u64() && who["committed_at"].is_string());
+    // The record names the host that wrote it.
+    assert!(removals[0]["host"]["name"].is_string());
+
+    let who = &removals[1]["committer"];
+    assert_eq!(who["pid"], once_pid, "{who:#}");
+    assert_eq!(who["name"], "nft");
+    // Named while alive, or by its parent (this test) once it had exited.
+    if who["gone"] == true {
+        assert_eq!(who["parents"][0]["pid"], std::process::id(), "{who:#}");
+    } else {
+        assert_eq!(who["exe"], "/usr/sbin/nft");
+    }
+
+    // The report shows who committed each removed rule and how long it lived.
+    let out = Command::new(portguard_bin())
+        .args(["report", "--config"])
+        .arg(&lab.policy)
+        .arg("--audit-log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains(&format!("nft (pid {}, /usr/sbin/nft) via ", pod_nft.id())))
+        .unwrap_or_else(|| panic!("the pod's nft is named: {text}"));
+    assert!(
+        row.contains(&format!("container {}, pod {POD_UID}", &CONTAINER[..12])),
+        "{row}"
+    );
+    assert!(
+        text.contains(" ms") || text.contains(" s "),
+        "a lifetime: {text}"
+    );
+}

@@ -82,6 +82,10 @@ struct CheckedFinding<'a> {
     finding: &'a Finding,
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<K8sSource>,
+    /// Who committed the rule: always null here. Only the kernel's commit
+    /// notice names the committer, and `check` reads a ruleset that was
+    /// committed before it ran; the running agent records it.
+    committer: Option<crate::audit::Committer>,
 }
 
 pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -133,6 +137,7 @@ pub fn main(args: CheckArgs) -> anyhow::Result<ExitCode> {
             kubernetes: cluster
                 .as_ref()
                 .and_then(|c| target_ip(f).and_then(|ip| c.lookup_target(ip)).cloned()),
+            committer: None,
         })
         .collect();
 
@@ -235,6 +240,7 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
             |CheckedFinding {
                  finding: f,
                  kubernetes,
+                 ..
              }| {
                 let source = match kubernetes {
                     Some(k) => format!("{} [{k}]", f.source),
@@ -304,6 +310,11 @@ fn table(findings: &[CheckedFinding<'_>], rules: usize) -> String {
         out,
         "{rewrites} foreign rule(s) on protected ports: {active} active, {} latent",
         rewrites - active
+    );
+    let _ = writeln!(
+        out,
+        "committed by: unknown (only the kernel's notice of each commit names the process, and \
+         these were committed before check ran; the running agent records it: portguard report)"
     );
     if shadows > 0 {
         let _ = writeln!(
