@@ -58,7 +58,7 @@ impl Agent {
                 || std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl"),
                 |(_, v)| std::path::PathBuf::from(v),
             );
-        let mut cmd = match netns {
+        let cmd = match netns {
             None => Command::new(portguard_bin()),
             Some(ns) => {
                 // nsenter execs portguard: the child's pid is the agent's.
@@ -69,6 +69,52 @@ impl Agent {
                 c
             }
         };
+        Self::spawn(cmd, audit_log, envs, args)
+    }
+
+    /// [`Agent::start`] as if on another host: in a UTS namespace of its own
+    /// named `hostname`, and a mount namespace where `/etc/machine-id` is
+    /// `machine_id` (a file). `unshare` and the shell exec the agent: the
+    /// child's pid is the agent's.
+    pub fn start_as_host<I, S>(
+        hostname: &str,
+        machine_id: &std::path::Path,
+        envs: &[(&str, &std::ffi::OsStr)],
+        args: I,
+    ) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(r#"hostname "$1" && mount --bind "$2" /etc/machine-id && shift 2 && exec "$@""#)
+        .arg("sh")
+        .arg(hostname)
+        .arg(machine_id)
+        .arg(portguard_bin());
+        Self::spawn(cmd, audit_log, envs, args)
+    }
+
+    fn spawn<I, S>(
+        mut cmd: Command,
+        audit_log: std::path::PathBuf,
+        envs: &[(&str, &std::ffi::OsStr)],
+        args: I,
+    ) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         cmd.envs(envs.iter().copied());
         cmd.args(args)
             .env("PORTGUARD_LOG_FORMAT", "json")

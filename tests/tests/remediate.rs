@@ -1129,3 +1129,103 @@ fn the_committer_of_a_hijack_is_named_from_the_kernel() {
         "a lifetime: {text}"
     );
 }
+
+/// Two agents, two hosts: this one, and one simulated in a UTS and mount
+/// namespace of its own (hostname `pg-edge-b`, its own `/etc/machine-id`),
+/// each guarding its own lab where a hijack is committed and removed. One
+/// `portguard report` over both logs (one named as a file, one in a
+/// directory) shows both hosts, their machine ids and the fleet's totals.
+#[test]
+fn one_report_over_two_agents_on_two_hosts() {
+    let lab_a = IncidentLab::new(false);
+    let lab_b = IncidentLab::new(false);
+    lab_a.docker();
+    lab_b.docker();
+    let (cg_a, cg_b) = (Cgroup::new("pg-rem-fa"), Cgroup::new("pg-rem-fb"));
+    let dir = tempfile::tempdir().unwrap();
+    let machine_id_b = dir.path().join("machine-id");
+    std::fs::write(&machine_id_b, "0b0b0b0b0b0b4b0b8b0b0b0b0b0b0b0b\n").unwrap();
+
+    let agent_a = start_agent(&lab_a, &cg_a);
+    let mut agent_b = Agent::start_as_host(
+        "pg-edge-b",
+        &machine_id_b,
+        &[],
+        [
+            "run".as_ref(),
+            "--mode".as_ref(),
+            "enforce".as_ref(),
+            "--cgroup".as_ref(),
+            cg_b.path().as_os_str(),
+            "--netns".as_ref(),
+            lab_b.h.name().as_ref(),
+            "--config".as_ref(),
+            lab_b.policy.as_os_str(),
+        ],
+    );
+    agent_b.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
+    for lab in [&lab_a, &lab_b] {
+        sh(&lab.h, KP_CHAIN);
+        sh(&lab.h, KP_HIJACK);
+        wait_kp_removed(lab, lab.h.name());
+    }
+
+    let collected = dir.path().join("collected");
+    std::fs::create_dir(&collected).unwrap();
+    let mut logs = Vec::new();
+    for (agent, path) in [
+        (agent_a, dir.path().join("a.jsonl")),
+        (agent_b, collected.join("edge-b.jsonl")),
+    ] {
+        let (status, _, audit) = agent.stop_with_audit();
+        assert!(status.success());
+        let lines: Vec<String> = audit.iter().map(Value::to_string).collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        logs.push(audit);
+    }
+    let this_host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(logs[0][0]["host"]["name"], this_host.trim());
+    assert_eq!(logs[1][0]["host"]["name"], "pg-edge-b");
+    assert_eq!(
+        logs[1][0]["host"]["machine_id"],
+        "0b0b0b0b0b0b4b0b8b0b0b0b0b0b0b0b"
+    );
+
+    let out = Command::new(portguard_bin())
+        .args(["report", "--format", "json", "--config"])
+        .arg(&lab_a.policy)
+        .arg("--audit-log")
+        .arg(dir.path().join("a.jsonl"))
+        .arg("--audit-log")
+        .arg(&collected)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hosts: Vec<&str> = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap())
+        .collect();
+    let mut want = vec![this_host.trim(), "pg-edge-b"];
+    want.sort_unstable();
+    assert_eq!(hosts, want, "{report:#}");
+    assert_eq!(report["fleet"]["hosts"], 2);
+    assert_eq!(report["fleet"]["hosts_with_hijacks"], 2);
+    assert_eq!(
+        report["fleet"]["hijacks_removed"], 2,
+        "{:#}",
+        report["fleet"]
+    );
+    let removals = report["removals"].as_array().unwrap();
+    assert_eq!(removals.len(), 2);
+    assert!(
+        removals.iter().all(|r| r["committer"]["name"] == "nft"),
+        "{removals:#?}"
+    );
+}
