@@ -207,7 +207,11 @@ fn helm() -> anyhow::Result<()> {
             eprintln!("xtask: helm {HELM_VERSION}: present ({})", path.display());
             return Ok(());
         }
-        eprintln!("xtask: {} is {}, want {HELM_VERSION}", path.display(), v.trim());
+        eprintln!(
+            "xtask: {} is {}, want {HELM_VERSION}",
+            path.display(),
+            v.trim()
+        );
     } else {
         eprintln!(
             "xtask: helm {HELM_VERSION} is missing: the chart test renders packaging/helm/portguard with it"
