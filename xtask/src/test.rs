@@ -20,7 +20,8 @@ pub fn test(filter: Option<&str>) -> anyhow::Result<()> {
     cmd.current_dir(sh::workspace_root())
         .args(["test", "--workspace", "--exclude", "guard-ebpf"])
         .env("PORTGUARD_BIN", &bin)
-        .env("PORTGUARD_DEB", &deb);
+        .env("PORTGUARD_DEB", &deb)
+        .env("PORTGUARD_HELM", setup::helm_path());
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }

@@ -18,7 +18,7 @@ use crate::{
         Rotation,
     },
     k8s::{
-        cluster::{K3S_KUBECONFIG, choose_kubeconfig, connect},
+        cluster::{K3S_KUBECONFIG, choose_kubeconfig, connect_choice, in_pod},
         reconfigure, remove,
     },
     policy::Policy,
@@ -102,13 +102,14 @@ fn restore_k8s_object(
         args.kubeconfig.as_deref(),
         &policy.kubernetes,
         Path::new(K3S_KUBECONFIG),
+        in_pod(),
     )
     .context("no kubeconfig: pass --kubeconfig (or set [kubernetes] kubeconfig in the policy)")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let name = runtime.block_on(async {
-        let client = connect(kubeconfig.path()).await?;
+        let client = connect_choice(&kubeconfig).await?;
         if created {
             reconfigure::undo(&client, &object.manifest).await
         } else {

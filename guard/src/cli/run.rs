@@ -30,7 +30,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "PORTGUARD_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// kubeconfig for the Kubernetes layer (default: the policy's, else
-    /// /etc/rancher/k3s/k3s.yaml when it exists; none: the layer is off).
+    /// /etc/rancher/k3s/k3s.yaml when it exists, else in a pod its
+    /// ServiceAccount; none: the layer is off).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// This host's Kubernetes node name (default: the hostname, as k3s names nodes).

@@ -1,5 +1,10 @@
 //! Reaching the API server: which kubeconfig, the client, and what a failure means.
 //!
+//! On a host the agent uses a kubeconfig file (the flag, the policy's, or
+//! k3s's admin kubeconfig); in a pod (the DaemonSet in
+//! `packaging/kubernetes/`) none of those exists and it uses the pod's
+//! ServiceAccount, the way client-go's `rest.InClusterConfig` does.
+//!
 //! Every failure is a [`ClusterError`] with a message a person can act on; the
 //! callers turn it into a [`ClusterState`] and keep guarding with the other layers.
 
@@ -29,12 +34,18 @@ pub enum KubeconfigChoice {
     Policy(PathBuf),
     /// k3s's default, present on this host.
     K3sDefault(PathBuf),
+    /// In a pod: the ServiceAccount's token and CA
+    /// (`/var/run/secrets/kubernetes.io/serviceaccount/`) and the API server
+    /// at `KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT`.
+    InCluster,
 }
 
 impl KubeconfigChoice {
-    pub fn path(&self) -> &Path {
+    /// The kubeconfig file, None for the in-cluster ServiceAccount.
+    pub fn path(&self) -> Option<&Path> {
         match self {
-            Self::Flag(p) | Self::Policy(p) | Self::K3sDefault(p) => p,
+            Self::Flag(p) | Self::Policy(p) | Self::K3sDefault(p) => Some(p),
+            Self::InCluster => None,
         }
     }
 }
@@ -45,16 +56,20 @@ impl fmt::Display for KubeconfigChoice {
             Self::Flag(p) => write!(f, "{} (--kubeconfig)", p.display()),
             Self::Policy(p) => write!(f, "{} (policy)", p.display()),
             Self::K3sDefault(p) => write!(f, "{} (k3s default)", p.display()),
+            Self::InCluster => write!(f, "the pod's ServiceAccount (in-cluster)"),
         }
     }
 }
 
-/// The flag wins over the policy, the policy over k3s's default; with none of them
-/// the Kubernetes layer is off (None), which the caller says once.
+/// The flag wins over the policy, the policy over k3s's default, and k3s's
+/// default over the in-cluster ServiceAccount (`in_pod`: [`in_pod`]), the last
+/// fallback so that a host agent never picks up a pod's identity by accident;
+/// with none of them the Kubernetes layer is off (None), which the caller says once.
 pub fn choose_kubeconfig(
     flag: Option<&Path>,
     policy: &KubernetesPolicy,
     k3s_default: &Path,
+    in_pod: bool,
 ) -> Option<KubeconfigChoice> {
     if let Some(p) = flag {
         return Some(KubeconfigChoice::Flag(p.to_owned()));
@@ -62,9 +77,19 @@ pub fn choose_kubeconfig(
     if let Some(p) = &policy.kubeconfig {
         return Some(KubeconfigChoice::Policy(p.clone()));
     }
-    k3s_default
-        .exists()
-        .then(|| KubeconfigChoice::K3sDefault(k3s_default.to_owned()))
+    if k3s_default.exists() {
+        return Some(KubeconfigChoice::K3sDefault(k3s_default.to_owned()));
+    }
+    in_pod.then_some(KubeconfigChoice::InCluster)
+}
+
+/// Whether this process runs in a pod: the kubelet sets both
+/// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT` in every
+/// container (client-go's `InClusterConfig` requires both, and so does kube's).
+pub fn in_pod() -> bool {
+    ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
 
 /// Why the Kubernetes layer cannot do its work right now.
@@ -72,11 +97,13 @@ pub fn choose_kubeconfig(
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum ClusterError {
     #[error(
-        "no kubeconfig (no --kubeconfig, none in the policy, no {K3S_KUBECONFIG}): the Kubernetes layer is off"
+        "no kubeconfig (no --kubeconfig, none in the policy, no {K3S_KUBECONFIG}, not in a pod): the Kubernetes layer is off"
     )]
     NoKubeconfig,
     #[error("kubeconfig {path}: {message}")]
     Kubeconfig { path: PathBuf, message: String },
+    #[error("in-cluster ServiceAccount: {message}")]
+    InCluster { message: String },
     #[error("Kubernetes API unreachable: {message}")]
     Unreachable { message: String },
     #[error("Kubernetes API rejected the credentials (401) while {action}: {message}")]
@@ -153,10 +180,24 @@ pub async fn open(
     flag: Option<&Path>,
     policy: &KubernetesPolicy,
 ) -> Result<Connection, ClusterError> {
-    let kubeconfig = choose_kubeconfig(flag, policy, Path::new(K3S_KUBECONFIG))
+    let kubeconfig = choose_kubeconfig(flag, policy, Path::new(K3S_KUBECONFIG), in_pod())
         .ok_or(ClusterError::NoKubeconfig)?;
-    let client = connect(kubeconfig.path()).await?;
+    let client = connect_choice(&kubeconfig).await?;
     Ok(Connection { kubeconfig, client })
+}
+
+/// Builds the client for a choice: its kubeconfig file, or in a pod the
+/// ServiceAccount (kube's `Config::incluster`: the token file is re-read as
+/// the kubelet rotates it).
+pub async fn connect_choice(choice: &KubeconfigChoice) -> Result<Client, ClusterError> {
+    match choice.path() {
+        Some(path) => connect(path).await,
+        None => {
+            let bad = |e: &dyn std::error::Error| ClusterError::InCluster { message: chain(e) };
+            let config = Config::incluster().map_err(|e| bad(&e))?;
+            Client::try_from(config).map_err(|e| bad(&e))
+        }
+    }
 }
 
 /// Builds a client from a kubeconfig file (its current context). Does not talk to
@@ -191,23 +232,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flag_beats_policy_beats_k3s_default_and_none_is_off() {
+    fn flag_beats_policy_beats_k3s_default_beats_in_cluster_and_none_is_off() {
         let dir = tempfile::tempdir().unwrap();
         let k3s = dir.path().join("k3s.yaml");
         let mut policy = KubernetesPolicy::default();
-        assert_eq!(choose_kubeconfig(None, &policy, &k3s), None);
-        std::fs::write(&k3s, "").unwrap();
+        assert_eq!(choose_kubeconfig(None, &policy, &k3s, false), None);
+        // In a pod with nothing else: the ServiceAccount, the last fallback.
+        let in_cluster = choose_kubeconfig(None, &policy, &k3s, true).unwrap();
+        assert_eq!(in_cluster, KubeconfigChoice::InCluster);
+        assert_eq!(in_cluster.path(), None);
         assert_eq!(
-            choose_kubeconfig(None, &policy, &k3s),
-            Some(KubeconfigChoice::K3sDefault(k3s.clone()))
+            in_cluster.to_string(),
+            "the pod's ServiceAccount (in-cluster)"
         );
+        assert_eq!(
+            serde_json::to_value(&in_cluster).unwrap(),
+            serde_json::json!({"from": "in_cluster"})
+        );
+        std::fs::write(&k3s, "").unwrap();
+        for in_pod in [false, true] {
+            assert_eq!(
+                choose_kubeconfig(None, &policy, &k3s, in_pod),
+                Some(KubeconfigChoice::K3sDefault(k3s.clone())),
+                "a kubeconfig file present beats the pod's identity"
+            );
+        }
         policy.kubeconfig = Some("/srv/kube.yaml".into());
         assert_eq!(
-            choose_kubeconfig(None, &policy, &k3s).unwrap().to_string(),
+            choose_kubeconfig(None, &policy, &k3s, true)
+                .unwrap()
+                .to_string(),
             "/srv/kube.yaml (policy)"
         );
         assert_eq!(
-            choose_kubeconfig(Some(Path::new("/x.yaml")), &policy, &k3s),
+            choose_kubeconfig(Some(Path::new("/x.yaml")), &policy, &k3s, true),
             Some(KubeconfigChoice::Flag("/x.yaml".into()))
         );
     }
