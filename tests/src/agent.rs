@@ -105,6 +105,24 @@ impl Agent {
         Self::spawn(cmd, audit_log, envs, args)
     }
 
+    /// [`Agent::start`] through a launcher that execs it (`nsenter
+    /// --mount=… --`, say): the child's pid is the agent's.
+    pub fn start_via<I, S>(
+        launcher: &[&std::ffi::OsStr],
+        envs: &[(&str, &std::ffi::OsStr)],
+        args: I,
+    ) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
+        let (program, rest) = launcher.split_first().expect("a launcher");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).arg(portguard_bin());
+        Self::spawn(cmd, audit_log, envs, args)
+    }
+
     fn spawn<I, S>(
         mut cmd: Command,
         audit_log: std::path::PathBuf,

@@ -1229,3 +1229,183 @@ fn one_report_over_two_agents_on_two_hosts() {
         "{removals:#?}"
     );
 }
+
+/// A mount namespace with a real systemd-journald of its own (tmpfs over
+/// `/run/systemd`, `/run/log` and `/var/log`: nothing of the host's journal
+/// is touched). Dropping it stops journald and the namespace's holder.
+struct PrivateJournal {
+    holder: std::process::Child,
+    journald: std::process::Child,
+}
+
+impl PrivateJournal {
+    fn start() -> Self {
+        let holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs tmpfs /run/systemd && mkdir -p /run/log && \
+                 mount -t tmpfs tmpfs /run/log && mount -t tmpfs tmpfs /var/log && \
+                 touch /run/systemd/.pg-ready && exec sleep 600",
+            )
+            .spawn()
+            .expect("unshare");
+        let mut journal = Self {
+            journald: Command::new("true").spawn().expect("true"),
+            holder,
+        };
+        let root = journal.root();
+        wait_path(&root.join("run/systemd/.pg-ready"), "the private mounts");
+        let journald = [
+            "/usr/lib/systemd/systemd-journald",
+            "/lib/systemd/systemd-journald",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("systemd-journald: `cargo xtask setup` installs systemd");
+        journal.journald = Command::new("nsenter")
+            .arg(journal.mount_ns())
+            .args(["--", journald])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("systemd-journald");
+        wait_path(
+            &root.join("run/systemd/journal/socket"),
+            "journald's socket",
+        );
+        journal
+    }
+
+    /// `--mount=/proc/PID/ns/mnt` of the namespace.
+    fn mount_ns(&self) -> String {
+        format!("--mount=/proc/{}/ns/mnt", self.holder.id())
+    }
+
+    /// The namespace's view of the file system.
+    fn root(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/proc/{}/root", self.holder.id()))
+    }
+
+    /// `journalctl -o json` over this journal's files, with `matches`.
+    fn entries(&self, matches: &[&str]) -> Vec<Value> {
+        let out = Command::new("journalctl")
+            .arg("-D")
+            .arg(self.root().join("run/log/journal"))
+            .args(["--output", "json", "--no-pager"])
+            .args(matches)
+            .output()
+            .expect("journalctl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for PrivateJournal {
+    fn drop(&mut self) {
+        for child in [&mut self.journald, &mut self.holder] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_path(path: &std::path::Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} never appeared",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Audit records reach a real systemd-journald over the native protocol as
+/// structured entries: `journalctl MESSAGE_ID=<rule_removed>` finds the
+/// removed hijack with its port, committer and the whole record, and the
+/// agent's start is there under its own MESSAGE_ID.
+#[test]
+fn audit_records_reach_a_real_journald_as_structured_entries() {
+    // The lab first: its namespaces' mounts must be there when the private
+    // mount namespace is copied from this one.
+    let lab = IncidentLab::new(false);
+    lab.docker();
+    let journal = PrivateJournal::start();
+    let cgroup = Cgroup::new("pg-rem-jrnl");
+    let mount_ns = journal.mount_ns();
+    let mut agent = Agent::start_via(
+        &["nsenter".as_ref(), mount_ns.as_ref(), "--".as_ref()],
+        &[],
+        [
+            "run".as_ref(),
+            "--journal".as_ref(),
+            "on".as_ref(),
+            "--mode".as_ref(),
+            "enforce".as_ref(),
+            "--cgroup".as_ref(),
+            cgroup.path().as_os_str(),
+            "--netns".as_ref(),
+            lab.h.name().as_ref(),
+            "--config".as_ref(),
+            lab.policy.as_os_str(),
+        ],
+    );
+    agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
+    sh(&lab.h, KP_CHAIN);
+    sh(&lab.h, KP_HIJACK);
+    wait_kp_removed(&lab, "the hijack");
+    agent.wait_for_event(Duration::from_secs(5), "rule_removed");
+    let pid = agent.pid();
+    let (status, _, audit) = agent.stop_with_audit();
+    assert!(status.success());
+    let removed = audit
+        .iter()
+        .find(|r| r["kind"] == "rule_removed")
+        .expect("a rule_removed record");
+
+    let id = portguard::audit::journal::message_id("rule_removed").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let e = journal.entries(&[&format!("MESSAGE_ID={id}")]);
+        if !e.is_empty() || Instant::now() > deadline {
+            break e;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    let e = &entries[0];
+    assert_eq!(e["SYSLOG_IDENTIFIER"], "portguard");
+    assert_eq!(e["_TRANSPORT"], "journal", "the native protocol");
+    assert_eq!(e["_PID"], pid.to_string());
+    assert_eq!(e["PRIORITY"], "5", "notice");
+    assert_eq!(e["PORTGUARD_KIND"], "rule_removed");
+    assert_eq!(e["PORTGUARD_PORT"], "80");
+    assert_eq!(e["PORTGUARD_PROTO"], "tcp");
+    assert_eq!(e["PORTGUARD_SEQ"], removed["seq"].to_string());
+    assert_eq!(e["PORTGUARD_COMMITTER_NAME"], "nft");
+    assert!(
+        e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("portguard: rule removed on tcp/80")),
+        "{e:#}"
+    );
+    let record: Value = serde_json::from_str(e["PORTGUARD_RECORD"].as_str().unwrap()).unwrap();
+    assert_eq!(&record, removed, "the whole record");
+
+    let started = portguard::audit::journal::message_id("agent_started").unwrap();
+    assert_eq!(
+        journal.entries(&[&format!("MESSAGE_ID={started}")]).len(),
+        1
+    );
+    // Every record went, each under its kind's MESSAGE_ID.
+    let all = journal.entries(&["SYSLOG_IDENTIFIER=portguard"]);
+    let kinds: Vec<&str> = all
+        .iter()
+        .filter_map(|e| e["PORTGUARD_KIND"].as_str())
+        .collect();
+    let want: Vec<&str> = audit.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(kinds, want);
+}

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub mode: Option<Mode>,
     pub cgroup: Option<PathBuf>,
     pub audit_log: PathBuf,
+    /// Whether audit records also go to the systemd journal.
+    pub journal: crate::audit::journal::JournalMode,
     pub metrics_listen: Option<SocketAddr>,
     pub kubeconfig: Option<PathBuf>,
     /// This host's Kubernetes node name (k3s uses the hostname).

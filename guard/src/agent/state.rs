@@ -20,7 +20,7 @@ use super::{
     supervisor::{Layer, TaskFailure},
 };
 use crate::{
-    audit::{AuditEvent, AuditHandle, AuditLog, BindAggregator, Rotation},
+    audit::{AuditEvent, AuditHandle, AuditLog, BindAggregator, Rotation, journal::JournalExport},
     ebpf::{BindGuard, BindPolicy, btf},
     k8s::NodeIdentity,
     logging::ErrorChain,
@@ -467,6 +467,23 @@ fn open_audit(config: &AgentConfig) -> Result<AuditHandle, AgentError> {
             source,
         }
     })?;
+    let mut log = log;
+    match JournalExport::start(config.journal) {
+        Ok(Some(journal)) => {
+            info!(
+                event = "journal_export",
+                "audit records also go to the systemd journal"
+            );
+            log.export_to_journal(journal);
+        }
+        Ok(None) => {}
+        // The audit log is what must work; the journal is a copy.
+        Err(error) => warn!(
+            event = "journal_export_failed",
+            %error,
+            "the journal exporter could not start: audit records stay in the audit log only"
+        ),
+    }
     if let Some(torn) = log.torn_tail() {
         warn!(
             event = "audit_torn_tail",

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 
 use super::{
     host::Host,
+    journal::JournalExport,
     record::{AuditEvent, AuditRecord},
 };
 
@@ -78,6 +79,8 @@ pub struct AuditLog {
     torn: Option<TornTail>,
     /// This host, named in every record (read once, when the log opens).
     host: Host,
+    /// Where records also go once written (the systemd journal).
+    journal: Option<JournalExport>,
     /// Tests: every append fails with this errno (a full disk, without one).
     #[cfg(test)]
     failing: Option<i32>,
@@ -132,6 +135,7 @@ impl AuditLog {
             rotation,
             torn: None,
             host: Host::this(),
+            journal: None,
             #[cfg(test)]
             failing: None,
         };
@@ -187,6 +191,9 @@ impl AuditLog {
         // (`restore N` must never find two records N).
         self.size += line.len() as u64;
         self.next_seq += 1;
+        if let Some(journal) = &self.journal {
+            journal.offer(&record);
+        }
         Ok(record)
     }
 
@@ -204,6 +211,16 @@ impl AuditLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// From now on, every record written also goes to the journal.
+    pub fn export_to_journal(&mut self, journal: JournalExport) {
+        self.journal = Some(journal);
+    }
+
+    /// Journal entries dropped so far (see [`JournalExport`]).
+    pub fn journal_dropped(&self) -> Option<u64> {
+        self.journal.as_ref().map(JournalExport::dropped)
     }
 
     /// The number the next record gets.

@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 mod host;
+pub mod journal;
 mod log;
 mod reader;
 mod record;

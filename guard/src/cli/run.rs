@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use super::PolicyArgs;
 use crate::{
     agent::{self, AgentConfig},
-    audit::DEFAULT_AUDIT_PATH,
+    audit::{DEFAULT_AUDIT_PATH, journal::JournalMode},
     policy::Mode,
 };
 
@@ -25,6 +25,11 @@ pub struct RunArgs {
     /// The audit log (JSON Lines, append-only, rotated by size).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_AUDIT_PATH, env = "PORTGUARD_AUDIT_LOG")]
     pub audit_log: PathBuf,
+    /// Also send every audit record to the systemd journal as a structured
+    /// entry (MESSAGE_ID per kind, PORTGUARD_* fields, the whole record):
+    /// `auto` when journald's socket exists at start.
+    #[arg(long, value_enum, default_value_t = JournalMode::Auto, env = "PORTGUARD_JOURNAL")]
+    pub journal: JournalMode,
     /// Serve metrics here instead of the policy's `[metrics] listen`
     /// (port 0: any free port, logged at start).
     #[arg(long, value_name = "ADDR:PORT", env = "PORTGUARD_METRICS_LISTEN")]
@@ -57,6 +62,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         mode: args.mode,
         cgroup: args.cgroup,
         audit_log: args.audit_log,
+        journal: args.journal,
         metrics_listen: args.metrics_listen,
         kubeconfig: args.kubeconfig,
         node_name: args.node_name,
