@@ -1095,6 +1095,16 @@ fn the_committer_of_a_hijack_is_named_from_the_kernel() {
     assert!(who["generation"].is_u64() && who["committed_at"].is_string());
     // The record names the host that wrote it.
     assert!(removals[0]["host"]["name"].is_string());
+    // The intent written before the deletion names the committer as the
+    // kernel did, and reads nothing from /proc: the deletion waits for no
+    // more than the commit's one stat read.
+    let intent = audit
+        .iter()
+        .find(|r| r["kind"] == "rule_removing")
+        .expect("an intent");
+    assert_eq!(intent["committer"]["pid"], pod_nft.id());
+    assert_eq!(intent["committer"]["name"], "nft");
+    assert!(intent["committer"]["exe"].is_null(), "{intent:#}");
 
     let who = &removals[1]["committer"];
     assert_eq!(who["pid"], once_pid, "{who:#}");

@@ -4,9 +4,12 @@
 //! committing process (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`). The guard
 //! stamps each rule a batch adds with that [`Commit`] ([`commit_of`]: one
 //! `/proc/PID/stat` read per batch that adds rules, so a committer that exits
-//! at once is still known by its parent), and when it acts on a rule it names
-//! the committer through `/proc` ([`resolve`]): executable, cgroup and what it
-//! says (systemd unit, container, pod), and the parent chain. The chain-name
+//! at once is still known by its parent). The `rule_removing` record written
+//! before a deletion names the committer as the kernel did ([`as_named`]);
+//! once the deletion is confirmed, `rule_removed` names it through `/proc`
+//! ([`resolve`]): executable, cgroup and what it says (systemd unit,
+//! container, pod), and the parent chain. Nothing between a hijack's commit
+//! and its deletion waits for more than that one read. The chain-name
 //! guess (`kube-proxy`, `cni-portmap`, …) stays beside it as a hint.
 //!
 //! Rules the agent did not see committed (there before it started, or read
@@ -44,16 +47,22 @@ pub fn commit_of(generation: &NewGen) -> Option<Arc<Commit>> {
     }))
 }
 
-/// Names the committer now: from `/proc` while it lives (the same process:
-/// its start time is checked), else by the parent it had.
-pub fn resolve(commit: &Commit) -> Committer {
-    let mut out = Committer {
+/// The committer as the kernel named it, nothing read from `/proc` (for the
+/// record written before a deletion, which must not wait).
+pub fn as_named(commit: &Commit) -> Committer {
+    Committer {
         pid: commit.pid,
         name: commit.name.clone(),
         generation: commit.generation,
         committed_at: Some(OffsetDateTime::from(commit.seen)),
         ..Committer::default()
-    };
+    }
+}
+
+/// Names the committer now: from `/proc` while it lives (the same process:
+/// its start time is checked), else by the parent it had.
+pub fn resolve(commit: &Commit) -> Committer {
+    let mut out = as_named(commit);
     let alive =
         ProcStat::read(commit.pid).filter(|s| commit.start_time.is_none_or(|t| t == s.start_time));
     let mut next = match alive {

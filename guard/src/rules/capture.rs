@@ -2,17 +2,17 @@
 //! log and to put it back byte for byte (raw expressions and userdata, chain,
 //! position and the handles of its neighbours, every finding it is).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 
-use super::restore::RecordedRule;
+use super::{attribution, restore::RecordedRule};
 use crate::{
     audit::{Committer, ForeignRuleRecord},
     k8s::ClusterView,
     nft::{
         Finding, RulesetModel,
-        model::{Expr, Family, PayloadBase},
+        model::{Commit, Expr, Family, PayloadBase},
         transaction::Op,
     },
 };
@@ -44,8 +44,10 @@ pub struct ForeignRule {
     /// The Kubernetes object behind the rule's target, when the Kubernetes
     /// layer can name it (`pod ns/name (DaemonSet ns/name) …`).
     pub k8s_source: Option<String>,
-    /// Who committed it, when the agent saw the commit.
-    pub committer: Option<Committer>,
+    /// The transaction that added it, when the agent saw the commit. Named
+    /// through `/proc` only in the `rule_removed` record, after the deletion:
+    /// nothing between the commit and the deletion waits for `/proc`.
+    pub commit: Option<Arc<Commit>>,
 }
 
 impl ForeignRule {
@@ -74,7 +76,7 @@ impl ForeignRule {
             comment: rule.comment.clone(),
             findings,
             k8s_source: None,
-            committer: rule.commit().map(|c| super::attribution::resolve(c)),
+            commit: rule.commit().cloned(),
         })
     }
 
@@ -141,8 +143,19 @@ impl ForeignRule {
         }
     }
 
-    /// The audit record written before the rule is removed.
+    /// The audit record written before the rule is removed: the committer
+    /// as the kernel named it (pid, name, generation), nothing read yet.
     pub fn audit_record(&self) -> ForeignRuleRecord {
+        self.record_with(self.commit.as_deref().map(attribution::as_named))
+    }
+
+    /// The audit record of the confirmed removal: the committer named
+    /// through `/proc` now (see [`attribution::resolve`]).
+    pub fn removed_record(&self) -> ForeignRuleRecord {
+        self.record_with(self.commit.as_deref().map(attribution::resolve))
+    }
+
+    fn record_with(&self, committer: Option<Committer>) -> ForeignRuleRecord {
         let f = self.findings.first().expect("a foreign rule has a finding");
         ForeignRuleRecord {
             finding: self.id(),
@@ -157,7 +170,7 @@ impl ForeignRule {
                 self.family, self.table, self.chain, self.handle, self.position
             )),
             rule: serde_json::to_value(self.recorded()).expect("a rule serialises"),
-            committer: self.committer.clone().map(Box::new),
+            committer: committer.map(Box::new),
         }
     }
 }

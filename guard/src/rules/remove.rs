@@ -109,7 +109,7 @@ pub async fn remove_audited<B: RulesetBackend>(
         // Its intent is durable already: this record is made durable behind
         // the guard's back (see `AuditHandle::record_soon_durable`).
         match audit
-            .record_soon_durable(AuditEvent::RuleRemoved(r.audit_record()))
+            .record_soon_durable(AuditEvent::RuleRemoved(r.removed_record()))
             .await
         {
             Ok(rec) => removal.removed.push((r, rec.seq)),
