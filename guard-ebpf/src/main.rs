@@ -29,12 +29,10 @@ use guard_common::{
     OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, Verdict,
 };
 
-/// Ring buffer flags (linux/bpf.h).
-const BPF_RB_NO_WAKEUP: u64 = 1;
+/// Ring buffer flags (linux/bpf.h): 0 is the adaptive notification
+/// (`bpf_ringbuf_submit`'s default), `BPF_RB_FORCE_WAKEUP` wakes at once.
+const BPF_RB_ADAPTIVE: u64 = 0;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Wake the reader once this much is pending even for routine events.
-const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// cgroup sock_addr programs return 1 to let the bind proceed, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
@@ -228,15 +226,15 @@ fn report(
         exe_dev: exe.map_or(0, |(_, dev)| dev),
         _pad2: 0,
     });
-    // A wakeup per event costs the binder a context switch: denials wake the
-    // reader at once, routine events are batched (the agent also drains on a
-    // short timer) until enough is pending.
-    let flags =
-        if verdict == Verdict::Denied || BIND_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        };
+    // Denials wake the reader at once. Routine events use the ring buffer's
+    // adaptive notification (flags 0): the kernel wakes the reader only when
+    // it had read everything before this event, so a burst costs one wakeup
+    // and an idle agent none (no timer drains the buffer).
+    let flags = if verdict == Verdict::Denied {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_ADAPTIVE
+    };
     entry.submit(flags);
 }
 

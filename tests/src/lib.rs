@@ -78,13 +78,16 @@ pub fn portguard_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("PORTGUARD_BIN") {
         return p.into();
     }
-    // target/debug/deps/this-test → target/debug/portguard
+    // target/debug/deps/this-test (a test) or target/release/bench_x (a
+    // helper binary) → target/<profile>/portguard
     let exe = std::env::current_exe().expect("current_exe");
-    let candidate = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("portguard"))
-        .expect("test binary lives in target/<profile>/deps");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let profile = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>/deps")
+    } else {
+        dir
+    };
+    let candidate = profile.join("portguard");
     assert!(
         candidate.exists(),
         "{} does not exist: build it first (`cargo build -p portguard`) or run `cargo xtask test`",

@@ -978,6 +978,8 @@ fn legacy_iptables_rules_are_polled_once_in_use_and_reported() {
         lab.policy.as_os_str(),
         "--legacy-poll".as_ref(),
         "1".as_ref(),
+        "--legacy-check".as_ref(),
+        "1".as_ref(),
     ]);
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     // x_tables announces nothing: the agent finds it by polling, once in use.

@@ -22,6 +22,9 @@ pub enum Which {
     /// kube-proxy ruleset), traffic share lost with and without the pin, and a
     /// 1 s polling baseline.
     Remediate,
+    /// A running agent with nothing happening: wakeups (context switches) over
+    /// 10 s, resident and peak memory.
+    Idle,
 }
 
 pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
@@ -29,7 +32,7 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
     sh::require_root("the benchmarks")?;
     if let Some(bin) = baseline {
         anyhow::ensure!(
-            !matches!(which, Which::Bind),
+            !matches!(which, Which::Bind | Which::Idle),
             "--baseline is for `bench inspect` and `bench remediate`"
         );
         anyhow::ensure!(
@@ -61,6 +64,19 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
             ]),
             Some(base) => remediate_versus(base),
         },
+        Which::Idle => {
+            // The agent measured is this tree's release binary.
+            sh::cargo(&["build", "--quiet", "--release", "--package", "portguard"])?;
+            sh::cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "portguard-tests",
+                "--bin",
+                "bench_idle",
+            ])
+        }
     }
 }
 

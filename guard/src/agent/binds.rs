@@ -4,7 +4,7 @@
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -14,7 +14,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::events::{AgentEvent, SourceError};
+use super::events::{AgentEvent, SourceError, TickGate};
 use crate::{
     audit::{AuditEvent, BindAggregator, BindAttempt},
     ebpf::{BindRecord, KernelLogger, read_bind_event},
@@ -22,10 +22,6 @@ use crate::{
     policy::Proto,
     sys::cgroup::CgroupPaths,
 };
-
-/// Longest an observed (not denied) bind waits in the ring buffer: routine
-/// events are submitted without a wakeup (denials and a filling buffer wake us).
-const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 pub struct BindSource {
     pub host_cookie: u64,
@@ -37,6 +33,9 @@ pub struct BindSource {
     /// flood costs the queue what it costs the log: a record per kind and
     /// window (the agent writes the windows' summaries).
     pub aggregator: Arc<Mutex<BindAggregator>>,
+    /// Opened after events were read: the agent's tick then writes the
+    /// windows' summaries and reads the drop counter, and stops when idle.
+    pub ticks: Arc<TickGate>,
 }
 
 impl BindSource {
@@ -48,22 +47,23 @@ impl BindSource {
         // SAFETY: the ring buffer owns its map fd and keeps it open until dropped with the AsyncFd.
         let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| poll(e.into()))?;
-        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         let mut audit_lost = 0u64;
+        // The kernel's adaptive notification wakes us for the first event
+        // after we read everything (see the program's `submit`): no timer.
         loop {
-            tokio::select! {
-                ready = fd.readable_mut() => {
-                    let mut ready = ready.map_err(poll)?;
-                    self.drain(ready.get_inner_mut(), &mut audit_lost);
-                    ready.clear_ready();
-                }
-                _ = drain.tick() => self.drain(fd.get_mut(), &mut audit_lost),
-            }
+            let mut ready = fd.readable_mut().await.map_err(poll)?;
+            self.drain(ready.get_inner_mut(), &mut audit_lost);
+            ready.clear_ready();
+            // An event that came between the last read and clear_ready sent
+            // no notification (we had not caught up): read once more.
+            self.drain(fd.get_mut(), &mut audit_lost);
         }
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>, audit_lost: &mut u64) {
+        let mut read = 0usize;
         while let Some(item) = ring.next() {
+            read += 1;
             let Some(raw) = read_bind_event(&item) else {
                 warn!(len = item.len(), "short bind event ignored");
                 continue;
@@ -102,6 +102,15 @@ impl BindSource {
                     );
                 }
             }
+        }
+        if read > 0 {
+            // Under the aggregator's lock, as the agent decides idleness under
+            // it: a wake is never overwritten by a stale "idle".
+            let _agg = self
+                .aggregator
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.ticks.wake();
         }
     }
 }

@@ -115,16 +115,51 @@ impl Signals {
     }
 }
 
-/// Source: the counter tick, and systemd's watchdog when it asks for one.
+/// When the tick runs: only while there is something for it to do (bind
+/// summaries whose window is open, a ring buffer that may have dropped
+/// events). An idle agent has no periodic wakeup of its own.
+#[derive(Debug, Default)]
+pub struct TickGate {
+    /// Set by the agent after a tick that left nothing pending.
+    idle: std::sync::atomic::AtomicBool,
+    /// Raised by the bind source when it read events.
+    activity: tokio::sync::Notify,
+}
+
+impl TickGate {
+    /// Something happened that a tick must follow up (the bind source read events).
+    pub fn wake(&self) {
+        self.idle.store(false, std::sync::atomic::Ordering::Release);
+        self.activity.notify_one();
+    }
+
+    /// After a tick: whether anything is left for the next one.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.idle.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Source: the tick (while the gate is open), and systemd's watchdog when it
+/// asks for one.
 pub async fn timers(
     events: mpsc::Sender<AgentEvent>,
     watchdog: Option<Duration>,
+    gate: Arc<TickGate>,
 ) -> Result<(), SourceError> {
     let mut tick = tokio::time::interval(TICK);
     let mut watchdog = tokio::time::interval(watchdog.unwrap_or(Duration::MAX / 4));
     loop {
         let event = tokio::select! {
-            _ = tick.tick() => AgentEvent::Tick,
+            _ = tick.tick(), if !gate.is_idle() => AgentEvent::Tick,
+            // Woken while idle: tick again a TICK from now.
+            () = gate.activity.notified(), if gate.is_idle() => {
+                tick.reset();
+                continue;
+            }
             _ = watchdog.tick() => AgentEvent::Watchdog,
         };
         if events.send(event).await.is_err() {

@@ -81,6 +81,7 @@ pub fn start_rules(
         owners: owners.clone(),
         reports,
         legacy_poll: ctx.config.legacy_poll,
+        legacy_check: ctx.config.legacy_check,
         // Removals name the pod and Service behind their target when the cluster knows it.
         cluster: Some(cluster.clone()),
     };

@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub netns: Option<String>,
     /// How often iptables-legacy tables are re-read while any is in use.
     pub legacy_poll: Duration,
+    /// How often the agent looks whether iptables-legacy is in use, while not.
+    pub legacy_check: Duration,
 }
 
 impl AgentConfig {

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use super::{
     AgentConfig, AgentError,
     binds::{BindSource, read_kernel_log},
-    events::{self, AgentEvent, Signal, Signals},
+    events::{self, AgentEvent, Signal, Signals, TickGate},
     kube,
     layers::{self, LayerContext, PolicyLayers},
     supervisor::{Layer, TaskFailure},
@@ -66,6 +66,8 @@ pub struct Agent {
     /// Bind records: the first of each kind per window, then one summary
     /// (admitted by the bind source, summaries written here).
     binds: Arc<std::sync::Mutex<BindAggregator>>,
+    /// Closed after a tick that left nothing pending (see [`TickGate`]).
+    ticks: Arc<TickGate>,
     /// The agent's own records that could not be written (the disk full…):
     /// counted and warned about, never fatal (the bind guard needs no disk).
     records_unwritten: u64,
@@ -114,9 +116,10 @@ impl Agent {
 
         let base = ctx.layer("base");
         base.spawn("signals", signals.run(ctx.events.clone()));
+        let ticks = Arc::new(TickGate::default());
         base.spawn(
             "timers",
-            events::timers(ctx.events.clone(), watchdog_interval()),
+            events::timers(ctx.events.clone(), watchdog_interval(), ticks.clone()),
         );
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
@@ -146,6 +149,7 @@ impl Agent {
             cgroups: CgroupPaths::new(root),
             metrics: metrics.clone(),
             events: ctx.events.clone(),
+            ticks: ticks.clone(),
         };
         base.spawn("bind-source", binds.run(guard.take_events()?));
         if let Some(logger) = logger {
@@ -182,6 +186,7 @@ impl Agent {
             last_removal: HashMap::new(),
             drops_seen: 0,
             binds: aggregator,
+            ticks,
             records_unwritten: 0,
             ctx,
         })
@@ -379,6 +384,13 @@ impl Agent {
             );
             self.drops_seen = dropped;
         }
+        // Nothing left for a tick: no window open. Decided under the
+        // aggregator's lock, which the bind source holds to wake the gate.
+        let agg = self
+            .binds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.ticks.set_idle(agg.tracked() == 0);
         Ok(())
     }
 

@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// seconds (nf_tables changes are announced and need no polling).
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub legacy_poll: u64,
+    /// How often the agent looks whether iptables-legacy is in use at all, in
+    /// seconds, while it is not (one /proc read; x_tables announces nothing).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub legacy_check: u64,
     /// Guard the nftables ruleset of /run/netns/NAME instead of this one (tests).
     #[arg(long, hide = true, value_name = "NAME")]
     pub netns: Option<String>,
@@ -68,6 +72,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         node_name: args.node_name,
         netns: args.netns,
         legacy_poll: std::time::Duration::from_secs(args.legacy_poll.max(1)),
+        legacy_check: std::time::Duration::from_secs(args.legacy_check.max(1)),
     }))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -66,6 +66,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Short: while dockerd cannot be asked its ports are only observed, so the
 /// guard must be back within a second of dockerd (a refused connect costs nothing).
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// While Docker's socket does not exist, its creation is waited for; this is
+/// only the safety net for a socket that appears unseen (a new mount).
+const SOCKET_ABSENT_RECHECK: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -737,8 +740,15 @@ pub async fn follow(
         });
         facts.refresh_proxies(root);
         tx.send_if_modified(|old| replace_if_changed(old, facts));
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if socket.exists() {
+            // dockerd starting, or refusing: try again soon.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            // No socket, no dockerd: wait for the socket to appear (inotify)
+            // rather than waking every second on a host without Docker.
+            super::watch_fs::appears(&socket, SOCKET_ABSENT_RECHECK).await;
+        }
     }
 }
 

@@ -33,32 +33,58 @@ pub struct FsChanges {
 
 impl FsChanges {
     pub fn new(policy: &Policy, model: &ResolvedOwners) -> Self {
-        // SAFETY: plain syscall; the fd is owned right below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        let fd = if raw < 0 {
+        let mut out = Self::empty().unwrap_or_else(|error| {
             warn!(
-                error = %io::Error::last_os_error(),
+                %error,
                 "owners: inotify unavailable: unit, exe and cgroup owners are read only when Docker changes"
             );
-            None
-        } else {
-            // SAFETY: `raw` is a fresh fd nobody else owns; the OwnedFd keeps it open
-            // and the same for as long as the AsyncFd lives.
-            unsafe {
-                AsyncFd::register_with_interest(
-                    OwnedFd::from_raw_fd(raw),
-                    tokio::io::Interest::READABLE,
-                )
+            Self {
+                fd: None,
+                watches: BTreeMap::new(),
             }
-            .inspect_err(|e| warn!(error = %e, "owners: cannot poll inotify"))
-            .ok()
-        };
-        let mut out = Self {
-            fd,
-            watches: BTreeMap::new(),
-        };
+        });
         let _ = out.rearm(policy, model);
         out
+    }
+
+    /// An inotify instance watching nothing yet.
+    fn empty() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned right below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd nobody else owns; the OwnedFd keeps it open
+        // and the same for as long as the AsyncFd lives.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                OwnedFd::from_raw_fd(raw),
+                tokio::io::Interest::READABLE,
+            )
+        }?;
+        Ok(Self {
+            fd: Some(fd),
+            watches: BTreeMap::new(),
+        })
+    }
+
+    /// Watches one directory (for [`appears`]).
+    fn watching(dir: &Path) -> io::Result<Self> {
+        let mut out = Self::empty()?;
+        let raw = out
+            .fd
+            .as_ref()
+            .map(|fd| fd.get_ref().as_raw_fd())
+            .ok_or_else(|| io::Error::other("no inotify"))?;
+        let c = CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(raw, c.as_ptr(), MASK) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.watches.insert(dir.to_owned(), wd);
+        Ok(out)
     }
 
     /// Watches exactly the directories `policy` and `model` need now. True
@@ -126,6 +152,31 @@ impl FsChanges {
                 return created;
             }
         }
+    }
+}
+
+/// Waits until `path` exists: an inotify watch on its parent says when an
+/// entry of its name is created or moved in. Returns at once when it exists,
+/// and after `at_most` in any case (a path that appears in a way inotify does
+/// not see, a new mount, is still found). Without inotify: after `at_most`.
+pub async fn appears(path: &Path, at_most: std::time::Duration) {
+    let wait = async {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return std::future::pending().await;
+        };
+        let Ok(mut changes) = FsChanges::watching(dir) else {
+            return std::future::pending().await;
+        };
+        // Created between the first look and the watch: seen here.
+        while !path.exists() {
+            let created = changes.next().await;
+            if created.iter().any(|c| c.as_str() == name.to_string_lossy()) {
+                return;
+            }
+        }
+    };
+    if !path.exists() {
+        let _ = tokio::time::timeout(at_most, wait).await;
     }
 }
 

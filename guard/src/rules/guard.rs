@@ -119,6 +119,9 @@ pub struct RuleGuard {
     pub reports: mpsc::Sender<GuardReport>,
     /// How often iptables-legacy tables are re-read, while any is in use.
     pub legacy_poll: Duration,
+    /// How often the guard looks whether iptables-legacy is in use, while not
+    /// (an idle agent wakes for nothing else).
+    pub legacy_check: Duration,
     /// The Kubernetes layer's view, to name the object behind a rule's target.
     pub cluster: Option<watch::Receiver<ClusterView>>,
 }
@@ -137,8 +140,11 @@ impl RuleGuard {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), GuardError> {
         let mut guard = GuardLoop::start(self, backend).await?;
-        let mut legacy = tokio::time::interval(guard.cfg.legacy_poll);
-        legacy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While iptables-legacy is in use it is re-read every `legacy_poll`;
+        // while not, looked at every `legacy_check`.
+        let mut legacy_in_use = guard.legacy_in_use();
+        let legacy = tokio::time::sleep(guard.legacy_period(legacy_in_use));
+        tokio::pin!(legacy);
         let mut audit_retry = tokio::time::interval(AUDIT_RETRY);
         audit_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -153,7 +159,7 @@ impl RuleGuard {
                     Ok(()) => Event::Owners,
                     Err(_) => Event::OwnersClosed,
                 },
-                _ = legacy.tick() => Event::LegacyTick,
+                () = &mut legacy => Event::LegacyTick,
                 _ = audit_retry.tick(), if guard.audit_down.is_some() => Event::AuditRetry,
             };
             let handled = match event {
@@ -165,7 +171,15 @@ impl RuleGuard {
                     guard.owners_open = false;
                     Ok(())
                 }
-                Event::LegacyTick => guard.on_legacy_tick().await,
+                Event::LegacyTick => match guard.on_legacy_tick().await {
+                    Ok(in_use) => {
+                        legacy_in_use = in_use;
+                        let next = tokio::time::Instant::now() + guard.legacy_period(legacy_in_use);
+                        legacy.as_mut().reset(next);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
                 Event::AuditRetry => guard.on_audit_retry().await,
             };
             if let Err(e) = handled {
@@ -376,18 +390,30 @@ impl<B: RulesetBackend> GuardLoop<B> {
     }
 
     /// iptables-legacy announces nothing: re-read while it is in use (or was:
-    /// its tables went away). Otherwise one /proc read.
-    async fn on_legacy_tick(&mut self) -> Result<(), GuardError> {
-        let had = self
-            .model
-            .tables
-            .iter()
-            .any(|t| t.origin == TableOrigin::IptablesLegacy);
-        if !had && !self.backend.legacy_nat_in_use()? {
-            return Ok(());
+    /// its tables went away). Otherwise one /proc read. Whether it is in use.
+    async fn on_legacy_tick(&mut self) -> Result<bool, GuardError> {
+        if !self.legacy_in_use() && !self.backend.legacy_nat_in_use()? {
+            return Ok(false);
         }
         self.full_read().await?;
-        self.settle(None, None).await
+        self.settle(None, None).await?;
+        Ok(true)
+    }
+
+    /// Whether the model holds iptables-legacy tables.
+    fn legacy_in_use(&self) -> bool {
+        self.model
+            .tables
+            .iter()
+            .any(|t| t.origin == TableOrigin::IptablesLegacy)
+    }
+
+    fn legacy_period(&self, in_use: bool) -> Duration {
+        if in_use {
+            self.cfg.legacy_poll
+        } else {
+            self.cfg.legacy_check
+        }
     }
 
     /// No pin outlives the agent.

@@ -225,6 +225,7 @@ impl Harness {
             owners: owners_rx,
             reports: reports_tx,
             legacy_poll: Duration::from_secs(3600),
+            legacy_check: Duration::from_secs(3600),
             cluster: None,
         };
         let task = tokio::spawn(guard.run(backend, stop_rx));

@@ -159,6 +159,7 @@ impl Guard {
                     owners,
                     reports,
                     legacy_poll: Duration::from_secs(5),
+                    legacy_check: Duration::from_secs(60),
                     cluster: None,
                 };
                 let task = tokio::spawn(guard.run_netlink(stop_rx));
