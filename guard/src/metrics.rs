@@ -95,6 +95,7 @@ pub struct Metrics {
     audit_writable: Gauge,
     foreign_pin_tables: Gauge,
     pins_withheld: Gauge,
+    ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -123,6 +124,7 @@ impl Metrics {
             audit_writable: Gauge::default(),
             foreign_pin_tables: Gauge::default(),
             pins_withheld: Gauge::default(),
+            ready: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +197,12 @@ impl Metrics {
             "pins_withheld",
             "Wanted pins not installed because another table holds the pin table's name",
             m.pins_withheld.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (programs attached, ruleset inspected, audit log \
+             writable), 0 otherwise",
+            m.ready.clone(),
         );
         m.audit_writable.set(1);
         Self { registry, ..m }
@@ -287,6 +295,12 @@ impl Metrics {
 
     pub fn audit_writable(&self, writable: bool) {
         self.audit_writable.set(i64::from(writable));
+    }
+
+    /// What `/readyz` would answer now; set from [`Health::is_ready`] at each
+    /// scrape, so the gauge and the endpoint cannot disagree.
+    pub fn ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// The exposition, OpenMetrics text (Prometheus reads it).
@@ -523,6 +537,9 @@ async fn answer(
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
         "/metrics" => {
+            // Readiness is decided where `/readyz` decides it, at the moment
+            // of the scrape: a scraper needs no second request to alert on it.
+            metrics.ready(health.is_ready());
             let body = metrics.encode();
             respond(
                 &mut stream,
@@ -646,8 +663,16 @@ mod tests {
 
         assert_eq!(get(addr, "/healthz").await.0, 200);
         assert_eq!(get(addr, "/readyz").await.0, 503);
+        assert!(body.lines().any(|l| l == "portguard_ready 0"), "{body}");
         health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (_, _, body) = get(addr, "/metrics").await;
+        assert!(body.lines().any(|l| l == "portguard_ready 1"), "{body}");
+        // Degraded (the audit log cannot be written): not ready, on both.
+        health.set_degraded(Some("disk full".into()));
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        let (_, _, body) = get(addr, "/metrics").await;
+        assert!(body.lines().any(|l| l == "portguard_ready 0"), "{body}");
         assert_eq!(get(addr, "/nope").await.0, 404);
         server.abort();
     }

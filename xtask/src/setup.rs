@@ -53,6 +53,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the unit test runs systemd-analyze verify and security",
     ),
     ("unzip", "helm comes inside a zip (see `helm` below)"),
+    (
+        "prometheus",
+        "promtool checks and unit-tests the alert rules; a test has a real Prometheus scrape an agent",
+    ),
 ];
 
 /// Builds the Debian package (`cargo xtask deb`).
