@@ -15,13 +15,18 @@
 //! Rules the agent did not see committed (there before it started, or read
 //! back whole after an overrun) have no committer: unknown, never guessed.
 
-use std::{fs, sync::Arc, time::SystemTime};
+use std::{collections::HashMap, fs, sync::Arc, time::SystemTime};
 
 use time::OffsetDateTime;
 
 use crate::{
     audit::{Committer, ProcessRef},
-    nft::{Finding, RulesetModel, model::Commit, monitor::NewGen},
+    nft::{
+        Finding, RulesetModel,
+        model::{Commit, Family},
+        monitor::NewGen,
+        netlink::RuleMessage,
+    },
     sys::{
         cgroup::process_cgroup,
         process::{ProcStat, comm},
@@ -47,6 +52,63 @@ pub fn commit_of(generation: &NewGen) -> Option<Arc<Commit>> {
     }))
 }
 
+/// Marks the rule a notification added, found in `model` (read whole
+/// before its notification was applied), with its commit: same place, same
+/// handle, same expressions, and no commit yet.
+pub fn stamp(model: &mut RulesetModel, msg: &RuleMessage, commit: &Arc<Commit>) {
+    let Some(rule) = model
+        .tables
+        .iter_mut()
+        .find(|t| t.family == msg.family && t.name == msg.table)
+        .and_then(|t| t.chains.iter_mut().find(|c| c.name == msg.chain))
+        .and_then(|c| c.rules.iter_mut().find(|r| r.handle == msg.rule.handle))
+    else {
+        return;
+    };
+    if rule.commit().is_none()
+        && rule.raw_exprs().is_some()
+        && rule.raw_exprs() == msg.rule.raw_exprs()
+    {
+        rule.set_commit(commit.clone());
+    }
+}
+
+/// Carries the commits of `old`'s rules over to the same rules in `new` (a
+/// full read: same place, handle and expressions). Costs nothing when no
+/// rule of `old` has one.
+pub fn carry(old: &RulesetModel, new: &mut RulesetModel) {
+    type Place<'a> = (Family, &'a str, &'a str, u64);
+    let mut known: HashMap<Place<'_>, (&Arc<Commit>, Option<&[u8]>)> = HashMap::new();
+    for t in &old.tables {
+        for c in &t.chains {
+            for r in &c.rules {
+                if let Some(commit) = r.commit() {
+                    known.insert(
+                        (t.family, t.name.as_str(), c.name.as_str(), r.handle),
+                        (commit, r.raw_exprs()),
+                    );
+                }
+            }
+        }
+    }
+    if known.is_empty() {
+        return;
+    }
+    for t in &mut new.tables {
+        for c in &mut t.chains {
+            for r in &mut c.rules {
+                if let Some((commit, raw)) =
+                    known.get(&(t.family, t.name.as_str(), c.name.as_str(), r.handle))
+                    && raw.is_some()
+                    && r.raw_exprs() == *raw
+                {
+                    r.set_commit((*commit).clone());
+                }
+            }
+        }
+    }
+}
+
 /// The committer as the kernel named it, nothing read from `/proc` (for the
 /// record written before a deletion, which must not wait).
 pub fn as_named(commit: &Commit) -> Committer {
@@ -63,18 +125,28 @@ pub fn as_named(commit: &Commit) -> Committer {
 /// its start time is checked), else by the parent it had.
 pub fn resolve(commit: &Commit) -> Committer {
     let mut out = as_named(commit);
-    let alive =
-        ProcStat::read(commit.pid).filter(|s| commit.start_time.is_none_or(|t| t == s.start_time));
+    // The same process (its start time), and not exited (a zombie has no
+    // executable left to read).
+    let alive = ProcStat::read(commit.pid)
+        .filter(|s| commit.start_time.is_none_or(|t| t == s.start_time) && !s.exited);
+    // A process past the release of its memory (exiting) has no executable
+    // either: it is as gone as a zombie.
+    let alive = alive.and_then(|stat| Some((stat, exe(commit.pid)?)));
     let mut next = match alive {
-        Some(stat) => {
-            out.exe = exe(commit.pid);
+        Some((stat, exe)) => {
+            out.exe = Some(exe);
             out.cgroup = process_cgroup(commit.pid);
             out.cgroup_of = out.cgroup.as_ref().map(|_| commit.pid);
             Some(stat.ppid)
         }
         None => {
             out.gone = true;
-            commit.ppid
+            // Its parent as read when the commit arrived, else (a zombie) now.
+            commit.ppid.or_else(|| {
+                ProcStat::read(commit.pid)
+                    .filter(|s| commit.start_time.is_none_or(|t| t == s.start_time))
+                    .map(|s| s.ppid)
+            })
         }
     };
     while let Some(pid) = next.filter(|p| *p > 1) {

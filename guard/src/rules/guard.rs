@@ -38,6 +38,7 @@ use crate::{
         self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
         TableOrigin,
         monitor::{self, Applied, Change},
+        netlink,
         pin::{self, Pin},
     },
     owners::ResolvedOwners,
@@ -291,6 +292,9 @@ impl<B: RulesetBackend> GuardLoop<B> {
         // What this batch can affect: when it only adds rules, the ports,
         // hooks and families of those rules (see `Scope`).
         let mut scope = Some(Scope::default());
+        // Rules added after a change that needs a full read: the read will
+        // hold them, and these say who committed them.
+        let mut restamp: Vec<netlink::RuleMessage> = Vec::new();
         let mut changes = std::mem::take(&mut self.changes);
         for c in changes.drain(..) {
             match c {
@@ -309,10 +313,34 @@ impl<B: RulesetBackend> GuardLoop<B> {
                             {
                                 msg.rule.set_commit(commit.clone());
                             }
+                            // A full read follows: applying is pointless.
+                            if resync {
+                                if let Change::RuleAdded { msg, .. } = held
+                                    && msg.rule.commit().is_some()
+                                {
+                                    restamp.push(msg);
+                                }
+                                continue;
+                            }
                             self.apply_change(held, &mut scope, &mut updated, &mut resync);
                         }
                         monitor::apply(&mut self.model, Change::Generation(generation));
                     } else if !self.held.is_empty() {
+                        // Read already (a full read came first), but who
+                        // committed those rules is only said here.
+                        let adds = self
+                            .held
+                            .iter()
+                            .any(|c| matches!(c, Change::RuleAdded { .. }));
+                        if let Some(commit) =
+                            adds.then(|| attribution::commit_of(&generation)).flatten()
+                        {
+                            for held in &self.held {
+                                if let Change::RuleAdded { msg, .. } = held {
+                                    attribution::stamp(&mut self.model, msg, &commit);
+                                }
+                            }
+                        }
                         debug!(
                             event = "changes_already_read",
                             changes = self.held.len(),
@@ -334,6 +362,11 @@ impl<B: RulesetBackend> GuardLoop<B> {
         self.changes = changes;
         if resync {
             self.full_read().await?;
+            for msg in &restamp {
+                if let Some(commit) = msg.rule.commit() {
+                    attribution::stamp(&mut self.model, msg, commit);
+                }
+            }
         }
         let scope = scope.filter(|_| !resync);
         if resync || updated {
@@ -423,10 +456,17 @@ impl<B: RulesetBackend> GuardLoop<B> {
             .await
     }
 
+    /// A model read whole replaces the old one; the rules both hold keep who
+    /// committed them (a dump does not say).
+    fn replace_model(&mut self, model: RulesetModel) {
+        let old = std::mem::replace(&mut self.model, model);
+        attribution::carry(&old, &mut self.model);
+    }
+
     async fn full_read(&mut self) -> Result<(), GuardError> {
         let t0 = Instant::now();
         let snapshot = self.backend.read().await?;
-        self.model = snapshot.model;
+        self.replace_model(snapshot.model);
         self.addrs = snapshot.addrs;
         self.cfg.report(GuardReport::Inspected {
             took: t0.elapsed(),
@@ -560,7 +600,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             };
             if let Some(snapshot) = removal.reread {
                 // Read again after a rule went missing: the model was stale.
-                self.model = snapshot.model;
+                self.replace_model(snapshot.model);
                 self.addrs = snapshot.addrs;
             }
             // Our batch moved the generation on by one: its own notification
@@ -791,7 +831,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
     fn forget_own_deletion(&mut self, rule: &ForeignRule) {
         monitor::apply(
             &mut self.model,
-            Change::RuleDeleted(nft::netlink::RuleMessage {
+            Change::RuleDeleted(netlink::RuleMessage {
                 family: rule.family,
                 table: rule.table.clone(),
                 chain: rule.chain.clone(),

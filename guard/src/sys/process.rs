@@ -43,6 +43,9 @@ pub struct ProcStat {
     /// Field 22: clock ticks after boot; with the pid, names one process
     /// even after its pid is reused.
     pub start_time: u64,
+    /// Field 3 is `Z` or `X`: it has exited (a zombie waits for its parent
+    /// to reap it; its executable and memory are gone already).
+    pub exited: bool,
 }
 
 impl ProcStat {
@@ -57,10 +60,15 @@ impl ProcStat {
         let rest = &stat[stat.rfind(')')? + 1..];
         let mut fields = rest.split_ascii_whitespace();
         // Fields 3 (state) and 4 (ppid).
-        let ppid = fields.nth(1)?.parse().ok()?;
-        // Field 22 is the 19th after ppid.
+        let state = fields.next()?;
+        let ppid = fields.next()?.parse().ok()?;
+        // Field 22 is the 18th after ppid.
         let start_time = fields.nth(17)?.parse().ok()?;
-        Some(Self { ppid, start_time })
+        Some(Self {
+            ppid,
+            start_time,
+            exited: matches!(state, "Z" | "X"),
+        })
     }
 }
 
@@ -94,10 +102,13 @@ mod tests {
             ProcStat::parse(line),
             Some(ProcStat {
                 ppid: 77,
-                start_time: 99_887_766
+                start_time: 99_887_766,
+                exited: false,
             })
         );
         assert_eq!(ProcStat::parse("812 (x) S"), None);
+        let zombie = line.replace(") S 77", ") Z 77");
+        assert!(ProcStat::parse(&zombie).is_some_and(|s| s.exited));
     }
 
     #[test]
