@@ -13,7 +13,8 @@ use crate::{setup, sh};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Which {
-    /// bind()+close() with the guard attached versus not, and a bind storm.
+    /// bind()+close() with the guard attached versus not (the programs alone,
+    /// then the whole agent), and a bind storm.
     Bind,
     /// The nftables inspector on kube-proxy-shaped rulesets (1k, 10k, 40k rules,
     /// and a 50k-rule single chain): raw netlink dump versus full inspection.
@@ -42,15 +43,19 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     match which {
-        Which::Bind => sh::cargo(&[
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "portguard-tests",
-            "--bin",
-            "bench_bind",
-        ]),
+        Which::Bind => {
+            // The whole-agent part runs this tree's release binary.
+            sh::cargo(&["build", "--quiet", "--release", "--package", "portguard"])?;
+            sh::cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "portguard-tests",
+                "--bin",
+                "bench_bind",
+            ])
+        }
         Which::Inspect => inspect(baseline),
         Which::Remediate => match baseline {
             None => sh::cargo(&[
