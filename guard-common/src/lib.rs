@@ -23,6 +23,11 @@ pub const PROG_BIND6: &str = "portguard_bind6";
 
 /// Size of the bind event ring buffer in bytes (a power of two, page aligned).
 pub const BIND_EVENTS_BYTES: u32 = 1 << 20;
+/// Routine (not denied) bind events wake the agent at most once per this
+/// many nanoseconds; the agent reads again this long after each wakeup, and
+/// again while it finds events. Denials wake it at once. An idle agent is
+/// never woken.
+pub const ROUTINE_WAKEUP_GAP_NS: u64 = 50_000_000;
 /// How many cgroup ancestors the programs check against the owner map.
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// Maximum entries in the protected port map.

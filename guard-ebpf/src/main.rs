@@ -11,7 +11,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
@@ -26,13 +26,15 @@ use aya_log_ebpf::debug;
 use guard_common::{
     AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, Counters, ExeOffsets, GuardConfig,
     MAX_CGROUP_DEPTH, MAX_OWNER_CGROUPS, MAX_OWNER_EXES, MAX_PROTECTED_PORTS, OwnerCgroupKey,
-    OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, Verdict,
+    OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, ROUTINE_WAKEUP_GAP_NS, Verdict,
 };
 
-/// Ring buffer flags (linux/bpf.h): 0 is the adaptive notification
-/// (`bpf_ringbuf_submit`'s default), `BPF_RB_FORCE_WAKEUP` wakes at once.
-const BPF_RB_ADAPTIVE: u64 = 0;
+/// Ring buffer flags (linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the reader once this much is pending even within the gap.
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// cgroup sock_addr programs return 1 to let the bind proceed, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
@@ -56,6 +58,30 @@ static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// When a routine event last woke the reader (`bpf_ktime_get_ns`). Shared by
+/// every CPU: a race costs at most one wakeup more.
+#[map(name = "LAST_WAKEUP")]
+static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The wakeup flag of a routine event (see `ROUTINE_WAKEUP_GAP_NS`).
+#[inline(always)]
+fn routine_wakeup() -> u64 {
+    // SAFETY: a BPF helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP;
+    };
+    // SAFETY: the map's one element, valid for the program's run.
+    let due = now.saturating_sub(unsafe { *last }) >= ROUTINE_WAKEUP_GAP_NS;
+    if due || BIND_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        // SAFETY: as above.
+        unsafe { *last = now };
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 #[cgroup_sock_addr(bind4)]
 pub fn portguard_bind4(ctx: SockAddrContext) -> i32 {
@@ -226,14 +252,14 @@ fn report(
         exe_dev: exe.map_or(0, |(_, dev)| dev),
         _pad2: 0,
     });
-    // Denials wake the reader at once. Routine events use the ring buffer's
-    // adaptive notification (flags 0): the kernel wakes the reader only when
-    // it had read everything before this event, so a burst costs one wakeup
-    // and an idle agent none (no timer drains the buffer).
+    // A wakeup per event costs the binder a context switch. Denials wake the
+    // reader at once; a routine event wakes it when the last wakeup is a gap
+    // ago (or much is pending), else waits for the reader's read a gap after
+    // that wakeup (`ROUTINE_WAKEUP_GAP_NS`). No timer runs in an idle agent.
     let flags = if verdict == Verdict::Denied {
         BPF_RB_FORCE_WAKEUP
     } else {
-        BPF_RB_ADAPTIVE
+        routine_wakeup()
     };
     entry.submit(flags);
 }

@@ -4,10 +4,11 @@
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
+use guard_common::ROUTINE_WAKEUP_GAP_NS;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -48,19 +49,33 @@ impl BindSource {
         let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| poll(e.into()))?;
         let mut audit_lost = 0u64;
-        // The kernel's adaptive notification wakes us for the first event
-        // after we read everything (see the program's `submit`): no timer.
+        // The program wakes us for a denial, and for a routine event once per
+        // gap at most: routine events within a gap of a wakeup come without
+        // one, so we read again a gap later, and again while that finds any.
+        // Idle: no timer at all.
+        let gap = Duration::from_nanos(ROUTINE_WAKEUP_GAP_NS);
+        let tail = tokio::time::sleep(gap);
+        tokio::pin!(tail);
+        let mut tailing = false;
         loop {
-            let mut ready = fd.readable_mut().await.map_err(poll)?;
-            self.drain(ready.get_inner_mut(), &mut audit_lost);
-            ready.clear_ready();
-            // An event that came between the last read and clear_ready sent
-            // no notification (we had not caught up): read once more.
-            self.drain(fd.get_mut(), &mut audit_lost);
+            tokio::select! {
+                ready = fd.readable_mut() => {
+                    let mut ready = ready.map_err(poll)?;
+                    self.drain(ready.get_inner_mut(), &mut audit_lost);
+                    ready.clear_ready();
+                    tailing = true;
+                    tail.as_mut().reset(tokio::time::Instant::now() + gap);
+                }
+                () = &mut tail, if tailing => {
+                    tailing = self.drain(fd.get_mut(), &mut audit_lost) > 0;
+                    tail.as_mut().reset(tokio::time::Instant::now() + gap);
+                }
+            }
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, audit_lost: &mut u64) {
+    /// Reads every event waiting; how many.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, audit_lost: &mut u64) -> usize {
         let mut read = 0usize;
         while let Some(item) = ring.next() {
             read += 1;
@@ -112,6 +127,7 @@ impl BindSource {
                 .unwrap_or_else(PoisonError::into_inner);
             self.ticks.wake();
         }
+        read
     }
 }
 
