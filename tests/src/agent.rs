@@ -86,9 +86,10 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
-        let mut cmd = Command::new("unshare");
-        cmd.args([
+        let script =
+            r#"hostname "$1" && mount --bind "$2" /etc/machine-id && shift 2 && exec "$@""#;
+        let launcher: Vec<&std::ffi::OsStr> = [
+            "unshare",
             "--uts",
             "--mount",
             "--propagation",
@@ -96,13 +97,15 @@ impl Agent {
             "--",
             "sh",
             "-c",
-        ])
-        .arg(r#"hostname "$1" && mount --bind "$2" /etc/machine-id && shift 2 && exec "$@""#)
-        .arg("sh")
-        .arg(hostname)
-        .arg(machine_id)
-        .arg(portguard_bin());
-        Self::spawn(cmd, audit_log, envs, args)
+            script,
+            "sh",
+            hostname,
+        ]
+        .into_iter()
+        .map(std::ffi::OsStr::new)
+        .chain([machine_id.as_os_str()])
+        .collect();
+        Self::start_via(&launcher, envs, args)
     }
 
     /// [`Agent::start`] through a launcher that execs it (`nsenter

@@ -32,23 +32,20 @@ fn start_agent_with(
     cgroup: &Cgroup,
     envs: &[(&str, &std::ffi::OsStr)],
 ) -> Agent {
-    let mut agent = Agent::start_in(
-        None,
-        envs,
-        [
-            "run".as_ref(),
-            "--mode".as_ref(),
-            "enforce".as_ref(),
-            "--cgroup".as_ref(),
-            cgroup.path().as_os_str(),
-            "--netns".as_ref(),
-            lab.h.name().as_ref(),
-            "--config".as_ref(),
-            lab.policy.as_os_str(),
-        ],
-    );
+    let mut agent = Agent::start_in(None, envs, run_args(lab, cgroup));
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     agent
+}
+
+/// `portguard run` enforcing on the lab's host namespace, bind guard on `cgroup`.
+fn run_args(lab: &IncidentLab, cgroup: &Cgroup) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = ["run", "--mode", "enforce", "--cgroup"]
+        .map(Into::into)
+        .into();
+    args.push(cgroup.path().into());
+    args.extend(["--netns".into(), lab.h.name().into(), "--config".into()]);
+    args.push(lab.policy.clone().into());
+    args
 }
 
 /// kube-proxy style: a foreign nat chain at -110, `ip kp pre`.
@@ -1164,22 +1161,8 @@ fn one_report_over_two_agents_on_two_hosts() {
     std::fs::write(&machine_id_b, "0b0b0b0b0b0b4b0b8b0b0b0b0b0b0b0b\n").unwrap();
 
     let agent_a = start_agent(&lab_a, &cg_a);
-    let mut agent_b = Agent::start_as_host(
-        "pg-edge-b",
-        &machine_id_b,
-        &[],
-        [
-            "run".as_ref(),
-            "--mode".as_ref(),
-            "enforce".as_ref(),
-            "--cgroup".as_ref(),
-            cg_b.path().as_os_str(),
-            "--netns".as_ref(),
-            lab_b.h.name().as_ref(),
-            "--config".as_ref(),
-            lab_b.policy.as_os_str(),
-        ],
-    );
+    let mut agent_b =
+        Agent::start_as_host("pg-edge-b", &machine_id_b, &[], run_args(&lab_b, &cg_b));
     agent_b.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     for lab in [&lab_a, &lab_b] {
         sh(&lab.h, KP_CHAIN);
@@ -1353,22 +1336,12 @@ fn audit_records_reach_a_real_journald_as_structured_entries() {
     let journal = PrivateJournal::start();
     let cgroup = Cgroup::new("pg-rem-jrnl");
     let mount_ns = journal.mount_ns();
+    let mut args = run_args(&lab, &cgroup);
+    args.extend(["--journal".into(), "on".into()]);
     let mut agent = Agent::start_via(
         &["nsenter".as_ref(), mount_ns.as_ref(), "--".as_ref()],
         &[],
-        [
-            "run".as_ref(),
-            "--journal".as_ref(),
-            "on".as_ref(),
-            "--mode".as_ref(),
-            "enforce".as_ref(),
-            "--cgroup".as_ref(),
-            cgroup.path().as_os_str(),
-            "--netns".as_ref(),
-            lab.h.name().as_ref(),
-            "--config".as_ref(),
-            lab.policy.as_os_str(),
-        ],
+        args,
     );
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     sh(&lab.h, KP_CHAIN);
