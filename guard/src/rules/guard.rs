@@ -37,6 +37,7 @@ use crate::{
     nft::{
         self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
         TableOrigin,
+        model::Commit,
         monitor::{self, Applied, Change},
         netlink,
         pin::{self, Pin},
@@ -300,13 +301,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             match c {
                 Change::Generation(generation) => {
                     if monitor::is_newer(generation.id, self.model.generation) {
-                        // Who committed the batch, read while it may still
-                        // live; only for batches that add rules.
-                        let adds = self
-                            .held
-                            .iter()
-                            .any(|c| matches!(c, Change::RuleAdded { .. }));
-                        let commit = adds.then(|| attribution::commit_of(&generation)).flatten();
+                        let commit = self.held_commit(&generation);
                         for mut held in std::mem::take(&mut self.held) {
                             if let (Some(commit), Change::RuleAdded { msg, .. }) =
                                 (&commit, &mut held)
@@ -328,13 +323,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                     } else if !self.held.is_empty() {
                         // Read already (a full read came first), but who
                         // committed those rules is only said here.
-                        let adds = self
-                            .held
-                            .iter()
-                            .any(|c| matches!(c, Change::RuleAdded { .. }));
-                        if let Some(commit) =
-                            adds.then(|| attribution::commit_of(&generation)).flatten()
-                        {
+                        if let Some(commit) = self.held_commit(&generation) {
                             for held in &self.held {
                                 if let Change::RuleAdded { msg, .. } = held {
                                     attribution::stamp(&mut self.model, msg, &commit);
@@ -373,6 +362,16 @@ impl<B: RulesetBackend> GuardLoop<B> {
             self.settle(Some(seen), scope.as_ref()).await?;
         }
         Ok(())
+    }
+
+    /// Who committed the held batch, when it adds rules (only those need
+    /// naming; read now, while the committer may still live).
+    fn held_commit(&self, generation: &monitor::NewGen) -> Option<Arc<Commit>> {
+        self.held
+            .iter()
+            .any(|c| matches!(c, Change::RuleAdded { .. }))
+            .then(|| attribution::commit_of(generation))
+            .flatten()
     }
 
     /// One change of a batch newer than the model.
