@@ -50,26 +50,17 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        // The test's own audit log path (PORTGUARD_AUDIT_LOG in `envs`), or a fresh one.
-        let audit_log = envs
-            .iter()
-            .find(|(k, _)| *k == "PORTGUARD_AUDIT_LOG")
-            .map_or_else(
-                || std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl"),
-                |(_, v)| std::path::PathBuf::from(v),
-            );
-        let cmd = match netns {
-            None => Command::new(portguard_bin()),
+        match netns {
+            None => Self::spawn(Command::new(portguard_bin()), envs, args),
             Some(ns) => {
-                // nsenter execs portguard: the child's pid is the agent's.
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(portguard_bin());
-                c
+                let net = format!("--net=/run/netns/{ns}");
+                Self::start_via(
+                    &["nsenter".as_ref(), net.as_ref(), "--".as_ref()],
+                    envs,
+                    args,
+                )
             }
-        };
-        Self::spawn(cmd, audit_log, envs, args)
+        }
     }
 
     /// [`Agent::start`] as if on another host: in a UTS namespace of its own
@@ -119,23 +110,25 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let audit_log = std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl");
         let (program, rest) = launcher.split_first().expect("a launcher");
         let mut cmd = Command::new(program);
         cmd.args(rest).arg(portguard_bin());
-        Self::spawn(cmd, audit_log, envs, args)
+        Self::spawn(cmd, envs, args)
     }
 
-    fn spawn<I, S>(
-        mut cmd: Command,
-        audit_log: std::path::PathBuf,
-        envs: &[(&str, &std::ffi::OsStr)],
-        args: I,
-    ) -> Self
+    fn spawn<I, S>(mut cmd: Command, envs: &[(&str, &std::ffi::OsStr)], args: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        // The test's own audit log path (PORTGUARD_AUDIT_LOG in `envs`), or a fresh one.
+        let audit_log = envs
+            .iter()
+            .find(|(k, _)| *k == "PORTGUARD_AUDIT_LOG")
+            .map_or_else(
+                || std::env::temp_dir().join(crate::unique_name("pg-audit") + ".jsonl"),
+                |(_, v)| std::path::PathBuf::from(v),
+            );
         cmd.envs(envs.iter().copied());
         cmd.args(args)
             .env("PORTGUARD_LOG_FORMAT", "json")

@@ -43,46 +43,33 @@ pub fn bench(which: Which, baseline: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     match which {
-        Which::Bind => {
-            // The whole-agent part runs this tree's release binary.
-            sh::cargo(&["build", "--quiet", "--release", "--package", "portguard"])?;
-            sh::cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "portguard-tests",
-                "--bin",
-                "bench_bind",
-            ])
-        }
+        // Its whole-agent part runs this tree's release agent.
+        Which::Bind => bench_bin("bench_bind", true),
         Which::Inspect => inspect(baseline),
         Which::Remediate => match baseline {
-            None => sh::cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "portguard-tests",
-                "--bin",
-                "bench_remediate",
-            ]),
+            None => bench_bin("bench_remediate", false),
             Some(base) => remediate_versus(base),
         },
-        Which::Idle => {
-            // The agent measured is this tree's release binary.
-            sh::cargo(&["build", "--quiet", "--release", "--package", "portguard"])?;
-            sh::cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "portguard-tests",
-                "--bin",
-                "bench_idle",
-            ])
-        }
+        // The agent measured is this tree's release binary.
+        Which::Idle => bench_bin("bench_idle", true),
     }
+}
+
+/// Runs the release benchmark binary `name` of the tests crate; `agent`:
+/// it starts `portguard run`, so this tree's release agent is built first.
+fn bench_bin(name: &str, agent: bool) -> anyhow::Result<()> {
+    if agent {
+        sh::cargo(&["build", "--quiet", "--release", "--package", "portguard"])?;
+    }
+    sh::cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "portguard-tests",
+        "--bin",
+        name,
+    ])
 }
 
 /// Runs of each `bench_remediate` in `--baseline` mode, alternating.

@@ -33,14 +33,17 @@ pub struct Source<'a> {
 impl Source<'_> {
     /// The host a record of this log names.
     fn host_of(&self, r: &AuditRecord) -> String {
-        r.host.as_ref().map_or_else(
-            || {
-                std::path::Path::new(self.log)
-                    .file_name()
-                    .map_or_else(|| self.log.to_owned(), |n| n.to_string_lossy().into_owned())
-            },
-            |h| h.label(),
-        )
+        r.host
+            .as_ref()
+            .map_or_else(|| self.log_name(), |h| h.label())
+    }
+
+    /// The log's file name: the host its records of older agents (or an
+    /// empty log) stand for.
+    fn log_name(&self) -> String {
+        std::path::Path::new(self.log)
+            .file_name()
+            .map_or_else(|| self.log.to_owned(), |n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -250,7 +253,7 @@ fn host_summaries(
         // The hosts a log holds; a log of an older agent is the host it names.
         let mut named: BTreeSet<String> = s.trail.records.iter().map(|r| s.host_of(r)).collect();
         if named.is_empty() {
-            named.insert(s.host_of_empty());
+            named.insert(s.log_name());
         }
         for (i, host) in named.iter().enumerate() {
             let h = hosts.entry(host.clone()).or_insert_with(|| HostSummary {
@@ -292,15 +295,6 @@ fn host_summaries(
         }
     }
     hosts.into_values().collect()
-}
-
-impl Source<'_> {
-    /// The host name an empty log stands for: its file name.
-    fn host_of_empty(&self) -> String {
-        std::path::Path::new(self.log)
-            .file_name()
-            .map_or_else(|| self.log.to_owned(), |n| n.to_string_lossy().into_owned())
-    }
 }
 
 /// Each `rule_removed`, with its committer and how long the rule lived.
