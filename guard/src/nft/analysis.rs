@@ -131,6 +131,12 @@ pub struct RulesetIndex<'m> {
     /// usually jumps to a handful of them: a scan is cheaper than the map).
     chains: Vec<ChainIndex<'m>>,
     sets: Vec<HashMap<&'m str, SetIndex<'m>>>,
+    /// Base chain lists, per (hook, v6, tproxy), found once per index (every
+    /// probe of an inspection asks; a scan of ~20,000 chains each time adds up).
+    bases: std::cell::RefCell<HashMap<(Hook, bool, bool), std::rc::Rc<[(usize, usize)]>>>,
+    /// Whether walks take a long chain's port dispatch (see
+    /// [`PortDispatch`](super::dispatch::PortDispatch)) or every rule.
+    dispatch: bool,
 }
 
 /// Lookups by scanning before a table's chain map is worth building.
@@ -226,7 +232,16 @@ impl<'m> RulesetIndex<'m> {
             model,
             chains,
             sets,
+            bases: std::cell::RefCell::default(),
+            dispatch: true,
         }
+    }
+
+    /// The same index whose walks evaluate every rule of every chain: the
+    /// reference the port dispatch is checked against.
+    pub fn whole_chains(mut self) -> Self {
+        self.dispatch = false;
+        self
     }
 
     pub fn model(&self) -> &'m RulesetModel {
@@ -239,16 +254,33 @@ impl<'m> RulesetIndex<'m> {
     /// existing ones of the same priority). Registration order is read from the
     /// handles: tables are numbered in creation order, chains within a table too.
     /// iptables-legacy tables (no handle) count as the oldest.
-    pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> Vec<(usize, usize)> {
-        self.base_chains(v6, |b| b.hook == hook && b.kind == NAT_CHAIN_TYPE)
+    pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> std::rc::Rc<[(usize, usize)]> {
+        self.cached_bases((hook, v6, false), || {
+            self.base_chains(v6, |b| b.hook == hook && b.kind == NAT_CHAIN_TYPE)
+        })
     }
 
     /// Filter-type prerouting chains (iptables' raw and mangle, nft's `type
     /// filter`), where `tproxy` lives.
-    pub fn tproxy_base_chains(&self, v6: bool) -> Vec<(usize, usize)> {
-        self.base_chains(v6, |b| {
-            b.hook == Hook::Prerouting && b.kind == FILTER_CHAIN_TYPE
+    pub fn tproxy_base_chains(&self, v6: bool) -> std::rc::Rc<[(usize, usize)]> {
+        self.cached_bases((Hook::Prerouting, v6, true), || {
+            self.base_chains(v6, |b| {
+                b.hook == Hook::Prerouting && b.kind == FILTER_CHAIN_TYPE
+            })
         })
+    }
+
+    fn cached_bases(
+        &self,
+        key: (Hook, bool, bool),
+        find: impl FnOnce() -> Vec<(usize, usize)>,
+    ) -> std::rc::Rc<[(usize, usize)]> {
+        if let Some(b) = self.bases.borrow().get(&key) {
+            return b.clone();
+        }
+        let found: std::rc::Rc<[(usize, usize)]> = find().into();
+        self.bases.borrow_mut().insert(key, found.clone());
+        found
     }
 
     fn base_chains(&self, v6: bool, want: impl Fn(&BaseHook) -> bool) -> Vec<(usize, usize)> {
@@ -507,7 +539,7 @@ impl<'i, 'm> Walker<'i, 'm> {
             i = j;
         }
         if self.probe.hook == Hook::Prerouting {
-            for (ti, ci) in self.idx.tproxy_base_chains(self.probe.v6) {
+            for &(ti, ci) in self.idx.tproxy_base_chains(self.probe.v6).iter() {
                 self.set_base(ti, ci);
                 self.memo.clear();
                 self.walk(ti, ci, Reach::Definite, 0);
@@ -627,7 +659,21 @@ impl<'i, 'm> Walker<'i, 'm> {
         let mut cur = reach;
         let mut ret = Reach::Shadowed;
         let mut clean = true;
-        for (ri, rule) in chain.rules.iter().enumerate() {
+        // Only the rules this probe's port can match (see `PortDispatch`),
+        // in chain order; a short chain whole.
+        let mut keyed = chain
+            .rules
+            .dispatch()
+            .filter(|_| self.idx.dispatch)
+            .map(|d| d.positions(self.probe.dport));
+        let mut all = 0..chain.rules.len();
+        loop {
+            let next = match &mut keyed {
+                Some(k) => k.next(),
+                None => all.next(),
+            };
+            let Some(ri) = next else { break };
+            let rule = &chain.rules[ri];
             let at = RuleRef {
                 table: ti,
                 chain: ci,

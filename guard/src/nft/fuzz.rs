@@ -6,11 +6,13 @@
 //! a dump delivers them ([`netlink::decode_messages`]); set,
 //! `iptables-legacy-save` text ([`legacy::parse_save`], bit 1 picks IPv6).
 //! Bit 2 makes the analysis skip a pin table owned by one netlink port, as the
-//! running agent does. Every rule is decoded and [`inspect`] runs. Nothing may
-//! panic.
+//! running agent does. Every rule is decoded and the inspection runs, with
+//! long chains' port dispatch and walking every rule: both must agree. Nothing
+//! may panic.
 
 use super::{
-    InspectInput, LocalAddr, OwnedTargets, PortSpec, RulesetModel, inspect, legacy, netlink,
+    InspectInput, LocalAddr, OwnedTargets, PortSpec, RulesetModel, inspect_whole_chains,
+    inspect_with_owned, legacy, netlink,
 };
 use crate::{
     nft::model::Family,
@@ -47,7 +49,14 @@ pub fn one(data: &[u8]) {
     {
         let _ = rule.exprs();
     }
-    let _ = inspect(&model, &input((mode & 4 != 0).then_some(OWN_PORT_ID)));
+    let input = input((mode & 4 != 0).then_some(OWN_PORT_ID));
+    let fast = inspect_with_owned(&model, &input);
+    // The port dispatch is an index, never a different answer.
+    assert_eq!(
+        fast,
+        inspect_whole_chains(&model, &input),
+        "the port dispatch changed the inspection's answer"
+    );
 }
 
 fn input(own_pins: Option<u32>) -> InspectInput {

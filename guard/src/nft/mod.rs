@@ -23,6 +23,7 @@
 pub mod analysis;
 pub mod attr;
 pub mod classify;
+pub mod dispatch;
 pub mod expr;
 pub mod fuzz;
 pub mod legacy;
@@ -335,7 +336,25 @@ pub fn inspect_probes(
     input: &InspectInput,
     wanted: impl Fn(&ProbePacket) -> bool,
 ) -> (Vec<Finding>, Vec<OwnedMapping>) {
-    let idx = RulesetIndex::new(model);
+    inspect_indexed(&RulesetIndex::new(model), input, wanted)
+}
+
+/// [`inspect_with_owned`] walking every rule of every chain (no port
+/// dispatch): the reference the dispatch is checked against (fuzz target,
+/// tests). Same answer, slower on long chains.
+pub fn inspect_whole_chains(
+    model: &RulesetModel,
+    input: &InspectInput,
+) -> (Vec<Finding>, Vec<OwnedMapping>) {
+    inspect_indexed(&RulesetIndex::new(model).whole_chains(), input, |_| true)
+}
+
+fn inspect_indexed(
+    idx: &RulesetIndex<'_>,
+    input: &InspectInput,
+    wanted: impl Fn(&ProbePacket) -> bool,
+) -> (Vec<Finding>, Vec<OwnedMapping>) {
+    let model = idx.model();
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
     let mut owned = BTreeSet::new();
     for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
@@ -771,7 +790,7 @@ mod tests {
         let mut m = model("nat", -100, Vec::new());
         let nat = &mut m.tables[0];
         nat.chains[0].name = "DOCKER".into();
-        nat.chains[0].rules = vec![Rule::new(1, nft_dnat([172, 17, 0, 2], 80), None)];
+        nat.chains[0].rules = vec![Rule::new(1, nft_dnat([172, 17, 0, 2], 80), None)].into();
         m.tables.push(Table {
             family: Family::IP,
             name: pin::PIN_TABLE.into(),
@@ -787,7 +806,7 @@ mod tests {
                     kind: "nat".into(),
                     policy: Some(Verdict::Accept),
                 }),
-                rules: vec![Rule::new(1, pin, None)],
+                rules: vec![Rule::new(1, pin, None)].into(),
             }],
             ..Table::default()
         });
@@ -858,7 +877,7 @@ mod tests {
                 kind: "nat".into(),
                 policy: Some(Verdict::Accept),
             }),
-            rules: vec![Rule::new(1, nft_dnat(ip, 80), None)],
+            rules: vec![Rule::new(1, nft_dnat(ip, 80), None)].into(),
         }
     }
 
@@ -1059,5 +1078,125 @@ mod tests {
         let f = findings(&m);
         assert_eq!(f.len(), 1);
         assert!(f[0].active);
+    }
+
+    /// The port dispatch changes no answer: on long chains of rules keyed by
+    /// port, rules for any port, negated port matches, xt matches, jumps,
+    /// returns and accepts, inspecting with it finds what walking every rule finds.
+    mod dispatch_is_exact {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One rule: (port match kind, port, statement).
+        fn rule(kind: u8, port: u16, statement: u8, i: u64) -> Vec<Expr> {
+            let dport = |op| {
+                vec![
+                    Expr::Payload {
+                        base: model::PayloadBase::Transport,
+                        offset: 2,
+                        len: 2,
+                        dreg: 1,
+                    },
+                    Expr::Cmp {
+                        sreg: 1,
+                        op,
+                        data: port.to_be_bytes().to_vec(),
+                    },
+                ]
+            };
+            let mut e = match kind % 4 {
+                0 => dport(model::CmpOp::Eq),
+                1 => dport(model::CmpOp::Neq),
+                2 => vec![tcp_dport(port)],
+                _ => Vec::new(),
+            };
+            let verdict = |v| Expr::Immediate {
+                dreg: 0,
+                data: Data::Verdict(v),
+            };
+            match statement % 5 {
+                0 | 1 => e.extend(nft_dnat([203, 0, 113, (i % 250) as u8 + 1], 80).split_off(1)),
+                2 => e.push(verdict(Verdict::Jump("SUB".into()))),
+                3 => e.push(verdict(Verdict::Return)),
+                _ => e.push(verdict(Verdict::Accept)),
+            }
+            e
+        }
+
+        fn chain(name: &str, handle: u64, base: bool, rules: &[(u8, u16, u8)]) -> Chain {
+            Chain {
+                name: name.into(),
+                handle,
+                base: base.then(|| BaseHook {
+                    hook: Hook::Prerouting,
+                    priority: -100,
+                    kind: "nat".into(),
+                    policy: Some(Verdict::Accept),
+                }),
+                rules: rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(k, p, st))| {
+                        // No jump out of the jumped-to chain (no loop).
+                        let st = if base { st } else { st % 2 };
+                        Rule::new(handle * 1000 + i as u64, rule(k, p, st, i as u64), None)
+                    })
+                    .collect(),
+            }
+        }
+
+        fn rules() -> impl Strategy<Value = Vec<(u8, u16, u8)>> {
+            prop::collection::vec(
+                (
+                    any::<u8>(),
+                    prop::sample::select(vec![80u16, 443, 8080, 22]),
+                    any::<u8>(),
+                ),
+                dispatch::DISPATCH_MIN_RULES..dispatch::DISPATCH_MIN_RULES * 3,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn same_findings_and_mappings_as_a_walk_of_every_rule(base in rules(), sub in rules()) {
+                let model = RulesetModel {
+                    generation: None,
+                    tables: vec![Table {
+                        family: Family::IP,
+                        name: "nat".into(),
+                        handle: 1,
+                        origin: TableOrigin::Nft,
+                        chains: vec![chain("PREROUTING", 1, true, &base), chain("SUB", 2, false, &sub)],
+                        ..Table::default()
+                    }],
+                    warnings: Vec::new(),
+                };
+                let mut input = InspectInput {
+                    ports: vec![PortSpec {
+                        proto: Proto::Tcp,
+                        ports: PortRange::single(80),
+                    }, PortSpec {
+                        proto: Proto::Tcp,
+                        ports: PortRange::single(443),
+                    }],
+                    owned: OwnedTargets::docker_fallback(),
+                    local_addrs: vec![LocalAddr {
+                        addr: HOST.parse().unwrap(),
+                        prefix_len: 24,
+                        ifindex: 2,
+                        ifname: "eth0".into(),
+                    }],
+                    internal_ifaces: INTERNAL_IFACE_PREFIXES.map(str::to_owned).to_vec(),
+                    own_pins: None,
+                };
+                input.ports.truncate(2);
+                let fast = inspect_with_owned(&model, &input);
+                let whole = inspect_whole_chains(&model, &input);
+                prop_assert_eq!(&fast.0, &whole.0);
+                prop_assert_eq!(&fast.1, &whole.1);
+            }
+        }
     }
 }

@@ -10,6 +10,8 @@ use std::{
 
 use serde::Serialize;
 
+use super::dispatch::{DISPATCH_MIN_RULES, PortDispatch};
+
 // The expressions are the codec's types: this model holds them, the codec
 // (`expr`) neither knows nor imports the model.
 pub use super::expr::{CmpOp, Data, Expr, NatKind, PayloadBase, Verdict};
@@ -181,7 +183,107 @@ pub struct Chain {
     pub name: String,
     pub handle: u64,
     pub base: Option<BaseHook>,
-    pub rules: Vec<Rule>,
+    pub rules: Rules,
+}
+
+/// A chain's rules in order, read as a slice; every change goes through a
+/// method here, which drops the chain's [`PortDispatch`] (built again on the
+/// next walk that wants it).
+#[derive(Clone, Default)]
+pub struct Rules {
+    list: Vec<Rule>,
+    dispatch: OnceLock<Arc<PortDispatch>>,
+}
+
+impl Rules {
+    pub fn push(&mut self, rule: Rule) {
+        self.changed().push(rule);
+    }
+
+    pub fn insert(&mut self, at: usize, rule: Rule) {
+        self.changed().insert(at, rule);
+    }
+
+    pub fn remove(&mut self, at: usize) -> Rule {
+        self.changed().remove(at)
+    }
+
+    pub fn clear(&mut self) {
+        self.changed().clear();
+    }
+
+    /// Each rule, to change in place (the dispatch is dropped too: a rule may
+    /// be replaced whole).
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, Rule> {
+        self.changed().iter_mut()
+    }
+
+    /// One rule, to change in place (drops the dispatch, as [`Self::iter_mut`]).
+    pub fn get_mut(&mut self, at: usize) -> Option<&mut Rule> {
+        self.changed().get_mut(at)
+    }
+
+    /// The rules a probe to one destination port can match, by port (see
+    /// [`PortDispatch`]); `None` for a chain short enough to walk whole.
+    pub fn dispatch(&self) -> Option<&PortDispatch> {
+        (self.list.len() >= DISPATCH_MIN_RULES).then(|| {
+            &**self
+                .dispatch
+                .get_or_init(|| Arc::new(PortDispatch::new(&self.list)))
+        })
+    }
+
+    fn changed(&mut self) -> &mut Vec<Rule> {
+        self.dispatch.take();
+        &mut self.list
+    }
+}
+
+impl std::ops::Deref for Rules {
+    type Target = [Rule];
+
+    fn deref(&self) -> &[Rule] {
+        &self.list
+    }
+}
+
+impl fmt::Debug for Rules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.list).finish()
+    }
+}
+
+impl From<Vec<Rule>> for Rules {
+    fn from(list: Vec<Rule>) -> Self {
+        Self {
+            list,
+            dispatch: OnceLock::new(),
+        }
+    }
+}
+
+impl FromIterator<Rule> for Rules {
+    fn from_iter<I: IntoIterator<Item = Rule>>(iter: I) -> Self {
+        Vec::from_iter(iter).into()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Rules {
+    type Item = &'a mut Rule;
+    type IntoIter = std::slice::IterMut<'a, Rule>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter_mut()
+    }
+}
+
+impl<'a> IntoIterator for &'a Rules {
+    type Item = &'a Rule;
+    type IntoIter = std::slice::Iter<'a, Rule>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.list.iter()
+    }
 }
 
 /// A rule. Its expressions are decoded on first use: a read keeps the raw

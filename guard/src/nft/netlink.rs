@@ -15,8 +15,8 @@ use super::{
     attr::{self, Attrs, be_i32, be_u32, be_u64, string},
     expr,
     model::{
-        BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, RulesetModel, Set, SetElem,
-        Table, TableOrigin, Verdict,
+        BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, Rules, RulesetModel, Set,
+        SetElem, Table, TableOrigin, Verdict,
     },
 };
 pub use crate::sys::netns::in_netns;
@@ -459,7 +459,7 @@ impl Decoder {
                     name,
                     handle: get(NFTA_CHAIN_HANDLE).and_then(be_u64).unwrap_or(0),
                     base,
-                    rules: Vec::new(),
+                    rules: Rules::default(),
                 });
             }
             NFT_MSG_NEWRULE => {

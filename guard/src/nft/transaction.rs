@@ -14,7 +14,11 @@
 //! re-created from their raw `NFTA_RULE_EXPRESSIONS` (byte for byte what the
 //! kernel dumped), at a position named by a neighbour's handle.
 
-use std::{fmt, io, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    fmt, io,
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
 
 use super::{
     attr::{self, NLA_F_NESTED},
@@ -422,6 +426,8 @@ pub struct NftWriter {
     port_id: u32,
     seq: u32,
     buf: Vec<u8>,
+    /// When the last batch went to the kernel (the hot path's breakdown).
+    last_sent: Option<Instant>,
 }
 
 impl NftWriter {
@@ -438,6 +444,7 @@ impl NftWriter {
             port_id,
             seq: std::process::id().wrapping_mul(7919),
             buf: Vec::with_capacity(nl::RECV_BUF),
+            last_sent: None,
         })
     }
 
@@ -445,6 +452,11 @@ impl NftWriter {
     /// every table it creates with `owner`.
     pub fn port_id(&self) -> u32 {
         self.port_id
+    }
+
+    /// When the last batch was sent (its acknowledgement is when `commit` returned).
+    pub fn last_sent(&self) -> Option<Instant> {
+        self.last_sent
     }
 
     /// Commits `tx` atomically: `Ok` once the kernel acknowledged every operation.
@@ -459,6 +471,7 @@ impl NftWriter {
             what: "send",
             source,
         })?;
+        self.last_sent = Some(Instant::now());
         let mut answered = vec![false; tx.ops.len()];
         let mut failures = Vec::new();
         while answered.iter().any(|a| !a) {

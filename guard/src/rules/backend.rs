@@ -81,6 +81,12 @@ pub trait RulesetBackend: Send {
     /// Commits `tx` atomically: every operation or none.
     fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError>;
 
+    /// When the last committed batch was sent (its acknowledgement is when
+    /// `commit` returned); `None` where the backend does not tell.
+    fn last_sent(&self) -> Option<Instant> {
+        None
+    }
+
     /// The netlink port id `commit` writes from: the owner of the tables it
     /// creates with `owner` (the pin tables), and how the guard tells its
     /// own pin table from anyone else's table of that name.
@@ -198,6 +204,10 @@ impl RulesetBackend for NetlinkBackend {
 
     fn port_id(&self) -> u32 {
         self.writer.port_id()
+    }
+
+    fn last_sent(&self) -> Option<Instant> {
+        self.writer.last_sent()
     }
 
     fn commit(&mut self, tx: &Transaction) -> Result<(), TransactionError> {

@@ -30,6 +30,7 @@ use super::{
     pins::{PinSet, PinSync},
     remove::{generation_moved, remove_audited},
     scope::{Scope, matched_dport},
+    timing::Stages,
 };
 use crate::{
     audit::{AuditEvent, AuditHandle},
@@ -80,6 +81,8 @@ pub enum GuardReport {
         returns: u64,
         /// From the notification that announced it to its removal.
         latency: Option<Duration>,
+        /// Where that time went (the batch's stages).
+        stages: Stages,
     },
     Observed {
         finding: Box<Finding>,
@@ -359,7 +362,11 @@ impl<B: RulesetBackend> GuardLoop<B> {
         }
         let scope = scope.filter(|_| !resync);
         if resync || updated {
-            self.settle(Some(seen), scope.as_ref()).await?;
+            let stages = Stages {
+                applied: Some(Instant::now()),
+                ..Stages::from_notification(seen)
+            };
+            self.settle(Some(stages), scope.as_ref()).await?;
         }
         Ok(())
     }
@@ -482,13 +489,13 @@ impl<B: RulesetBackend> GuardLoop<B> {
     /// error.
     async fn settle(
         &mut self,
-        seen: Option<Instant>,
+        stages: Option<Stages>,
         scope: Option<&Scope>,
     ) -> Result<(), GuardError> {
         let mut scope = scope;
         let mut restarts = 0;
         loop {
-            match self.reconcile(seen, scope).await {
+            match self.reconcile(stages, scope).await {
                 Err(e) if generation_moved(&e) => {
                     restarts += 1;
                     if restarts > MAX_GENERATION_RETRIES {
@@ -514,7 +521,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                         "transaction refused, re-reading the ruleset and retrying"
                     );
                     self.full_read().await?;
-                    return self.reconcile(seen, None).await;
+                    return self.reconcile(stages, None).await;
                 }
                 other => return other,
             }
@@ -524,7 +531,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
     /// Inspect, decide, act; then keep the pins in sync.
     async fn reconcile(
         &mut self,
-        seen: Option<Instant>,
+        stages: Option<Stages>,
         scope: Option<&Scope>,
     ) -> Result<(), GuardError> {
         let t0 = Instant::now();
@@ -559,6 +566,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
             None => nft::inspect_with_owned(&self.model, &input),
             Some(scope) => nft::inspect_probes(&self.model, &input, |p| scope.wants(p)),
         };
+        let mut stages = stages.unwrap_or_default();
+        stages.inspected = Some(Instant::now());
         self.cfg.report(GuardReport::Inspected {
             took: t0.elapsed(),
             rules: self.model.rule_count(),
@@ -576,6 +585,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 Action::Report { finding, why } => self.observed(finding, why),
             }
         }
+        stages.decided = Some(Instant::now());
         self.record_found().await;
         if !remove.is_empty() && !self.try_resume().await {
             self.withhold(remove);
@@ -622,7 +632,10 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 Some((_, _, error)) => self.audit_failed(error),
                 None => self.audit_ok(),
             }
-            let latency = seen.map(|s| s.elapsed());
+            stages.intent_durable = removal.intent_durable;
+            stages.sent = removal.sent;
+            stages.acked = removal.acked;
+            let latency = stages.notified.map(|s| s.elapsed());
             for (rule, seq) in removal.removed {
                 // The same rule coming back: same place and same target.
                 let what = format!(
@@ -654,6 +667,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                     seq,
                     returns,
                     latency,
+                    stages,
                 });
             }
         }

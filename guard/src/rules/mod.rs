@@ -21,6 +21,7 @@
 //! - [`decide`](mod@decide): pure, ruleset + findings + policy → [`Action`]s.
 //! - [`remove`]: audit whole (durably), then delete in one atomic batch.
 //! - [`restore`]: the audit log's [`RecordedRule`] and the batch that puts it back.
+//! - [`timing`]: where one removal's time goes ([`Stages`]).
 //! - [`pins`]: which pins are wanted, and keeping the pin tables in sync.
 //! - [`guard`]: [`RuleGuard`], the agent's event-driven loop, one method per
 //!   event kind: ruleset changes (applied to the model in place; full reads
@@ -38,6 +39,7 @@ pub mod pins;
 pub mod remove;
 pub mod restore;
 pub mod scope;
+pub mod timing;
 
 #[cfg(test)]
 mod tests;
@@ -51,4 +53,5 @@ pub use self::{
     pins::{PinSet, PinSync},
     remove::remove_audited,
     restore::{RecordedRule, RestoreError},
+    timing::Stages,
 };

@@ -12,6 +12,8 @@
 //! again, the rules no longer there (same place, same expressions) are
 //! dropped, and the others are committed again.
 
+use std::time::Instant;
+
 use super::{
     backend::{RulesetBackend, RulesetSnapshot},
     capture::ForeignRule,
@@ -46,6 +48,10 @@ pub struct Removal {
     /// not be written: the rule, the seq of its `rule_removing` intent (which
     /// holds it whole), and why.
     pub unrecorded: Vec<(ForeignRule, u64, String)>,
+    /// When the intents were durable, the (last) batch sent, and acknowledged.
+    pub intent_durable: Option<Instant>,
+    pub sent: Option<Instant>,
+    pub acked: Option<Instant>,
 }
 
 /// Records every rule whole (intent), deletes them all in one transaction
@@ -69,9 +75,13 @@ pub async fn remove_audited<B: RulesetBackend>(
             .await?;
         intents.push(rec.seq);
     }
+    let intent_durable = Some(Instant::now());
     let mut live: Vec<(ForeignRule, u64)> = rules.iter().cloned().zip(intents).collect();
     let mut generation = generation;
-    let mut removal = Removal::default();
+    let mut removal = Removal {
+        intent_durable,
+        ..Removal::default()
+    };
     let mut retries = 0;
     loop {
         if live.is_empty() {
@@ -80,7 +90,11 @@ pub async fn remove_audited<B: RulesetBackend>(
         let batch: Vec<ForeignRule> = live.iter().map(|(r, _)| r.clone()).collect();
         let tx = removal_transaction(&batch).at_generation(generation);
         match backend.commit(&tx) {
-            Ok(()) => break,
+            Ok(()) => {
+                removal.acked = Some(Instant::now());
+                removal.sent = backend.last_sent();
+                break;
+            }
             Err(e) if e.any_missing() && retries < MAX_MISSING_RETRIES => {
                 retries += 1;
                 let snapshot = backend.read().await?;

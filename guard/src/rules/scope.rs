@@ -3,14 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::nft::{
-    self, RulesetModel,
-    model::{CmpOp, Expr, Family, PayloadBase},
-};
-
-/// The transport header's destination port (`th dport`): offset and length.
-const TH_DPORT_OFFSET: u32 = 2;
-const TH_DPORT_LEN: u32 = 2;
+pub use crate::nft::dispatch::matched_dport;
+use crate::nft::{self, RulesetModel, model::Family};
 
 /// One added rule's place and the one port it matches: (family, table, chain, port).
 pub type AddedRule = (Family, String, String, Option<u16>);
@@ -66,27 +60,6 @@ impl Scope {
     pub fn ports(&self) -> &BTreeSet<u16> {
         &self.ports
     }
-}
-
-/// The one destination port a rule matches (`th dport == N` as payload + cmp),
-/// if it says so; a rule matching one port affects only that port's connections.
-pub fn matched_dport(exprs: &[Expr]) -> Option<u16> {
-    exprs.windows(2).find_map(|w| match w {
-        [
-            Expr::Payload {
-                base: PayloadBase::Transport,
-                offset: TH_DPORT_OFFSET,
-                len: TH_DPORT_LEN,
-                dreg,
-            },
-            Expr::Cmp {
-                sreg,
-                op: CmpOp::Eq,
-                data,
-            },
-        ] if dreg == sreg && data.len() == 2 => Some(u16::from_be_bytes([data[0], data[1]])),
-        _ => None,
-    })
 }
 
 #[cfg(test)]

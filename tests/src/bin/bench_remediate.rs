@@ -38,7 +38,9 @@ use portguard::{
     },
     owners::{DockerStatus, ResolvedOwners},
     policy::{Policy, PolicySource, Proto},
-    rules::{Action, GuardReport, RuleGuard, decide, removal_transaction},
+    rules::{
+        Action, GuardReport, RuleGuard, Stages, decide, removal_transaction, timing::STAGE_NAMES,
+    },
 };
 use portguard_tests::{
     incident::{HOST4, IncidentLab, POD4, SITE, ask_here, in_ns, sh},
@@ -127,6 +129,8 @@ struct Guard {
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<thread::JoinHandle<()>>,
     audit: std::path::PathBuf,
+    /// Each removal's stages, as the guard reported them.
+    stages: Arc<std::sync::Mutex<Vec<Stages>>>,
 }
 
 impl Guard {
@@ -137,6 +141,8 @@ impl Guard {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let netns = lab.h.name().to_owned();
         let path = audit.clone();
+        let stages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let removals = stages.clone();
         let thread = thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -167,6 +173,9 @@ impl Guard {
                 let mut inspections = Vec::new();
                 // The first incremental inspection follows the start-up read.
                 while let Some(r) = rx.recv().await {
+                    if let GuardReport::Removed { stages, .. } = &r {
+                        removals.lock().unwrap().push(*stages);
+                    }
                     if let GuardReport::Inspected {
                         full_read: false,
                         took,
@@ -200,7 +209,13 @@ impl Guard {
             stop,
             thread: Some(thread),
             audit,
+            stages,
         }
+    }
+
+    /// The stages of every removal so far.
+    fn stages(&self) -> Vec<Stages> {
+        self.stages.lock().unwrap().clone()
     }
 }
 
@@ -218,8 +233,8 @@ impl Drop for Guard {
 
 /// Inserts the hijack `n` times, at spread offsets within `gap` after the
 /// previous removal; each time waits for its removal (the `DELRULE`
-/// notification). Latencies from just before each commit.
-fn latencies(lab: &IncidentLab, n: usize, gap: Duration) -> Vec<Duration> {
+/// notification). Each commit's instant, and the latency from just before it.
+fn latencies(lab: &IncidentLab, n: usize, gap: Duration) -> Vec<(Instant, Duration)> {
     in_netns(lab.h.name(), move || {
         let mut mon = RulesetMonitor::open().expect("monitor");
         let mut writer = NftWriter::open().expect("writer");
@@ -257,7 +272,7 @@ fn latencies(lab: &IncidentLab, n: usize, gap: Duration) -> Vec<Duration> {
                             if msg.table == HIJACK_TABLE
                                 && handle.is_none_or(|h| h == msg.rule.handle) =>
                         {
-                            out.push(t0.elapsed());
+                            out.push((t0, t0.elapsed()));
                             break 'wait;
                         }
                         _ => {}
@@ -268,6 +283,10 @@ fn latencies(lab: &IncidentLab, n: usize, gap: Duration) -> Vec<Duration> {
         out
     })
     .expect("enter the namespace")
+}
+
+fn totals(v: &[(Instant, Duration)]) -> Vec<Duration> {
+    v.iter().map(|(_, d)| *d).collect()
 }
 
 fn percentile(v: &[Duration], p: f64) -> Duration {
@@ -427,6 +446,42 @@ fn load_kube_rules(lab: &IncidentLab, rules: usize) {
     lab.h.iptables_restore(&kube_proxy_rules(rules), true);
 }
 
+/// Where the time of each hijack went: its removal's stages (the one whose
+/// notification falls between the commit and the removal the bench saw), from
+/// the commit to the acknowledgement, then on to the bench seeing the
+/// `DELRULE`. p50 and p99 of each stage, one line each.
+fn print_breakdown(label: &str, hijacks: &[(Instant, Duration)], stages: &[Stages]) {
+    let mut per_stage: Vec<Vec<Duration>> = vec![Vec::new(); STAGE_NAMES.len() + 1];
+    let mut matched = 0;
+    for &(t0, total) in hijacks {
+        let end = t0 + total;
+        let Some(s) = stages
+            .iter()
+            .find(|s| s.notified.is_some_and(|n| n >= t0 && n <= end))
+        else {
+            continue;
+        };
+        let durations = s.durations(t0);
+        let Some(acked) = s.acked else { continue };
+        matched += 1;
+        for (i, d) in durations.iter().enumerate() {
+            if let Some(d) = d {
+                per_stage[i].push(*d);
+            }
+        }
+        per_stage[STAGE_NAMES.len()].push(end.saturating_duration_since(acked));
+    }
+    println!("{label}_stages_matched {matched} hijacks");
+    let names = STAGE_NAMES.iter().copied().chain(["delrule_seen"]);
+    for (name, v) in names.zip(&per_stage) {
+        if v.is_empty() {
+            continue;
+        }
+        println!("{label}_stage_{name}_p50 {} us", us(percentile(v, 0.50)));
+        println!("{label}_stage_{name}_p99 {} us", us(percentile(v, 0.99)));
+    }
+}
+
 fn print_latencies(label: &str, v: &[Duration]) {
     println!("{label}_p50 {} us", us(percentile(v, 0.50)));
     println!("{label}_p99 {} us", us(percentile(v, 0.99)));
@@ -474,10 +529,11 @@ fn main() {
 
     // Event-driven, small ruleset.
     if !args.kube_only {
-        let _guard = Guard::start(&lab, false, "remediate");
+        let guard = Guard::start(&lab, false, "remediate");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
         println!("remediate_insertions {} hijacks", v.len());
-        print_latencies("remediate_latency", &v);
+        print_latencies("remediate_latency", &totals(&v));
+        print_breakdown("remediate", &v, &guard.stages());
         print_share(
             &format!("remediate_share_{}per_s_nopin", args.rate),
             args.rate,
@@ -496,7 +552,7 @@ fn main() {
     if !args.kube_only {
         let _poller = Poller::start(&lab, POLL_INTERVAL);
         thread::sleep(Duration::from_millis(200));
-        let v = latencies(&lab, args.baseline_insertions, POLL_INTERVAL);
+        let v = totals(&latencies(&lab, args.baseline_insertions, POLL_INTERVAL));
         print_latencies("baseline_poll_1s_latency", &v);
         print_share(
             &format!("baseline_poll_1s_share_{}per_s", args.rate),
@@ -534,10 +590,10 @@ fn main() {
         println!("remediate_kube_ruleset {rules} rules");
         let guard = Guard::start(&lab, false, "remediate_kube");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
+        let stages = guard.stages();
         drop(guard);
-        print_latencies(
-            &format!("remediate_kube{}k_latency", args.kube_rules / 1000),
-            &v,
-        );
+        let label = format!("remediate_kube{}k", args.kube_rules / 1000);
+        print_latencies(&format!("{label}_latency"), &totals(&v));
+        print_breakdown(&label, &v, &stages);
     }
 }

@@ -439,7 +439,7 @@ fn apply_op(
                         kind: NAT_CHAIN_TYPE.into(),
                         policy: None,
                     }),
-                    rules: Vec::new(),
+                    rules: Default::default(),
                 });
                 announced.push(Change::Structural {
                     msg: NFT_MSG_NEWCHAIN,
@@ -575,7 +575,9 @@ impl MemoryControl {
                 });
                 for i in 0..chain.rules.len() {
                     renamed.push((chain.rules[i].handle, next));
-                    chain.rules[i].handle = next;
+                    if let Some(r) = chain.rules.get_mut(i) {
+                        r.handle = next;
+                    }
                     next += 1;
                     changes.push(rule_added(family, name, chain, i));
                 }
@@ -653,7 +655,7 @@ impl MemoryControl {
                         kind: NAT_CHAIN_TYPE.into(),
                         policy: None,
                     }),
-                    rules: Vec::new(),
+                    rules: Default::default(),
                 }],
                 ..Table::default()
             });
