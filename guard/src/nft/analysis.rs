@@ -133,11 +133,16 @@ pub struct RulesetIndex<'m> {
     sets: Vec<HashMap<&'m str, SetIndex<'m>>>,
     /// Base chain lists, per (hook, v6, tproxy), found once per index (every
     /// probe of an inspection asks; a scan of ~20,000 chains each time adds up).
-    bases: std::cell::RefCell<HashMap<(Hook, bool, bool), std::rc::Rc<[(usize, usize)]>>>,
+    bases: std::cell::RefCell<HashMap<BaseKey, BaseChains>>,
     /// Whether walks take a long chain's port dispatch (see
     /// [`PortDispatch`](super::dispatch::PortDispatch)) or every rule.
     dispatch: bool,
 }
+
+/// Which base chains: (hook, v6, filter chains for tproxy).
+type BaseKey = (Hook, bool, bool);
+/// Base chains as (table, chain) indices, in the kernel's order.
+pub type BaseChains = std::rc::Rc<[(usize, usize)]>;
 
 /// Lookups by scanning before a table's chain map is worth building.
 const CHAIN_SCANS_BEFORE_MAP: u32 = 8;
@@ -254,7 +259,7 @@ impl<'m> RulesetIndex<'m> {
     /// existing ones of the same priority). Registration order is read from the
     /// handles: tables are numbered in creation order, chains within a table too.
     /// iptables-legacy tables (no handle) count as the oldest.
-    pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> std::rc::Rc<[(usize, usize)]> {
+    pub fn nat_base_chains(&self, hook: Hook, v6: bool) -> BaseChains {
         self.cached_bases((hook, v6, false), || {
             self.base_chains(v6, |b| b.hook == hook && b.kind == NAT_CHAIN_TYPE)
         })
@@ -262,7 +267,7 @@ impl<'m> RulesetIndex<'m> {
 
     /// Filter-type prerouting chains (iptables' raw and mangle, nft's `type
     /// filter`), where `tproxy` lives.
-    pub fn tproxy_base_chains(&self, v6: bool) -> std::rc::Rc<[(usize, usize)]> {
+    pub fn tproxy_base_chains(&self, v6: bool) -> BaseChains {
         self.cached_bases((Hook::Prerouting, v6, true), || {
             self.base_chains(v6, |b| {
                 b.hook == Hook::Prerouting && b.kind == FILTER_CHAIN_TYPE
@@ -272,13 +277,13 @@ impl<'m> RulesetIndex<'m> {
 
     fn cached_bases(
         &self,
-        key: (Hook, bool, bool),
+        key: BaseKey,
         find: impl FnOnce() -> Vec<(usize, usize)>,
-    ) -> std::rc::Rc<[(usize, usize)]> {
+    ) -> BaseChains {
         if let Some(b) = self.bases.borrow().get(&key) {
             return b.clone();
         }
-        let found: std::rc::Rc<[(usize, usize)]> = find().into();
+        let found: BaseChains = find().into();
         self.bases.borrow_mut().insert(key, found.clone());
         found
     }

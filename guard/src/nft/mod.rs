@@ -358,7 +358,7 @@ fn inspect_indexed(
     let mut found: BTreeMap<(analysis::RuleRef, Proto, u16), Finding> = BTreeMap::new();
     let mut owned = BTreeSet::new();
     for (proto, probe) in input.probes().into_iter().filter(|(_, p)| wanted(p)) {
-        let walk = analysis::Walker::new(&idx, &probe).run_full();
+        let walk = analysis::Walker::new(idx, &probe).run_full();
         let dnat_target = |rw: &Rewrite| match rw {
             Rewrite::Dnat {
                 addr: Some(addr),
@@ -416,7 +416,7 @@ fn inspect_indexed(
             !copy
         });
         if !owner_targets.is_empty() {
-            for taker in shadow::shadowing(&idx, &probe, &walk, &serving, ours) {
+            for taker in shadow::shadowing(idx, &probe, &walk, &serving, ours) {
                 let f = found
                     .entry((taker.at, proto, probe.dport))
                     .or_insert_with(|| {
