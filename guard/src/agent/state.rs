@@ -467,6 +467,7 @@ fn report_rules(metrics: &Metrics, report: GuardReport) {
             metrics.foreign_pin_tables(tables.len(), withheld.len());
         }
         GuardReport::PinSynced { .. }
+        | GuardReport::Dismissed { .. }
         | GuardReport::PinOvertaken { .. }
         | GuardReport::AuditUnavailable { .. } => {}
     }

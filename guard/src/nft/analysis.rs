@@ -134,6 +134,8 @@ pub struct RulesetIndex<'m> {
     /// Base chain lists, per (hook, v6, tproxy), found once per index (every
     /// probe of an inspection asks; a scan of ~20,000 chains each time adds up).
     bases: std::cell::RefCell<HashMap<BaseKey, BaseChains>>,
+    /// Every chain a walk entered, as (table, chain) indices.
+    reached: std::cell::RefCell<std::collections::HashSet<(usize, usize)>>,
     /// Whether walks take a long chain's port dispatch (see
     /// [`PortDispatch`](super::dispatch::PortDispatch)) or every rule.
     dispatch: bool,
@@ -238,8 +240,15 @@ impl<'m> RulesetIndex<'m> {
             chains,
             sets,
             bases: std::cell::RefCell::default(),
+            reached: std::cell::RefCell::default(),
             dispatch: true,
         }
+    }
+
+    /// Every chain the walks over this index entered so far, as (table,
+    /// chain) indices: no rule anywhere else met any of their probes.
+    pub fn reached(&self) -> Vec<(usize, usize)> {
+        self.reached.borrow().iter().copied().collect()
     }
 
     /// The same index whose walks evaluate every rule of every chain: the
@@ -275,11 +284,7 @@ impl<'m> RulesetIndex<'m> {
         })
     }
 
-    fn cached_bases(
-        &self,
-        key: BaseKey,
-        find: impl FnOnce() -> Vec<(usize, usize)>,
-    ) -> BaseChains {
+    fn cached_bases(&self, key: BaseKey, find: impl FnOnce() -> Vec<(usize, usize)>) -> BaseChains {
         if let Some(b) = self.bases.borrow().get(&key) {
             return b.clone();
         }
@@ -641,6 +646,7 @@ impl<'i, 'm> Walker<'i, 'm> {
     }
 
     fn walk(&mut self, ti: usize, ci: usize, reach: Reach, depth: usize) -> Flow {
+        self.idx.reached.borrow_mut().insert((ti, ci));
         if let Some(&(ret, clean)) = self.memo.get(&(ti, ci, reach)) {
             return Flow { ret, clean };
         }

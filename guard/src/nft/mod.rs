@@ -339,6 +339,65 @@ pub fn inspect_probes(
     inspect_indexed(&RulesetIndex::new(model), input, wanted)
 }
 
+/// [`inspect_probes`], also saying which chains its probes entered (see
+/// [`ReachedChains`]).
+pub fn inspect_reaching(
+    model: &RulesetModel,
+    input: &InspectInput,
+    wanted: impl Fn(&ProbePacket) -> bool,
+) -> (Vec<Finding>, Vec<OwnedMapping>, ReachedChains) {
+    let idx = RulesetIndex::new(model);
+    let (findings, owned) = inspect_indexed(&idx, input, wanted);
+    let mut reached = ReachedChains::default();
+    for (ti, ci) in idx.reached() {
+        let table = &model.tables[ti];
+        reached.insert(table.family, &table.name, &table.chains[ci].name);
+    }
+    (findings, owned, reached)
+}
+
+/// The chains an inspection's probes entered, by family, table and chain
+/// name. A rule added to or deleted from any other chain cannot change what
+/// those probes meet: no walk goes there, and only a rule in an entered chain
+/// (or a new base chain, which is a structural change) can lead one there.
+///
+/// Kept as 64-bit hashes of the names: a collision can only make an
+/// unentered chain look entered (inspected for nothing), never the reverse.
+#[derive(Clone, Debug, Default)]
+pub struct ReachedChains(std::collections::HashSet<u64>);
+
+impl ReachedChains {
+    fn key(family: Family, table: &str, chain: &str) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        // SipHash with fixed keys: the same name gives the same key every time.
+        let mut h = std::hash::DefaultHasher::new();
+        (family.0, table, chain).hash(&mut h);
+        h.finish()
+    }
+
+    pub fn insert(&mut self, family: Family, table: &str, chain: &str) {
+        self.0.insert(Self::key(family, table, chain));
+    }
+
+    /// Whether a probe entered this chain.
+    pub fn contains(&self, family: Family, table: &str, chain: &str) -> bool {
+        self.0.contains(&Self::key(family, table, chain))
+    }
+
+    /// Adds what another inspection (of other probes) entered.
+    pub fn extend(&mut self, other: Self) {
+        self.0.extend(other.0);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// [`inspect_with_owned`] walking every rule of every chain (no port
 /// dispatch): the reference the dispatch is checked against (fuzz target,
 /// tests). Same answer, slower on long chains.

@@ -36,8 +36,8 @@ use crate::{
     audit::{AuditEvent, AuditHandle},
     k8s::ClusterView,
     nft::{
-        self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, RulesetModel,
-        TableOrigin,
+        self, Finding, InspectInput, LocalAddr, OwnedMapping, OwnedTargets, ReachedChains,
+        RulesetModel, TableOrigin,
         model::Commit,
         monitor::{self, Applied, Change},
         netlink,
@@ -92,6 +92,12 @@ pub enum GuardReport {
         took: Duration,
         rules: usize,
         full_read: bool,
+    },
+    /// Rule changes in chains no protected port's connection enters were
+    /// applied and dismissed without an inspection; `took`: from their
+    /// notification.
+    Dismissed {
+        took: Duration,
     },
     PinSynced {
         pins: Vec<Pin>,
@@ -246,6 +252,10 @@ struct GuardLoop<B> {
     /// Why the audit log cannot be written, while it cannot: removals and
     /// pin changes wait (see [`GuardReport::AuditUnavailable`]).
     audit_down: Option<String>,
+    /// The chains the protected ports' probes entered, since the last full
+    /// inspection (none before it): a rule added to or deleted from any other
+    /// chain is applied to the model and dismissed, without an inspection.
+    reached: Option<ReachedChains>,
 }
 
 impl<B: RulesetBackend> GuardLoop<B> {
@@ -270,6 +280,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             held: Vec::new(),
             owners_open: true,
             audit_down: None,
+            reached: None,
         };
         guard.cfg.report(GuardReport::Inspected {
             took: t0.elapsed(),
@@ -361,6 +372,17 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         let scope = scope.filter(|_| !resync);
+        if !resync && scope.as_ref().is_some_and(Scope::is_empty) {
+            // Every change was in a chain no probe enters (or changed nothing).
+            debug!(
+                event = "changes_dismissed",
+                "rule changes where no protected port's connection goes: nothing to inspect"
+            );
+            self.cfg.report(GuardReport::Dismissed {
+                took: seen.elapsed(),
+            });
+            return Ok(());
+        }
         if resync || updated {
             let stages = Stages {
                 applied: Some(Instant::now()),
@@ -389,6 +411,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
         updated: &mut bool,
         resync: &mut bool,
     ) {
+        let dismissed = self.unreached(&c);
         let added = match &c {
             Change::RuleAdded { msg, .. } => Some((
                 msg.family,
@@ -403,12 +426,30 @@ impl<B: RulesetBackend> GuardLoop<B> {
             Applied::Unchanged => {}
             Applied::Resync => *resync = true,
         }
+        if dismissed {
+            return;
+        }
         // A deletion creates no foreign rule, but observe-mode reports and
         // pins follow it: anything but an addition is inspected in full.
         *scope = match (scope.take(), added) {
             (Some(s), Some(rule)) => s.add(&self.model, rule),
             _ => None,
         };
+    }
+
+    /// Whether `c` adds or deletes a rule in a chain no probe of a protected
+    /// port entered at the last inspections (see [`ReachedChains`]): it cannot
+    /// change what such a connection meets. Never for the pin table's name
+    /// (pins follow their rules whether or not a probe went there).
+    fn unreached(&self, c: &Change) -> bool {
+        let (Change::RuleAdded { msg, .. } | Change::RuleDeleted(msg)) = c else {
+            return false;
+        };
+        msg.table != pin::PIN_TABLE
+            && self
+                .reached
+                .as_ref()
+                .is_some_and(|r| !r.contains(msg.family, &msg.table, &msg.chain))
     }
 
     /// An address came or went: what is local changed, re-inspect.
@@ -562,10 +603,17 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 return Ok(());
             }
         }
-        let (findings, owned) = match scope {
-            None => nft::inspect_with_owned(&self.model, &input),
-            Some(scope) => nft::inspect_probes(&self.model, &input, |p| scope.wants(p)),
+        let (findings, owned, reached) = match scope {
+            None => nft::inspect_reaching(&self.model, &input, |_| true),
+            Some(scope) => nft::inspect_reaching(&self.model, &input, |p| scope.wants(p)),
         };
+        // A full inspection says where every probe goes; a scoped one adds
+        // where its probes go now (only they can meet the rules it is about).
+        match (&mut self.reached, scope) {
+            (Some(known), Some(_)) => known.extend(reached),
+            (known, None) => *known = Some(reached),
+            (None, Some(_)) => {}
+        }
         let mut stages = stages.unwrap_or_default();
         stages.inspected = Some(Instant::now());
         self.cfg.report(GuardReport::Inspected {

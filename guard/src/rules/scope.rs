@@ -56,6 +56,11 @@ impl Scope {
             && (self.any_hook || self.hooks.contains(&(probe.hook, probe.v6)))
     }
 
+    /// Whether no added rule is in it (every change was dismissed).
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
     /// The destination ports the added rules match.
     pub fn ports(&self) -> &BTreeSet<u16> {
         &self.ports

@@ -1058,3 +1058,82 @@ async fn on_shadow_remove_removes_it_recorded_whole_and_leaves_the_owner_alone()
         .unwrap();
     assert_eq!(raw, accept_exprs());
 }
+
+/// `jump CHAIN` as a rule's only expression.
+fn jump_rule(handle: u64, chain: &str) -> crate::nft::model::Rule {
+    use crate::nft::model::{Data, Expr, Verdict};
+    crate::nft::model::Rule::new(
+        handle,
+        vec![Expr::Immediate {
+            dreg: 0,
+            data: Data::Verdict(Verdict::Jump(chain.into())),
+        }],
+        None,
+    )
+}
+
+#[tokio::test]
+async fn a_change_in_a_chain_no_probe_enters_is_dismissed_without_an_inspection() {
+    use crate::nft::model::Chain;
+    // `pre` jumps to `reached`; nothing jumps to `unrelated`.
+    let mut model = decode_messages(&sample_dump());
+    let table = &mut model.tables[0];
+    table.chains[0].rules.push(jump_rule(50, "reached"));
+    for (name, handle) in [("reached", 60), ("unrelated", 61)] {
+        table.chains.push(Chain {
+            name: name.into(),
+            handle,
+            base: None,
+            rules: Default::default(),
+        });
+    }
+    let mut h = Harness::start(model, policy(false), owners(None), |_| {});
+    h.removed().await;
+    h.quiet().await;
+    // A DNAT of port 80 where no connection goes: applied, not inspected, kept.
+    let at = |chain| RuleTarget {
+        family: Family::IP,
+        table: TABLE,
+        chain,
+        exprs: &[],
+    };
+    let exprs = hijack_exprs();
+    let unreached = h.control.add_rule(&RuleTarget {
+        exprs: &exprs,
+        ..at("unrelated")
+    });
+    let (mut inspections, mut dismissals) = (0, 0);
+    while let Ok(Some(r)) = tokio::time::timeout(QUIET, h.reports.recv()).await {
+        match r {
+            GuardReport::Inspected { .. } => inspections += 1,
+            GuardReport::Dismissed { .. } => dismissals += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (inspections, dismissals),
+        (0, 1),
+        "a rule no connection to a protected port can meet costs no inspection"
+    );
+    assert_eq!(
+        h.control.handles(Family::IP, TABLE, "unrelated"),
+        [unreached],
+        "unreachable: no hijack, left alone"
+    );
+    assert_eq!(h.batches().len(), 1, "only the first hijack's removal");
+    // The same rule where connections go: inspected and removed.
+    let reached = h.control.add_rule(&RuleTarget {
+        exprs: &exprs,
+        ..at("reached")
+    });
+    let (id, ..) = h.removed().await;
+    assert_eq!(id, format!("ip/{TABLE}/reached/{reached}"));
+    h.control.delete_rule(&RulePlace {
+        family: Family::IP,
+        table: TABLE.into(),
+        chain: "unrelated".into(),
+        handle: unreached,
+    });
+    assert_eq!(h.quiet().await, 0, "a deletion there is dismissed too");
+    h.stop().await.expect("clean stop");
+}
