@@ -126,10 +126,6 @@ pub struct Walk {
 /// Indexes over the model, built once per inspection.
 pub struct RulesetIndex<'m> {
     model: &'m RulesetModel,
-    /// Chain name → index, per table; built on first use and only for tables
-    /// looked up often (kube-proxy's nat table has ~20,000 chains, and a walk
-    /// usually jumps to a handful of them: a scan is cheaper than the map).
-    chains: Vec<ChainIndex<'m>>,
     sets: Vec<HashMap<&'m str, SetIndex<'m>>>,
     /// Base chain lists, per (hook, v6, tproxy), found once per index (every
     /// probe of an inspection asks; a scan of ~20,000 chains each time adds up).
@@ -146,36 +142,10 @@ type BaseKey = (Hook, bool, bool);
 /// Base chains as (table, chain) indices, in the kernel's order.
 pub type BaseChains = std::rc::Rc<[(usize, usize)]>;
 
-/// Lookups by scanning before a table's chain map is worth building.
-const CHAIN_SCANS_BEFORE_MAP: u32 = 8;
-
-struct ChainIndex<'m> {
-    map: std::cell::OnceCell<HashMap<&'m str, usize>>,
-    scans: std::cell::Cell<u32>,
-}
-
-impl<'m> RulesetIndex<'m> {
+impl RulesetIndex<'_> {
     /// The index of chain `name` in table `ti`.
     pub fn chain(&self, ti: usize, name: &str) -> Option<usize> {
-        let idx = self.chains.get(ti)?;
-        let chains = &self.model.tables[ti].chains;
-        if let Some(map) = idx.map.get() {
-            return map.get(name).copied();
-        }
-        if idx.scans.get() < CHAIN_SCANS_BEFORE_MAP {
-            idx.scans.set(idx.scans.get() + 1);
-            return chains.iter().position(|c| c.name == name);
-        }
-        idx.map
-            .get_or_init(|| {
-                chains
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name.as_str(), i))
-                    .collect()
-            })
-            .get(name)
-            .copied()
+        self.model.tables.get(ti)?.chain_position(name)
     }
 }
 
@@ -189,14 +159,6 @@ struct SetIndex<'m> {
 
 impl<'m> RulesetIndex<'m> {
     pub fn new(model: &'m RulesetModel) -> Self {
-        let chains = model
-            .tables
-            .iter()
-            .map(|_| ChainIndex {
-                map: std::cell::OnceCell::new(),
-                scans: std::cell::Cell::new(0),
-            })
-            .collect();
         let sets = model
             .tables
             .iter()
@@ -237,7 +199,6 @@ impl<'m> RulesetIndex<'m> {
             .collect();
         Self {
             model,
-            chains,
             sets,
             bases: std::cell::RefCell::default(),
             reached: std::cell::RefCell::default(),

@@ -13,7 +13,10 @@
 
 use std::collections::HashMap;
 
-use super::model::{CmpOp, Expr, PayloadBase, Rule};
+use super::{
+    expr::decode_list_only,
+    model::{CmpOp, Expr, PayloadBase, Rule},
+};
 
 /// The transport header's destination port (`th dport`): offset and length.
 const TH_DPORT_OFFSET: u32 = 2;
@@ -26,8 +29,30 @@ pub const DISPATCH_MIN_RULES: usize = 32;
 /// The one destination port a rule matches (`th dport == N` as payload + cmp),
 /// if it says so; such a rule matches no connection to another port.
 pub fn matched_dport(exprs: &[Expr]) -> Option<u16> {
-    exprs.windows(2).find_map(|w| match w {
-        [
+    exprs.windows(2).find_map(|w| dport_pair(&w[0], &w[1]))
+}
+
+/// [`matched_dport`] of a rule's raw expression list, decoding only its
+/// `payload` and `cmp` expressions (the same decoder, so the same answer;
+/// checked by the fuzz target): a long chain is indexed without decoding
+/// every rule whole.
+pub fn matched_dport_raw(list: &[u8]) -> Option<u16> {
+    let mut prev: Option<Expr> = None;
+    for cur in decode_list_only(list, |name| name == "payload" || name == "cmp") {
+        if let (Some(p), Some(c)) = (&prev, &cur)
+            && let Some(port) = dport_pair(p, c)
+        {
+            return Some(port);
+        }
+        prev = cur;
+    }
+    None
+}
+
+/// A load of the transport header's destination port straight into a `cmp eq`.
+fn dport_pair(load: &Expr, cmp: &Expr) -> Option<u16> {
+    match (load, cmp) {
+        (
             Expr::Payload {
                 base: PayloadBase::Transport,
                 offset: TH_DPORT_OFFSET,
@@ -39,9 +64,9 @@ pub fn matched_dport(exprs: &[Expr]) -> Option<u16> {
                 op: CmpOp::Eq,
                 data,
             },
-        ] if dreg == sreg && data.len() == 2 => Some(u16::from_be_bytes([data[0], data[1]])),
+        ) if dreg == sreg && data.len() == 2 => Some(u16::from_be_bytes([data[0], data[1]])),
         _ => None,
-    })
+    }
 }
 
 /// A chain's rules by the one destination port each matches.
@@ -54,12 +79,12 @@ pub struct PortDispatch {
 }
 
 impl PortDispatch {
-    /// Indexes `rules` (decoding their expressions, which stay decoded).
+    /// Indexes `rules` (from their raw expressions where still undecoded).
     pub fn new(rules: &[Rule]) -> Self {
         let mut d = Self::default();
         for (i, r) in rules.iter().enumerate() {
             let at = u32::try_from(i).expect("a chain holds fewer than 2^32 rules");
-            match matched_dport(r.exprs()) {
+            match r.matched_dport() {
                 Some(port) => d.by_port.entry(port).or_default().push(at),
                 None => d.any_port.push(at),
             }
@@ -168,5 +193,31 @@ mod tests {
         };
         assert_eq!(matched_dport(&sport), None);
         assert_eq!(matched_dport(&dport(8080)), Some(8080));
+    }
+
+    #[test]
+    fn the_raw_scan_reads_what_the_decoder_reads() {
+        use crate::{nft::pin::Pin, policy::Proto};
+        for (port, host) in [(80, None), (8443, Some("198.51.100.7".parse().unwrap()))] {
+            let raw = Pin {
+                proto: Proto::Tcp,
+                port,
+                host,
+                target: "203.0.113.9:80".parse().unwrap(),
+                exclude_iif: Some("docker0".into()),
+            }
+            .expressions(false);
+            let decoded = crate::nft::expr::decode_list(&raw);
+            assert_eq!(matched_dport(&decoded), Some(port));
+            assert_eq!(matched_dport_raw(&raw), Some(port));
+            // Cut short: whatever is left, both read the same.
+            for cut in (0..raw.len()).step_by(7) {
+                assert_eq!(
+                    matched_dport_raw(&raw[..cut]),
+                    matched_dport(&crate::nft::expr::decode_list(&raw[..cut])),
+                    "cut at {cut}"
+                );
+            }
+        }
     }
 }

@@ -233,6 +233,39 @@ pub fn decode_list_elem(elem: &[u8]) -> Expr {
     }
 }
 
+/// The expressions of a raw `NFTA_RULE_EXPRESSIONS` list, one per element as
+/// [`decode_list`] gives them, but decoded only where `wanted` accepts the
+/// expression's name (`None` elsewhere, and where [`decode_list`] would give
+/// `Unknown`): a scan for a few kinds without decoding the rest.
+pub fn decode_list_only<'a>(
+    list: &'a [u8],
+    wanted: impl Fn(&str) -> bool + 'a,
+) -> impl Iterator<Item = Option<Expr>> + 'a {
+    Attrs::new(list).map(move |e| match e {
+        Ok((NFTA_LIST_ELEM, elem)) => {
+            let mut name: Option<&[u8]> = None;
+            let mut data: &[u8] = &[];
+            for attr in Attrs::new(elem) {
+                let (ty, payload) = attr.ok()?;
+                match ty {
+                    NFTA_EXPR_NAME => name = Some(payload),
+                    NFTA_EXPR_DATA => data = payload,
+                    _ => {}
+                }
+            }
+            let raw = name?;
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            let name = std::str::from_utf8(&raw[..end]).ok()?;
+            if wanted(name) {
+                decode(name, data)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    })
+}
+
 fn unknown(name: &str) -> Expr {
     Expr::Unknown {
         name: name.to_owned(),

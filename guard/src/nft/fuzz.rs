@@ -11,7 +11,7 @@
 //! may panic.
 
 use super::{
-    InspectInput, LocalAddr, OwnedTargets, PortSpec, RulesetModel, inspect_whole_chains,
+    InspectInput, LocalAddr, OwnedTargets, PortSpec, RulesetModel, dispatch, inspect_whole_chains,
     inspect_with_owned, legacy, netlink,
 };
 use crate::{
@@ -47,7 +47,15 @@ pub fn one(data: &[u8]) {
         .flat_map(|t| &t.chains)
         .flat_map(|c| &c.rules)
     {
-        let _ = rule.exprs();
+        // The raw scan for a port match agrees with the whole decode.
+        let raw_dport = rule.raw_exprs().map(dispatch::matched_dport_raw);
+        let decoded = dispatch::matched_dport(rule.exprs());
+        if let Some(raw_dport) = raw_dport {
+            assert_eq!(
+                raw_dport, decoded,
+                "the raw port scan disagrees with the decoder"
+            );
+        }
     }
     let input = input((mode & 4 != 0).then_some(OWN_PORT_ID));
     let fast = inspect_with_owned(&model, &input);

@@ -104,6 +104,25 @@ pub struct Table {
     pub origin: TableOrigin,
     pub chains: Vec<Chain>,
     pub sets: Vec<Set>,
+    /// Chain name → position in `chains`, for [`Self::chain`].
+    pub chain_names: ChainNames,
+}
+
+/// Tables with fewer chains are searched by name, not indexed.
+const CHAIN_NAMES_MIN: usize = 64;
+
+/// A table's chain name → position map (kube-proxy's nat table has ~20,000
+/// chains, and every notification names one). Built on first use and shared
+/// by clones; it checks itself: a position is taken only where the chain of
+/// that name is (names are unique in a table), and a name it does not know
+/// is searched for. So a map older than `chains` is slow, never wrong.
+#[derive(Clone, Default)]
+pub struct ChainNames(OnceLock<Arc<std::collections::HashMap<String, usize>>>);
+
+impl fmt::Debug for ChainNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChainNames")
+    }
 }
 
 impl Default for Family {
@@ -119,7 +138,47 @@ impl Table {
     }
 
     pub fn chain(&self, name: &str) -> Option<&Chain> {
-        self.chains.iter().find(|c| c.name == name)
+        self.chain_position(name).map(|i| &self.chains[i])
+    }
+
+    pub fn chain_mut(&mut self, name: &str) -> Option<&mut Chain> {
+        match self.chain_position(name) {
+            Some(i) => Some(&mut self.chains[i]),
+            None => None,
+        }
+    }
+
+    /// Builds the chain name map now (a read does, so that the first
+    /// notification after it does not).
+    pub fn index_chains(&self) {
+        if self.chains.len() >= CHAIN_NAMES_MIN {
+            self.chain_names_map();
+        }
+    }
+
+    /// Where chain `name` is in `chains`.
+    pub fn chain_position(&self, name: &str) -> Option<usize> {
+        let scan = || self.chains.iter().position(|c| c.name == name);
+        if self.chains.len() < CHAIN_NAMES_MIN {
+            return scan();
+        }
+        match self.chain_names_map().get(name) {
+            Some(&i) if self.chains.get(i).is_some_and(|c| c.name == name) => Some(i),
+            // Chains changed since the map was built: search.
+            _ => scan(),
+        }
+    }
+
+    fn chain_names_map(&self) -> &std::collections::HashMap<String, usize> {
+        self.chain_names.0.get_or_init(|| {
+            Arc::new(
+                self.chains
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name.clone(), i))
+                    .collect(),
+            )
+        })
     }
 
     pub fn set(&self, name: &str) -> Option<&Set> {
@@ -378,6 +437,16 @@ impl Rule {
     }
 
     /// The rule's expressions (decoded now if they were not yet).
+    /// The one destination port the rule matches (see
+    /// [`matched_dport`](super::dispatch::matched_dport)), read from the raw
+    /// expressions while they are not decoded.
+    pub fn matched_dport(&self) -> Option<u16> {
+        match (self.exprs.get(), &self.raw) {
+            (None, Some(raw)) => super::dispatch::matched_dport_raw(raw.bytes()),
+            _ => super::dispatch::matched_dport(self.exprs()),
+        }
+    }
+
     pub fn exprs(&self) -> &[Expr] {
         self.exprs.get_or_init(|| {
             self.raw
@@ -465,5 +534,33 @@ impl SetElem {
     }
     pub fn is_catchall(&self) -> bool {
         self.flags & elem_flags::CATCHALL != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_name_map_is_never_wrong_when_chains_change_after_it() {
+        let chain = |i: usize| Chain {
+            name: format!("C{i}"),
+            handle: i as u64,
+            ..Chain::default()
+        };
+        let mut t = Table {
+            chains: (0..100).map(chain).collect(),
+            ..Table::default()
+        };
+        t.index_chains();
+        assert_eq!(t.chain_position("C42"), Some(42));
+        // Shifted, added, removed after the map was built.
+        t.chains.remove(0);
+        t.chains.push(chain(500));
+        assert_eq!(t.chain("C42").map(|c| c.handle), Some(42));
+        assert_eq!(t.chain_position("C42"), Some(41));
+        assert_eq!(t.chain_position("C500"), Some(99));
+        assert_eq!(t.chain_position("C0"), None);
+        assert_eq!(t.chain_mut("C99").map(|c| c.handle), Some(99));
     }
 }

@@ -217,7 +217,7 @@ pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
                 .tables
                 .iter_mut()
                 .find(|t| t.family == msg.family && t.name == msg.table)
-                .and_then(|t| t.chains.iter_mut().find(|c| c.name == msg.chain))
+                .and_then(|t| t.chain_mut(&msg.chain))
             else {
                 return Applied::Resync;
             };
@@ -246,7 +246,7 @@ pub fn apply(model: &mut RulesetModel, change: Change) -> Applied {
                 .tables
                 .iter_mut()
                 .find(|t| t.family == msg.family && t.name == msg.table)
-                .and_then(|t| t.chains.iter_mut().find(|c| c.name == msg.chain))
+                .and_then(|t| t.chain_mut(&msg.chain))
             else {
                 return Applied::Unchanged;
             };

@@ -588,6 +588,8 @@ impl Decoder {
     fn finish(mut self) -> RulesetModel {
         for t in &mut self.model.tables {
             t.origin = table_origin(t);
+            // Indexed now, on the read, rather than by the first notification.
+            t.index_chains();
         }
         self.model
     }
