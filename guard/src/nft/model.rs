@@ -360,6 +360,8 @@ pub struct Rule {
     /// The transaction that added it, when the agent saw it committed (a
     /// rule read from a dump has none: who wrote it is unknown).
     committed: Option<Arc<Commit>>,
+    /// [`Self::matched_dport`], found once.
+    dport: OnceLock<Option<u16>>,
 }
 
 /// One committed nf_tables transaction, as its `NFT_MSG_NEWGEN` names it: the
@@ -376,12 +378,20 @@ pub struct Commit {
     /// When the agent read the `NEWGEN` (the commit, within the agent's
     /// notification latency).
     pub seen: std::time::SystemTime,
-    /// Read from `/proc/PID/stat` when the `NEWGEN` arrived, so that a
-    /// committer gone by the time it is named is still known by its parent.
-    pub ppid: Option<u32>,
-    /// The committer's start time (clock ticks since boot), to tell it from a
-    /// later process that reuses its pid.
-    pub start_time: Option<u64>,
+    /// The committer's parent and start time, read from `/proc/PID/stat`
+    /// once, right after the `NEWGEN` arrived (beside the removal path, see
+    /// `rules::attribution::commit_of`), so that a committer gone by the time
+    /// it is named is still known by its parent, and a later process reusing
+    /// its pid is not taken for it. `None` inside: it could not be read.
+    pub stat: OnceLock<Option<CommitterStat>>,
+}
+
+/// What `/proc/PID/stat` said of a committer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitterStat {
+    pub ppid: u32,
+    /// Clock ticks since boot.
+    pub start_time: u64,
 }
 
 impl Rule {
@@ -394,6 +404,7 @@ impl Rule {
             raw: None,
             userdata: None,
             committed: None,
+            dport: OnceLock::new(),
         }
     }
 
@@ -406,6 +417,7 @@ impl Rule {
             raw: Some(raw),
             userdata: None,
             committed: None,
+            dport: OnceLock::new(),
         }
     }
 
@@ -441,10 +453,12 @@ impl Rule {
     /// [`matched_dport`](super::dispatch::matched_dport)), read from the raw
     /// expressions while they are not decoded.
     pub fn matched_dport(&self) -> Option<u16> {
-        match (self.exprs.get(), &self.raw) {
-            (None, Some(raw)) => super::dispatch::matched_dport_raw(raw.bytes()),
-            _ => super::dispatch::matched_dport(self.exprs()),
-        }
+        *self
+            .dport
+            .get_or_init(|| match (self.exprs.get(), &self.raw) {
+                (None, Some(raw)) => super::dispatch::matched_dport_raw(raw.bytes()),
+                _ => super::dispatch::matched_dport(self.exprs()),
+            })
     }
 
     pub fn exprs(&self) -> &[Expr] {

@@ -15,7 +15,12 @@
 //! Rules the agent did not see committed (there before it started, or read
 //! back whole after an overrun) have no committer: unknown, never guessed.
 
-use std::{collections::HashMap, fs, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    fs,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
 
 use time::OffsetDateTime;
 
@@ -23,7 +28,7 @@ use crate::{
     audit::{Committer, ProcessRef},
     nft::{
         Finding, RulesetModel,
-        model::{Commit, Family},
+        model::{Commit, CommitterStat, Family},
         monitor::NewGen,
         netlink::RuleMessage,
     },
@@ -41,15 +46,37 @@ const MAX_PARENTS: usize = 6;
 /// the committer may still live.
 pub fn commit_of(generation: &NewGen) -> Option<Arc<Commit>> {
     let (pid, name) = generation.by.clone()?;
-    let stat = ProcStat::read(pid);
-    Some(Arc::new(Commit {
+    let commit = Arc::new(Commit {
         pid,
         name,
         generation: generation.id,
         seen: SystemTime::now(),
-        ppid: stat.map(|s| s.ppid),
-        start_time: stat.map(|s| s.start_time),
-    }))
+        stat: OnceLock::new(),
+    });
+    // `/proc/PID/stat` costs tens of microseconds (more for a process of
+    // many threads): read on the blocking pool, beside the removal, which
+    // names the committer only as the kernel did. Whoever needs it first
+    // waits for it (`stat_of`).
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let read = commit.clone();
+            runtime.spawn_blocking(move || stat_of(&read));
+        }
+        Err(_) => {
+            stat_of(&commit);
+        }
+    }
+    Some(commit)
+}
+
+/// The committer's parent and start time (read once; see [`Commit::stat`]).
+pub fn stat_of(commit: &Commit) -> Option<CommitterStat> {
+    *commit.stat.get_or_init(|| {
+        ProcStat::read(commit.pid).map(|s| CommitterStat {
+            ppid: s.ppid,
+            start_time: s.start_time,
+        })
+    })
 }
 
 /// Marks the rule a notification added, found in `model` (read whole
@@ -60,7 +87,7 @@ pub fn stamp(model: &mut RulesetModel, msg: &RuleMessage, commit: &Arc<Commit>) 
         .tables
         .iter_mut()
         .find(|t| t.family == msg.family && t.name == msg.table)
-        .and_then(|t| t.chains.iter_mut().find(|c| c.name == msg.chain))
+        .and_then(|t| t.chain_mut(&msg.chain))
         .and_then(|c| c.rules.iter_mut().find(|r| r.handle == msg.rule.handle))
     else {
         return;
@@ -125,10 +152,12 @@ pub fn as_named(commit: &Commit) -> Committer {
 /// its start time is checked), else by the parent it had.
 pub fn resolve(commit: &Commit) -> Committer {
     let mut out = as_named(commit);
+    let first = stat_of(commit);
+    let start_time = first.map(|s| s.start_time);
     // The same process (its start time), and not exited (a zombie has no
     // executable left to read).
     let alive = ProcStat::read(commit.pid)
-        .filter(|s| commit.start_time.is_none_or(|t| t == s.start_time) && !s.exited);
+        .filter(|s| start_time.is_none_or(|t| t == s.start_time) && !s.exited);
     // A process past the release of its memory (exiting) has no executable
     // either: it is as gone as a zombie.
     let alive = alive.and_then(|stat| Some((stat, exe(commit.pid)?)));
@@ -142,9 +171,9 @@ pub fn resolve(commit: &Commit) -> Committer {
         None => {
             out.gone = true;
             // Its parent as read when the commit arrived, else (a zombie) now.
-            commit.ppid.or_else(|| {
+            first.map(|s| s.ppid).or_else(|| {
                 ProcStat::read(commit.pid)
-                    .filter(|s| commit.start_time.is_none_or(|t| t == s.start_time))
+                    .filter(|s| start_time.is_none_or(|t| t == s.start_time))
                     .map(|s| s.ppid)
             })
         }
@@ -217,7 +246,7 @@ mod tests {
             .spawn()
             .expect("sleep");
         let commit = commit_of(&newgen(child.id(), "sleep")).expect("a commit");
-        assert_eq!(commit.ppid, Some(std::process::id()));
+        assert_eq!(stat_of(&commit).map(|s| s.ppid), Some(std::process::id()));
         let c = resolve(&commit);
         let _ = child.kill();
         let _ = child.wait();
@@ -249,7 +278,7 @@ mod tests {
         let pid = child.id();
         // Read while it lives (as the guard does when the NEWGEN arrives)...
         let commit = commit_of(&newgen(pid, "sleep")).expect("a commit");
-        assert_eq!(commit.ppid, Some(std::process::id()));
+        assert_eq!(stat_of(&commit).map(|s| s.ppid), Some(std::process::id()));
         child.kill().expect("kill");
         child.wait().expect("reaped");
         // ...named after it is gone: the kernel's name, its parent's details.
@@ -270,8 +299,11 @@ mod tests {
             name: "gone-long-ago".into(),
             generation: None,
             seen: SystemTime::now(),
-            ppid: None,
-            start_time: Some(1), // not this process's start time
+            // Not this process's start time.
+            stat: OnceLock::from(Some(CommitterStat {
+                ppid: 1,
+                start_time: 1,
+            })),
         };
         let c = resolve(&commit);
         assert!(c.gone);

@@ -463,30 +463,57 @@ fn kube_proxy_rules(rules: usize) -> String {
 
 /// Rule changes kube-proxy makes all day, against a running guard: a rule
 /// added to one of the ~20,000 endpoint chains no protected port's connection
-/// enters (dismissed, see `ReachedChains`), and for contrast one added to
-/// `KUBE-SERVICES` without a port match (which every probe walks: a full
-/// inspection). From the notification to the guard's decision, p50 each.
+/// enters (dismissed, see `ReachedChains`), and for contrast the same rule
+/// added to `KUBE-SERVICES` (which every probe walks: no port match, so a full
+/// inspection). Each is a copy of an endpoint chain's `-s EP -j
+/// KUBE-MARK-MASQ`, committed from here, one per batch. From the notification
+/// to the guard's decision, p50 each.
 fn unrelated_changes(lab: &IncidentLab, label: &str, services: usize) {
     const CHANGES: usize = 40;
+    let model = in_netns(lab.h.name(), || nft::read_host_ruleset(None))
+        .expect("enter")
+        .expect("read");
+    let nat = model
+        .tables
+        .iter()
+        .find(|t| t.family == Family::IP && t.name == "nat")
+        .expect("kube-proxy's nat table");
+    let masq = nat
+        .chain("KUBE-SEP-00000000A")
+        .and_then(|c| c.rules.first())
+        .and_then(|r| r.raw_exprs())
+        .expect("an endpoint chain's first rule")
+        .to_vec();
+    let add = |chain: String| Op::AddRule {
+        family: Family::IP,
+        table: "nat".into(),
+        chain,
+        exprs: masq.clone(),
+        userdata: None,
+        compat_proto: None,
+        placement: Placement::Append,
+        summary: "kube-proxy-like".into(),
+    };
+    let unrelated: Vec<Op> = (0..CHANGES)
+        .map(|i| {
+            add(format!(
+                "KUBE-SEP-{:08X}B",
+                (1 + i * 7919) % services.max(2)
+            ))
+        })
+        .collect();
+    let walked: Vec<Op> = (0..CHANGES).map(|_| add("KUBE-SERVICES".into())).collect();
     let guard = Guard::start(lab, false, "");
-    let mut script = String::new();
-    for i in 0..CHANGES {
-        let chain = format!("KUBE-SEP-{:08X}A", (i * 7919) % services.max(1));
-        let _ = writeln!(script, "add rule ip nat {chain} meta mark set 0x{i:x}");
-    }
-    for i in 0..CHANGES {
-        let _ = writeln!(
-            script,
-            "add rule ip nat KUBE-SERVICES ip daddr 192.0.2.{} counter",
-            1 + i % 250
-        );
-    }
-    // One rule per commit (`nft -f` would make one batch of them all).
-    for line in script.lines() {
-        let status = lab.h.command(["nft", line]).status().expect("run nft");
-        assert!(status.success(), "nft {line}");
-        thread::sleep(Duration::from_millis(20));
-    }
+    in_netns(lab.h.name(), move || {
+        let mut writer = NftWriter::open().expect("writer");
+        for op in unrelated.into_iter().chain(walked) {
+            let mut tx = Transaction::new();
+            tx.push(op);
+            writer.commit(&tx).expect("add a kube-proxy-like rule");
+            thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .expect("enter the namespace");
     thread::sleep(Duration::from_millis(300));
     let dismissed = guard.dismissed.lock().unwrap().clone();
     let inspected = guard.inspected.lock().unwrap().clone();
@@ -501,6 +528,10 @@ fn unrelated_changes(lab: &IncidentLab, label: &str, services: usize) {
             us(percentile(&dismissed, 0.5))
         );
     }
+    println!(
+        "{label}_walked_chain_rule_inspected {} changes",
+        inspected.len()
+    );
     if !inspected.is_empty() {
         println!(
             "{label}_walked_chain_rule_inspect_p50 {} us",
