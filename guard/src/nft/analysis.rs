@@ -262,7 +262,8 @@ impl<'m> RulesetIndex<'m> {
             if !t.family.sees(v6) || t.is_dormant() {
                 continue;
             }
-            for (ci, c) in t.chains.iter().enumerate() {
+            for &ci in t.base_chain_positions().iter() {
+                let c = &t.chains[ci];
                 if let Some(b) = &c.base
                     && want(b)
                 {

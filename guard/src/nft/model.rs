@@ -106,6 +106,22 @@ pub struct Table {
     pub sets: Vec<Set>,
     /// Chain name → position in `chains`, for [`Self::chain`].
     pub chain_names: ChainNames,
+    /// Where the base chains are, for [`Self::base_chain_positions`].
+    pub base_chains: BaseChainPositions,
+}
+
+/// The positions of a table's base chains, found on first use and shared by
+/// clones. Chains are added or removed only by building a table (a read, a
+/// parse) or by pushing to it: a count that moved since means "search again".
+/// Restructuring a table in place after its first inspection (a removal and
+/// an addition) is not done anywhere; debug builds check every use.
+#[derive(Clone, Default)]
+pub struct BaseChainPositions(OnceLock<(usize, Arc<[usize]>)>);
+
+impl fmt::Debug for BaseChainPositions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BaseChainPositions")
+    }
 }
 
 /// Tables with fewer chains are searched by name, not indexed.
@@ -146,6 +162,32 @@ impl Table {
             Some(i) => Some(&mut self.chains[i]),
             None => None,
         }
+    }
+
+    /// Where the base chains are in `chains` (a table of kube-proxy's has
+    /// ~20,000 chains and five base chains; every inspection asks).
+    pub fn base_chain_positions(&self) -> Arc<[usize]> {
+        let scan = || -> Arc<[usize]> {
+            self.chains
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.base.is_some())
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let (len, found) = self
+            .base_chains
+            .0
+            .get_or_init(|| (self.chains.len(), scan()));
+        if *len != self.chains.len() {
+            return scan();
+        }
+        debug_assert_eq!(
+            **found,
+            *scan(),
+            "a table's chains were restructured in place after use: build a new table"
+        );
+        found.clone()
     }
 
     /// Builds the chain name map now (a read does, so that the first

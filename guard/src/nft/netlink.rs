@@ -590,6 +590,7 @@ impl Decoder {
             t.origin = table_origin(t);
             // Indexed now, on the read, rather than by the first notification.
             t.index_chains();
+            t.base_chain_positions();
         }
         self.model
     }

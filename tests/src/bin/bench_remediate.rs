@@ -308,6 +308,62 @@ fn totals(v: &[(Instant, Duration)]) -> Vec<Duration> {
     v.iter().map(|(_, d)| *d).collect()
 }
 
+/// The kernel's part alone, with no guard running: the hijack committed,
+/// then (as soon as its `NEWRULE` is read) its deletion committed from here,
+/// until the `DELRULE` is read. Two commits and two notifications: on a
+/// ruleset of many chains, each commit walks every chain of every table
+/// (`nf_tables_commit`, step 2 in net/netfilter/nf_tables_api.c), so this is
+/// the floor under any remover's latency.
+fn kernel_floor(lab: &IncidentLab, n: usize) -> Vec<Duration> {
+    in_netns(lab.h.name(), move || {
+        let mut mon = RulesetMonitor::open().expect("monitor");
+        let mut writer = NftWriter::open().expect("writer");
+        let mut add = Transaction::new();
+        add.push(hijack_op());
+        let mut out = Vec::with_capacity(n);
+        let mut changes = Vec::new();
+        let mut wait = |mon: &mut RulesetMonitor, t0: Instant| loop {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no notification");
+            let mut pfd = libc::pollfd {
+                fd: mon.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            changes.clear();
+            mon.drain(&mut changes).expect("monitor");
+            for c in changes.drain(..) {
+                match c {
+                    Change::RuleAdded { msg, .. } if msg.table == HIJACK_TABLE => {
+                        return Some(msg.rule.handle);
+                    }
+                    Change::RuleDeleted(msg) if msg.table == HIJACK_TABLE => return None,
+                    _ => {}
+                }
+            }
+        };
+        for i in 0..n {
+            thread::sleep(Duration::from_millis(10).mul_f64((i as f64 * 0.618_034).fract()));
+            let t0 = Instant::now();
+            writer.commit(&add).expect("insert the hijack");
+            let handle = wait(&mut mon, t0).expect("its NEWRULE first");
+            let mut del = Transaction::new();
+            del.push(Op::DeleteRule {
+                family: Family::IP,
+                table: HIJACK_TABLE.into(),
+                chain: HIJACK_CHAIN.into(),
+                handle,
+            });
+            writer.commit(&del).expect("delete the hijack");
+            assert_eq!(wait(&mut mon, t0), None, "then its DELRULE");
+            out.push(t0.elapsed());
+        }
+        out
+    })
+    .expect("enter the namespace")
+}
+
 fn percentile(v: &[Duration], p: f64) -> Duration {
     let mut v = v.to_vec();
     v.sort();
@@ -577,6 +633,7 @@ fn print_breakdown(label: &str, hijacks: &[(Instant, Duration)], stages: &[Stage
         }
         println!("{label}_stage_{name}_p50 {} us", us(percentile(v, 0.50)));
         println!("{label}_stage_{name}_p99 {} us", us(percentile(v, 0.99)));
+        println!("{label}_stage_{name}_max {} us", us(percentile(v, 1.0)));
     }
 }
 
@@ -627,6 +684,10 @@ fn main() {
 
     // Event-driven, small ruleset.
     if !args.kube_only {
+        print_latencies(
+            "remediate_kernel_floor",
+            &kernel_floor(&lab, args.insertions),
+        );
         let guard = Guard::start(&lab, false, "remediate");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
         println!("remediate_insertions {} hijacks", v.len());
@@ -686,12 +747,14 @@ fn main() {
         .expect("enter")
         .expect("read");
         println!("remediate_kube_ruleset {rules} rules");
+        let label = format!("remediate_kube{}k", args.kube_rules / 1000);
+        let floor = kernel_floor(&lab, args.insertions);
         let guard = Guard::start(&lab, false, "remediate_kube");
         let v = latencies(&lab, args.insertions, Duration::from_millis(10));
         let stages = guard.stages();
         drop(guard);
-        let label = format!("remediate_kube{}k", args.kube_rules / 1000);
         print_latencies(&format!("{label}_latency"), &totals(&v));
+        print_latencies(&format!("{label}_kernel_floor"), &floor);
         print_breakdown(&label, &v, &stages);
         unrelated_changes(&lab, &label, args.kube_rules / 8);
     }
