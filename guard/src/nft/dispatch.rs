@@ -13,10 +13,7 @@
 
 use std::collections::HashMap;
 
-use super::{
-    expr::decode_list_only,
-    model::{CmpOp, Expr, PayloadBase, Rule},
-};
+use super::expr::{CmpOp, Expr, PayloadBase, decode_list_only};
 
 /// The transport header's destination port (`th dport`): offset and length.
 const TH_DPORT_OFFSET: u32 = 2;
@@ -79,12 +76,13 @@ pub struct PortDispatch {
 }
 
 impl PortDispatch {
-    /// Indexes `rules` (from their raw expressions where still undecoded).
-    pub fn new(rules: &[Rule]) -> Self {
+    /// Indexes a chain's rules by the port each matches, in chain order (see
+    /// `Rule::matched_dport`).
+    pub fn new(ports: impl IntoIterator<Item = Option<u16>>) -> Self {
         let mut d = Self::default();
-        for (i, r) in rules.iter().enumerate() {
+        for (i, port) in ports.into_iter().enumerate() {
             let at = u32::try_from(i).expect("a chain holds fewer than 2^32 rules");
-            match r.matched_dport() {
+            match port {
                 Some(port) => d.by_port.entry(port).or_default().push(at),
                 None => d.any_port.push(at),
             }
@@ -129,7 +127,7 @@ impl Iterator for Merge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::model::{Data, Verdict};
+    use crate::nft::model::{Data, Rule, Verdict};
 
     fn dport(port: u16) -> Vec<Expr> {
         vec![
@@ -162,7 +160,7 @@ mod tests {
             .enumerate()
             .map(|(i, e)| Rule::new(i as u64 + 1, e, None))
             .collect();
-        let d = PortDispatch::new(&rules);
+        let d = PortDispatch::new(rules.iter().map(Rule::matched_dport));
         assert_eq!(d.positions(80).collect::<Vec<_>>(), [0, 1, 3, 4]);
         assert_eq!(d.positions(443).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!(d.positions(22).collect::<Vec<_>>(), [1, 4]);

@@ -328,9 +328,9 @@ impl Rules {
     /// [`PortDispatch`]); `None` for a chain short enough to walk whole.
     pub fn dispatch(&self) -> Option<&PortDispatch> {
         (self.list.len() >= DISPATCH_MIN_RULES).then(|| {
-            &**self
-                .dispatch
-                .get_or_init(|| Arc::new(PortDispatch::new(&self.list)))
+            &**self.dispatch.get_or_init(|| {
+                Arc::new(PortDispatch::new(self.list.iter().map(Rule::matched_dport)))
+            })
         })
     }
 

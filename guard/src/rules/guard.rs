@@ -377,8 +377,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
             }
         }
         let scope = scope.filter(|_| !resync);
-        if !resync && scope.as_ref().is_some_and(Scope::is_empty) {
-            // Every change was in a chain no probe enters (or changed nothing).
+        if updated && !resync && scope.as_ref().is_some_and(Scope::is_empty) {
+            // Every change was in a chain no probe enters.
             debug!(
                 event = "changes_dismissed",
                 "rule changes where no protected port's connection goes: nothing to inspect"
