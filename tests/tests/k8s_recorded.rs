@@ -132,14 +132,17 @@ fn watches_find_traefik_loadbalancer_svclb_hostports_and_a_watched_external_ip()
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = api.kubeconfig(dir.path());
     let rt = runtime();
-    let view = rt.block_on(async {
+    // The watch lives to the end of the test: dropping it aborts the watches,
+    // and the Pod watch request below may still be on its way.
+    let (view, _watch) = rt.block_on(async {
         let client = cluster::connect(&kubeconfig).await.expect("client");
         let mut watch = spawn_watches(client, node(), protected_ports());
         // The edge Service only arrives as an ADDED event on the watch stream.
-        wait_for(&mut watch.view, |v| {
+        let view = wait_for(&mut watch.view, |v| {
             v.state == ClusterState::Watching && v.claims.iter().any(|c| c.object.name == "edge")
         })
-        .await
+        .await;
+        (view, watch)
     });
 
     let shown: BTreeSet<String> = view.claims.iter().map(ToString::to_string).collect();
