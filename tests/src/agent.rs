@@ -18,6 +18,9 @@ pub fn is_event(v: &Value, name: &str) -> bool {
     v["event"] == name
 }
 
+/// How many of the agent's log lines a failing test prints.
+const AGENT_LINES_ON_PANIC: usize = 60;
+
 #[derive(Debug)]
 pub struct Agent {
     child: Child,
@@ -261,6 +264,20 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.terminate();
+        }
+        if thread::panicking() {
+            // The test failed with the agent running: what it said is the
+            // first thing to read (the panic message has only the test's view).
+            let rest: Vec<String> = self.lines.try_iter().collect();
+            self.seen.extend(rest);
+            let from = self.seen.len().saturating_sub(AGENT_LINES_ON_PANIC);
+            eprintln!("the agent's last {} log lines:", self.seen.len() - from);
+            for line in &self.seen[from..] {
+                eprintln!("  {line}");
+            }
+            if let Ok(audit) = std::fs::read_to_string(&self.audit_log) {
+                eprintln!("its audit log:\n{audit}");
+            }
         }
         for path in crate::audit_files(&self.audit_log) {
             let _ = std::fs::remove_file(path);

@@ -400,6 +400,44 @@ impl NsDockerd {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Every container with its state and the tail of its output, for
+    /// failure messages (a container that exited at once says why here).
+    pub fn containers_report(&self) -> String {
+        let Some(list) = self.daemon.try_docker(&[
+            "ps",
+            "--all",
+            "--no-trunc",
+            "--format",
+            "{{.ID}} {{.Names}} {{.Status}}",
+        ]) else {
+            return "(docker ps failed)".into();
+        };
+        let mut out = String::new();
+        for line in list.lines() {
+            out.push_str(line);
+            out.push('\n');
+            let Some(id) = line.split(' ').next() else {
+                continue;
+            };
+            let logs = self
+                .daemon
+                .command()
+                .args(["logs", "--tail", "10", id])
+                .output();
+            if let Ok(logs) = logs {
+                for l in String::from_utf8_lossy(&logs.stdout)
+                    .lines()
+                    .chain(String::from_utf8_lossy(&logs.stderr).lines())
+                {
+                    out.push_str("  | ");
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     /// dockerd's pid (the same as its pidfile says).
     pub fn dockerd_pid(&self) -> u32 {
         self.child.as_ref().expect("dockerd is running").id()

@@ -101,8 +101,9 @@ fn site_answers(d: &NsDockerd, port: u16, marker: &str, after: &str) {
     for ns in [d.client().name(), d.netns().name()] {
         if let Err(e) = await_page(ns, &url, marker, SETTLE) {
             panic!(
-                "after {after}: the site does not answer from {ns}: {e}\nruleset:\n{}\ndockerd:\n{}",
+                "after {after}: the site does not answer from {ns}: {e}\nruleset:\n{}\ncontainers:\n{}\ndockerd:\n{}",
                 d.ruleset(),
+                d.containers_report(),
                 d.log_tail()
             );
         }

@@ -40,7 +40,7 @@ pub enum BtfError {
     Bitfield(String, String),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Member {
     name: u32,
     type_id: u32,
@@ -49,20 +49,53 @@ struct Member {
     bitfield: bool,
 }
 
-#[derive(Clone, Debug)]
-struct Type {
+/// One type's header, read from the raw type section when asked for.
+#[derive(Clone, Copy, Debug)]
+struct Type<'a> {
     name: u32,
     kind: u32,
+    kind_flag: bool,
     /// For modifiers and typedefs: the referenced type.
     target: u32,
-    members: Vec<Member>,
+    /// For structs and unions: the member records (12 bytes each), bounds
+    /// checked by [`Btf::parse`].
+    members_raw: &'a [u8],
 }
 
-/// Parsed type section with its string table.
+impl Type<'_> {
+    fn members(&self) -> impl Iterator<Item = Member> + '_ {
+        self.members_raw.chunks_exact(MEMBER_LEN).map(|m| {
+            let word = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().unwrap());
+            let offset = word(8);
+            let (bit_offset, bitfield) = if self.kind_flag {
+                (offset & 0xff_ffff, offset >> 24 != 0)
+            } else {
+                (offset, false)
+            };
+            Member {
+                name: word(0),
+                type_id: word(4),
+                bit_offset,
+                bitfield,
+            }
+        })
+    }
+}
+
+/// Size of a type's header (name, info, size or type).
+const HEADER_LEN: usize = 12;
+/// Size of one struct or union member record.
+const MEMBER_LEN: usize = 12;
+
+/// The type section with its string table, read in place: only where each
+/// type starts is kept (4 bytes a type), not a decoded copy; the kernel's
+/// BTF has some 150,000 types, and decoding them all was most of the agent's
+/// peak memory at start.
 pub struct Btf<'a> {
+    types_raw: &'a [u8],
     strings: &'a [u8],
-    /// Index = type id - 1.
-    types: Vec<Type>,
+    /// Byte offset of each type's header in `types_raw`; index = type id - 1.
+    starts: Vec<u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -84,52 +117,40 @@ impl<'a> Btf<'a> {
                 .ok_or(BtfError::Truncated)
         };
         let (types_raw, strings) = (section(type_off, type_len)?, section(str_off, str_len)?);
-        let mut types = Vec::new();
+        // Offsets are kept as u32: a type section of 4 GiB is not BTF.
+        if u32::try_from(types_raw.len()).is_err() {
+            return Err(BtfError::Truncated);
+        }
+        let mut starts = Vec::new();
         let mut at = 0;
         while at < types_raw.len() {
-            let name = u32_at(types_raw, at)?;
             let info = u32_at(types_raw, at + 4)?;
-            let size_or_type = u32_at(types_raw, at + 8)?;
-            at += 12;
+            // The header's third word must be there too.
+            u32_at(types_raw, at + 8)?;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
-            match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(types_raw, m + 8)?;
-                        let (bit_offset, bitfield) = if kind_flag {
-                            (offset & 0xff_ffff, offset >> 24 != 0)
-                        } else {
-                            (offset, false)
-                        };
-                        members.push(Member {
-                            name: u32_at(types_raw, m)?,
-                            type_id: u32_at(types_raw, m + 4)?,
-                            bit_offset,
-                            bitfield,
-                        });
-                    }
-                    at += vlen * 12;
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => at += 12,
-                KIND_ENUM | KIND_FUNC_PROTO => at += vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => at += vlen * 12,
+            let extra = match kind {
+                KIND_STRUCT | KIND_UNION => vlen * MEMBER_LEN,
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => {}
+                | KIND_TYPE_TAG => 0,
                 other => return Err(BtfError::UnknownKind(other)),
+            };
+            let end = at + HEADER_LEN + extra;
+            if end > types_raw.len() {
+                return Err(BtfError::Truncated);
             }
-            types.push(Type {
-                name,
-                kind,
-                target: size_or_type,
-                members,
-            });
+            starts.push(at as u32);
+            at = end;
         }
-        Ok(Self { strings, types })
+        Ok(Self {
+            types_raw,
+            strings,
+            starts,
+        })
     }
 
     fn name(&self, off: u32) -> &[u8] {
@@ -137,12 +158,35 @@ impl<'a> Btf<'a> {
         &rest[..rest.iter().position(|b| *b == 0).unwrap_or(rest.len())]
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        id.checked_sub(1).and_then(|i| self.types.get(i as usize))
+    /// The type at a start [`Btf::parse`] recorded (so its bytes are there).
+    fn type_at(&self, start: u32) -> Type<'a> {
+        let at = start as usize;
+        let raw = self.types_raw;
+        let word = |i: usize| u32::from_le_bytes(raw[at + i..at + i + 4].try_into().unwrap());
+        let info = word(4);
+        let kind = (info >> 24) & 0x1f;
+        let members_raw = if matches!(kind, KIND_STRUCT | KIND_UNION) {
+            let from = at + HEADER_LEN;
+            &raw[from..from + (info & 0xffff) as usize * MEMBER_LEN]
+        } else {
+            &[]
+        };
+        Type {
+            name: word(0),
+            kind,
+            kind_flag: info >> 31 == 1,
+            target: word(8),
+            members_raw,
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<Type<'a>> {
+        let start = *self.starts.get(id.checked_sub(1)? as usize)?;
+        Some(self.type_at(start))
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<Type<'a>> {
         for _ in 0..32 {
             let t = self.get(id)?;
             match t.kind {
@@ -159,23 +203,24 @@ impl<'a> Btf<'a> {
     /// structs and unions (the kernel nests fields in them, e.g. mm_struct).
     pub fn field_offset(&self, name: &str, field: &str) -> Result<u32, BtfError> {
         let st = self
-            .types
+            .starts
             .iter()
+            .map(|start| self.type_at(*start))
             .find(|t| {
                 t.kind == KIND_STRUCT
+                    && !t.members_raw.is_empty()
                     && self.name(t.name) == name.as_bytes()
-                    && !t.members.is_empty()
             })
             .ok_or_else(|| BtfError::NoStruct(name.into()))?;
-        match self.find_member(st, field.as_bytes(), 0) {
+        match self.find_member(&st, field.as_bytes(), 0) {
             Some((_, true)) => Err(BtfError::Bitfield(name.into(), field.into())),
             Some((bits, false)) => Ok(bits / 8),
             None => Err(BtfError::NoField(name.into(), field.into())),
         }
     }
 
-    fn find_member(&self, st: &Type, field: &[u8], base: u32) -> Option<(u32, bool)> {
-        for m in &st.members {
+    fn find_member(&self, st: &Type<'a>, field: &[u8], base: u32) -> Option<(u32, bool)> {
+        for m in st.members() {
             let name = self.name(m.name);
             if name == field {
                 return Some((base + m.bit_offset, m.bitfield));
@@ -183,7 +228,7 @@ impl<'a> Btf<'a> {
             if name.is_empty()
                 && let Some(inner) = self.resolve(m.type_id)
                 && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
-                && let Some(found) = self.find_member(inner, field, base + m.bit_offset)
+                && let Some(found) = self.find_member(&inner, field, base + m.bit_offset)
             {
                 return Some(found);
             }

@@ -88,7 +88,11 @@ impl BindGuard {
         if GUARD_EBPF_OBJECT.is_empty() {
             return Err(GuardError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(GUARD_EBPF_OBJECT)?;
+        // No kernel BTF for the loader: the programs carry no CO-RE
+        // relocation (kernel struct offsets come from `btf::running_kernel_exe_offsets`,
+        // through a map), and parsing the kernel's 5 MB of BTF whole was the
+        // agent's peak memory at start.
+        let mut ebpf = EbpfLoader::new().btf(None).load(GUARD_EBPF_OBJECT)?;
         // The logger owns the log ring buffer; it must stay alive (and be read) for as
         // long as the programs run, or the map closes under them.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
