@@ -12,6 +12,10 @@ pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
 pub const MAP_OWNER_CGROUPS: &str = "OWNER_CGROUPS";
 /// Hash map [`OwnerExeKey`] → `u8`: executables (by device and inode) allowed to bind a port.
 pub const MAP_OWNER_EXES: &str = "OWNER_EXES";
+/// Hash map [`OwnerSlotKey`] → `u8`: where an owner's cgroup will be made
+/// (its parent's id and its name), so that its first bind is the owner's even
+/// before the agent has learned the new cgroup's id.
+pub const MAP_OWNER_SLOTS: &str = "OWNER_SLOTS";
 /// Array of one [`GuardConfig`].
 pub const MAP_GUARD_CONFIG: &str = "GUARD_CONFIG";
 /// Per-CPU array of [`Counters`]: what the programs could not report.
@@ -36,6 +40,11 @@ pub const MAX_PROTECTED_PORTS: u32 = 65_536;
 pub const MAX_OWNER_CGROUPS: u32 = 16_384;
 /// Maximum entries in the owner executable map.
 pub const MAX_OWNER_EXES: u32 = 16_384;
+/// Maximum entries in the owner slot map.
+pub const MAX_OWNER_SLOTS: u32 = 4_096;
+/// Bytes of a cgroup's name an [`OwnerSlotKey`] holds, NUL-padded: Docker's
+/// longest, `docker-<64 hex>.scope`, is 77.
+pub const CGROUP_NAME_LEN: usize = 80;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -166,6 +175,68 @@ impl ExeOffsets {
     }
 }
 
+/// Key of [`MAP_OWNER_SLOTS`]: a cgroup named `name` directly below the
+/// cgroup `parent_id` may bind `port`/`proto`. Only the binder's own cgroup is
+/// matched this way (the container runtime puts the container's processes
+/// there), never its ancestors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerSlotKey {
+    pub parent_id: u64,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+    /// NUL-padded; see [`OwnerSlotKey::new`] for the names that have no slot.
+    pub name: [u8; CGROUP_NAME_LEN],
+}
+
+impl OwnerSlotKey {
+    /// `None` when `name` is [`CGROUP_NAME_LEN`] - 1 bytes or longer (the
+    /// kernel side reads at most that many and cannot tell such a name from
+    /// a longer one), or holds a NUL.
+    pub fn new(parent_id: u64, name: &[u8], port: u16, proto: u8) -> Option<Self> {
+        if name.len() >= CGROUP_NAME_LEN - 1 || name.contains(&0) {
+            return None;
+        }
+        let mut out = Self {
+            parent_id,
+            port,
+            proto,
+            _pad: [0; 5],
+            name: [0; CGROUP_NAME_LEN],
+        };
+        out.name[..name.len()].copy_from_slice(name);
+        Some(out)
+    }
+}
+
+/// Byte offsets of the kernel struct fields that lead from the current task
+/// to its cgroup's name and parent: task_struct.cgroups → css_set.dfl_cgrp →
+/// cgroup.kn → kernfs_node.{name, __parent → id}. From the running kernel's
+/// BTF, like [`ExeOffsets`]. All zero: unknown, and owner slots are not
+/// matched (the owner's cgroup counts once the agent has learned its id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kn_name: u32,
+    pub kn_parent: u32,
+    pub kn_id: u32,
+}
+
+impl CgroupOffsets {
+    pub const fn known(&self) -> bool {
+        self.task_cgroups != 0
+            && self.css_set_dfl_cgrp != 0
+            && self.cgroup_kn != 0
+            && self.kn_name != 0
+            && self.kn_parent != 0
+            && self.kn_id != 0
+    }
+}
+
 /// The single entry of [`MAP_GUARD_CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,6 +248,10 @@ pub struct GuardConfig {
     /// Non-zero when some owner is an executable: only then is the task walked.
     pub check_exe: u32,
     pub exe: ExeOffsets,
+    /// Non-zero when some owner has a slot: only then is the cgroup's name read.
+    pub check_slots: u32,
+    pub cgroup: CgroupOffsets,
+    pub _pad: u32,
 }
 
 /// Counters the programs keep per CPU; the agent sums them.
@@ -231,6 +306,7 @@ mod user {
     unsafe impl aya::Pod for OwnerCgroupKey {}
     unsafe impl aya::Pod for GuardConfig {}
     unsafe impl aya::Pod for OwnerExeKey {}
+    unsafe impl aya::Pod for OwnerSlotKey {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BindEvent {}
 }
@@ -247,10 +323,22 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 4);
         assert_eq!(size_of::<PortRule>(), 8);
         assert_eq!(size_of::<OwnerCgroupKey>(), 16);
-        assert_eq!(size_of::<GuardConfig>(), 16 + 24);
+        assert_eq!(size_of::<GuardConfig>(), 16 + 24 + 4 + 24 + 4);
+        assert_eq!(size_of::<OwnerSlotKey>(), 16 + CGROUP_NAME_LEN);
         assert_eq!(size_of::<OwnerExeKey>(), 16);
         assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16 + 16);
+    }
+
+    #[test]
+    fn slot_names_fit_with_their_nul_or_have_no_slot() {
+        let scope = [b'a'; 77];
+        let key = OwnerSlotKey::new(7, &scope, 80, IPPROTO_TCP).expect("Docker's longest fits");
+        assert_eq!(&key.name[..77], &scope[..]);
+        assert!(key.name[77..].iter().all(|b| *b == 0));
+        assert!(OwnerSlotKey::new(7, &[b'a'; CGROUP_NAME_LEN - 2], 80, IPPROTO_TCP).is_some());
+        assert!(OwnerSlotKey::new(7, &[b'a'; CGROUP_NAME_LEN - 1], 80, IPPROTO_TCP).is_none());
+        assert!(OwnerSlotKey::new(7, b"a\0b", 80, IPPROTO_TCP).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
-            bpf_get_netns_cookie,
+            bpf_get_netns_cookie, bpf_probe_read_kernel_str,
         },
     },
     macros::{cgroup_sock_addr, map},
@@ -24,9 +24,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use guard_common::{
-    AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, Counters, ExeOffsets, GuardConfig,
-    MAX_CGROUP_DEPTH, MAX_OWNER_CGROUPS, MAX_OWNER_EXES, MAX_PROTECTED_PORTS, OwnerCgroupKey,
-    OwnerExeKey, PORT_ENFORCE, PortKey, PortRule, ROUTINE_WAKEUP_GAP_NS, Verdict,
+    AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, CGROUP_NAME_LEN, CgroupOffsets, Counters,
+    ExeOffsets, GuardConfig, MAX_CGROUP_DEPTH, MAX_OWNER_CGROUPS, MAX_OWNER_EXES, MAX_OWNER_SLOTS,
+    MAX_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey, OwnerSlotKey, PORT_ENFORCE, PortKey,
+    PortRule, ROUTINE_WAKEUP_GAP_NS, Verdict,
 };
 
 /// Ring buffer flags (linux/bpf.h).
@@ -52,6 +53,9 @@ static OWNER_CGROUPS: HashMap<OwnerCgroupKey, u8> = HashMap::with_max_entries(MA
 
 #[map(name = "OWNER_EXES")]
 static OWNER_EXES: HashMap<OwnerExeKey, u8> = HashMap::with_max_entries(MAX_OWNER_EXES, 0);
+
+#[map(name = "OWNER_SLOTS")]
+static OWNER_SLOTS: HashMap<OwnerSlotKey, u8> = HashMap::with_max_entries(MAX_OWNER_SLOTS, 0);
 
 #[map(name = "GUARD_CONFIG")]
 static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
@@ -123,7 +127,10 @@ fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
         Verdict::OtherNetns
     } else {
         count(|c| c.host_binds += 1);
-        if is_owner(port, proto) || (config.check_exe != 0 && is_owner_exe(exe, port, proto)) {
+        if is_owner(port, proto)
+            || (config.check_exe != 0 && is_owner_exe(exe, port, proto))
+            || (config.check_slots != 0 && is_owner_slot(&config.cgroup, port, proto))
+        {
             Verdict::Owner
         } else if rule.flags & PORT_ENFORCE != 0 {
             count(|c| c.denied += 1);
@@ -173,6 +180,51 @@ fn is_owner_exe(exe: Option<(u64, u32)>, port: u16, proto: u8) -> bool {
             unsafe { OWNER_EXES.get(OwnerExeKey::new(ino, dev, port, proto)) }.is_some()
         }
         None => false,
+    }
+}
+
+/// The binder's own cgroup sits in an owner slot: the agent expects an owner's
+/// cgroup under that name and parent (a container's, which runc makes just
+/// before the container's process runs) and may not have learned its id yet.
+/// Only strangers by id and executable get here: no cost on the common path.
+#[inline(always)]
+fn is_owner_slot(off: &CgroupOffsets, port: u16, proto: u8) -> bool {
+    if !off.known() {
+        return false;
+    }
+    // SAFETY: as in current_exe: every pointer is read through the probe helpers.
+    let key = unsafe { current_slot(off, port, proto) };
+    key.is_some_and(|key| unsafe { OWNER_SLOTS.get(&key) }.is_some())
+}
+
+/// The current task's cgroup as an [`OwnerSlotKey`]: task → css_set →
+/// default-hierarchy cgroup → kernfs node (its name, and its parent's id).
+#[inline(always)]
+unsafe fn current_slot(off: &CgroupOffsets, port: u16, proto: u8) -> Option<OwnerSlotKey> {
+    // SAFETY: see current_exe.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let cset = read_ptr(task, off.task_cgroups)?;
+        let cgroup = read_ptr(cset, off.css_set_dfl_cgrp)?;
+        let kn = read_ptr(cgroup, off.cgroup_kn)?;
+        let parent = read_ptr(kn, off.kn_parent)?;
+        let name = read_ptr(kn, off.kn_name)?;
+        let parent_id: u64 = bpf_probe_read_kernel(parent.add(off.kn_id as usize).cast()).ok()?;
+        let mut key = OwnerSlotKey {
+            parent_id,
+            port,
+            proto,
+            _pad: [0; 5],
+            name: [0; CGROUP_NAME_LEN],
+        };
+        // The count includes the NUL; a full buffer may be a longer name cut
+        // short, which no slot holds (OwnerSlotKey::new refuses such names).
+        let read = bpf_probe_read_kernel_str(
+            key.name.as_mut_ptr().cast(),
+            CGROUP_NAME_LEN as u32,
+            name.cast(),
+        );
+        (read > 0 && (read as usize) < CGROUP_NAME_LEN).then_some(key)
     }
 }
 

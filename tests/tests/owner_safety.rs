@@ -22,6 +22,7 @@ use std::{
 
 use portguard_tests::{
     agent::Agent,
+    cgroup::Cgroup,
     docker::{Container, Network},
     dockerd_ns::{DockerdOptions, HOST_V4, NsDockerd, await_page, fetch},
     helper_bin, run, unique_name,
@@ -210,6 +211,11 @@ fn binds_of(lines: &[String], port: u16) -> Vec<(String, String)> {
 /// A stranger renamed `dockerd`, inside dockerd's cgroup and namespace, binding
 /// `port`: the guard must deny it (a name is not an identity).
 fn renamed_stranger_binds(d: &NsDockerd, port: u16) -> Value {
+    stranger_binds_in(d, d.cgroup(), port)
+}
+
+/// [`renamed_stranger_binds`] from the cgroup `cgroup`.
+fn stranger_binds_in(d: &NsDockerd, cgroup: &Cgroup, port: u16) -> Value {
     let mut cmd = Command::new(helper_bin("bindprobe"));
     cmd.args([
         "--addr",
@@ -221,8 +227,7 @@ fn renamed_stranger_binds(d: &NsDockerd, port: u16) -> Value {
         "--netns",
         &format!("/run/netns/{}", d.netns().name()),
     ]);
-    let out = d
-        .cgroup()
+    let out = cgroup
         .enter_on_spawn(&mut cmd)
         .output()
         .expect("bindprobe runs");
@@ -427,6 +432,78 @@ fn a_host_network_owner_is_never_locked_out_of_its_port() {
         binds.iter().filter(|(_, v)| v == "owner").count() >= 6,
         "each start's bind seen and allowed as the owner's: {binds:?}"
     );
+}
+
+/// The agent stopped (SIGSTOP) while it lives; continued on drop, also on panic.
+struct Frozen(u32);
+
+impl Frozen {
+    fn stop(agent: &Agent) -> Self {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+        Self(agent.pid())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// Every start of a container makes its cgroup anew, with a new id, and its
+/// process binds a moment later: faster than a loaded agent may learn the id.
+/// With the agent frozen outright, the kernel programs alone must still let
+/// the owner's new cgroup bind (by its slot: parent and name, known before the
+/// start), and still deny a stranger in a cgroup of the same name elsewhere.
+#[test]
+fn a_host_network_owner_starting_while_the_agent_is_frozen_is_the_owner() {
+    let d = NsDockerd::start(DockerdOptions::with_proxy(true));
+    let port = 18_091;
+    let marker = unique_name("frozen");
+    let web = d.host_httpd(&marker, port, &[]);
+    site_answers(&d, port, &marker, "docker run --network host");
+    let policy = PolicyFile::new(&format!(
+        "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"docker:{}\"\n",
+        web.name()
+    ));
+    let mut agent = start_agent(&d, &policy.0);
+    let stranger = {
+        let _frozen = Frozen::stop(&agent);
+        for i in 1..=2 {
+            web.restart();
+            site_answers(
+                &d,
+                port,
+                &marker,
+                &format!("docker restart #{i} with the agent frozen"),
+            );
+        }
+        web.stop();
+        // The container's name under another parent is not its slot.
+        let elsewhere = d.cgroup().child(&unique_name("elsewhere"));
+        let namesake = elsewhere.child(web.id());
+        let stranger = stranger_binds_in(&d, &namesake, port);
+        assert_eq!(
+            stranger["ok"], false,
+            "a namesake cgroup under another parent is a stranger: {stranger}"
+        );
+        web.start();
+        site_answers(&d, port, &marker, "docker start with the agent frozen");
+        stranger
+    };
+    // Continued: the kernel's verdicts reach the agent's log as they were made.
+    for _ in 0..3 {
+        agent.wait_for(SETTLE, |v| {
+            v["event"] == "bind"
+                && v["port"].as_u64() == Some(u64::from(port))
+                && v["verdict"] == "owner"
+        });
+    }
+    let (status, lines, audit) = agent.stop_with_audit();
+    assert!(status.success(), "{status}");
+    assert_owner_unharmed(&lines, &audit, 0, &[stranger["pid"].as_u64().unwrap()]);
 }
 
 /// `-p 127.0.0.1:PORT:…` with a pin: the pin matches 127.0.0.1 only (never

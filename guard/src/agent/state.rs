@@ -95,10 +95,10 @@ impl Agent {
         let target = config.cgroup.clone().unwrap_or_else(|| root.clone());
         cgroup::check_inside(&root, &target)?;
         let host_cookie = netns::current_netns_cookie().map_err(AgentError::NetnsCookie)?;
-        let exe_offsets = btf::running_kernel_exe_offsets().unwrap_or_else(|e| {
-            warn!(event = "exe_owners_unsupported", error = %ErrorChain(&e), "executable owners cannot be recognised on this kernel");
-            Default::default()
-        });
+        let (offsets, btf_errors) = btf::running_kernel_offsets();
+        for e in &btf_errors {
+            warn!(event = "kernel_offsets_unknown", error = %ErrorChain(e), "kernel struct offsets unknown: executable owners, or an owner container binding before its new cgroup is learned, are not recognised");
+        }
         let signals = Signals::register().map_err(AgentError::Signals)?;
         let node = NodeIdentity {
             name: config.node_name.clone().unwrap_or_else(hostname),
@@ -141,7 +141,7 @@ impl Agent {
         let maps = BindPolicy::from_owners(&policy, &owners.model.borrow());
         apply(&mut guard, None, &maps)?;
         report_owners(&metrics, &owners.model.borrow());
-        guard.arm(host_cookie, exe_offsets)?;
+        guard.arm(host_cookie, offsets)?;
         let aggregator = Arc::new(std::sync::Mutex::new(BindAggregator::default()));
         let binds = BindSource {
             aggregator: aggregator.clone(),

@@ -147,8 +147,8 @@ pub fn holders(policy: &Policy, owners: &ResolvedOwners) -> Vec<Holder> {
                     let identity = match root {
                         Some(root) => ProcessIdentity::of(p, root),
                         None => ProcessIdentity {
-                            cgroup_ids: Vec::new(),
                             exe: exe_identity(p),
+                            ..ProcessIdentity::default()
                         },
                     };
                     (ProcessInfo::read(p), identity)

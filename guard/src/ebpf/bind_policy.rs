@@ -5,7 +5,7 @@
 
 use std::{os::unix::fs::MetadataExt as _, path::Path};
 
-use guard_common::{OwnerCgroupKey, OwnerExeKey};
+use guard_common::{OwnerCgroupKey, OwnerExeKey, OwnerSlotKey};
 
 use super::PortEntry;
 use crate::{
@@ -20,6 +20,8 @@ pub struct BindPolicy {
     pub ports: Vec<PortEntry>,
     pub owner_cgroups: Vec<OwnerCgroupKey>,
     pub owner_exes: Vec<OwnerExeKey>,
+    /// Where owner containers' cgroups are made (parent id and name).
+    pub owner_slots: Vec<OwnerSlotKey>,
     /// Ports with an owner that could not be resolved: who owns them is unknown.
     pub unresolved: Vec<(u16, u8)>,
     /// Why, one line per entry and owner, for the agent to log.
@@ -76,6 +78,17 @@ impl BindPolicy {
                         .iter()
                         .map(|e| OwnerExeKey::new(e.ino, e.kernel_dev(), port, proto)),
                 );
+                for slot in &allowed.slots {
+                    match OwnerSlotKey::new(slot.parent_id, slot.name.as_bytes(), port, proto) {
+                        Some(key) => out.owner_slots.push(key),
+                        // Recognised once its id is learned, as before slots.
+                        None => out.warnings.push(format!(
+                            "{}/{port}: cgroup name {:?} is too long for the kernel programs' slot: \
+                             the owner's new cgroup counts once the agent has learned it",
+                            entry.proto, slot.name
+                        )),
+                    }
+                }
                 out.ports.push(PortEntry {
                     port,
                     proto,
@@ -99,7 +112,11 @@ impl BindPolicy {
             self.owner_exes
                 .contains(&OwnerExeKey::new(ino, dev, port, proto))
         });
-        if by_cgroup || by_exe {
+        let by_slot = who.slot.as_ref().is_some_and(|(parent_id, name)| {
+            OwnerSlotKey::new(*parent_id, name.as_bytes(), port, proto)
+                .is_some_and(|key| self.owner_slots.contains(&key))
+        });
+        if by_cgroup || by_exe || by_slot {
             Ownership::Owner
         } else if self.unresolved.contains(&(port, proto)) {
             Ownership::Unknown
@@ -110,28 +127,38 @@ impl BindPolicy {
 }
 
 /// What the kernel would see of a process: its cgroup and every ancestor's id,
-/// and its executable's inode and device.
+/// its own cgroup's slot (parent id, name), and its executable's inode and device.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessIdentity {
     pub cgroup_ids: Vec<u64>,
+    pub slot: Option<(u64, String)>,
     pub exe: Option<(u64, u32)>,
 }
 
 impl ProcessIdentity {
     pub fn of(pid: u32, cgroup_root: &Path) -> Self {
         let mut cgroup_ids = Vec::new();
+        let mut slot = None;
         if let Some(path) = cgroup::process_cgroup(pid) {
             let mut dir = cgroup_root.to_path_buf();
-            cgroup_ids.extend(cgroup::cgroup_id(&dir).ok());
+            let mut parent = cgroup::cgroup_id(&dir).ok();
+            cgroup_ids.extend(parent);
             for part in path.split('/').filter(|p| !p.is_empty()) {
                 dir.push(part);
-                cgroup_ids.extend(cgroup::cgroup_id(&dir).ok());
+                let id = cgroup::cgroup_id(&dir).ok();
+                slot = parent.map(|parent| (parent, part.to_owned()));
+                cgroup_ids.extend(id);
+                parent = id;
             }
         }
         let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
             .ok()
             .map(|m| (m.ino(), kernel_dev(m.dev())));
-        Self { cgroup_ids, exe }
+        Self {
+            cgroup_ids,
+            slot,
+            exe,
+        }
     }
 }
 
@@ -144,7 +171,9 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
 mod tests {
     use super::*;
     use crate::{
-        owners::{CgroupRef, DockerStatus, ExeId, ResolvedOwner, ResolvedPort},
+        owners::{
+            CgroupRef, CgroupSlot, Container, DockerStatus, ExeId, ResolvedOwner, ResolvedPort,
+        },
         policy::{OwnerSpec, PolicySource},
         types::Proto,
     };
@@ -278,15 +307,17 @@ mod tests {
         let dev = 8 << 20 | 1;
         let child_of_owner = ProcessIdentity {
             cgroup_ids: vec![1, 5, 77],
-            exe: None,
+            ..ProcessIdentity::default()
         };
         let runs_owner_exe = ProcessIdentity {
             cgroup_ids: vec![1],
             exe: Some((9, dev)),
+            ..ProcessIdentity::default()
         };
         let stranger = ProcessIdentity {
             cgroup_ids: vec![1, 2],
             exe: Some((9, dev + 1)),
+            ..ProcessIdentity::default()
         };
         assert_eq!(bp.ownership(80, 6, &child_of_owner), Ownership::Owner);
         assert_eq!(bp.ownership(80, 6, &runs_owner_exe), Ownership::Owner);
@@ -295,8 +326,65 @@ mod tests {
         assert_eq!(bp.ownership(443, 6, &stranger), Ownership::Unknown);
     }
 
+    /// A named container's slots (where its cgroup is made at each start)
+    /// become slot keys for every port of its entries; a process in a cgroup
+    /// of that name under that parent is the owner, under another parent or
+    /// with another name a stranger.
     #[test]
-    fn own_process_identity_has_ancestors_and_exe() {
+    fn a_named_containers_slots_make_its_new_cgroup_the_owner() {
+        let p = policy("[[ports]]\nport = 8080\nowner = \"docker:web\"\n");
+        let id = "ab".repeat(32);
+        let web = Container {
+            id: id.clone(),
+            name: "web".into(),
+            running: false,
+            pid: None,
+            cgroup: None,
+            labels: Default::default(),
+            networks: Vec::new(),
+            published: Vec::new(),
+            cgroup_candidates: vec![format!("/docker/{id}")],
+            cgroup_slots: vec![CgroupSlot {
+                parent_id: 40,
+                name: id.clone(),
+            }],
+        };
+        let bp = BindPolicy::from_owners(
+            &p,
+            &owners(&p, |_| Found::Docker {
+                containers: vec![web.clone()],
+                proxies: Vec::new(),
+                proxy_exe: None,
+                daemon_exe: None,
+            }),
+        );
+        assert_eq!(
+            bp.owner_slots,
+            [OwnerSlotKey::new(40, id.as_bytes(), 8080, 6).unwrap()]
+        );
+        assert!(bp.owner_cgroups.is_empty(), "not started: no id yet");
+        let in_slot = |parent: u64, name: &str| ProcessIdentity {
+            cgroup_ids: vec![1, parent, 99],
+            slot: Some((parent, name.to_owned())),
+            ..ProcessIdentity::default()
+        };
+        assert_eq!(bp.ownership(8080, 6, &in_slot(40, &id)), Ownership::Owner);
+        assert_eq!(
+            bp.ownership(8080, 6, &in_slot(41, &id)),
+            Ownership::Stranger
+        );
+        assert_eq!(
+            bp.ownership(8080, 6, &in_slot(40, "other")),
+            Ownership::Stranger
+        );
+        assert_eq!(
+            bp.ownership(8081, 6, &in_slot(40, &id)),
+            Ownership::Stranger
+        );
+    }
+
+    #[test]
+    fn own_process_identity_has_ancestors_slot_and_exe() {
         let root = cgroup::unified_root().unwrap();
         let me = ProcessIdentity::of(std::process::id(), &root);
         assert_eq!(
@@ -304,6 +392,14 @@ mod tests {
             cgroup::cgroup_id(&root).ok().as_ref()
         );
         assert!(me.exe.is_some());
+        // The slot is the own cgroup's name under its parent's id.
+        let path = cgroup::process_cgroup(std::process::id()).unwrap();
+        if let Some((_, name)) = path.rsplit_once('/').filter(|(_, n)| !n.is_empty()) {
+            let n = me.cgroup_ids.len();
+            assert_eq!(me.slot, Some((me.cgroup_ids[n - 2], name.to_owned())));
+        } else {
+            assert_eq!(me.slot, None, "in the root cgroup: no slot");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! kernel describes itself in `/sys/kernel/btf/vmlinux`, so the agent reads them
 //! there and hands them to the programs.
 
-use guard_common::ExeOffsets;
+use guard_common::{CgroupOffsets, ExeOffsets};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
@@ -247,6 +247,30 @@ impl<'a> Btf<'a> {
             sb_dev: self.field_offset("super_block", "s_dev")?,
         })
     }
+
+    /// The offsets that lead from the current task to its cgroup's kernfs
+    /// node (name, parent, id). The parent field is `__parent` since Linux
+    /// 6.15, `parent` before.
+    pub fn cgroup_offsets(&self) -> Result<CgroupOffsets, BtfError> {
+        let kn_parent = self
+            .field_offset("kernfs_node", "__parent")
+            .or_else(|_| self.field_offset("kernfs_node", "parent"))?;
+        Ok(CgroupOffsets {
+            task_cgroups: self.field_offset("task_struct", "cgroups")?,
+            css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp")?,
+            cgroup_kn: self.field_offset("cgroup", "kn")?,
+            kn_name: self.field_offset("kernfs_node", "name")?,
+            kn_parent,
+            kn_id: self.field_offset("kernfs_node", "id")?,
+        })
+    }
+}
+
+/// Every offset the kernel programs are given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub exe: ExeOffsets,
+    pub cgroup: CgroupOffsets,
 }
 
 /// Where the running kernel publishes its BTF.
@@ -261,12 +285,29 @@ pub enum KernelBtfError {
     Parse(#[source] BtfError),
 }
 
-/// Reads the running kernel's offsets from [`VMLINUX_BTF`].
-pub fn running_kernel_exe_offsets() -> Result<ExeOffsets, KernelBtfError> {
-    let data = std::fs::read(VMLINUX_BTF).map_err(KernelBtfError::Read)?;
-    Btf::parse(&data)
-        .and_then(|btf| btf.exe_offsets())
-        .map_err(KernelBtfError::Parse)
+/// Reads the running kernel's offsets from [`VMLINUX_BTF`]. Either set may be
+/// missing on its own (then all zero, and that kind of owner is matched
+/// only by cgroup id); the error says why.
+pub fn running_kernel_offsets() -> (KernelOffsets, Vec<KernelBtfError>) {
+    let data = match std::fs::read(VMLINUX_BTF) {
+        Ok(data) => data,
+        Err(e) => return (KernelOffsets::default(), vec![KernelBtfError::Read(e)]),
+    };
+    let btf = match Btf::parse(&data) {
+        Ok(btf) => btf,
+        Err(e) => return (KernelOffsets::default(), vec![KernelBtfError::Parse(e)]),
+    };
+    let mut out = KernelOffsets::default();
+    let mut errors = Vec::new();
+    match btf.exe_offsets() {
+        Ok(exe) => out.exe = exe,
+        Err(e) => errors.push(KernelBtfError::Parse(e)),
+    }
+    match btf.cgroup_offsets() {
+        Ok(cgroup) => out.cgroup = cgroup,
+        Err(e) => errors.push(KernelBtfError::Parse(e)),
+    }
+    (out, errors)
 }
 
 #[cfg(test)]
@@ -344,8 +385,11 @@ mod tests {
 
     #[test]
     fn running_kernel_has_the_offsets() {
-        let off = running_kernel_exe_offsets().expect("this kernel has BTF");
-        assert!(off.known(), "{off:?}");
-        assert_ne!(off.task_mm, off.mm_exe_file);
+        let (off, errors) = running_kernel_offsets();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(off.exe.known(), "{off:?}");
+        assert_ne!(off.exe.task_mm, off.exe.mm_exe_file);
+        assert!(off.cgroup.known(), "{off:?}");
+        assert_ne!(off.cgroup.kn_name, off.cgroup.kn_parent);
     }
 }

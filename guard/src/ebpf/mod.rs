@@ -17,11 +17,12 @@ use aya::{
     programs::{CgroupSockAddr, ProgramError, links::CgroupAttachMode},
 };
 pub use bind_policy::{BindPolicy, Ownership, ProcessIdentity, kernel_dev};
+pub use btf::KernelOffsets;
 pub use event::{BindRecord, read_bind_event};
 use guard_common::{
-    Counters, ExeOffsets, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG,
-    MAP_OWNER_CGROUPS, MAP_OWNER_EXES, MAP_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey,
-    PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
+    Counters, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG, MAP_OWNER_CGROUPS,
+    MAP_OWNER_EXES, MAP_OWNER_SLOTS, MAP_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey,
+    OwnerSlotKey, PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
 };
 
 /// The compiled kernel programs, built by `build.rs` from `guard-ebpf`.
@@ -75,6 +76,7 @@ pub struct BindGuard {
     ports: BTreeMap<(u16, u8), bool>,
     owners: BTreeSet<OwnerCgroupKey>,
     owner_exes: BTreeSet<OwnerExeKey>,
+    owner_slots: BTreeSet<OwnerSlotKey>,
 }
 
 /// The kernel-side log reader; it must be kept alive (and read) while the programs run.
@@ -89,7 +91,7 @@ impl BindGuard {
             return Err(GuardError::NotBuilt);
         }
         // No kernel BTF for the loader: the programs carry no CO-RE
-        // relocation (kernel struct offsets come from `btf::running_kernel_exe_offsets`,
+        // relocation (kernel struct offsets come from `btf::running_kernel_offsets`,
         // through a map), and parsing the kernel's 5 MB of BTF whole was the
         // agent's peak memory at start.
         let mut ebpf = EbpfLoader::new().btf(None).load(GUARD_EBPF_OBJECT)?;
@@ -132,6 +134,7 @@ impl BindGuard {
                 ports: BTreeMap::new(),
                 owners: BTreeSet::new(),
                 owner_exes: BTreeSet::new(),
+                owner_slots: BTreeSet::new(),
             },
             logger,
         ))
@@ -142,10 +145,15 @@ impl BindGuard {
     }
 
     /// Tells the programs which network namespace is the host's, how to find a
-    /// task's executable on this kernel, and starts deciding.
-    pub fn arm(&mut self, host_netns_cookie: u64, exe: ExeOffsets) -> Result<(), GuardError> {
+    /// task's executable and cgroup on this kernel, and starts deciding.
+    pub fn arm(
+        &mut self,
+        host_netns_cookie: u64,
+        offsets: KernelOffsets,
+    ) -> Result<(), GuardError> {
         self.config.host_netns_cookie = host_netns_cookie;
-        self.config.exe = exe;
+        self.config.exe = offsets.exe;
+        self.config.cgroup = offsets.cgroup;
         self.config.armed = 1;
         self.write_config()
     }
@@ -220,11 +228,36 @@ impl BindGuard {
         Ok(())
     }
 
+    /// Replaces the owner slots: a process may bind `port` when its own
+    /// cgroup has the slot's name and parent (a container's cgroup the agent
+    /// has not learned the id of yet).
+    pub fn set_owner_slots(
+        &mut self,
+        entries: impl IntoIterator<Item = OwnerSlotKey>,
+    ) -> Result<(), GuardError> {
+        let wanted = entries.into_iter().collect();
+        sync_key_set(
+            &mut self.ebpf,
+            MAP_OWNER_SLOTS,
+            &mut self.owner_slots,
+            wanted,
+        )?;
+        // Reading the cgroup's name costs a few probe reads per stranger's
+        // bind to a protected port: only when some slot exists.
+        let check_slots = u32::from(!self.owner_slots.is_empty());
+        if check_slots != self.config.check_slots {
+            self.config.check_slots = check_slots;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
     /// Makes the maps say what `policy` says, touching only what changed.
     pub fn apply(&mut self, policy: &BindPolicy) -> Result<(), GuardError> {
         // Owners first, so that a newly protected port never sees a moment without them.
         self.set_owner_cgroups(policy.owner_cgroups.iter().copied())?;
         self.set_owner_exes(policy.owner_exes.iter().copied())?;
+        self.set_owner_slots(policy.owner_slots.iter().copied())?;
         self.set_ports(policy.ports.iter().copied())
     }
 

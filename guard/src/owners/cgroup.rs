@@ -37,6 +37,31 @@ impl CgroupRef {
     }
 }
 
+/// Where a cgroup will be made: its parent (which exists, by id) and its
+/// name. A container's cgroup is made anew at every start, with a new id; the
+/// kernel programs recognise it by its slot until the agent learns that id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct CgroupSlot {
+    pub parent_id: u64,
+    pub name: String,
+}
+
+impl CgroupSlot {
+    /// The slot of `relative` under `root`, when its parent exists now.
+    pub fn resolve(root: &Path, relative: &str) -> Option<Self> {
+        let path = normalise(relative);
+        let (parent, name) = path.rsplit_once('/')?;
+        if name.is_empty() {
+            return None;
+        }
+        let parent_id = cgroup::cgroup_id(&absolute(root, parent)).ok()?;
+        Some(Self {
+            parent_id,
+            name: name.to_owned(),
+        })
+    }
+}
+
 /// The directory of a relative cgroup path under `root`.
 pub fn absolute(root: &Path, relative: &str) -> PathBuf {
     root.join(relative.trim_start_matches('/'))
@@ -63,6 +88,24 @@ mod tests {
     fn a_missing_cgroup_is_none() {
         let root = cgroup::unified_root().unwrap();
         assert_eq!(CgroupRef::resolve(&root, "/no/such/portguard/cgroup"), None);
+    }
+
+    #[test]
+    fn a_slot_is_the_parents_id_and_the_name_whether_or_not_the_cgroup_exists() {
+        let root = cgroup::unified_root().unwrap();
+        let me = CgroupRef::of_process(&root, std::process::id()).unwrap();
+        let (parent, _) = me.path.rsplit_once('/').unwrap();
+        let parent_id = cgroup::cgroup_id(&absolute(&root, parent)).unwrap();
+        let slot = CgroupSlot::resolve(&root, &format!("{parent}/not-made-yet")).unwrap();
+        assert_eq!(
+            slot,
+            CgroupSlot {
+                parent_id,
+                name: "not-made-yet".into()
+            }
+        );
+        assert_eq!(CgroupSlot::resolve(&root, "/no/such/parent/child"), None);
+        assert_eq!(CgroupSlot::resolve(&root, "/"), None);
     }
 
     #[test]

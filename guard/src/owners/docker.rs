@@ -21,9 +21,13 @@
 //! run: a container that binds its own ports (`--network host`) binds as soon
 //! as its process starts, before Docker reports it started. Each container
 //! carries the cgroup paths its processes will live in
-//! ([`Container::cgroup_candidates`], from the cgroup driver and parents);
-//! the owners model watches those directories and learns the cgroup the
-//! moment runc creates it, before the container's process can run.
+//! ([`Container::cgroup_candidates`], from the cgroup driver and parents),
+//! and, once resolved, the same as slots ([`Container::cgroup_slots`]: the
+//! parent's id and the name): the kernel programs recognise the container's
+//! new cgroup by its slot at its first bind, which may come before the agent
+//! has learned the new id (a loaded agent is slower than runc and the
+//! container's process). The owners model also watches those directories and
+//! learns the cgroup's id when runc creates it.
 //!
 //! dockerd holds a container's lock for the whole of its start, and
 //! `inspect` waits for that lock: asking `inspect` about a starting container
@@ -49,7 +53,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{cgroup::CgroupRef, docker_proxy, docker_proxy::DockerProxy, exe::ExeId};
+use super::{
+    cgroup::{CgroupRef, CgroupSlot},
+    docker_proxy,
+    docker_proxy::DockerProxy,
+    exe::ExeId,
+};
 use crate::types::Proto;
 
 /// dockerd's socket unless `DOCKER_HOST=unix://…` names another.
@@ -134,6 +143,11 @@ pub struct Container {
     /// cgroup v2 root), most likely first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cgroup_candidates: Vec<String>,
+    /// The candidates whose parent exists now, as slots (filled when the
+    /// owners are resolved): the kernel programs recognise the container's
+    /// new cgroup by these before the agent has learned its id.
+    #[serde(skip)]
+    pub cgroup_slots: Vec<CgroupSlot>,
 }
 
 /// How Docker lays out container cgroups: its driver and default parent.
@@ -291,6 +305,7 @@ impl Container {
         let container_parent = c.host_config.as_ref().and_then(|h| h.cgroup_parent.clone());
         Some(Self {
             cgroup_candidates: layout.candidates(&id, container_parent.as_deref()),
+            cgroup_slots: Vec::new(),
             id,
             name: c.name.as_deref()?.trim_start_matches('/').to_owned(),
             running,
@@ -318,6 +333,7 @@ impl Container {
             .to_owned();
         Some(Self {
             cgroup_candidates: layout.candidates(&id, None),
+            cgroup_slots: Vec::new(),
             id,
             name,
             running: false,

@@ -72,7 +72,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 pub use self::{
-    cgroup::CgroupRef,
+    cgroup::{CgroupRef, CgroupSlot},
     docker::{
         Container, DockerDaemon, DockerFacts, DockerNetwork, DockerStatus, NetworkIp, Published,
     },
@@ -147,6 +147,9 @@ pub struct BindOwners {
     /// docker-proxy's cgroup (it inherits dockerd's): far broader than the
     /// proxy, so use it only when executables cannot be matched. Never `/`.
     pub proxy_cgroups: BTreeSet<u64>,
+    /// Where owner containers' cgroups are made at each start: their new
+    /// cgroup binds as the owner before the agent has learned its id.
+    pub slots: BTreeSet<CgroupSlot>,
 }
 
 /// An owner's own NAT mapping: connections to `host_ip:host_port` go to
@@ -236,6 +239,8 @@ impl ResolvedPort {
                         .collect();
                     out.cgroups
                         .extend(mine.iter().filter_map(|c| c.cgroup.as_ref()).map(|c| c.id));
+                    out.slots
+                        .extend(mine.iter().flat_map(|c| c.cgroup_slots.iter().cloned()));
                     out.exes.extend(*proxy_exe);
                     out.exes.extend(*daemon_exe);
                     out.proxy_cgroups.extend(
@@ -373,6 +378,14 @@ fn resolve_owner(
                 .map(|c| Container {
                     // A starting container's cgroup exists before its process runs.
                     cgroup: c.cgroup_now(root),
+                    cgroup_slots: root
+                        .map(|root| {
+                            c.cgroup_candidates
+                                .iter()
+                                .filter_map(|p| CgroupSlot::resolve(root, p))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     ..c.clone()
                 })
                 .collect(),
@@ -598,6 +611,7 @@ mod tests {
                 })
                 .collect(),
             cgroup_candidates: Vec::new(),
+            cgroup_slots: Vec::new(),
         }
     }
 

@@ -118,6 +118,7 @@ fn owners(ip: Option<&str>) -> ResolvedOwners {
                 container_port: 80,
             }],
             cgroup_candidates: Vec::new(),
+            cgroup_slots: Vec::new(),
         })
         .into_iter()
         .collect();
