@@ -194,7 +194,7 @@ fn is_owner_slot(off: &CgroupOffsets, port: u16, proto: u8) -> bool {
     }
     // SAFETY: as in current_exe: every pointer is read through the probe helpers.
     let key = unsafe { current_slot(off, port, proto) };
-    key.is_some_and(|key| unsafe { OWNER_SLOTS.get(&key) }.is_some())
+    key.is_some_and(|key| unsafe { OWNER_SLOTS.get(key) }.is_some())
 }
 
 /// The current task's cgroup as an [`OwnerSlotKey`]: task → css_set →
