@@ -8,6 +8,10 @@
 pub const MAP_BIND_EVENTS: &str = "BIND_EVENTS";
 /// Hash map [`PortKey`] → [`PortRule`]: the protected ports.
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+/// Array of [`PORT_FILTER_WORDS`] `u64`: one bit per port, set when the port
+/// is protected for some protocol. Most binds are to unprotected ports; an
+/// array lookup (inlined by the verifier) answers them before the hash map.
+pub const MAP_PORT_FILTER: &str = "PORT_FILTER";
 /// Hash map [`OwnerCgroupKey`] → `u8`: cgroups (and their subtrees) allowed to bind a port.
 pub const MAP_OWNER_CGROUPS: &str = "OWNER_CGROUPS";
 /// Hash map [`OwnerExeKey`] → `u8`: executables (by device and inode) allowed to bind a port.
@@ -36,6 +40,15 @@ pub const ROUTINE_WAKEUP_GAP_NS: u64 = 50_000_000;
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// Maximum entries in the protected port map.
 pub const MAX_PROTECTED_PORTS: u32 = 65_536;
+/// Words of [`MAP_PORT_FILTER`]: 65,536 ports, 64 a word.
+pub const PORT_FILTER_WORDS: u32 = 1 << 10;
+
+/// Where `port`'s bit lives in [`MAP_PORT_FILTER`]: the word's index and the bit.
+#[inline(always)]
+pub const fn port_filter_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
+
 /// Maximum entries in the owner cgroup map.
 pub const MAX_OWNER_CGROUPS: u32 = 16_384;
 /// Maximum entries in the owner executable map.
@@ -328,6 +341,18 @@ mod tests {
         assert_eq!(size_of::<OwnerExeKey>(), 16);
         assert_eq!(size_of::<Counters>(), 32);
         assert_eq!(size_of::<BindEvent>(), 8 + 8 + 16 + 16 + 8 + 16 + 16);
+    }
+
+    #[test]
+    fn every_port_has_one_bit_of_its_own() {
+        let mut seen = [0u64; PORT_FILTER_WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, bit) = port_filter_bit(port);
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(seen[word as usize] & bit, 0, "port {port} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX));
     }
 
     #[test]

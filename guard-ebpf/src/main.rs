@@ -26,8 +26,8 @@ use aya_log_ebpf::debug;
 use guard_common::{
     AF_INET, AF_INET6, BIND_EVENTS_BYTES, BindEvent, CGROUP_NAME_LEN, CgroupOffsets, Counters,
     ExeOffsets, GuardConfig, MAX_CGROUP_DEPTH, MAX_OWNER_CGROUPS, MAX_OWNER_EXES, MAX_OWNER_SLOTS,
-    MAX_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey, OwnerSlotKey, PORT_ENFORCE, PortKey,
-    PortRule, ROUTINE_WAKEUP_GAP_NS, Verdict,
+    MAX_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey, OwnerSlotKey, PORT_ENFORCE,
+    PORT_FILTER_WORDS, PortKey, PortRule, ROUTINE_WAKEUP_GAP_NS, Verdict, port_filter_bit,
 };
 
 /// Ring buffer flags (linux/bpf.h).
@@ -43,6 +43,9 @@ const DENY: i32 = 0;
 
 #[map(name = "BIND_EVENTS")]
 static BIND_EVENTS: RingBuf = RingBuf::with_byte_size(BIND_EVENTS_BYTES, 0);
+
+#[map(name = "PORT_FILTER")]
+static PORT_FILTER: Array<u64> = Array::with_max_entries(PORT_FILTER_WORDS, 0);
 
 #[map(name = "PROTECTED_PORTS")]
 static PROTECTED_PORTS: HashMap<PortKey, PortRule> =
@@ -106,6 +109,11 @@ fn try_bind(ctx: &SockAddrContext, family: u16) -> i32 {
     if port == 0 {
         // An ephemeral bind: the kernel picks the port, which is never a protected one
         // unless the operator protects the ephemeral range, which we do not support.
+        return ALLOW;
+    }
+    // Most binds are to unprotected ports: one bit answers them.
+    let (word, bit) = port_filter_bit(port);
+    if PORT_FILTER.get(word).is_none_or(|w| *w & bit == 0) {
         return ALLOW;
     }
     let proto = sa.protocol as u8;

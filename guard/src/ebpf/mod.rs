@@ -21,8 +21,9 @@ pub use btf::KernelOffsets;
 pub use event::{BindRecord, read_bind_event};
 use guard_common::{
     Counters, GuardConfig, MAP_BIND_EVENTS, MAP_COUNTERS, MAP_GUARD_CONFIG, MAP_OWNER_CGROUPS,
-    MAP_OWNER_EXES, MAP_OWNER_SLOTS, MAP_PROTECTED_PORTS, OwnerCgroupKey, OwnerExeKey,
-    OwnerSlotKey, PORT_ENFORCE, PROG_BIND4, PROG_BIND6, PortKey, PortRule,
+    MAP_OWNER_EXES, MAP_OWNER_SLOTS, MAP_PORT_FILTER, MAP_PROTECTED_PORTS, OwnerCgroupKey,
+    OwnerExeKey, OwnerSlotKey, PORT_ENFORCE, PORT_FILTER_WORDS, PROG_BIND4, PROG_BIND6, PortKey,
+    PortRule, port_filter_bit,
 };
 
 /// The compiled kernel programs, built by `build.rs` from `guard-ebpf`.
@@ -74,6 +75,8 @@ pub struct BindGuard {
     cgroup: PathBuf,
     config: GuardConfig,
     ports: BTreeMap<(u16, u8), bool>,
+    /// What [`MAP_PORT_FILTER`] holds, word by word.
+    filter: Vec<u64>,
     owners: BTreeSet<OwnerCgroupKey>,
     owner_exes: BTreeSet<OwnerExeKey>,
     owner_slots: BTreeSet<OwnerSlotKey>,
@@ -132,6 +135,7 @@ impl BindGuard {
                 cgroup: cgroup.into(),
                 config: GuardConfig::default(),
                 ports: BTreeMap::new(),
+                filter: vec![0; PORT_FILTER_WORDS as usize],
                 owners: BTreeSet::new(),
                 owner_exes: BTreeSet::new(),
                 owner_slots: BTreeSet::new(),
@@ -192,12 +196,40 @@ impl BindGuard {
                     .map_err(err)?;
             }
         }
+        // The filter after the rules it lets through exist, before the rules
+        // of ports no longer protected go: no bind sees a set bit without a rule
+        // it should meet, and a cleared bit only lets through an unprotected port.
+        self.set_filter(wanted.keys().map(|(port, _)| *port))?;
+        let mut map: HashMap<_, PortKey, PortRule> = map_mut(&mut self.ebpf, MAP_PROTECTED_PORTS)?;
         for &(port, proto) in self.ports.keys() {
             if !wanted.contains_key(&(port, proto)) {
                 map.remove(&PortKey::new(port, proto)).map_err(err)?;
             }
         }
         self.ports = wanted;
+        Ok(())
+    }
+
+    /// Makes the port filter's bits those of `ports`, writing only the
+    /// words that change.
+    fn set_filter(&mut self, ports: impl Iterator<Item = u16>) -> Result<(), GuardError> {
+        let mut wanted = vec![0u64; PORT_FILTER_WORDS as usize];
+        for port in ports {
+            let (word, bit) = port_filter_bit(port);
+            wanted[word as usize] |= bit;
+        }
+        let mut filter: Array<_, u64> = map_mut(&mut self.ebpf, MAP_PORT_FILTER)?;
+        for (word, (now, want)) in self.filter.iter_mut().zip(&wanted).enumerate() {
+            if now != want {
+                filter
+                    .set(word as u32, *want, 0)
+                    .map_err(|source| GuardError::Map {
+                        name: MAP_PORT_FILTER,
+                        source,
+                    })?;
+                *now = *want;
+            }
+        }
         Ok(())
     }
 

@@ -8,6 +8,11 @@
 //! `portguard run` (this tree's release binary, or `PORTGUARD_BIN`) guarding
 //! the same cgroup, its event reader, timers and layers running as they do on
 //! a host.
+//!
+//! Rounds are paired: each pair measures both sides back to back, in an order
+//! that alternates between pairs (so neither side always runs second, after
+//! the other warmed the caches), and the ratio figure is the median of the
+//! pairs' ratios, printed with its quartiles: the spread is the noise.
 
 use std::{
     fs,
@@ -27,7 +32,7 @@ use portguard::ebpf::{BindGuard, BindPolicy, PortEntry};
 use portguard_tests::cgroup::Cgroup;
 use socket2::{Domain, Socket, Type};
 
-const ROUNDS: usize = 15;
+const ROUNDS: usize = 31;
 const BINDS_PER_ROUND: u32 = 20_000;
 const STORM: Duration = Duration::from_secs(2);
 const STORM_THREADS: usize = 2;
@@ -82,24 +87,14 @@ fn main() {
     // Cost on bind: the common case (an unprotected port) and a protected port
     // (observed, so every bind also emits an event).
     for (name, port) in [("unprotected", unprotected), ("protected", protected)] {
-        let (mut with, mut without) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            enter(&plain);
-            without.push(bind_loop(port, BINDS_PER_ROUND));
-            enter(&guarded);
-            with.push(bind_loop(port, BINDS_PER_ROUND));
-        }
-        let (w, wo) = (median(&mut with), median(&mut without));
+        let pairs = paired(&guarded, &plain, port);
         println!(
             "bind_{name}_ns_per_op_without_guard {:.0} ns",
-            wo * 1e9 / f64::from(BINDS_PER_ROUND)
+            pairs.without_ns
         );
-        println!(
-            "bind_{name}_ns_per_op_with_guard {:.0} ns",
-            w * 1e9 / f64::from(BINDS_PER_ROUND)
-        );
-        // Throughput with the guard relative to without: 1.0 = free, goal >= 0.97.
-        println!("bind_{name}_throughput_ratio {:.3} ratio", wo / w);
+        println!("bind_{name}_ns_per_op_with_guard {:.0} ns", pairs.with_ns);
+        // Throughput with the guard relative to without: 1.0 = free.
+        pairs.print(&format!("bind_{name}_throughput_ratio"));
     }
 
     // Bind storm: every CPU binding the protected port as fast as it can.
@@ -173,27 +168,61 @@ fn whole_agent(guarded: &Cgroup, plain: &Cgroup, protected: u16, unprotected: u1
         policy.as_os_str(),
     ]);
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
-    let (mut with, mut without) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        enter(plain);
-        without.push(bind_loop(unprotected, BINDS_PER_ROUND));
-        enter(guarded);
-        with.push(bind_loop(unprotected, BINDS_PER_ROUND));
-    }
+    let pairs = paired(guarded, plain, unprotected);
     enter_path(&portguard_tests::cgroup::unified_root());
-    let (w, wo) = (median(&mut with), median(&mut without));
     println!(
         "bind_unprotected_ns_per_op_with_agent {:.0} ns",
-        w * 1e9 / f64::from(BINDS_PER_ROUND)
+        pairs.with_ns
     );
     // The whole agent's cost on the common case: 1.0 = free, goal >= 0.99.
-    println!(
-        "bind_unprotected_throughput_ratio_with_agent {:.3} ratio",
-        wo / w
-    );
+    pairs.print("bind_unprotected_throughput_ratio_with_agent");
     let (status, _) = agent.stop();
     let _ = fs::remove_file(&policy);
     assert!(status.success(), "the agent stopped badly: {status}");
+}
+
+/// Paired rounds with the guard and without (see the module docs).
+struct Pairs {
+    with_ns: f64,
+    without_ns: f64,
+    /// Throughput with over without, per pair, sorted.
+    ratios: Vec<f64>,
+}
+
+impl Pairs {
+    fn print(&self, name: &str) {
+        let q = |f: f64| self.ratios[((self.ratios.len() - 1) as f64 * f).round() as usize];
+        println!("{name} {:.3} ratio", q(0.5));
+        println!("{name}_p25 {:.3} ratio", q(0.25));
+        println!("{name}_p75 {:.3} ratio", q(0.75));
+    }
+}
+
+fn paired(guarded: &Cgroup, plain: &Cgroup, port: u16) -> Pairs {
+    let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let side = |cg: &Cgroup| {
+            enter(cg);
+            bind_loop(port, BINDS_PER_ROUND)
+        };
+        let (w, wo) = if round % 2 == 0 {
+            let wo = side(plain);
+            (side(guarded), wo)
+        } else {
+            let w = side(guarded);
+            (w, side(plain))
+        };
+        with.push(w);
+        without.push(wo);
+        ratios.push(wo / w);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let per_op = |v: &mut [f64]| median(v) * 1e9 / f64::from(BINDS_PER_ROUND);
+    Pairs {
+        with_ns: per_op(&mut with),
+        without_ns: per_op(&mut without),
+        ratios,
+    }
 }
 
 fn bind_loop(port: u16, n: u32) -> f64 {
