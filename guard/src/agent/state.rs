@@ -94,6 +94,11 @@ impl Agent {
         let root = cgroup::unified_root()?;
         let target = config.cgroup.clone().unwrap_or_else(|| root.clone());
         cgroup::check_inside(&root, &target)?;
+        // Loaded and attached first, unarmed (every bind passes until `arm`):
+        // the loader parses the kernel's whole BTF (aya's `EbpfLoader::new`),
+        // the agent's largest allocation, and here it happens before the
+        // layers hold anything, which keeps the peak memory low.
+        let (mut guard, logger) = BindGuard::load_and_attach(&target)?;
         let host_cookie = netns::current_netns_cookie().map_err(AgentError::NetnsCookie)?;
         let (offsets, btf_errors) = btf::running_kernel_offsets();
         for e in &btf_errors {
@@ -137,7 +142,6 @@ impl Agent {
         }
 
         let owners = layers::start_owners(&ctx, &policy, 0).await;
-        let (mut guard, logger) = BindGuard::load_and_attach(&target)?;
         let maps = BindPolicy::from_owners(&policy, &owners.model.borrow());
         apply(&mut guard, None, &maps)?;
         report_owners(&metrics, &owners.model.borrow());

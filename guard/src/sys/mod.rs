@@ -2,6 +2,7 @@
 //! namespaces, processes; the one netlink layer and the kernel's constants.
 
 pub mod cgroup;
+pub mod memory;
 pub mod netlink;
 pub mod netns;
 pub mod process;
