@@ -369,6 +369,57 @@ fn owners_changed_at_runtime_take_effect_without_restart() {
     assert_eq!(bind_event(&mut agent, pid, port)["verdict"], "owner");
 }
 
+/// A `cgroup:` owner made (again) while the agent is stopped outright
+/// (SIGSTOP), as a unit's restart makes its cgroup anew: the kernel programs
+/// alone let its first bind through, by the slot (parent id, name) the agent
+/// registered before, and still deny a sibling and a namesake elsewhere.
+#[test]
+fn an_owner_cgroup_made_while_the_agent_is_frozen_binds_as_the_owner() {
+    require_root();
+    let cgroup = Cgroup::new("pg-slot");
+    let parent = cgroup.child("parent");
+    let port = free_port();
+    let p = port.to_string();
+    let owner_path = format!("{}/owner", parent.relative());
+    let policy = tempfile_lite::TempFile::new(&format!(
+        "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"cgroup:{owner_path}\"\n"
+    ));
+    let mut agent = start_agent(&policy, &cgroup);
+    let owner = {
+        // SAFETY: signalling the agent we started; continued when the block
+        // ends, also on panic.
+        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+        struct Continue(u32);
+        impl Drop for Continue {
+            fn drop(&mut self) {
+                // SAFETY: as above.
+                unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+            }
+        }
+        let _continue = Continue(agent.pid());
+        let owner = parent.child("owner");
+        let sibling = parent.child("sibling");
+        let elsewhere = cgroup.child("elsewhere");
+        let namesake = elsewhere.child("owner");
+        let bind = |cg: &Cgroup| probe(cg, &["--addr", "127.0.0.1", "--port", &p]);
+        let (owner_pid, o) = bind(&owner);
+        assert_eq!(
+            o["ok"], true,
+            "the owner's new cgroup binds by its slot: {o}"
+        );
+        let (_, s) = bind(&sibling);
+        assert_eq!(s["errno"], EPERM, "a sibling is a stranger: {s}");
+        let (_, n) = bind(&namesake);
+        assert_eq!(
+            n["errno"], EPERM,
+            "the name under another parent is a stranger: {n}"
+        );
+        owner_pid
+    };
+    // Continued: the kernel's verdict reaches the log as it was made.
+    assert_eq!(bind_event(&mut agent, owner, port)["verdict"], "owner");
+}
+
 /// A file removed on drop, without another dependency.
 mod tempfile_lite {
     use std::path::{Path, PathBuf};

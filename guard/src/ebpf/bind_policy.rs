@@ -202,6 +202,7 @@ mod tests {
                         .map(|spec| ResolvedOwner {
                             spec: spec.clone(),
                             found: found(spec),
+                            slots: Vec::new(),
                         })
                         .collect(),
                 })

@@ -110,6 +110,12 @@ pub struct ResolvedPort {
 pub struct ResolvedOwner {
     pub spec: OwnerSpec,
     pub found: Found,
+    /// Where a `unit:` or `cgroup:` owner's cgroup is (re)made, when its
+    /// parent exists: the kernel programs recognise the new cgroup by it
+    /// before the agent has learned its id (a unit's restart makes it anew).
+    /// Docker containers carry theirs ([`Container::cgroup_slots`]).
+    #[serde(skip)]
+    pub slots: Vec<CgroupSlot>,
 }
 
 /// What an owner resolved to.
@@ -223,6 +229,7 @@ impl ResolvedPort {
             ..BindOwners::default()
         };
         for owner in &self.owners {
+            out.slots.extend(owner.slots.iter().cloned());
             match &owner.found {
                 Found::Docker {
                     containers,
@@ -350,14 +357,32 @@ pub fn resolve(
                 owners: entry
                     .owner
                     .iter()
-                    .map(|spec| ResolvedOwner {
-                        spec: spec.clone(),
-                        found: resolve_owner(entry, spec, docker, cgroup_root),
+                    .map(|spec| {
+                        let found = resolve_owner(entry, spec, docker, cgroup_root);
+                        ResolvedOwner {
+                            slots: cgroup_root
+                                .map(|root| owner_slots(spec, &found, root))
+                                .unwrap_or_default(),
+                            spec: spec.clone(),
+                            found,
+                        }
                     })
                     .collect(),
             })
             .collect(),
     }
+}
+
+/// The slot of a `unit:` or `cgroup:` owner: where its cgroup is now, else
+/// where it will be made (a unit's under `system.slice`).
+fn owner_slots(spec: &OwnerSpec, found: &Found, root: &Path) -> Vec<CgroupSlot> {
+    let path = match (spec, found) {
+        (OwnerSpec::Unit(_) | OwnerSpec::Cgroup(_), Found::Cgroup(c)) => c.path.clone(),
+        (OwnerSpec::Unit(name), _) => format!("/system.slice/{name}"),
+        (OwnerSpec::Cgroup(path), _) => path.to_string_lossy().into_owned(),
+        _ => return Vec::new(),
+    };
+    CgroupSlot::resolve(root, &path).into_iter().collect()
 }
 
 fn resolve_owner(
@@ -584,6 +609,40 @@ mod tests {
 
     use super::*;
     use crate::policy::PolicySource;
+
+    /// A `cgroup:` owner has its slot whether or not its cgroup exists now
+    /// (a unit's restart removes and makes it again); only `unit:` and
+    /// `cgroup:` owners have one here.
+    #[test]
+    fn cgroup_owners_have_a_slot_made_or_not() {
+        /// Removes the test's cgroups, also on panic.
+        struct Dirs(PathBuf);
+        impl Drop for Dirs {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir(self.0.join("owner"));
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let root = sys::cgroup::unified_root().unwrap();
+        let parent = root.join(format!("pg-slot-unit-{}", std::process::id()));
+        std::fs::create_dir(&parent).unwrap();
+        let _dirs = Dirs(parent.clone());
+        let parent_id = sys::cgroup::cgroup_id(&parent).unwrap();
+        let rel = format!("/{}/owner", parent.file_name().unwrap().to_string_lossy());
+        let spec = OwnerSpec::Cgroup(rel.clone().into());
+        let missing = Found::Missing {
+            reason: "not made yet".into(),
+        };
+        let want = vec![CgroupSlot {
+            parent_id,
+            name: "owner".into(),
+        }];
+        assert_eq!(owner_slots(&spec, &missing, &root), want);
+        std::fs::create_dir(parent.join("owner")).unwrap();
+        let made = Found::Cgroup(CgroupRef::resolve(&root, &rel).unwrap());
+        assert_eq!(owner_slots(&spec, &made, &root), want);
+        assert!(owner_slots(&OwnerSpec::Docker, &missing, &root).is_empty());
+    }
 
     fn container(name: &str, cgroup_id: u64, ip: [u8; 4], published: &[(u16, u16)]) -> Container {
         Container {

@@ -133,6 +133,7 @@ fn owners(ip: Option<&str>) -> ResolvedOwners {
             proto: Proto::Tcp,
             port: PortRange::single(80),
             owners: vec![ResolvedOwner {
+                slots: Vec::new(),
                 spec: OwnerSpec::Docker,
                 found: Found::Docker {
                     containers,
