@@ -211,15 +211,20 @@ impl OwnerSlotKey {
         if name.len() >= CGROUP_NAME_LEN - 1 || name.contains(&0) {
             return None;
         }
-        let mut out = Self {
+        let mut out = Self::unnamed(parent_id, port, proto);
+        out.name[..name.len()].copy_from_slice(name);
+        Some(out)
+    }
+
+    /// The key with an all-NUL name, for the kernel side to read a name into.
+    pub const fn unnamed(parent_id: u64, port: u16, proto: u8) -> Self {
+        Self {
             parent_id,
             port,
             proto,
             _pad: [0; 5],
             name: [0; CGROUP_NAME_LEN],
-        };
-        out.name[..name.len()].copy_from_slice(name);
-        Some(out)
+        }
     }
 }
 

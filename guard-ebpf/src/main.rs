@@ -218,13 +218,7 @@ unsafe fn current_slot(off: &CgroupOffsets, port: u16, proto: u8) -> Option<Owne
         let parent = read_ptr(kn, off.kn_parent)?;
         let name = read_ptr(kn, off.kn_name)?;
         let parent_id: u64 = bpf_probe_read_kernel(parent.add(off.kn_id as usize).cast()).ok()?;
-        let mut key = OwnerSlotKey {
-            parent_id,
-            port,
-            proto,
-            _pad: [0; 5],
-            name: [0; CGROUP_NAME_LEN],
-        };
+        let mut key = OwnerSlotKey::unnamed(parent_id, port, proto);
         // The count includes the NUL; a full buffer may be a longer name cut
         // short, which no slot holds (OwnerSlotKey::new refuses such names).
         let read = bpf_probe_read_kernel_str(
