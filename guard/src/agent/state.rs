@@ -523,6 +523,11 @@ fn apply(
             warn!(event = "port_observed", reason = %w, "port observed instead of enforced");
         }
     }
+    for w in &new.slot_warnings {
+        if old.is_none_or(|o| !o.slot_warnings.contains(w)) {
+            warn!(event = "owner_slot_unavailable", reason = %w, "an owner's new cgroup is recognised only once learned");
+        }
+    }
     Ok(())
 }
 

@@ -26,6 +26,9 @@ pub struct BindPolicy {
     pub unresolved: Vec<(u16, u8)>,
     /// Why, one line per entry and owner, for the agent to log.
     pub warnings: Vec<String>,
+    /// Owner cgroups the kernel programs cannot recognise by slot (a name
+    /// too long): they count once the agent has learned their id.
+    pub slot_warnings: Vec<String>,
 }
 
 /// Whether a process may hold a port, as far as the policy knows.
@@ -82,7 +85,7 @@ impl BindPolicy {
                     match OwnerSlotKey::new(slot.parent_id, slot.name.as_bytes(), port, proto) {
                         Some(key) => out.owner_slots.push(key),
                         // Recognised once its id is learned, as before slots.
-                        None => out.warnings.push(format!(
+                        None => out.slot_warnings.push(format!(
                             "{}/{port}: cgroup name {:?} is too long for the kernel programs' slot: \
                              the owner's new cgroup counts once the agent has learned it",
                             entry.proto, slot.name
@@ -382,6 +385,24 @@ mod tests {
             bp.ownership(8081, 6, &in_slot(40, &id)),
             Ownership::Stranger
         );
+    }
+
+    /// A cgroup name the kernel side cannot hold gets no slot and says so,
+    /// apart from the observe warnings (enforcement is unchanged).
+    #[test]
+    fn a_name_too_long_for_a_slot_is_a_slot_warning_not_an_observe_one() {
+        let p = policy("mode = \"enforce\"\n[[ports]]\nport = 80\nowner = \"cgroup:/x\"\n");
+        let mut model = owners(&p, |_| cgroup(5));
+        model.ports[0].owners[0].slots = vec![CgroupSlot {
+            parent_id: 1,
+            name: "n".repeat(guard_common::CGROUP_NAME_LEN),
+        }];
+        let bp = BindPolicy::from_owners(&p, &model);
+        assert!(bp.owner_slots.is_empty());
+        assert!(bp.warnings.is_empty(), "{:?}", bp.warnings);
+        assert_eq!(bp.slot_warnings.len(), 1);
+        assert!(bp.slot_warnings[0].starts_with("tcp/80: cgroup name"));
+        assert!(bp.ports[0].enforce);
     }
 
     #[test]
