@@ -46,6 +46,7 @@ fn main() {
         let mut decode = Vec::new();
         let mut full = Vec::new();
         let mut analysis = Vec::new();
+        let (mut read, mut legacy, mut addresses) = (Vec::new(), Vec::new(), Vec::new());
         let mut rules = 0;
         let mut findings = 0;
         let mut bytes = 0;
@@ -61,8 +62,13 @@ fn main() {
                 .and_then(|mut s| s.read_ruleset())
                 .expect("read ruleset");
             decode.push(timings.decode);
+            let t_read = Instant::now();
+            read.push(t_read - t0);
             nft::legacy::add_legacy_tables(&mut model);
+            let t_legacy = Instant::now();
+            legacy.push(t_legacy - t_read);
             let addrs = nft::local::local_addresses().expect("addresses");
+            addresses.push(t_legacy.elapsed());
             let input = InspectInput {
                 ports: PROTECTED
                     .iter()
@@ -92,6 +98,9 @@ fn main() {
             format!("inspect_{label}_dump_bytes {bytes} bytes"),
             format!("inspect_{label}_raw_dump {} ms", ms(dump)),
             format!("inspect_{label}_decode_tail {} ms", ms(median(decode))),
+            format!("inspect_{label}_read {} ms", ms(median(read))),
+            format!("inspect_{label}_legacy_check {} ms", ms(median(legacy))),
+            format!("inspect_{label}_addresses {} ms", ms(median(addresses))),
             format!("inspect_{label}_analysis {} ms", ms(median(analysis))),
             format!("inspect_{label}_full {} ms", ms(full)),
             format!(
