@@ -93,10 +93,11 @@ impl BindGuard {
         if GUARD_EBPF_OBJECT.is_empty() {
             return Err(GuardError::NotBuilt);
         }
-        // No kernel BTF for the loader: the programs carry no CO-RE
-        // relocation (kernel struct offsets come from `btf::running_kernel_offsets`,
-        // through a map), and parsing the kernel's 5 MB of BTF whole was the
-        // agent's peak memory at start.
+        // No kernel BTF for the load: the programs carry no CO-RE relocation
+        // (kernel struct offsets come from `btf::running_kernel_offsets`,
+        // through a map). aya 0.14's `EbpfLoader::new` has parsed it already
+        // (13 MB for a moment, the agent's peak at start; no constructor
+        // avoids it); `btf(None)` frees it before the load.
         let mut ebpf = EbpfLoader::new().btf(None).load(GUARD_EBPF_OBJECT)?;
         // The logger owns the log ring buffer; it must stay alive (and be read) for as
         // long as the programs run, or the map closes under them.
