@@ -260,6 +260,27 @@ impl Agent {
     }
 }
 
+/// The agent stopped outright (SIGSTOP) while this lives: only the kernel
+/// programs act. Continued (SIGCONT) on drop, also on panic.
+#[must_use = "the agent is continued when this is dropped"]
+pub struct Frozen(u32);
+
+impl Agent {
+    /// Stops the agent until the returned guard is dropped.
+    pub fn freeze(&self) -> Frozen {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) }, 0);
+        Frozen(self.pid())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as in Agent::freeze.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {

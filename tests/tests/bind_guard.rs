@@ -386,17 +386,7 @@ fn an_owner_cgroup_made_while_the_agent_is_frozen_binds_as_the_owner() {
     ));
     let mut agent = start_agent(&policy, &cgroup);
     let owner = {
-        // SAFETY: signalling the agent we started; continued when the block
-        // ends, also on panic.
-        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
-        struct Continue(u32);
-        impl Drop for Continue {
-            fn drop(&mut self) {
-                // SAFETY: as above.
-                unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
-            }
-        }
-        let _continue = Continue(agent.pid());
+        let _frozen = agent.freeze();
         let owner = parent.child("owner");
         let sibling = parent.child("sibling");
         let elsewhere = cgroup.child("elsewhere");

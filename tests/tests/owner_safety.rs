@@ -379,15 +379,20 @@ fn a_custom_bridge_name_is_dockers_and_dockers_chain_is_never_touched() {
     drop(web);
 }
 
-/// A `docker:NAME` owner with `--network host` binds for itself as soon as
-/// its process starts, before Docker reports it started: its cgroup is
-/// learned as runc makes it. Restarts and a re-creation (a new cgroup each
-/// time) never lock it out.
-#[test]
-fn a_host_network_owner_is_never_locked_out_of_its_port() {
+/// A `--network host` busybox httpd answering on `port`, and the agent
+/// enforcing with that container as the port's `docker:NAME` owner. Bound in
+/// this order, they drop in reverse: the agent first, dockerd last.
+struct HostNetOwner {
+    d: NsDockerd,
+    marker: String,
+    web: Container,
+    _policy: PolicyFile,
+    agent: Agent,
+}
+
+fn host_network_owner(port: u16, label: &str) -> HostNetOwner {
     let d = NsDockerd::start(DockerdOptions::with_proxy(true));
-    let port = 18_090;
-    let marker = unique_name("hostnet");
+    let marker = unique_name(label);
     let web = d.host_httpd(&marker, port, &[]);
     site_answers(&d, port, &marker, "docker run --network host");
     let policy = PolicyFile::new(&format!(
@@ -395,6 +400,29 @@ fn a_host_network_owner_is_never_locked_out_of_its_port() {
         web.name()
     ));
     let agent = start_agent(&d, &policy.0);
+    HostNetOwner {
+        d,
+        marker,
+        web,
+        _policy: policy,
+        agent,
+    }
+}
+
+/// A `docker:NAME` owner with `--network host` binds for itself as soon as
+/// its process starts, before Docker reports it started: its cgroup is
+/// learned as runc makes it. Restarts and a re-creation (a new cgroup each
+/// time) never lock it out.
+#[test]
+fn a_host_network_owner_is_never_locked_out_of_its_port() {
+    let port = 18_090;
+    let HostNetOwner {
+        d,
+        marker,
+        web,
+        _policy,
+        agent,
+    } = host_network_owner(port, "hostnet");
     for i in 1..=3 {
         web.restart();
         site_answers(
@@ -434,24 +462,6 @@ fn a_host_network_owner_is_never_locked_out_of_its_port() {
     );
 }
 
-/// The agent stopped (SIGSTOP) while it lives; continued on drop, also on panic.
-struct Frozen(u32);
-
-impl Frozen {
-    fn stop(agent: &Agent) -> Self {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
-        Self(agent.pid())
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
-    }
-}
-
 /// Every start of a container makes its cgroup anew, with a new id, and its
 /// process binds a moment later: faster than a loaded agent may learn the id.
 /// With the agent frozen outright, the kernel programs alone must still let
@@ -459,18 +469,16 @@ impl Drop for Frozen {
 /// start), and still deny a stranger in a cgroup of the same name elsewhere.
 #[test]
 fn a_host_network_owner_starting_while_the_agent_is_frozen_is_the_owner() {
-    let d = NsDockerd::start(DockerdOptions::with_proxy(true));
     let port = 18_091;
-    let marker = unique_name("frozen");
-    let web = d.host_httpd(&marker, port, &[]);
-    site_answers(&d, port, &marker, "docker run --network host");
-    let policy = PolicyFile::new(&format!(
-        "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"docker:{}\"\n",
-        web.name()
-    ));
-    let mut agent = start_agent(&d, &policy.0);
+    let HostNetOwner {
+        d,
+        marker,
+        web,
+        _policy,
+        mut agent,
+    } = host_network_owner(port, "frozen");
     let stranger = {
-        let _frozen = Frozen::stop(&agent);
+        let _frozen = agent.freeze();
         for i in 1..=2 {
             web.restart();
             site_answers(
