@@ -192,8 +192,9 @@ fn is_owner_exe(exe: Option<(u64, u32)>, port: u16, proto: u8) -> bool {
 }
 
 /// The binder's own cgroup sits in an owner slot: the agent expects an owner's
-/// cgroup under that name and parent (a container's, which runc makes just
-/// before the container's process runs) and may not have learned its id yet.
+/// cgroup under that name and parent (a container's, made by runc just
+/// before the container's process runs; a unit's, made at each restart) and
+/// may not have learned its id yet.
 /// Only strangers by id and executable get here: no cost on the common path.
 #[inline(always)]
 fn is_owner_slot(off: &CgroupOffsets, port: u16, proto: u8) -> bool {

@@ -9,7 +9,7 @@ use guard_common::{OwnerCgroupKey, OwnerExeKey, OwnerSlotKey};
 
 use super::PortEntry;
 use crate::{
-    owners::{Found, ResolvedOwners},
+    owners::{CgroupSlot, Found, ResolvedOwners},
     policy::{Mode, Policy},
     sys::cgroup,
 };
@@ -20,7 +20,8 @@ pub struct BindPolicy {
     pub ports: Vec<PortEntry>,
     pub owner_cgroups: Vec<OwnerCgroupKey>,
     pub owner_exes: Vec<OwnerExeKey>,
-    /// Where owner containers' cgroups are made (parent id and name).
+    /// Where owners' cgroups are made (parent id and name): containers',
+    /// units' and `cgroup:` owners'.
     pub owner_slots: Vec<OwnerSlotKey>,
     /// Ports with an owner that could not be resolved: who owns them is unknown.
     pub unresolved: Vec<(u16, u8)>,
@@ -82,7 +83,7 @@ impl BindPolicy {
                         .map(|e| OwnerExeKey::new(e.ino, e.kernel_dev(), port, proto)),
                 );
                 for slot in &allowed.slots {
-                    match OwnerSlotKey::new(slot.parent_id, slot.name.as_bytes(), port, proto) {
+                    match slot_key(slot, port, proto) {
                         Some(key) => out.owner_slots.push(key),
                         // Recognised once its id is learned, as before slots.
                         None => out.slot_warnings.push(format!(
@@ -115,10 +116,11 @@ impl BindPolicy {
             self.owner_exes
                 .contains(&OwnerExeKey::new(ino, dev, port, proto))
         });
-        let by_slot = who.slot.as_ref().is_some_and(|(parent_id, name)| {
-            OwnerSlotKey::new(*parent_id, name.as_bytes(), port, proto)
-                .is_some_and(|key| self.owner_slots.contains(&key))
-        });
+        let by_slot = who
+            .slot
+            .as_ref()
+            .and_then(|slot| slot_key(slot, port, proto))
+            .is_some_and(|key| self.owner_slots.contains(&key));
         if by_cgroup || by_exe || by_slot {
             Ownership::Owner
         } else if self.unresolved.contains(&(port, proto)) {
@@ -129,12 +131,18 @@ impl BindPolicy {
     }
 }
 
+/// The kernel programs' key for `slot` on `port`/`proto` (`None`: a name
+/// they cannot hold).
+fn slot_key(slot: &CgroupSlot, port: u16, proto: u8) -> Option<OwnerSlotKey> {
+    OwnerSlotKey::new(slot.parent_id, slot.name.as_bytes(), port, proto)
+}
+
 /// What the kernel would see of a process: its cgroup and every ancestor's id,
-/// its own cgroup's slot (parent id, name), and its executable's inode and device.
+/// its own cgroup's slot, and its executable's inode and device.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessIdentity {
     pub cgroup_ids: Vec<u64>,
-    pub slot: Option<(u64, String)>,
+    pub slot: Option<CgroupSlot>,
     pub exe: Option<(u64, u32)>,
 }
 
@@ -149,7 +157,10 @@ impl ProcessIdentity {
             for part in path.split('/').filter(|p| !p.is_empty()) {
                 dir.push(part);
                 let id = cgroup::cgroup_id(&dir).ok();
-                slot = parent.map(|parent| (parent, part.to_owned()));
+                slot = parent.map(|parent_id| CgroupSlot {
+                    parent_id,
+                    name: part.to_owned(),
+                });
                 cgroup_ids.extend(id);
                 parent = id;
             }
@@ -174,9 +185,7 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
 mod tests {
     use super::*;
     use crate::{
-        owners::{
-            CgroupRef, CgroupSlot, Container, DockerStatus, ExeId, ResolvedOwner, ResolvedPort,
-        },
+        owners::{CgroupRef, Container, DockerStatus, ExeId, ResolvedOwner, ResolvedPort},
         policy::{OwnerSpec, PolicySource},
         types::Proto,
     };
@@ -369,7 +378,10 @@ mod tests {
         assert!(bp.owner_cgroups.is_empty(), "not started: no id yet");
         let in_slot = |parent: u64, name: &str| ProcessIdentity {
             cgroup_ids: vec![1, parent, 99],
-            slot: Some((parent, name.to_owned())),
+            slot: Some(CgroupSlot {
+                parent_id: parent,
+                name: name.to_owned(),
+            }),
             ..ProcessIdentity::default()
         };
         assert_eq!(bp.ownership(8080, 6, &in_slot(40, &id)), Ownership::Owner);
@@ -418,7 +430,11 @@ mod tests {
         let path = cgroup::process_cgroup(std::process::id()).unwrap();
         if let Some((_, name)) = path.rsplit_once('/').filter(|(_, n)| !n.is_empty()) {
             let n = me.cgroup_ids.len();
-            assert_eq!(me.slot, Some((me.cgroup_ids[n - 2], name.to_owned())));
+            let want = CgroupSlot {
+                parent_id: me.cgroup_ids[n - 2],
+                name: name.to_owned(),
+            };
+            assert_eq!(me.slot, Some(want));
         } else {
             assert_eq!(me.slot, None, "in the root cgroup: no slot");
         }

@@ -253,17 +253,13 @@ impl BindGuard {
         let wanted = entries.into_iter().collect();
         sync_key_set(&mut self.ebpf, MAP_OWNER_EXES, &mut self.owner_exes, wanted)?;
         // Walking the task costs a few probe reads per bind: only when needed.
-        let check_exe = u32::from(!self.owner_exes.is_empty());
-        if check_exe != self.config.check_exe {
-            self.config.check_exe = check_exe;
-            self.write_config()?;
-        }
-        Ok(())
+        let on = !self.owner_exes.is_empty();
+        self.set_check(|c| &mut c.check_exe, on)
     }
 
     /// Replaces the owner slots: a process may bind `port` when its own
-    /// cgroup has the slot's name and parent (a container's cgroup the agent
-    /// has not learned the id of yet).
+    /// cgroup has the slot's name and parent (an owner's cgroup made anew,
+    /// whose id the agent may not have learned yet).
     pub fn set_owner_slots(
         &mut self,
         entries: impl IntoIterator<Item = OwnerSlotKey>,
@@ -277,12 +273,23 @@ impl BindGuard {
         )?;
         // Reading the cgroup's name costs a few probe reads per stranger's
         // bind to a protected port: only when some slot exists.
-        let check_slots = u32::from(!self.owner_slots.is_empty());
-        if check_slots != self.config.check_slots {
-            self.config.check_slots = check_slots;
-            self.write_config()?;
+        let on = !self.owner_slots.is_empty();
+        self.set_check(|c| &mut c.check_slots, on)
+    }
+
+    /// Sets one of the config's `check_*` flags, writing the config only
+    /// when it changes.
+    fn set_check(
+        &mut self,
+        flag: impl FnOnce(&mut GuardConfig) -> &mut u32,
+        on: bool,
+    ) -> Result<(), GuardError> {
+        let flag = flag(&mut self.config);
+        if *flag == u32::from(on) {
+            return Ok(());
         }
-        Ok(())
+        *flag = u32::from(on);
+        self.write_config()
     }
 
     /// Makes the maps say what `policy` says, touching only what changed.

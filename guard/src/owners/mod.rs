@@ -153,8 +153,9 @@ pub struct BindOwners {
     /// docker-proxy's cgroup (it inherits dockerd's): far broader than the
     /// proxy, so use it only when executables cannot be matched. Never `/`.
     pub proxy_cgroups: BTreeSet<u64>,
-    /// Where owner containers' cgroups are made at each start: their new
-    /// cgroup binds as the owner before the agent has learned its id.
+    /// Where owners' cgroups are made (containers' at each start, units' at
+    /// each restart, `cgroup:` owners'): the new cgroup binds as the owner
+    /// before the agent has learned its id.
     pub slots: BTreeSet<CgroupSlot>,
 }
 
