@@ -73,6 +73,8 @@ pub struct PortDispatch {
     by_port: HashMap<u16, Vec<u32>>,
     /// Positions of the rules that may match any port, ascending.
     any_port: Vec<u32>,
+    /// How many rules it indexes.
+    len: usize,
 }
 
 impl PortDispatch {
@@ -80,14 +82,30 @@ impl PortDispatch {
     /// `Rule::matched_dport`).
     pub fn new(ports: impl IntoIterator<Item = Option<u16>>) -> Self {
         let mut d = Self::default();
-        for (i, port) in ports.into_iter().enumerate() {
-            let at = u32::try_from(i).expect("a chain holds fewer than 2^32 rules");
-            match port {
-                Some(port) => d.by_port.entry(port).or_default().push(at),
-                None => d.any_port.push(at),
-            }
+        for port in ports {
+            d.push(port);
         }
         d
+    }
+
+    /// Adds the chain's next rule (a read indexes a long chain as its rules
+    /// arrive).
+    pub fn push(&mut self, port: Option<u16>) {
+        let at = u32::try_from(self.len).expect("a chain holds fewer than 2^32 rules");
+        match port {
+            Some(port) => self.by_port.entry(port).or_default().push(at),
+            None => self.any_port.push(at),
+        }
+        self.len += 1;
+    }
+
+    /// How many rules it indexes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// The positions a probe to `port` can match, ascending.
@@ -164,6 +182,18 @@ mod tests {
         assert_eq!(d.positions(80).collect::<Vec<_>>(), [0, 1, 3, 4]);
         assert_eq!(d.positions(443).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!(d.positions(22).collect::<Vec<_>>(), [1, 4]);
+    }
+
+    #[test]
+    fn a_dispatch_for_other_rules_is_not_taken() {
+        let rules: crate::nft::model::Rules = (0..40)
+            .map(|i| Rule::new(i, dport(1000 + i as u16), None))
+            .collect();
+        // One rule short: refused, and the chain builds its own on first use.
+        rules.set_dispatch(PortDispatch::new((0..39).map(|i| Some(1000 + i))));
+        let d = rules.dispatch().expect("long: a dispatch");
+        assert_eq!(d.len(), 40);
+        assert_eq!(d.positions(1039).collect::<Vec<_>>(), [39]);
     }
 
     #[test]

@@ -34,41 +34,60 @@ pub fn nat_in_use() -> bool {
     })
 }
 
-/// Adds the legacy nat tables in use in the calling thread's namespace; problems
-/// become warnings on the model.
-pub fn add_legacy_tables(model: &mut RulesetModel) {
-    for (names, save, family) in [
-        (
-            "/proc/thread-self/net/ip_tables_names",
-            "iptables-legacy-save",
-            Family::IP,
-        ),
-        (
-            "/proc/thread-self/net/ip6_tables_names",
-            "ip6tables-legacy-save",
-            Family::IP6,
-        ),
-    ] {
-        let in_use = std::fs::read_to_string(names)
-            .map(|s| s.lines().any(|l| l.trim() == "nat"))
-            .unwrap_or(false);
-        if !in_use {
-            continue;
-        }
-        match Command::new(save).args(["-t", "nat"]).output() {
-            Ok(out) if out.status.success() => {
-                let text = String::from_utf8_lossy(&out.stdout);
-                model.tables.push(parse_save(&text, family));
+/// The legacy nat tables in use in a namespace, read apart from the nf_tables
+/// dump (a read runs this while its decoder finishes).
+#[derive(Debug, Default)]
+pub struct LegacyTables {
+    tables: Vec<Table>,
+    /// What could not be read, as the model's warnings.
+    warnings: Vec<String>,
+}
+
+impl LegacyTables {
+    /// Reads the legacy nat tables in use in the calling thread's namespace;
+    /// problems become warnings.
+    pub fn read() -> Self {
+        let mut found = Self::default();
+        for (names, save, family) in [
+            (
+                "/proc/thread-self/net/ip_tables_names",
+                "iptables-legacy-save",
+                Family::IP,
+            ),
+            (
+                "/proc/thread-self/net/ip6_tables_names",
+                "ip6tables-legacy-save",
+                Family::IP6,
+            ),
+        ] {
+            let in_use = std::fs::read_to_string(names)
+                .map(|s| s.lines().any(|l| l.trim() == "nat"))
+                .unwrap_or(false);
+            if !in_use {
+                continue;
             }
-            Ok(out) => model.warnings.push(format!(
-                "{save} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-            Err(e) => model.warnings.push(format!(
-                "legacy nat table in use, but cannot run {save}: {e}"
-            )),
+            match Command::new(save).args(["-t", "nat"]).output() {
+                Ok(out) if out.status.success() => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    found.tables.push(parse_save(&text, family));
+                }
+                Ok(out) => found.warnings.push(format!(
+                    "{save} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(e) => found.warnings.push(format!(
+                    "legacy nat table in use, but cannot run {save}: {e}"
+                )),
+            }
         }
+        found
+    }
+
+    /// Adds the tables and the warnings to `model`.
+    pub fn add_to(self, model: &mut RulesetModel) {
+        model.tables.extend(self.tables);
+        model.warnings.extend(self.warnings);
     }
 }
 

@@ -726,10 +726,19 @@ pub fn read_host_ruleset(netns: Option<&str>) -> Result<RulesetModel, InspectErr
 pub fn read_with_addrs(
     netns: Option<&str>,
 ) -> Result<(RulesetModel, Vec<LocalAddr>), InspectError> {
+    read_timed(netns).map(|(model, addrs, _)| (model, addrs))
+}
+
+/// [`read_with_addrs`], and how long the read's parts took. The legacy
+/// tables and the addresses are read while the decoder finishes the dump.
+pub fn read_timed(
+    netns: Option<&str>,
+) -> Result<(RulesetModel, Vec<LocalAddr>, netlink::ReadTimings), InspectError> {
     crate::sys::netns::run_in(netns, || {
-        let mut model = netlink::read_ruleset()?;
-        legacy::add_legacy_tables(&mut model);
-        Ok((model, local::local_addresses()?))
+        let (mut model, (legacy, addrs), timings) = netlink::NftSocket::open()?
+            .read_ruleset_while(|| (legacy::LegacyTables::read(), local::local_addresses()))?;
+        legacy.add_to(&mut model);
+        Ok((model, addrs?, timings))
     })?
 }
 

@@ -190,6 +190,15 @@ impl Table {
         found.clone()
     }
 
+    /// Takes `names` (every chain's position by name, as a read found them)
+    /// as the name map, when the table is long enough to want one. A map that
+    /// does not match `chains` is only slow, never wrong (see [`ChainNames`]).
+    pub fn set_chain_names(&mut self, names: std::collections::HashMap<String, usize>) {
+        if self.chains.len() >= CHAIN_NAMES_MIN {
+            self.chain_names = ChainNames(OnceLock::from(Arc::new(names)));
+        }
+    }
+
     /// Builds the chain name map now (a read does, so that the first
     /// notification after it does not).
     pub fn index_chains(&self) {
@@ -209,6 +218,12 @@ impl Table {
             // Chains changed since the map was built: search.
             _ => scan(),
         }
+    }
+
+    /// Whether the chain name map is built already (a read builds it).
+    #[cfg(test)]
+    pub(crate) fn chain_names_built(&self) -> bool {
+        self.chain_names.0.get().is_some()
     }
 
     fn chain_names_map(&self) -> &std::collections::HashMap<String, usize> {
@@ -332,6 +347,21 @@ impl Rules {
                 Arc::new(PortDispatch::new(self.list.iter().map(Rule::matched_dport)))
             })
         })
+    }
+
+    /// Whether the dispatch is built already (a read builds it).
+    #[cfg(test)]
+    pub(crate) fn dispatch_built(&self) -> bool {
+        self.dispatch.get().is_some()
+    }
+
+    /// Takes `dispatch`, built as the rules were read, as the chain's
+    /// dispatch: only when it indexes exactly these rules (a read checks its
+    /// own work; anything else is built on first use as always).
+    pub fn set_dispatch(&self, dispatch: PortDispatch) {
+        if self.list.len() >= DISPATCH_MIN_RULES && dispatch.len() == self.list.len() {
+            let _ = self.dispatch.set(Arc::new(dispatch));
+        }
     }
 
     fn changed(&mut self) -> &mut Vec<Rule> {
@@ -501,6 +531,13 @@ impl Rule {
                 (None, Some(raw)) => super::dispatch::matched_dport_raw(raw.bytes()),
                 _ => super::dispatch::matched_dport(self.exprs()),
             })
+    }
+
+    /// Whether [`Self::matched_dport`] was found already (a read finds it),
+    /// and whether the expressions are decoded.
+    #[cfg(test)]
+    pub(crate) fn found(&self) -> (bool, bool) {
+        (self.dport.get().is_some(), self.exprs.get().is_some())
     }
 
     pub fn exprs(&self) -> &[Expr] {

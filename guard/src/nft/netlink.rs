@@ -13,6 +13,7 @@ use std::{
 
 use super::{
     attr::{self, Attrs, be_i32, be_u32, be_u64, string},
+    dispatch::{DISPATCH_MIN_RULES, PortDispatch},
     expr,
     model::{
         BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, Rules, RulesetModel, Set,
@@ -75,8 +76,11 @@ pub enum ReadError {
 pub struct ReadTimings {
     /// Sending requests and receiving every datagram.
     pub dump: Duration,
-    /// Decoding left to do once the last datagram arrived (decoding overlaps
-    /// the dump on a second thread).
+    /// The caller's own work run once the last datagram arrived, beside the
+    /// decoder (see [`NftSocket::read_ruleset_while`]).
+    pub meanwhile: Duration,
+    /// Waiting for the decoder after that (decoding overlaps the dump on a
+    /// second thread).
     pub decode: Duration,
     pub bytes: usize,
 }
@@ -273,18 +277,33 @@ impl NftSocket {
         result?;
         Ok(ReadTimings {
             dump: t0.elapsed(),
-            decode: Duration::ZERO,
             bytes,
+            ..ReadTimings::default()
         })
     }
 
     /// Reads the whole ruleset, consistent with one generation. Datagrams are
     /// decoded on a second thread while the next ones are received.
     pub fn read_ruleset(&mut self) -> Result<(RulesetModel, ReadTimings), ReadError> {
+        self.read_ruleset_while(|| ())
+            .map(|(model, (), timings)| (model, timings))
+    }
+
+    /// [`Self::read_ruleset`], running `meanwhile` on this thread once the
+    /// last datagram of the first attempt is in, while the decoder finishes
+    /// (work of the same read that needs no ruleset: the legacy tables, the
+    /// local addresses). Its result is kept if the read is repeated.
+    pub fn read_ruleset_while<T>(
+        &mut self,
+        meanwhile: impl FnOnce() -> T,
+    ) -> Result<(RulesetModel, T, ReadTimings), ReadError> {
+        let mut meanwhile = Some(meanwhile);
+        let mut done = None;
         for _ in 0..CONSISTENT_READ_ATTEMPTS {
             let before = self.generation()?;
             let t0 = Instant::now();
-            let (model, intr, dumped, bytes) = std::thread::scope(|s| {
+            let mut own = Duration::ZERO;
+            let (model, intr, after, dumped, bytes) = std::thread::scope(|s| {
                 let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
                 let decoder = s.spawn(move || {
                     let mut d = Decoder::default();
@@ -300,11 +319,17 @@ impl NftSocket {
                 });
                 drop(tx);
                 let dumped = t0.elapsed();
+                // Right after the dump, so that a change racing it is seen.
+                let after = self.generation();
+                if let Some(work) = meanwhile.take() {
+                    let t = Instant::now();
+                    done = Some(work());
+                    own = t.elapsed();
+                }
                 let model = decoder.join().expect("the decoder thread does not panic");
-                intr.map(|intr| (model, intr, dumped, bytes))
+                intr.and_then(|intr| Ok((model, intr, after?, dumped, bytes)))
             })?;
             let total = t0.elapsed();
-            let after = self.generation()?;
             if intr || before != after {
                 continue;
             }
@@ -312,10 +337,12 @@ impl NftSocket {
             model.generation = Some(after);
             let timings = ReadTimings {
                 dump: dumped,
-                decode: total.saturating_sub(dumped),
+                meanwhile: own,
+                decode: total.saturating_sub(dumped + own),
                 bytes,
             };
-            return Ok((model, timings));
+            let done = done.expect("the first attempt ran the caller's work");
+            return Ok((model, done, timings));
         }
         Err(ReadError::Inconsistent(CONSISTENT_READ_ATTEMPTS))
     }
@@ -372,9 +399,14 @@ const MAX_OBJECT_ATTR: usize = 32;
 struct Decoder {
     model: RulesetModel,
     tables: HashMap<TableKey, usize>,
-    chains: HashMap<(usize, String), usize>,
+    /// Per table (by position), its chains' positions by name: handed to the
+    /// table as its name map at the end (see [`ChainNames`]).
+    chains: Vec<HashMap<String, usize>>,
     sets: HashMap<(usize, String), usize>,
     last_chain: Option<LastChain>,
+    /// The port dispatch of the chain read last, built as its rules arrive
+    /// once it is long enough to want one.
+    dispatch: Option<PortDispatch>,
 }
 
 impl Decoder {
@@ -414,6 +446,7 @@ impl Decoder {
                 };
                 self.tables
                     .insert((family, name.clone()), self.model.tables.len());
+                self.chains.push(HashMap::new());
                 self.model.tables.push(Table {
                     family: Family(family),
                     name,
@@ -454,7 +487,7 @@ impl Decoder {
                     }
                 });
                 let t = &mut self.model.tables[ti];
-                self.chains.insert((ti, name.clone()), t.chains.len());
+                self.chains[ti].insert(name.clone(), t.chains.len());
                 t.chains.push(Chain {
                     name,
                     handle: get(NFTA_CHAIN_HANDLE).and_then(be_u64).unwrap_or(0),
@@ -473,10 +506,11 @@ impl Decoder {
                 // Rules arrive chain by chain: look names up only when they change.
                 let hit = matches!(&self.last_chain, Some((f, t, c, _)) if *f == family && t.as_slice() == table && c.as_slice() == chain);
                 if !hit {
+                    self.chain_complete();
                     let found = self
                         .tables
                         .get(&(family, string(table)))
-                        .and_then(|&ti| self.chains.get(&(ti, string(chain))).map(|&ci| (ti, ci)));
+                        .and_then(|&ti| self.chains[ti].get(&string(chain)).map(|&ci| (ti, ci)));
                     self.last_chain = Some((family, table.to_vec(), chain.to_vec(), found));
                 }
                 let Some((_, _, _, Some((ti, ci)))) = self.last_chain else {
@@ -498,7 +532,18 @@ impl Decoder {
                     Some(raw) => Rule::from_raw(handle, raw, comment).with_userdata(udata),
                     None => Rule::new(handle, Vec::new(), comment),
                 };
-                self.model.tables[ti].chains[ci].rules.push(rule);
+                let rules = &mut self.model.tables[ti].chains[ci].rules;
+                match &mut self.dispatch {
+                    Some(d) => d.push(rule.matched_dport()),
+                    None if rules.len() + 1 == DISPATCH_MIN_RULES => {
+                        let earlier = rules.iter().map(Rule::matched_dport);
+                        self.dispatch = Some(PortDispatch::new(
+                            earlier.chain(std::iter::once(rule.matched_dport())),
+                        ));
+                    }
+                    None => {}
+                }
+                rules.push(rule);
             }
             NFT_MSG_NEWSET => {
                 let (Some(table), Some(name)) = (
@@ -585,11 +630,23 @@ impl Decoder {
         }
     }
 
+    /// The rules of the chain read last are all in (a dump sends a chain's
+    /// rules together): the port dispatch built as they came is the chain's,
+    /// rather than one the first inspection would build.
+    fn chain_complete(&mut self) {
+        if let (Some((_, _, _, Some((ti, ci)))), Some(d)) = (&self.last_chain, self.dispatch.take())
+        {
+            self.model.tables[*ti].chains[*ci].rules.set_dispatch(d);
+        }
+    }
+
     fn finish(mut self) -> RulesetModel {
-        for t in &mut self.model.tables {
+        self.chain_complete();
+        for (t, names) in self.model.tables.iter_mut().zip(self.chains) {
             t.origin = table_origin(t);
-            // Indexed now, on the read, rather than by the first notification.
-            t.index_chains();
+            // Indexed now, on the read, rather than by the first notification;
+            // the map the decoder kept is the index.
+            t.set_chain_names(names);
             t.base_chain_positions();
         }
         self.model
@@ -812,6 +869,119 @@ pub(crate) mod tests {
             }],
             internal_ifaces: vec!["docker".into()],
             own_pins: None,
+        }
+    }
+
+    /// A dump of table `t` with `chains` regular chains `c0`.. and, in `c0`,
+    /// `rules` rules `tcp dport 1000+i` ([`dport_rule`]).
+    fn long_dump(chains: usize, rules: u16) -> Vec<u8> {
+        let family = Family::IP.0;
+        let mut out = encode_message(
+            NFT_MSG_NEWTABLE,
+            family,
+            &nest(&[(NFTA_TABLE_NAME, s("t"))]),
+        );
+        for c in 0..chains {
+            out.extend(encode_message(
+                NFT_MSG_NEWCHAIN,
+                family,
+                &nest(&[
+                    (NFTA_CHAIN_TABLE, s("t")),
+                    (NFTA_CHAIN_NAME, s(&format!("c{c}"))),
+                ]),
+            ));
+        }
+        for i in 0..rules {
+            out.extend(dport_rule("c0", 1000 + i));
+        }
+        out
+    }
+
+    /// A rule of chain `chain` in table `t`: `tcp dport PORT` (payload and
+    /// cmp, as nft and iptables-nft write a port match), handle PORT.
+    fn dport_rule(chain: &str, port: u16) -> Vec<u8> {
+        let value = |v: Vec<u8>| nest(&[(1, v)]);
+        let mut list = Vec::new();
+        for e in [
+            expr(
+                "payload",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 2u32.to_be_bytes().to_vec()),
+                    (4, 2u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(port.to_be_bytes().to_vec())),
+                ]),
+            ),
+        ] {
+            attr::put(&mut list, 1, &e);
+        }
+        encode_message(
+            NFT_MSG_NEWRULE,
+            Family::IP.0,
+            &nest(&[
+                (NFTA_RULE_TABLE, s("t")),
+                (NFTA_RULE_CHAIN, s(chain)),
+                (NFTA_RULE_HANDLE, u64::from(port).to_be_bytes().to_vec()),
+                (NFTA_RULE_EXPRESSIONS, list),
+            ]),
+        )
+    }
+
+    #[test]
+    fn a_read_leaves_the_first_inspection_only_the_walk() {
+        // What an inspection builds on first use, a read builds while the
+        // dump is still coming: a long chain's dispatch (each rule's port), a
+        // big table's name map. Expressions stay raw.
+        let model = decode_messages(&long_dump(70, 40));
+        let t = &model.tables[0];
+        assert!(t.chain_names_built(), "70 chains: the name map is built");
+        assert_eq!(t.chain_position("c42"), Some(42));
+        assert_eq!(t.chain_position("c69"), Some(69));
+        assert_eq!(t.chain_position("nope"), None);
+        let rules = &t.chains[0].rules;
+        assert_eq!(rules.len(), 40);
+        assert!(rules.dispatch_built(), "40 rules: the dispatch is built");
+        for (i, r) in rules.iter().enumerate() {
+            assert_eq!(r.found(), (true, false), "rule {i}: port found, still raw");
+            assert_eq!(r.matched_dport(), Some(1000 + i as u16));
+        }
+        let d = rules.dispatch().expect("a long chain has a dispatch");
+        assert_eq!(d.positions(1007).collect::<Vec<_>>(), [7]);
+        assert_eq!(d.positions(80).count(), 0);
+
+        // Short: walked whole, no map and no dispatch.
+        let model = decode_messages(&long_dump(3, 5));
+        let t = &model.tables[0];
+        assert!(!t.chain_names_built());
+        assert_eq!(t.chain_position("c2"), Some(2));
+        assert!(!t.chains[0].rules.dispatch_built());
+        assert!(t.chains[0].rules.dispatch().is_none());
+        assert_eq!(t.chains[0].rules[0].found(), (false, false), "not needed");
+
+        // A chain's rules in two runs (no dump sends them so, but a dispatch
+        // must never be one of the parts): the dispatch indexes all of them.
+        for (first, second) in [(40, 5), (20, 20), (5, 40)] {
+            let mut dump = long_dump(2, first);
+            dump.extend(dport_rule("c1", 9));
+            for i in 0..second {
+                dump.extend(dport_rule("c0", 2000 + i));
+            }
+            let model = decode_messages(&dump);
+            let rules = &model.tables[0].chains[0].rules;
+            assert_eq!(rules.len(), usize::from(first + second));
+            let d = rules.dispatch().expect("long: a dispatch");
+            assert_eq!(d.len(), rules.len(), "{first} + {second}");
+            assert_eq!(d.positions(1003).collect::<Vec<_>>(), [3]);
+            let last = usize::from(first + second - 1);
+            assert_eq!(d.positions(2000 + second - 1).collect::<Vec<_>>(), [last]);
         }
     }
 
