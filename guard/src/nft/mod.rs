@@ -730,7 +730,7 @@ pub fn read_with_addrs(
 }
 
 /// [`read_with_addrs`], and how long the read's parts took. The legacy
-/// tables and the addresses are read while the decoder finishes the dump.
+/// tables and the addresses are read beside the dump, on the decoder thread.
 pub fn read_timed(
     netns: Option<&str>,
 ) -> Result<(RulesetModel, Vec<LocalAddr>, netlink::ReadTimings), InspectError> {

@@ -76,11 +76,11 @@ pub enum ReadError {
 pub struct ReadTimings {
     /// Sending requests and receiving every datagram.
     pub dump: Duration,
-    /// The caller's own work run once the last datagram arrived, beside the
-    /// decoder (see [`NftSocket::read_ruleset_while`]).
+    /// The caller's own work, run on the decoder thread while the dump goes
+    /// on (see [`NftSocket::read_ruleset_while`]).
     pub meanwhile: Duration,
-    /// Waiting for the decoder after that (decoding overlaps the dump on a
-    /// second thread).
+    /// Waiting for the decoder once the last datagram arrived (decoding
+    /// overlaps the dump on a second thread).
     pub decode: Duration,
     pub bytes: usize,
 }
@@ -289,28 +289,34 @@ impl NftSocket {
             .map(|(model, (), timings)| (model, timings))
     }
 
-    /// [`Self::read_ruleset`], running `meanwhile` on this thread once the
-    /// last datagram of the first attempt is in, while the decoder finishes
+    /// [`Self::read_ruleset`], running `meanwhile` on the decoder thread
+    /// before the first datagram is decoded, so that it overlaps the dump
     /// (work of the same read that needs no ruleset: the legacy tables, the
-    /// local addresses). Its result is kept if the read is repeated.
-    pub fn read_ruleset_while<T>(
+    /// local addresses; it runs in this thread's network namespace, which
+    /// the decoder thread shares). It runs once: its result is kept if the
+    /// read is repeated.
+    pub fn read_ruleset_while<T: Send>(
         &mut self,
-        meanwhile: impl FnOnce() -> T,
+        meanwhile: impl FnOnce() -> T + Send,
     ) -> Result<(RulesetModel, T, ReadTimings), ReadError> {
         let mut meanwhile = Some(meanwhile);
         let mut done = None;
         for _ in 0..CONSISTENT_READ_ATTEMPTS {
             let before = self.generation()?;
             let t0 = Instant::now();
-            let mut own = Duration::ZERO;
-            let (model, intr, after, dumped, bytes) = std::thread::scope(|s| {
+            let work = meanwhile.take();
+            let (model, ran, intr, after, dumped, bytes) = std::thread::scope(|s| {
                 let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
                 let decoder = s.spawn(move || {
+                    let ran = work.map(|work| {
+                        let t = Instant::now();
+                        (work(), t.elapsed())
+                    });
                     let mut d = Decoder::default();
                     for chunk in rx {
                         d.feed_chunk(chunk);
                     }
-                    d.finish()
+                    (d.finish(), ran)
                 });
                 let mut bytes = 0;
                 let intr = self.dump_all(&mut |c: Chunk| {
@@ -321,15 +327,17 @@ impl NftSocket {
                 let dumped = t0.elapsed();
                 // Right after the dump, so that a change racing it is seen.
                 let after = self.generation();
-                if let Some(work) = meanwhile.take() {
-                    let t = Instant::now();
-                    done = Some(work());
-                    own = t.elapsed();
-                }
-                let model = decoder.join().expect("the decoder thread does not panic");
-                intr.and_then(|intr| Ok((model, intr, after?, dumped, bytes)))
+                let (model, ran) = decoder.join().expect("the decoder thread does not panic");
+                intr.and_then(|intr| Ok((model, ran, intr, after?, dumped, bytes)))
             })?;
             let total = t0.elapsed();
+            let own = match ran {
+                Some((result, took)) => {
+                    done = Some((result, took));
+                    took
+                }
+                None => Duration::ZERO,
+            };
             if intr || before != after {
                 continue;
             }
@@ -338,10 +346,10 @@ impl NftSocket {
             let timings = ReadTimings {
                 dump: dumped,
                 meanwhile: own,
-                decode: total.saturating_sub(dumped + own),
+                decode: total.saturating_sub(dumped),
                 bytes,
             };
-            let done = done.expect("the first attempt ran the caller's work");
+            let (done, _) = done.expect("the first attempt ran the caller's work");
             return Ok((model, done, timings));
         }
         Err(ReadError::Inconsistent(CONSISTENT_READ_ATTEMPTS))
