@@ -46,6 +46,12 @@ const UDATA_RULE_COMMENT: u8 = 0;
 
 /// The socket's receive buffer: a burst of dump datagrams fits while the decoder works.
 const SOCKET_RCVBUF: usize = 4 * 1024 * 1024;
+/// The most of a receive buffer a dump datagram fills: the kernel makes dump
+/// datagrams of at most 32 KiB less its overhead (`netlink_recvmsg` caps
+/// `max_recvmsg_len`), and a buffer may start anywhere in its first page.
+const DATAGRAM_PAGES_BYTES: usize = 36 * 1024;
+/// Receive buffers the decoder thread keeps ready (see [`ready_buffer`]).
+const READY_BUFFERS: usize = 4;
 /// How many times a read raced by a ruleset change is repeated.
 const CONSISTENT_READ_ATTEMPTS: usize = 5;
 /// Names of the tables iptables-nft creates.
@@ -305,9 +311,18 @@ impl NftSocket {
             let before = self.generation()?;
             let t0 = Instant::now();
             let work = meanwhile.take();
-            let (model, ran, intr, after, dumped, bytes) = std::thread::scope(|s| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            self.spare = Some(ready_rx);
+            let read = std::thread::scope(|s| {
                 let (tx, rx) = std::sync::mpsc::channel::<Chunk>();
                 let decoder = s.spawn(move || {
+                    // Buffers for the receiving thread, their pages touched
+                    // here: the model keeps every datagram, and the first
+                    // touch of fresh memory (zeroing a page) is work this
+                    // thread can take off the receiving one.
+                    for _ in 0..READY_BUFFERS {
+                        let _ = ready_tx.send(ready_buffer());
+                    }
                     let ran = work.map(|work| {
                         let t = Instant::now();
                         (work(), t.elapsed())
@@ -315,6 +330,7 @@ impl NftSocket {
                     let mut d = Decoder::default();
                     for chunk in rx {
                         d.feed_chunk(chunk);
+                        let _ = ready_tx.send(ready_buffer());
                     }
                     (d.finish(), ran)
                 });
@@ -329,7 +345,10 @@ impl NftSocket {
                 let after = self.generation();
                 let (model, ran) = decoder.join().expect("the decoder thread does not panic");
                 intr.and_then(|intr| Ok((model, ran, intr, after?, dumped, bytes)))
-            })?;
+            });
+            // Buffers left ready go with it.
+            self.spare = None;
+            let (model, ran, intr, after, dumped, bytes) = read?;
             let total = t0.elapsed();
             let own = match ran {
                 Some((result, took)) => {
@@ -354,6 +373,14 @@ impl NftSocket {
         }
         Err(ReadError::Inconsistent(CONSISTENT_READ_ATTEMPTS))
     }
+}
+
+/// A receive buffer whose pages a dump datagram can fill are touched already.
+fn ready_buffer() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(nl::RECV_BUF);
+    buf.resize(DATAGRAM_PAGES_BYTES, 0);
+    buf.clear();
+    buf
 }
 
 /// Decodes a buffer of nf_tables netlink messages (`nlmsghdr` + `nfgenmsg` +
@@ -419,7 +446,11 @@ struct Decoder {
 
 impl Decoder {
     fn feed_chunk(&mut self, chunk: Chunk) {
-        let buf = Arc::new(chunk.buf);
+        // The model keeps the datagram: not the receive buffer's unused end
+        // (half of it; for a dump's last, short datagram nearly all).
+        let mut buf = chunk.buf;
+        buf.shrink_to_fit();
+        let buf = Arc::new(buf);
         for m in &chunk.msgs {
             self.feed(m.msg, m.family, &buf, m.range.clone());
         }
