@@ -35,7 +35,7 @@ pub fn nat_in_use() -> bool {
 }
 
 /// The legacy nat tables in use in a namespace, read apart from the nf_tables
-/// dump (a read runs this while its decoder finishes).
+/// dump (a read runs this on its decoder thread, beside the dump).
 #[derive(Debug, Default)]
 pub struct LegacyTables {
     tables: Vec<Table>,

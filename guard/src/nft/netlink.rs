@@ -350,25 +350,21 @@ impl NftSocket {
             self.spare = None;
             let (model, ran, intr, after, dumped, bytes) = read?;
             let total = t0.elapsed();
-            let own = match ran {
-                Some((result, took)) => {
-                    done = Some((result, took));
-                    took
-                }
-                None => Duration::ZERO,
-            };
+            if let Some(ran) = ran {
+                done = Some(ran);
+            }
             if intr || before != after {
                 continue;
             }
             let mut model = model;
             model.generation = Some(after);
+            let (done, took) = done.expect("the first attempt ran the caller's work");
             let timings = ReadTimings {
                 dump: dumped,
-                meanwhile: own,
+                meanwhile: took,
                 decode: total.saturating_sub(dumped),
                 bytes,
             };
-            let (done, _) = done.expect("the first attempt ran the caller's work");
             return Ok((model, done, timings));
         }
         Err(ReadError::Inconsistent(CONSISTENT_READ_ATTEMPTS))
