@@ -822,6 +822,7 @@ pub(crate) mod tests {
             ]),
         ));
         let value = |v: Vec<u8>| nest(&[(1, v)]);
+        let [load, cmp] = dport_match(80);
         let exprs = [
             expr(
                 "meta",
@@ -838,23 +839,8 @@ pub(crate) mod tests {
                     (3, value(vec![6])),
                 ]),
             ),
-            expr(
-                "payload",
-                nest(&[
-                    (1, 1u32.to_be_bytes().to_vec()),
-                    (2, 2u32.to_be_bytes().to_vec()),
-                    (3, 2u32.to_be_bytes().to_vec()),
-                    (4, 2u32.to_be_bytes().to_vec()),
-                ]),
-            ),
-            expr(
-                "cmp",
-                nest(&[
-                    (1, 1u32.to_be_bytes().to_vec()),
-                    (2, 0u32.to_be_bytes().to_vec()),
-                    (3, value(vec![0, 80])),
-                ]),
-            ),
+            load,
+            cmp,
             expr("frobnicate", nest(&[(1, vec![1, 2, 3, 4])])),
             expr(
                 "immediate",
@@ -907,6 +893,31 @@ pub(crate) mod tests {
         }
     }
 
+    /// `th dport PORT` as nft and iptables-nft write it: a payload load of
+    /// the transport header's bytes 2..4 into register 1, and a `cmp eq`.
+    fn dport_match(port: u16) -> [Vec<u8>; 2] {
+        let value = |v: Vec<u8>| nest(&[(1, v)]);
+        [
+            expr(
+                "payload",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 2u32.to_be_bytes().to_vec()),
+                    (3, 2u32.to_be_bytes().to_vec()),
+                    (4, 2u32.to_be_bytes().to_vec()),
+                ]),
+            ),
+            expr(
+                "cmp",
+                nest(&[
+                    (1, 1u32.to_be_bytes().to_vec()),
+                    (2, 0u32.to_be_bytes().to_vec()),
+                    (3, value(port.to_be_bytes().to_vec())),
+                ]),
+            ),
+        ]
+    }
+
     /// A dump of table `t` with `chains` regular chains `c0`.. and, in `c0`,
     /// `rules` rules `tcp dport 1000+i` ([`dport_rule`]).
     fn long_dump(chains: usize, rules: u16) -> Vec<u8> {
@@ -935,27 +946,8 @@ pub(crate) mod tests {
     /// A rule of chain `chain` in table `t`: `tcp dport PORT` (payload and
     /// cmp, as nft and iptables-nft write a port match), handle PORT.
     fn dport_rule(chain: &str, port: u16) -> Vec<u8> {
-        let value = |v: Vec<u8>| nest(&[(1, v)]);
         let mut list = Vec::new();
-        for e in [
-            expr(
-                "payload",
-                nest(&[
-                    (1, 1u32.to_be_bytes().to_vec()),
-                    (2, 2u32.to_be_bytes().to_vec()),
-                    (3, 2u32.to_be_bytes().to_vec()),
-                    (4, 2u32.to_be_bytes().to_vec()),
-                ]),
-            ),
-            expr(
-                "cmp",
-                nest(&[
-                    (1, 1u32.to_be_bytes().to_vec()),
-                    (2, 0u32.to_be_bytes().to_vec()),
-                    (3, value(port.to_be_bytes().to_vec())),
-                ]),
-            ),
-        ] {
+        for e in dport_match(port) {
             attr::put(&mut list, 1, &e);
         }
         encode_message(
