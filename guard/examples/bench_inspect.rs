@@ -14,7 +14,7 @@ use portguard::{
     policy::{PortRange, Proto},
 };
 
-const MIN_ROUNDS: usize = 9;
+const MIN_ROUNDS: usize = 15;
 const MAX_ROUNDS: usize = 201;
 const BUDGET: Duration = Duration::from_secs(3);
 const PROTECTED: [u16; 2] = [80, 443];
