@@ -40,8 +40,9 @@ fn main() {
             "--rounds" => {
                 rounds = Some(
                     args.next()
-                        .and_then(|r| r.parse().ok())
-                        .expect("--rounds N"),
+                        .and_then(|r| r.parse::<usize>().ok())
+                        .filter(|n| *n > 0)
+                        .expect("--rounds N (at least 1)"),
                 )
             }
             other => panic!("unknown argument {other}"),
@@ -70,16 +71,15 @@ fn main() {
             t.bytes
         };
         while more(full.len()) {
-            // Which goes first alternates: the second dump of a round finds
-            // the kernel's rules warmer in the cache (at 40k, enough to move
-            // the ratio by a tenth).
+            // Which goes first alternates: the second dump of a round may
+            // find the kernel's rules warmer in the cache.
             let raw_first = full.len() % 2 == 0;
             if raw_first {
                 bytes = raw(&mut dump);
             }
             // The full inspection, from nothing, as the agent reads: the
             // dump decoded beside it, the legacy tables and the addresses
-            // read while the decoder finishes, then the analysis.
+            // read on the decoder thread meanwhile, then the analysis.
             let t0 = Instant::now();
             let (model, addrs, timings) = nft::read_timed(None).expect("read ruleset");
             read.push(t0.elapsed());
