@@ -26,9 +26,10 @@ fn main() {
     portguard_tests::require_root();
     let ns = NetNs::new("pg-bench-idle");
     let cgroup = Cgroup::new("pg-bench-idle");
-    let policy = std::env::temp_dir().join(unique_name("pg-bench-idle") + ".toml");
+    // Removed on drop, also when a step below panics.
+    let policy = RemovedOnDrop(std::env::temp_dir().join(unique_name("pg-bench-idle") + ".toml"));
     fs::write(
-        &policy,
+        &policy.0,
         "mode = \"enforce\"\n[[ports]]\nport = 80\nowner = \"unit:pg-bench-idle.service\"\n",
     )
     .expect("write policy");
@@ -42,7 +43,7 @@ fn main() {
         "--netns".as_ref(),
         ns.name().as_ref(),
         "--config".as_ref(),
-        policy.as_os_str(),
+        policy.0.as_os_str(),
     ]);
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     let pid = agent.pid();
@@ -62,8 +63,16 @@ fn main() {
     println!("idle_rss {:.1} MB", rss as f64 / 1024.0);
     println!("peak_rss {:.1} MB", hwm as f64 / 1024.0);
     let (status, _) = agent.stop();
-    let _ = fs::remove_file(&policy);
     assert!(status.success(), "the agent stopped badly: {status}");
+}
+
+/// A file of this run's, removed when it goes out of scope.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// Voluntary and involuntary context switches of every thread of `pid`.
