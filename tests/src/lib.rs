@@ -29,6 +29,28 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// A policy file written for one test, removed when it goes out of scope
+/// (also when the test panics).
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(contents: &str) -> Self {
+        let path = std::env::temp_dir().join(unique_name("pg-policy") + ".toml");
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A TCP port nobody holds right now (the kernel's pick, released at once).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -21,7 +21,7 @@ struct Setup {
     cgroup: Cgroup,
     owner: Cgroup,
     port: u16,
-    _policy: tempfile_lite::TempFile,
+    _policy: portguard_tests::TempFile,
     agent: Agent,
 }
 
@@ -30,7 +30,7 @@ fn setup(mode: &str) -> Setup {
     let cgroup = Cgroup::new("pg-bind");
     let owner = cgroup.child("owner");
     let port = free_port();
-    let policy = tempfile_lite::TempFile::new(&format!(
+    let policy = portguard_tests::TempFile::new(&format!(
         "mode = \"{mode}\"\n[[ports]]\nport = {port}\nowner = \"cgroup:{}\"\n",
         owner.relative()
     ));
@@ -269,7 +269,7 @@ fn stopping_the_agent_detaches_enforcement() {
     drop(s.owner);
 }
 
-fn start_agent(policy: &tempfile_lite::TempFile, cgroup: &Cgroup) -> Agent {
+fn start_agent(policy: &portguard_tests::TempFile, cgroup: &Cgroup) -> Agent {
     Agent::start([
         "run".as_ref(),
         "--config".as_ref(),
@@ -289,7 +289,7 @@ fn executable_owner_is_recognised_by_inode_not_by_name() {
     std::fs::create_dir_all(&dir).unwrap();
     let owner_exe = dir.join("webserver");
     std::fs::copy(helper_bin("bindprobe"), &owner_exe).unwrap();
-    let policy = tempfile_lite::TempFile::new(&format!(
+    let policy = portguard_tests::TempFile::new(&format!(
         "[[ports]]\nport = {port}\nowner = \"exe:{}\"\n",
         owner_exe.display()
     ));
@@ -331,7 +331,7 @@ fn owners_changed_at_runtime_take_effect_without_restart() {
     let newcomer = cgroup.child("newcomer");
     let port = free_port();
     let p = port.to_string();
-    let policy = tempfile_lite::TempFile::new(&format!(
+    let policy = portguard_tests::TempFile::new(&format!(
         "[[ports]]\nport = {port}\nowner = \"cgroup:/nonexistent-owner\"\n"
     ));
     let mut agent = start_agent(&policy, &cgroup);
@@ -381,7 +381,7 @@ fn an_owner_cgroup_made_while_the_agent_is_frozen_binds_as_the_owner() {
     let port = free_port();
     let p = port.to_string();
     let owner_path = format!("{}/owner", parent.relative());
-    let policy = tempfile_lite::TempFile::new(&format!(
+    let policy = portguard_tests::TempFile::new(&format!(
         "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"cgroup:{owner_path}\"\n"
     ));
     let mut agent = start_agent(&policy, &cgroup);
@@ -411,30 +411,6 @@ fn an_owner_cgroup_made_while_the_agent_is_frozen_binds_as_the_owner() {
 }
 
 /// A file removed on drop, without another dependency.
-mod tempfile_lite {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempFile(PathBuf);
-
-    impl TempFile {
-        pub fn new(contents: &str) -> Self {
-            let path =
-                std::env::temp_dir().join(portguard_tests::unique_name("pg-policy") + ".toml");
-            std::fs::write(&path, contents).unwrap();
-            Self(path)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
 /// `portguard listeners` against real sockets held by real processes.
 mod listeners {
     use std::{
@@ -461,7 +437,7 @@ mod listeners {
         child
     }
 
-    fn listeners(policy: &tempfile_lite::TempFile) -> (i32, Value) {
+    fn listeners(policy: &portguard_tests::TempFile) -> (i32, Value) {
         let out = Command::new(portguard_tests::portguard_bin())
             .args(["listeners", "--json", "--config"])
             .arg(policy.path())
@@ -478,7 +454,7 @@ mod listeners {
         let cg = Cgroup::new("pg-listen");
         let owner = cg.child("owner");
         let (p_owned, p_taken) = (free_port(), free_port());
-        let policy = tempfile_lite::TempFile::new(&format!(
+        let policy = portguard_tests::TempFile::new(&format!(
             "[[ports]]\nport = {p_owned}\nowner = \"cgroup:{o}\"\n[[ports]]\nport = {p_taken}\nowner = \"cgroup:{o}\"\n",
             o = owner.relative()
         ));
@@ -522,7 +498,7 @@ fn docker_proxy_may_bind_a_docker_owned_port_before_any_container_runs() {
     portguard_tests::docker::require_docker();
     let cgroup = Cgroup::new("pg-proxy");
     let port = free_port();
-    let policy = tempfile_lite::TempFile::new(&format!(
+    let policy = portguard_tests::TempFile::new(&format!(
         "mode = \"enforce\"\n[[ports]]\nport = {port}\nowner = \"docker\"\n"
     ));
     let mut agent = start_agent(&policy, &cgroup);

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portguard_tests::{agent::Agent, cgroup::Cgroup, netns::NetNs, portguard_bin, unique_name};
+use portguard_tests::{TempFile, agent::Agent, cgroup::Cgroup, netns::NetNs, portguard_bin};
 
 /// Settling after `agent_ready`: the first inspection, the first ticks.
 const SETTLE: Duration = Duration::from_secs(15);
@@ -26,13 +26,9 @@ fn main() {
     portguard_tests::require_root();
     let ns = NetNs::new("pg-bench-idle");
     let cgroup = Cgroup::new("pg-bench-idle");
-    // Removed on drop, also when a step below panics.
-    let policy = RemovedOnDrop(std::env::temp_dir().join(unique_name("pg-bench-idle") + ".toml"));
-    fs::write(
-        &policy.0,
+    let policy = TempFile::new(
         "mode = \"enforce\"\n[[ports]]\nport = 80\nowner = \"unit:pg-bench-idle.service\"\n",
-    )
-    .expect("write policy");
+    );
     eprintln!("bench_idle: agent {}", portguard_bin().display());
     let mut agent = Agent::start([
         "run".as_ref(),
@@ -43,7 +39,7 @@ fn main() {
         "--netns".as_ref(),
         ns.name().as_ref(),
         "--config".as_ref(),
-        policy.0.as_os_str(),
+        policy.path().as_os_str(),
     ]);
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
     let pid = agent.pid();
@@ -64,15 +60,6 @@ fn main() {
     println!("peak_rss {:.1} MB", hwm as f64 / 1024.0);
     let (status, _) = agent.stop();
     assert!(status.success(), "the agent stopped badly: {status}");
-}
-
-/// A file of this run's, removed when it goes out of scope.
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 /// Voluntary and involuntary context switches of every thread of `pid`.
