@@ -414,11 +414,6 @@ pub fn encode_message(msg: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Reads the ruleset of the calling thread's network namespace.
-pub fn read_ruleset() -> Result<RulesetModel, ReadError> {
-    NftSocket::open()?.read_ruleset().map(|(m, _)| m)
-}
-
 type TableKey = (u8, String);
 /// The chain the previous rule named: family, table, chain, and its indexes.
 type LastChain = (u8, Vec<u8>, Vec<u8>, Option<(usize, usize)>);
