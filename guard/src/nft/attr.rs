@@ -79,7 +79,12 @@ pub fn be_u64(b: &[u8]) -> Option<u64> {
 /// A NUL-terminated (or not) string attribute.
 pub fn string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+    // Names and comments are nearly always valid UTF-8: checked in one pass,
+    // copied once; only invalid bytes take the slower lossy path.
+    match std::str::from_utf8(&b[..end]) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(&b[..end]).into_owned(),
+    }
 }
 
 /// Appends an attribute to a message being built.

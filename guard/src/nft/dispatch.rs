@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use super::expr::{CmpOp, Expr, PayloadBase, decode_list_only};
+use super::expr::{CmpOp, Expr, LoadOrCmp, PayloadBase, decode_list_with, load_or_cmp};
 
 /// The transport header's destination port (`th dport`): offset and length.
 const TH_DPORT_OFFSET: u32 = 2;
@@ -29,15 +29,16 @@ pub fn matched_dport(exprs: &[Expr]) -> Option<u16> {
     exprs.windows(2).find_map(|w| dport_pair(&w[0], &w[1]))
 }
 
-/// [`matched_dport`] of a rule's raw expression list, decoding only its
-/// `payload` and `cmp` expressions (the same decoder, so the same answer;
-/// checked by the fuzz target): a long chain is indexed without decoding
-/// every rule whole.
+/// [`matched_dport`] of a rule's raw expression list, looking only at its
+/// `payload` and `cmp` expressions (the same decoder's parts, so the same
+/// answer; checked by the fuzz target), nothing copied: a long chain is
+/// indexed without decoding every rule whole.
 pub fn matched_dport_raw(list: &[u8]) -> Option<u16> {
-    let mut prev: Option<Expr> = None;
-    for cur in decode_list_only(list, |name| name == "payload" || name == "cmp") {
-        if let (Some(p), Some(c)) = (&prev, &cur)
-            && let Some(port) = dport_pair(p, c)
+    let mut prev: Option<LoadOrCmp<'_>> = None;
+    for cur in decode_list_with(list, load_or_cmp) {
+        if let (Some(LoadOrCmp::Payload(load)), Some(LoadOrCmp::Cmp { sreg, op, data })) =
+            (&prev, &cur)
+            && let Some(port) = dport_of(load, *sreg, *op, data)
         {
             return Some(port);
         }
@@ -48,20 +49,23 @@ pub fn matched_dport_raw(list: &[u8]) -> Option<u16> {
 
 /// A load of the transport header's destination port straight into a `cmp eq`.
 fn dport_pair(load: &Expr, cmp: &Expr) -> Option<u16> {
-    match (load, cmp) {
-        (
-            Expr::Payload {
-                base: PayloadBase::Transport,
-                offset: TH_DPORT_OFFSET,
-                len: TH_DPORT_LEN,
-                dreg,
-            },
-            Expr::Cmp {
-                sreg,
-                op: CmpOp::Eq,
-                data,
-            },
-        ) if dreg == sreg && data.len() == 2 => Some(u16::from_be_bytes([data[0], data[1]])),
+    match cmp {
+        Expr::Cmp { sreg, op, data } => dport_of(load, *sreg, *op, data),
+        _ => None,
+    }
+}
+
+/// [`dport_pair`] of a load and a `cmp`'s parts.
+fn dport_of(load: &Expr, sreg: u32, op: CmpOp, data: &[u8]) -> Option<u16> {
+    match load {
+        Expr::Payload {
+            base: PayloadBase::Transport,
+            offset: TH_DPORT_OFFSET,
+            len: TH_DPORT_LEN,
+            dreg,
+        } if *dreg == sreg && op == CmpOp::Eq && data.len() == 2 => {
+            Some(u16::from_be_bytes([data[0], data[1]]))
+        }
         _ => None,
     }
 }

@@ -233,14 +233,14 @@ pub fn decode_list_elem(elem: &[u8]) -> Expr {
     }
 }
 
-/// The expressions of a raw `NFTA_RULE_EXPRESSIONS` list, one per element as
-/// [`decode_list`] gives them, but decoded only where `wanted` accepts the
-/// expression's name (`None` elsewhere, and where [`decode_list`] would give
-/// `Unknown`): a scan for a few kinds without decoding the rest.
-pub fn decode_list_only<'a>(
+/// A raw `NFTA_RULE_EXPRESSIONS` list, one item per element as
+/// [`decode_list`] gives them, each the answer of `each` to the expression's
+/// name and data (`None` where [`decode_list`] would give `Unknown` for want
+/// of a name): a scan for a few kinds that decodes nothing else.
+pub fn decode_list_with<'a, T>(
     list: &'a [u8],
-    wanted: impl Fn(&str) -> bool + 'a,
-) -> impl Iterator<Item = Option<Expr>> + 'a {
+    each: impl Fn(&str, &'a [u8]) -> Option<T> + 'a,
+) -> impl Iterator<Item = Option<T>> + 'a {
     Attrs::new(list).map(move |e| match e {
         Ok((NFTA_LIST_ELEM, elem)) => {
             let mut name: Option<&[u8]> = None;
@@ -255,12 +255,7 @@ pub fn decode_list_only<'a>(
             }
             let raw = name?;
             let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-            let name = std::str::from_utf8(&raw[..end]).ok()?;
-            if wanted(name) {
-                decode(name, data)
-            } else {
-                None
-            }
+            each(std::str::from_utf8(&raw[..end]).ok()?, data)
         }
         _ => None,
     })
@@ -301,23 +296,7 @@ fn u32_of(a: &AttrTable<'_>, ty: u16) -> Option<u32> {
 pub fn decode(name: &str, data: &[u8]) -> Option<Expr> {
     let a = attrs(data)?;
     Some(match name {
-        "payload" => {
-            if get(&a, NFTA_PAYLOAD_SREG).is_some() {
-                Expr::PayloadSet
-            } else {
-                Expr::Payload {
-                    base: match u32_of(&a, NFTA_PAYLOAD_BASE)? {
-                        NFT_PAYLOAD_LL_HEADER => PayloadBase::LinkLayer,
-                        NFT_PAYLOAD_NETWORK_HEADER => PayloadBase::Network,
-                        NFT_PAYLOAD_TRANSPORT_HEADER => PayloadBase::Transport,
-                        n => PayloadBase::Other(n),
-                    },
-                    offset: u32_of(&a, NFTA_PAYLOAD_OFFSET)?,
-                    len: u32_of(&a, NFTA_PAYLOAD_LEN)?,
-                    dreg: u32_of(&a, NFTA_PAYLOAD_DREG)?,
-                }
-            }
-        }
+        "payload" => payload(&a)?,
         "meta" => match u32_of(&a, NFTA_META_DREG) {
             Some(dreg) => Expr::Meta {
                 key: u32_of(&a, NFTA_META_KEY)?,
@@ -328,19 +307,14 @@ pub fn decode(name: &str, data: &[u8]) -> Option<Expr> {
             },
             None => return None,
         },
-        "cmp" => Expr::Cmp {
-            sreg: u32_of(&a, NFTA_CMP_SREG)?,
-            op: match u32_of(&a, NFTA_CMP_OP)? {
-                NFT_CMP_EQ => CmpOp::Eq,
-                NFT_CMP_NEQ => CmpOp::Neq,
-                NFT_CMP_LT => CmpOp::Lt,
-                NFT_CMP_LTE => CmpOp::Lte,
-                NFT_CMP_GT => CmpOp::Gt,
-                NFT_CMP_GTE => CmpOp::Gte,
-                _ => return None,
-            },
-            data: value(get(&a, NFTA_CMP_DATA)?)?,
-        },
+        "cmp" => {
+            let (sreg, op, data) = cmp(&a)?;
+            Expr::Cmp {
+                sreg,
+                op,
+                data: data.to_vec(),
+            }
+        }
         "range" => Expr::Range {
             sreg: u32_of(&a, NFTA_RANGE_SREG)?,
             negate: u32_of(&a, NFTA_RANGE_OP)? == NFT_RANGE_NEQ,
@@ -436,9 +410,82 @@ pub fn decode(name: &str, data: &[u8]) -> Option<Expr> {
 
 /// `NFTA_DATA_VALUE` inside an `nft_data` nest.
 fn value(nest: &[u8]) -> Option<Vec<u8>> {
-    match data_of(nest)? {
-        Data::Value(v) => Some(v),
-        Data::Verdict(_) => None,
+    value_slice(nest).map(<[u8]>::to_vec)
+}
+
+/// [`value`], borrowed from the message: the first value or verdict of the
+/// nest decides, as in [`data_of`] (a verdict is no value).
+fn value_slice(nest: &[u8]) -> Option<&[u8]> {
+    for attr in Attrs::new(nest) {
+        match attr.ok()? {
+            (NFTA_DATA_VALUE, payload) => return Some(payload),
+            (NFTA_DATA_VERDICT, _) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A `payload` expression: a load ([`Expr::Payload`]) or a write
+/// ([`Expr::PayloadSet`]).
+fn payload(a: &AttrTable<'_>) -> Option<Expr> {
+    if get(a, NFTA_PAYLOAD_SREG).is_some() {
+        return Some(Expr::PayloadSet);
+    }
+    Some(Expr::Payload {
+        base: match u32_of(a, NFTA_PAYLOAD_BASE)? {
+            NFT_PAYLOAD_LL_HEADER => PayloadBase::LinkLayer,
+            NFT_PAYLOAD_NETWORK_HEADER => PayloadBase::Network,
+            NFT_PAYLOAD_TRANSPORT_HEADER => PayloadBase::Transport,
+            n => PayloadBase::Other(n),
+        },
+        offset: u32_of(a, NFTA_PAYLOAD_OFFSET)?,
+        len: u32_of(a, NFTA_PAYLOAD_LEN)?,
+        dreg: u32_of(a, NFTA_PAYLOAD_DREG)?,
+    })
+}
+
+/// A `cmp` expression's register, operator and value, the value borrowed
+/// from the message.
+fn cmp<'a>(a: &AttrTable<'a>) -> Option<(u32, CmpOp, &'a [u8])> {
+    let op = match u32_of(a, NFTA_CMP_OP)? {
+        NFT_CMP_EQ => CmpOp::Eq,
+        NFT_CMP_NEQ => CmpOp::Neq,
+        NFT_CMP_LT => CmpOp::Lt,
+        NFT_CMP_LTE => CmpOp::Lte,
+        NFT_CMP_GT => CmpOp::Gt,
+        NFT_CMP_GTE => CmpOp::Gte,
+        _ => return None,
+    };
+    Some((
+        u32_of(a, NFTA_CMP_SREG)?,
+        op,
+        value_slice(get(a, NFTA_CMP_DATA)?)?,
+    ))
+}
+
+/// What [`decode`] makes of a `payload` or `cmp` expression, the `cmp`
+/// value borrowed rather than copied (`None` for any other expression, and
+/// where [`decode`] gives none): for scans over many rules, such as a long
+/// chain's port dispatch.
+pub enum LoadOrCmp<'a> {
+    Payload(Expr),
+    Cmp {
+        sreg: u32,
+        op: CmpOp,
+        data: &'a [u8],
+    },
+}
+
+/// [`LoadOrCmp`] of expression `name` with attributes `data`.
+pub fn load_or_cmp<'a>(name: &str, data: &'a [u8]) -> Option<LoadOrCmp<'a>> {
+    match name {
+        "payload" => payload(&attrs(data)?).map(LoadOrCmp::Payload),
+        "cmp" => {
+            let (sreg, op, data) = cmp(&attrs(data)?)?;
+            Some(LoadOrCmp::Cmp { sreg, op, data })
+        }
+        _ => None,
     }
 }
 

@@ -190,11 +190,16 @@ impl Table {
         found.clone()
     }
 
-    /// Takes `names` (every chain's position by name, as a read found them)
-    /// as the name map, when the table is long enough to want one. A map that
-    /// does not match `chains` is only slow, never wrong (see [`ChainNames`]).
-    pub fn set_chain_names(&mut self, names: std::collections::HashMap<String, usize>) {
+    /// Takes the map `names` gives (every chain's position by name, as a
+    /// read found them) as the name map, when the table is long enough to
+    /// want one (`names` is not called otherwise). A map that does not match
+    /// `chains` is only slow, never wrong (see [`ChainNames`]).
+    pub fn set_chain_names(
+        &mut self,
+        names: impl FnOnce(&[Chain]) -> std::collections::HashMap<String, usize>,
+    ) {
         if self.chains.len() >= CHAIN_NAMES_MIN {
+            let names = names(&self.chains);
             self.chain_names = ChainNames(OnceLock::from(Arc::new(names)));
         }
     }

@@ -417,6 +417,15 @@ pub fn encode_message(msg: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
 type TableKey = (u8, String);
 /// The chain the previous rule named: family, table, chain, and its indexes.
 type LastChain = (u8, Vec<u8>, Vec<u8>, Option<(usize, usize)>);
+/// How many chains past the previous rule's a rule's chain is looked for by
+/// name before the name map is asked (chains without rules are skipped over).
+const CHAINS_LOOKED_AHEAD: usize = 4;
+
+/// A name attribute's bytes up to its terminating NUL.
+fn until_nul(b: &[u8]) -> &[u8] {
+    b.iter().position(|&c| c == 0).map_or(b, |end| &b[..end])
+}
+
 /// Table, chain, rule, set and element-list attribute types are all below this.
 const MAX_OBJECT_ATTR: usize = 32;
 
@@ -425,9 +434,12 @@ const MAX_OBJECT_ATTR: usize = 32;
 struct Decoder {
     model: RulesetModel,
     tables: HashMap<TableKey, usize>,
-    /// Per table (by position), its chains' positions by name: handed to the
-    /// table as its name map at the end (see [`ChainNames`]).
-    chains: Vec<HashMap<String, usize>>,
+    /// Per table (by position), its chains' positions by name, built the
+    /// first time a rule's chain is not where [`Self::find_chain`] looks
+    /// first (the table's chains all read by then: built at its exact size,
+    /// no rehashing as it grows), else at the end for a table long enough to
+    /// keep one; handed to the table as its name map (see [`ChainNames`]).
+    chains: Vec<Option<HashMap<String, usize>>>,
     sets: HashMap<(usize, String), usize>,
     last_chain: Option<LastChain>,
     /// The port dispatch of the chain read last, built as its rules arrive
@@ -476,7 +488,7 @@ impl Decoder {
                 };
                 self.tables
                     .insert((family, name.clone()), self.model.tables.len());
-                self.chains.push(HashMap::new());
+                self.chains.push(None);
                 self.model.tables.push(Table {
                     family: Family(family),
                     name,
@@ -517,7 +529,9 @@ impl Decoder {
                     }
                 });
                 let t = &mut self.model.tables[ti];
-                self.chains[ti].insert(name.clone(), t.chains.len());
+                if let Some(names) = &mut self.chains[ti] {
+                    names.insert(name.clone(), t.chains.len());
+                }
                 t.chains.push(Chain {
                     name,
                     handle: get(NFTA_CHAIN_HANDLE).and_then(be_u64).unwrap_or(0),
@@ -537,11 +551,18 @@ impl Decoder {
                 let hit = matches!(&self.last_chain, Some((f, t, c, _)) if *f == family && t.as_slice() == table && c.as_slice() == chain);
                 if !hit {
                     self.chain_complete();
-                    let found = self
-                        .tables
-                        .get(&(family, string(table)))
-                        .and_then(|&ti| self.chains[ti].get(&string(chain)).map(|&ci| (ti, ci)));
-                    self.last_chain = Some((family, table.to_vec(), chain.to_vec(), found));
+                    let found = self.find_chain(family, table, chain);
+                    // The previous chain's name buffers are reused: a switch
+                    // every rule or two (kube-proxy's chains) allocates nothing.
+                    let (mut t, mut c) = match self.last_chain.take() {
+                        Some((_, t, c, _)) => (t, c),
+                        None => (Vec::new(), Vec::new()),
+                    };
+                    t.clear();
+                    t.extend_from_slice(table);
+                    c.clear();
+                    c.extend_from_slice(chain);
+                    self.last_chain = Some((family, t, c, found));
                 }
                 let Some((_, _, _, Some((ti, ci)))) = self.last_chain else {
                     return;
@@ -660,6 +681,47 @@ impl Decoder {
         }
     }
 
+    /// Where the chain a rule names is in the model: the table and chain
+    /// positions. The kernel dumps a table's rules chain by chain in the
+    /// order it dumped the chains (both walk the table's chain list), so
+    /// the chain after the previous rule's is tried first (a name compared,
+    /// nothing hashed or allocated); the name maps answer anything else.
+    fn find_chain(&mut self, family: u8, table: &[u8], chain: &[u8]) -> Option<(usize, usize)> {
+        let (table, chain) = (until_nul(table), until_nul(chain));
+        let same_table = match &self.last_chain {
+            Some((f, t, _, Some((ti, ci)))) if *f == family && until_nul(t) == table => {
+                Some((*ti, *ci))
+            }
+            _ => None,
+        };
+        let ti = match same_table {
+            Some((ti, _)) => ti,
+            None => *self.tables.get(&(family, string(table)))?,
+        };
+        let chains = &self.model.tables[ti].chains;
+        let from = same_table.map_or(0, |(_, ci)| ci + 1);
+        if let Some(ahead) = chains
+            .iter()
+            .skip(from)
+            .take(CHAINS_LOOKED_AHEAD)
+            .position(|c| c.name.as_bytes() == chain)
+        {
+            return Some((ti, from + ahead));
+        }
+        let names = self.chain_names(ti);
+        let ci = match std::str::from_utf8(chain) {
+            Ok(name) => names.get(name),
+            Err(_) => names.get(&string(chain)),
+        };
+        ci.map(|&ci| (ti, ci))
+    }
+
+    /// Table `ti`'s chain name map, built from its chains if not yet.
+    fn chain_names(&mut self, ti: usize) -> &HashMap<String, usize> {
+        let chains = &self.model.tables[ti].chains;
+        self.chains[ti].get_or_insert_with(|| chain_name_map(chains))
+    }
+
     /// The rules of the chain read last are all in (a dump sends a chain's
     /// rules together): the port dispatch built as they came is the chain's,
     /// rather than one the first inspection would build.
@@ -674,13 +736,22 @@ impl Decoder {
         self.chain_complete();
         for (t, names) in self.model.tables.iter_mut().zip(self.chains) {
             t.origin = table_origin(t);
-            // Indexed now, on the read, rather than by the first notification;
-            // the map the decoder kept is the index.
-            t.set_chain_names(names);
+            // Indexed now, on the read, rather than by the first notification:
+            // the map the decoder built, or one built here at its exact size.
+            t.set_chain_names(|chains| names.unwrap_or_else(|| chain_name_map(chains)));
             t.base_chain_positions();
         }
         self.model
     }
+}
+
+/// Each chain's position by name.
+fn chain_name_map(chains: &[Chain]) -> HashMap<String, usize> {
+    let mut names = HashMap::with_capacity(chains.len());
+    for (ci, c) in chains.iter().enumerate() {
+        names.insert(c.name.clone(), ci);
+    }
+    names
 }
 
 /// iptables-nft writes `xt` expressions, and tables named like iptables' own with
@@ -1004,6 +1075,74 @@ pub(crate) mod tests {
             assert_eq!(d.positions(1003).collect::<Vec<_>>(), [3]);
             let last = usize::from(first + second - 1);
             assert_eq!(d.positions(2000 + second - 1).collect::<Vec<_>>(), [last]);
+        }
+    }
+
+    #[test]
+    fn rules_find_their_chain_in_any_order() {
+        // A dump sends rules chain by chain in the order of the chains; the
+        // decoder looks there first. Any other order (decoded recordings,
+        // fuzz input) must place each rule in the chain it names all the same.
+        let rule = |table: &str, chain: &str, handle: u64| {
+            encode_message(
+                NFT_MSG_NEWRULE,
+                Family::IP.0,
+                &nest(&[
+                    (NFTA_RULE_TABLE, s(table)),
+                    (NFTA_RULE_CHAIN, s(chain)),
+                    (NFTA_RULE_HANDLE, handle.to_be_bytes().to_vec()),
+                ]),
+            )
+        };
+        for chains in [8, 80] {
+            let mut dump = long_dump(chains, 0);
+            dump.extend(encode_message(
+                NFT_MSG_NEWTABLE,
+                Family::IP.0,
+                &nest(&[(NFTA_TABLE_NAME, s("u"))]),
+            ));
+            dump.extend(encode_message(
+                NFT_MSG_NEWCHAIN,
+                Family::IP.0,
+                &nest(&[(NFTA_CHAIN_TABLE, s("u")), (NFTA_CHAIN_NAME, s("c0"))]),
+            ));
+            // Ahead by one, behind, the same chain twice apart, far ahead
+            // (past the look-ahead), another table's chain of the same name,
+            // and chains that do not exist.
+            for (table, chain, handle) in [
+                ("t", "c5", 1),
+                ("t", "c0", 2),
+                ("t", "c1", 3),
+                ("t", "c1", 4),
+                ("t", "c7", 5),
+                ("u", "c0", 6),
+                ("t", "c0", 7),
+                ("t", "nochain", 8),
+                ("v", "c0", 9),
+                ("t", "c6", 10),
+            ] {
+                dump.extend(rule(table, chain, handle));
+            }
+            let model = decode_messages(&dump);
+            let handles = |table: &str, chain: &str| -> Vec<u64> {
+                let t = model.tables.iter().find(|t| t.name == table).unwrap();
+                t.chain(chain)
+                    .unwrap()
+                    .rules
+                    .iter()
+                    .map(|r| r.handle)
+                    .collect()
+            };
+            assert_eq!(handles("t", "c0"), [2, 7], "{chains} chains");
+            assert_eq!(handles("t", "c1"), [3, 4]);
+            assert_eq!(handles("t", "c5"), [1]);
+            assert_eq!(handles("t", "c6"), [10]);
+            assert_eq!(handles("t", "c7"), [5]);
+            assert_eq!(handles("u", "c0"), [6]);
+            assert_eq!(model.rule_count(), 8, "rules of unknown chains are dropped");
+            let t = &model.tables[0];
+            assert_eq!(t.chain_position("c7"), Some(7));
+            assert_eq!(t.chain_names_built(), chains == 80, "kept only when long");
         }
     }
 
