@@ -631,13 +631,29 @@ impl<B: RulesetBackend> GuardLoop<B> {
         let mut stages = stages.unwrap_or_default();
         stages.inspected = Some(Instant::now());
         debug_assert_eq!(self.rules, self.model.rule_count(), "the rule count kept");
-        self.cfg.report(GuardReport::Inspected {
+        let inspected = GuardReport::Inspected {
             took: t0.elapsed(),
             rules: self.rules,
             full_read: false,
-        });
-        let mut remove = Vec::new();
-        for action in decide(&self.model, &findings, &self.cfg.policy) {
+        };
+        let acted = self.act(&findings, owned, scope, stages).await;
+        // Reported once acted upon: a report can wake the agent's loop on
+        // another thread, and a removal must not wait for that.
+        self.cfg.report(inspected);
+        acted
+    }
+
+    /// Decides on the findings of an inspection, removes what is to be
+    /// removed (recorded first), reports the rest; then keeps the pins in sync.
+    async fn act(
+        &mut self,
+        findings: &[Finding],
+        owned: Vec<OwnedMapping>,
+        scope: Option<&Scope>,
+        mut stages: Stages,
+    ) -> Result<(), GuardError> {
+        let (mut remove, mut reported) = (Vec::new(), Vec::new());
+        for action in decide(&self.model, findings, &self.cfg.policy) {
             match action {
                 Action::Remove(mut rule) => {
                     if let Some(view) = &self.cfg.cluster {
@@ -645,11 +661,32 @@ impl<B: RulesetBackend> GuardLoop<B> {
                     }
                     remove.push(rule);
                 }
-                Action::Report { finding, why } => self.observed(finding, why),
+                Action::Report { finding, why } => reported.push((finding, why)),
             }
         }
         stages.decided = Some(Instant::now());
+        let removed = self.remove_found(remove, stages).await;
+        // The rules only reported come after the removal: their log lines,
+        // reports and `rule_found` records (a durable write each) must not
+        // delay it.
+        for (finding, why) in reported {
+            self.observed(finding, why);
+        }
         self.record_found().await;
+        if !removed? {
+            return Ok(());
+        }
+        self.sync_pins(owned, scope.is_none()).await
+    }
+
+    /// Removes `remove` (each recorded whole first) and reports each removal;
+    /// `false` when the audit log failed before anything was deleted (the
+    /// rules are withheld: the pins are left as they are too).
+    async fn remove_found(
+        &mut self,
+        remove: Vec<ForeignRule>,
+        mut stages: Stages,
+    ) -> Result<bool, GuardError> {
         if !remove.is_empty() && !self.try_resume().await {
             self.withhold(remove);
         } else if !remove.is_empty() {
@@ -666,7 +703,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                     // No intent on disk: nothing was deleted.
                     self.audit_failed(&e.to_string());
                     self.withhold(remove);
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(e) => return Err(e),
             };
@@ -734,7 +771,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 });
             }
         }
-        self.sync_pins(owned, scope.is_none()).await
+        Ok(true)
     }
 
     /// A foreign rule reported, not removed: logged once per period, not on

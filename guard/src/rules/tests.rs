@@ -408,6 +408,69 @@ async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
 }
 
 #[tokio::test]
+async fn a_removal_does_not_wait_for_the_rules_only_reported() {
+    // One inspection finds a hijack of an enforced port and a foreign rule
+    // on an observed one: the removal goes first, the reported rule's log,
+    // report and durable `rule_found` record after it.
+    let mut policy = Policy::parse(
+        "[[ports]]\nport = 80\nowner = \"docker\"\npin = false\n\
+         [[ports]]\nport = 8080\nowner = \"docker\"\nmode = \"observe\"\n",
+        PolicySource::Embedded,
+    )
+    .expect("policy");
+    policy.mode = Mode::Enforce;
+    let observed = Arc::new(Mutex::new(0));
+    let keep = observed.clone();
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy,
+        owners(None),
+        move |c| {
+            let (family, table, chain) = hijack_at();
+            *keep.lock().unwrap() = c.add_rule_unannounced(&RuleTarget {
+                family,
+                table,
+                chain,
+                exprs: &innocent_exprs(),
+            });
+        },
+    );
+    let observed = *observed.lock().unwrap();
+    let mut order = Vec::new();
+    h.wait_for("the removal, then the observed rule", |r| {
+        match r {
+            GuardReport::Removed { id, .. } => order.push(format!("removed {id}")),
+            GuardReport::Observed { finding, .. } => {
+                order.push(format!("observed {:?}:{}", finding.handle, finding.port));
+            }
+            _ => {}
+        }
+        (order.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        order,
+        [
+            format!("removed ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"),
+            format!("observed Some({observed}):8080"),
+        ]
+    );
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert_eq!(h.batches(), [delete_batch(HIJACK_HANDLE)]);
+    assert_eq!(
+        h.control.handles(Family::IP, TABLE, CHAIN),
+        [observed],
+        "the observed rule stays"
+    );
+    assert_eq!(
+        audit_kinds(&h.audit_path),
+        ["rule_removing", "rule_removed", "rule_found"]
+    );
+    assert_eq!(records_of(&h.audit_path, "rule_found")[0]["port"], 8080);
+}
+
+#[tokio::test]
 async fn a_returning_rule_is_removed_again_and_counted() {
     let mut h = Harness::start(
         decode_messages(&sample_dump()),
