@@ -125,7 +125,7 @@ impl fmt::Debug for BaseChainPositions {
 }
 
 /// Tables with fewer chains are searched by name, not indexed.
-const CHAIN_NAMES_MIN: usize = 64;
+pub(crate) const CHAIN_NAMES_MIN: usize = 64;
 
 /// A table's chain name → position map (kube-proxy's nat table has ~20,000
 /// chains, and every notification names one). Built on first use and shared

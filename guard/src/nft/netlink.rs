@@ -16,8 +16,8 @@ use super::{
     dispatch::{DISPATCH_MIN_RULES, PortDispatch},
     expr,
     model::{
-        BaseHook, Chain, Data, Expr, Family, Hook, RawExprs, Rule, Rules, RulesetModel, Set,
-        SetElem, Table, TableOrigin, Verdict,
+        BaseHook, CHAIN_NAMES_MIN, Chain, Data, Expr, Family, Hook, RawExprs, Rule, Rules,
+        RulesetModel, Set, SetElem, Table, TableOrigin, Verdict,
     },
 };
 pub use crate::sys::netns::in_netns;
@@ -434,11 +434,12 @@ const MAX_OBJECT_ATTR: usize = 32;
 struct Decoder {
     model: RulesetModel,
     tables: HashMap<TableKey, usize>,
-    /// Per table (by position), its chains' positions by name, built the
-    /// first time a rule's chain is not where [`Self::find_chain`] looks
-    /// first (the table's chains all read by then: built at its exact size,
-    /// no rehashing as it grows), else at the end for a table long enough to
-    /// keep one; handed to the table as its name map (see [`ChainNames`]).
+    /// Per table (by position), its chains' positions by name, built at the
+    /// table's first rule when it is long enough to keep one, or the first
+    /// time a rule's chain is not where [`Self::find_chain`] looks first (the
+    /// table's chains all read by then: built at its exact size, no
+    /// rehashing as it grows), else at the end; handed to the table as its
+    /// name map (see [`ChainNames`]).
     chains: Vec<Option<HashMap<String, usize>>>,
     sets: HashMap<(usize, String), usize>,
     last_chain: Option<LastChain>,
@@ -552,6 +553,15 @@ impl Decoder {
                 if !hit {
                     self.chain_complete();
                     let found = self.find_chain(family, table, chain);
+                    // A table's first rule: its chains are all in (the chain
+                    // dump came first). A long table's name map is built now,
+                    // while the dump goes on, not after its last datagram.
+                    if let Some((ti, _)) = found
+                        && self.chains[ti].is_none()
+                        && self.model.tables[ti].chains.len() >= CHAIN_NAMES_MIN
+                    {
+                        self.chain_names(ti);
+                    }
                     // The previous chain's name buffers are reused: a switch
                     // every rule or two (kube-proxy's chains) allocates nothing.
                     let (mut t, mut c) = match self.last_chain.take() {
