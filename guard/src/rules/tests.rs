@@ -350,13 +350,14 @@ fn delete_batch(handle: u64) -> String {
     format!("delete rule ip {TABLE} {CHAIN} handle {handle}\n")
 }
 
-#[tokio::test]
-async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
-    let innocent = Arc::new(Mutex::new(0));
-    let keep = innocent.clone();
-    let mut h = Harness::start(
+/// The guard started on the sample dump with a DNAT of port 8080
+/// ([`innocent_exprs`]) beside the hijack in its chain; that rule's handle.
+fn beside_the_hijack(policy: Policy) -> (Harness, u64) {
+    let handle = Arc::new(Mutex::new(0));
+    let keep = handle.clone();
+    let h = Harness::start(
         decode_messages(&sample_dump()),
-        policy(false),
+        policy,
         owners(None),
         move |c| {
             let (family, table, chain) = hijack_at();
@@ -368,7 +369,13 @@ async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
             });
         },
     );
-    let innocent = *innocent.lock().unwrap();
+    let handle = *handle.lock().unwrap();
+    (h, handle)
+}
+
+#[tokio::test]
+async fn a_hijack_is_recorded_whole_then_only_it_is_deleted() {
+    let (mut h, innocent) = beside_the_hijack(policy(false));
     let (id, returns, _) = h.removed().await;
     assert_eq!(id, format!("ip/{TABLE}/{CHAIN}/{HIJACK_HANDLE}"));
     assert_eq!(returns, 0, "first time: not a return");
@@ -419,23 +426,7 @@ async fn a_removal_does_not_wait_for_the_rules_only_reported() {
     )
     .expect("policy");
     policy.mode = Mode::Enforce;
-    let observed = Arc::new(Mutex::new(0));
-    let keep = observed.clone();
-    let mut h = Harness::start(
-        decode_messages(&sample_dump()),
-        policy,
-        owners(None),
-        move |c| {
-            let (family, table, chain) = hijack_at();
-            *keep.lock().unwrap() = c.add_rule_unannounced(&RuleTarget {
-                family,
-                table,
-                chain,
-                exprs: &innocent_exprs(),
-            });
-        },
-    );
-    let observed = *observed.lock().unwrap();
+    let (mut h, observed) = beside_the_hijack(policy);
     let mut order = Vec::new();
     h.wait_for("the removal, then the observed rule", |r| {
         match r {
