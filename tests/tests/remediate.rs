@@ -1338,13 +1338,18 @@ fn audit_records_reach_a_real_journald_as_structured_entries() {
     let mount_ns = journal.mount_ns();
     let mut args = run_args(&lab, &cgroup);
     args.extend(["--journal".into(), "on".into()]);
+    // The chain exists before the agent reads the ruleset: the hijack then
+    // reaches the guard as a notification, whose generation names its
+    // committer. (A new chain makes the guard read the whole ruleset again;
+    // a hijack committed during that read is in it, and may be removed
+    // before its own notification, the one naming `nft`, is handled.)
+    sh(&lab.h, KP_CHAIN);
     let mut agent = Agent::start_via(
         &["nsenter".as_ref(), mount_ns.as_ref(), "--".as_ref()],
         &[],
         args,
     );
     agent.wait_for_event(Duration::from_secs(20), "rule_guard_ready");
-    sh(&lab.h, KP_CHAIN);
     sh(&lab.h, KP_HIJACK);
     wait_kp_removed(&lab, "the hijack");
     agent.wait_for_event(Duration::from_secs(5), "rule_removed");
