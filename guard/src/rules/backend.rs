@@ -72,6 +72,11 @@ pub trait RulesetBackend: Send {
         changes: &mut Vec<Change>,
     ) -> impl Future<Output = Result<BackendEvent, BackendError>> + Send;
 
+    /// Appends the ruleset changes already announced and not yet taken by
+    /// [`Self::next_event`], without waiting (none when not watching): those
+    /// queued while a read was under way.
+    fn queued_changes(&mut self, changes: &mut Vec<Change>) -> Result<(), BackendError>;
+
     /// The local addresses now (after [`BackendEvent::AddressesChanged`]).
     fn local_addresses(&mut self) -> Result<Vec<LocalAddr>, BackendError>;
 
@@ -189,6 +194,14 @@ impl RulesetBackend for NetlinkBackend {
                 }
             }
         }
+    }
+
+    fn queued_changes(&mut self, changes: &mut Vec<Change>) -> Result<(), BackendError> {
+        if let Some(watch) = &mut self.watch {
+            // The socket is non-blocking: this takes what is there and stops.
+            watch.ruleset.get_mut().drain(changes)?;
+        }
+        Ok(())
     }
 
     fn local_addresses(&mut self) -> Result<Vec<LocalAddr>, BackendError> {

@@ -53,6 +53,11 @@ const RETURN_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// ruleset moved before its batch (`ERESTART`); then it waits for the next
 /// change (whose notification brings it back here).
 const MAX_GENERATION_RETRIES: usize = 8;
+/// How many whole reads one batch of notifications may cause before the
+/// guard judges: after each read, the notifications queued meanwhile are
+/// taken first (they name the committers of rules the read holds), and they
+/// may ask for another read.
+const MAX_READS_PER_EVENT: usize = 3;
 /// While the audit log cannot be written, how often the guard tries again
 /// (by deciding again: a removal starts with its intent record).
 const AUDIT_RETRY: Duration = Duration::from_secs(5);
@@ -315,67 +320,87 @@ impl<B: RulesetBackend> GuardLoop<B> {
         // Rules added after a change that needs a full read: the read will
         // hold them, and these say who committed them.
         let mut restamp: Vec<netlink::RuleMessage> = Vec::new();
-        let mut changes = std::mem::take(&mut self.changes);
-        for c in changes.drain(..) {
-            match c {
-                Change::Generation(generation) => {
-                    if monitor::is_newer(generation.id, self.model.generation) {
-                        let commit = self.held_commit(&generation);
-                        for mut held in std::mem::take(&mut self.held) {
-                            if let (Some(commit), Change::RuleAdded { msg, .. }) =
-                                (&commit, &mut held)
-                            {
-                                msg.rule.set_commit(commit.clone());
-                            }
-                            // A full read follows: applying is pointless.
-                            if resync {
-                                if let Change::RuleAdded { msg, .. } = held
-                                    && msg.rule.commit().is_some()
+        // Whether the whole ruleset was read again (the changes' own scope
+        // then says nothing: everything is inspected).
+        let mut read = false;
+        for pass in 1..=MAX_READS_PER_EVENT {
+            let mut changes = std::mem::take(&mut self.changes);
+            for c in changes.drain(..) {
+                match c {
+                    Change::Generation(generation) => {
+                        if monitor::is_newer(generation.id, self.model.generation) {
+                            let commit = self.held_commit(&generation);
+                            for mut held in std::mem::take(&mut self.held) {
+                                if let (Some(commit), Change::RuleAdded { msg, .. }) =
+                                    (&commit, &mut held)
                                 {
-                                    restamp.push(msg);
+                                    msg.rule.set_commit(commit.clone());
                                 }
-                                continue;
+                                // A full read follows: applying is pointless.
+                                if resync {
+                                    if let Change::RuleAdded { msg, .. } = held
+                                        && msg.rule.commit().is_some()
+                                    {
+                                        restamp.push(msg);
+                                    }
+                                    continue;
+                                }
+                                self.apply_change(held, &mut scope, &mut updated, &mut resync);
                             }
-                            self.apply_change(held, &mut scope, &mut updated, &mut resync);
-                        }
-                        monitor::apply(&mut self.model, Change::Generation(generation));
-                    } else if !self.held.is_empty() {
-                        // Read already (a full read came first), but who
-                        // committed those rules is only said here.
-                        if let Some(commit) = self.held_commit(&generation) {
-                            for held in &self.held {
-                                if let Change::RuleAdded { msg, .. } = held {
-                                    attribution::stamp(&mut self.model, msg, &commit);
+                            monitor::apply(&mut self.model, Change::Generation(generation));
+                        } else if !self.held.is_empty() {
+                            // Read already (a full read came first), but who
+                            // committed those rules is only said here.
+                            if let Some(commit) = self.held_commit(&generation) {
+                                for held in &self.held {
+                                    if let Change::RuleAdded { msg, .. } = held {
+                                        attribution::stamp(&mut self.model, msg, &commit);
+                                    }
                                 }
                             }
+                            debug!(
+                                event = "changes_already_read",
+                                changes = self.held.len(),
+                                generation = generation.id,
+                                model_generation = self.model.generation,
+                                "notified changes already in the model: dropped"
+                            );
+                            self.held.clear();
                         }
-                        debug!(
-                            event = "changes_already_read",
-                            changes = self.held.len(),
-                            generation = generation.id,
-                            model_generation = self.model.generation,
-                            "notified changes already in the model: dropped"
-                        );
-                        self.held.clear();
                     }
+                    // Changes were lost: the re-read covers what is held.
+                    Change::Overrun => {
+                        self.held.clear();
+                        resync = true;
+                    }
+                    c => self.held.push(c),
                 }
-                // Changes were lost: the re-read covers what is held.
-                Change::Overrun => {
-                    self.held.clear();
-                    resync = true;
-                }
-                c => self.held.push(c),
             }
-        }
-        self.changes = changes;
-        if resync {
+            self.changes = changes;
+            if !resync {
+                break;
+            }
             self.full_read().await?;
-            for msg in &restamp {
+            read = true;
+            resync = false;
+            for msg in restamp.drain(..) {
                 if let Some(commit) = msg.rule.commit() {
-                    attribution::stamp(&mut self.model, msg, commit);
+                    attribution::stamp(&mut self.model, &msg, commit);
                 }
             }
+            // Batches announced while the read was under way: the read holds
+            // their rules already, but only their announcement names who
+            // committed them (a hijack committed right after a new chain is
+            // in the read the chain caused). Taken now, before anything is
+            // judged: those already read stamp their rules, newer ones apply.
+            if pass < MAX_READS_PER_EVENT {
+                self.backend.queued_changes(&mut self.changes)?;
+            }
+            if self.changes.is_empty() {
+                break;
+            }
         }
+        let resync = read;
         let scope = scope.filter(|_| !resync);
         if updated && !resync && scope.as_ref().is_some_and(Scope::is_empty) {
             // Every change was in a chain no probe enters.

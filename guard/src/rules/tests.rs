@@ -462,6 +462,49 @@ async fn a_removal_does_not_wait_for_the_rules_only_reported() {
 }
 
 #[tokio::test]
+async fn a_hijack_committed_during_the_read_a_new_chain_caused_is_removed_naming_its_committer() {
+    // kube-proxy makes a chain, then writes its rule into it at once. The
+    // chain makes the guard read everything again; the rule is committed
+    // while that read is under way, so the read holds it, and only its
+    // announcement, still queued, names who committed it. The guard takes
+    // that announcement before judging: the removal's records name `nft`.
+    let mut h = Harness::start(
+        decode_messages(&sample_dump()),
+        policy(false),
+        owners(None),
+        |_| {},
+    );
+    h.removed().await;
+    h.control.set_committer(std::process::id(), "nft");
+    h.control.during_next_read(|c| {
+        c.add_rule(&RuleTarget {
+            family: Family::IP,
+            table: "kp",
+            chain: "pre",
+            exprs: &hijack_exprs(),
+        });
+    });
+    h.control.add_table(
+        Family::IP,
+        "kp",
+        None,
+        ("pre", crate::nft::Hook::Prerouting, -110),
+    );
+    let (id, _, _) = h.removed().await;
+    assert!(id.starts_with("ip/kp/pre/"), "{id}");
+    h.quiet().await;
+    h.stop().await.expect("clean stop");
+    assert!(h.control.handles(Family::IP, "kp", "pre").is_empty());
+    let removed = rule_removed_records(&h.audit_path);
+    assert_eq!(removed.len(), 2, "{removed:#?}");
+    for kind in ["rule_removing", "rule_removed"] {
+        let record = &records_of(&h.audit_path, kind)[1];
+        assert_eq!(record["rule"]["table"], "kp", "{record:#}");
+        assert_eq!(record["committer"]["name"], "nft", "{kind}: {record:#}");
+    }
+}
+
+#[tokio::test]
 async fn a_returning_rule_is_removed_again_and_counted() {
     let mut h = Harness::start(
         decode_messages(&sample_dump()),

@@ -79,6 +79,12 @@ struct State {
     vanish: Vec<RulePlace>,
     witness: Option<CommitWitness>,
     before_commit: Option<BeforeCommit>,
+    /// Runs once, when the next read is taken (before its snapshot).
+    during_read: Option<BeforeCommit>,
+    /// The process another program's batches are announced as committed by
+    /// (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`); none: the generation names
+    /// no one.
+    committer: Option<(u32, String)>,
     /// Whether a batch's generation is checked (a kernel before
     /// `NFNL_BATCH_GENID` ignores it).
     generation_checked: bool,
@@ -146,6 +152,8 @@ impl MemoryBackend {
                 vanish: Vec::new(),
                 witness: None,
                 before_commit: None,
+                during_read: None,
+                committer: None,
                 generation_checked: true,
             }),
             wake: Notify::new(),
@@ -161,6 +169,12 @@ impl MemoryBackend {
 
 impl RulesetBackend for MemoryBackend {
     async fn read(&mut self) -> Result<RulesetSnapshot, BackendError> {
+        let during = self.shared.lock().during_read.take();
+        if let Some(act) = during {
+            act(&MemoryControl {
+                shared: self.shared.clone(),
+            });
+        }
         let st = self.shared.lock();
         let mut model = st.model.clone();
         model.generation = Some(st.generation);
@@ -195,6 +209,11 @@ impl RulesetBackend for MemoryBackend {
 
     fn local_addresses(&mut self) -> Result<Vec<LocalAddr>, BackendError> {
         Ok(self.shared.lock().addrs.clone())
+    }
+
+    fn queued_changes(&mut self, changes: &mut Vec<Change>) -> Result<(), BackendError> {
+        changes.append(&mut self.shared.lock().pending);
+        Ok(())
     }
 
     fn legacy_nat_in_use(&mut self) -> Result<bool, BackendError> {
@@ -469,7 +488,9 @@ impl State {
     fn announce(&mut self, mut changes: Vec<Change>) {
         self.generation += 1;
         if !changes.is_empty() {
-            changes.push(Change::Generation(NewGen::id(self.generation)));
+            let mut generation = NewGen::id(self.generation);
+            generation.by = self.committer.clone();
+            changes.push(Change::Generation(generation));
             self.pending.append(&mut changes);
         }
     }
@@ -689,6 +710,19 @@ impl MemoryControl {
             }
             gone
         })
+    }
+
+    /// `act` runs once, when the guard next reads the whole ruleset, before
+    /// the read is taken: what another program commits while a dump is under
+    /// way (the read holds it, its announcement is still queued).
+    pub fn during_next_read(&self, act: impl FnOnce(&MemoryControl) + Send + 'static) {
+        self.shared.lock().during_read = Some(Box::new(act));
+    }
+
+    /// Another program's batches are announced from now on as committed by
+    /// process `pid` named `name` (as the kernel names it in `NEWGEN`).
+    pub fn set_committer(&self, pid: u32, name: &str) {
+        self.shared.lock().committer = Some((pid, name.to_owned()));
     }
 
     /// `act` runs once, just before the next batch is applied (after the
