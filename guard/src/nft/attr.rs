@@ -76,14 +76,20 @@ pub fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
+/// A string attribute's bytes up to its terminating NUL (all of them when
+/// it has none).
+pub fn until_nul(b: &[u8]) -> &[u8] {
+    b.iter().position(|&c| c == 0).map_or(b, |end| &b[..end])
+}
+
 /// A NUL-terminated (or not) string attribute.
 pub fn string(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let b = until_nul(b);
     // Names and comments are nearly always valid UTF-8: checked in one pass,
     // copied once; only invalid bytes take the slower lossy path.
-    match std::str::from_utf8(&b[..end]) {
+    match std::str::from_utf8(b) {
         Ok(s) => s.to_owned(),
-        Err(_) => String::from_utf8_lossy(&b[..end]).into_owned(),
+        Err(_) => String::from_utf8_lossy(b).into_owned(),
     }
 }
 

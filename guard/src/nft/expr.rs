@@ -8,7 +8,7 @@
 //! The expression types live here, with their codec; [`super::model`] holds
 //! them in rules and re-exports them.
 
-use super::attr::{Attrs, be_i32, be_u32, string};
+use super::attr::{Attrs, be_i32, be_u32, string, until_nul};
 use crate::sys::uapi::{
     NF_ACCEPT, NF_DROP, NFT_BREAK, NFT_CONTINUE, NFT_GOTO, NFT_JUMP, NFT_RETURN,
 };
@@ -226,8 +226,7 @@ pub fn decode_list_elem(elem: &[u8]) -> Expr {
     let Some(raw) = name else {
         return unknown("<unnamed>");
     };
-    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-    match std::str::from_utf8(&raw[..end]) {
+    match std::str::from_utf8(until_nul(raw)) {
         Ok(name) => decode(name, data).unwrap_or_else(|| unknown(name)),
         Err(_) => unknown(&string(raw)),
     }
@@ -254,8 +253,7 @@ pub fn decode_list_with<'a, T>(
                 }
             }
             let raw = name?;
-            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-            each(std::str::from_utf8(&raw[..end]).ok()?, data)
+            each(std::str::from_utf8(until_nul(raw)).ok()?, data)
         }
         _ => None,
     })

@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{
-    attr::{self, Attrs, be_i32, be_u32, be_u64, string},
+    attr::{self, Attrs, be_i32, be_u32, be_u64, string, until_nul},
     dispatch::{DISPATCH_MIN_RULES, PortDispatch},
     expr,
     model::{
@@ -420,11 +420,6 @@ type LastChain = (u8, Vec<u8>, Vec<u8>, Option<(usize, usize)>);
 /// How many chains past the previous rule's a rule's chain is looked for by
 /// name before the name map is asked (chains without rules are skipped over).
 const CHAINS_LOOKED_AHEAD: usize = 4;
-
-/// A name attribute's bytes up to its terminating NUL.
-fn until_nul(b: &[u8]) -> &[u8] {
-    b.iter().position(|&c| c == 0).map_or(b, |end| &b[..end])
-}
 
 /// Table, chain, rule, set and element-list attribute types are all below this.
 const MAX_OBJECT_ATTR: usize = 32;

@@ -11,7 +11,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::packet::{ProbePacket, Tri};
+use super::{
+    attr::string,
+    packet::{ProbePacket, Tri},
+};
 use crate::sys::uapi::{
     IPRANGE_DST, IPRANGE_DST_INV, IPRANGE_SRC, NF_CT_STATE_NEW_BIT, NF_NAT_RANGE_MAP_IPS,
     NF_NAT_RANGE_PROTO_SPECIFIED, XT_ADDRTYPE_INVERT_DEST, XT_ADDRTYPE_INVERT_SOURCE,
@@ -45,8 +48,7 @@ fn be16_at(b: &[u8], at: usize) -> Option<u16> {
 pub fn comment(name: &str, info: &[u8]) -> Option<String> {
     (name == "comment").then(|| {
         let b = &info[..info.len().min(XT_MAX_COMMENT_LEN)];
-        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-        String::from_utf8_lossy(&b[..end]).into_owned()
+        string(b)
     })
 }
 
