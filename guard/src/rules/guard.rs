@@ -400,9 +400,8 @@ impl<B: RulesetBackend> GuardLoop<B> {
                 break;
             }
         }
-        let resync = read;
-        let scope = scope.filter(|_| !resync);
-        if updated && !resync && scope.as_ref().is_some_and(Scope::is_empty) {
+        let scope = scope.filter(|_| !read);
+        if updated && !read && scope.as_ref().is_some_and(Scope::is_empty) {
             // Every change was in a chain no probe enters.
             debug!(
                 event = "changes_dismissed",
@@ -413,7 +412,7 @@ impl<B: RulesetBackend> GuardLoop<B> {
             });
             return Ok(());
         }
-        if resync || updated {
+        if read || updated {
             let stages = Stages {
                 applied: Some(Instant::now()),
                 ..Stages::from_notification(seen)

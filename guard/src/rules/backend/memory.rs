@@ -61,9 +61,10 @@ pub struct Committed {
 /// Called with each batch before it is applied (a test looks at the world as
 /// it is at that moment, e.g. the audit log).
 type CommitWitness = Box<dyn FnMut(&Transaction) + Send>;
-/// Runs once, just before the next batch is applied: another program acting
-/// between the guard's read and its commit.
-type BeforeCommit = Box<dyn FnOnce(&MemoryControl) + Send>;
+/// Another program acting once, at a moment a test picks: just before the
+/// next batch is applied (between the guard's read and its commit), or when
+/// the next read is taken.
+type OtherProgram = Box<dyn FnOnce(&MemoryControl) + Send>;
 
 struct State {
     model: RulesetModel,
@@ -78,9 +79,9 @@ struct State {
     /// Rules deleted (announced) just before the next commit is applied.
     vanish: Vec<RulePlace>,
     witness: Option<CommitWitness>,
-    before_commit: Option<BeforeCommit>,
+    before_commit: Option<OtherProgram>,
     /// Runs once, when the next read is taken (before its snapshot).
-    during_read: Option<BeforeCommit>,
+    during_read: Option<OtherProgram>,
     /// The process another program's batches are announced as committed by
     /// (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`); none: the generation names
     /// no one.
